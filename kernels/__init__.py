@@ -1,0 +1,1 @@
+"""Dequantize-matmul kernels (installed as llmq.kernels)."""

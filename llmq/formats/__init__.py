@@ -1,0 +1,1 @@
+"""Checkpoint formats: bit packing and the native safetensors layout."""

@@ -1,0 +1,87 @@
+"""QuantLinear: a linear layer whose weight is stored as packed integer codes.
+
+Buffers are named and shaped exactly as in the native checkpoint (K =
+in_features, N = out_features, G = number of groups, b = bits):
+
+    qweight int32 [K*b/32, N]   codes packed along K, LSB first
+    qzeros  int32 [G, N*b/32]   true zero points packed along N
+    scales  float [G, N]
+    g_idx   int32 [K]           only with act-order
+    bias    float [N]           only when the layer has one
+
+so `load_state_dict` / transformers' loader assign checkpoint tensors directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.packing import codes_per_word, unpack_cols, unpack_rows
+from ..qweight import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int,
+                 bias: bool = False, desc_act: bool = False, dtype: torch.dtype = torch.float16,
+                 device=None):
+        super().__init__()
+        per = codes_per_word(bits)
+        gs = in_features if group_size == -1 else group_size
+        if in_features % gs or in_features % per or out_features % per:
+            raise ValueError(f"a {bits}-bit layer of shape {out_features}x{in_features} with group size "
+                             f"{group_size} cannot be packed")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = gs
+        self.desc_act = desc_act
+        groups = in_features // gs
+        self.register_buffer("qweight", torch.empty(in_features // per, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // per, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
+        if desc_act:
+            self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Build from a solver's result; scales keep their dtype, bias is cast to it."""
+        n, k = qw.shape
+        layer = cls(k, n, bits=qw.bits, group_size=qw.group_size, bias=bias is not None,
+                    desc_act=qw.g_idx is not None, dtype=qw.scales.dtype, device=qw.codes.device)
+        for name, tensor in qw.packed().items():
+            getattr(layer, name).copy_(tensor)
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(qw.scales.dtype))
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """Unpack the buffers back into integer codes, scales and zeros."""
+        return QuantizedWeight(
+            codes=unpack_rows(self.qweight, self.bits).t(),
+            scales=self.scales.t(),
+            zeros=unpack_cols(self.qzeros, self.bits).t(),
+            bits=self.bits,
+            group_size=self.group_size,
+            g_idx=self.g_idx,
+        )
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [N, K] weight this layer computes with."""
+        return self.quantized_weight().dequantize(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, desc_act={self.desc_act}, bias={self.bias is not None}")

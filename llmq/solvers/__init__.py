@@ -1,0 +1,1 @@
+"""Quantization solvers: pure tensor code that knows nothing of models."""

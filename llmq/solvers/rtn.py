@@ -1,0 +1,75 @@
+"""Round-to-nearest with min-max ranges: the baseline every method is measured against.
+
+Symmetric: the zero point is fixed at z = 2^(b-1), so codes cover
+(q - z) in [-2^(b-1), 2^(b-1) - 1]. The scale is the smallest that keeps the
+group's min and max inside that range: s = max(max / (2^(b-1) - 1),
+-min / 2^(b-1)). A group whose largest magnitude is negative uses the extra
+negative code, one whose largest is positive does not lose it to clamping.
+
+Asymmetric: the range [min(w, 0), max(w, 0)] (zero is always inside, so the
+integer zero point lies in the code range) is split into 2^b - 1 steps,
+s = (max - min) / (2^b - 1), z = round(-min / s).
+
+In both cases every weight is within half a step s/2 of its dequantized value.
+Scales are rounded to their storage dtype before the codes are chosen, so
+dequantizing the stored tensors gives exactly what the solver measured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..qweight import QuantizedWeight
+
+
+def find_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype):
+    """Scales and zero points for groups along the last dimension of w.
+
+    Returns (scale, zero), float32 tensors shaped w.shape[:-1]; scale is already
+    rounded through scale_dtype and zero holds integers.
+    """
+    w = w.float()
+    wmin = w.amin(dim=-1).clamp(max=0)
+    wmax = w.amax(dim=-1).clamp(min=0)
+    maxq = 2**bits - 1
+    if sym:
+        half = 2 ** (bits - 1)
+        scale = torch.maximum(wmax / (half - 1), -wmin / half)
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = (wmax - wmin) / maxq
+        zero = None
+    scale = scale.to(scale_dtype).float()
+    # An all-zero group: any positive scale represents it exactly.
+    tiny = torch.finfo(scale_dtype).tiny
+    scale = torch.where(scale <= tiny, torch.ones_like(scale), scale)
+    if zero is None:
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (float tensor) of w for broadcastable scale and zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
+                 scale_dtype: torch.dtype) -> QuantizedWeight:
+    """Quantize a [N, K] weight with one (scale, zero) per group of group_size inputs."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide {k} input features")
+    w = weight.float().reshape(n, k // group_size, group_size)
+    scale, zero = find_qparams(w, bits, sym, scale_dtype)
+    q = quantize(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+    return QuantizedWeight(
+        codes=q.reshape(n, k).to(torch.uint8),
+        scales=scale.to(scale_dtype),
+        zeros=zero.to(torch.int32),
+        bits=bits,
+        group_size=group_size,
+    )
