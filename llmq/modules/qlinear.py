@@ -77,6 +77,9 @@ class QuantLinear(nn.Module):
         """The [N, K] weight this layer computes with."""
         return self.quantized_weight().dequantize(dtype or self.scales.dtype)
 
+    def post_load(self) -> None:
+        """Called once the buffers hold their final values (after loading or building)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -1,0 +1,130 @@
+"""Per-architecture facts, as data, keyed by `config.model_type`.
+
+An entry says where the decoder layers are and in which order GPTQ should
+quantize a layer's linears (true-sequential groups: linears in one group read
+the same input). Architectures without an entry fall back to discovery: the
+longest ModuleList of identical blocks that hold nn.Linear children, with all
+of a layer's linears quantized as one group.
+
+Adding an architecture is one entry in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import LlmqError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # dotted path from the top-level model to the ModuleList of decoder layers
+    # Linear names relative to a decoder layer; each inner tuple shares one input.
+    sequential: tuple[tuple[str, ...], ...] | None = None
+
+
+_LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "gemma3": ArchSpec(layers="model.language_model.layers", sequential=_LLAMA_SEQUENTIAL),
+    "phi3": ArchSpec(
+        layers="model.layers",
+        sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    ),
+    "opt": ArchSpec(
+        layers="model.decoder.layers",
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+}
+
+
+def _unsupported_layer_types(model: nn.Module) -> set[str]:
+    # GPT-2 style Conv1D stores its weight transposed ([in, out]); quantizing it as a
+    # Linear would silently transpose the layer, so such models are refused.
+    return {type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"}
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The spec for this model: its entry, or one discovered from the module tree."""
+    unsupported = _unsupported_layer_types(model)
+    if unsupported:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise LlmqError(f"architecture {model_type!r} uses {', '.join(sorted(unsupported))} layers (GPT-2 style "
+                        "transposed linears), which llmq does not quantize; use a model built from nn.Linear "
+                        "layers (Llama, Mistral, Qwen, Gemma, Phi-3, OPT ...)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is not None and _get(model, spec.layers) is not None:
+        return spec
+    return ArchSpec(layers=_discover_layers(model), sequential=None)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted path, ModuleList) of the decoder layers."""
+    spec = arch_spec(model)
+    return spec.layers, _get(model, spec.layers)
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """All nn.Linear modules inside one decoder layer, by name relative to the layer."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def sequential_groups(spec: ArchSpec, layer: nn.Module, names: list[str]) -> list[list[str]]:
+    """The quantization order inside a layer, restricted to the linears being quantized.
+
+    Linears the spec does not name (an architecture variant with extra
+    projections) are appended as one final group so nothing is skipped.
+    """
+    if spec.sequential is None:
+        return [list(names)] if names else []
+    wanted = set(names)
+    groups = [[n for n in group if n in wanted] for group in spec.sequential]
+    groups = [g for g in groups if g]
+    listed = {n for g in groups for n in g}
+    rest = [n for n in names if n not in listed]
+    return groups + ([rest] if rest else [])
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.ModuleList) else None
+
+
+def _discover_layers(model: nn.Module) -> str:
+    best, best_len = None, 0
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) <= best_len:
+            continue
+        kinds = {type(child) for child in m}
+        if len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules()):
+            best, best_len = name, len(m)
+    if best is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise LlmqError(f"could not find the decoder layers of architecture {model_type!r}: add an entry "
+                        "to llmq.arch.ARCHITECTURES naming the ModuleList that holds them")
+    return best

@@ -1,0 +1,134 @@
+"""The `llmq` console script.
+
+    llmq quantize MODEL OUT [--method rtn|gptq|awq] [--bits 4|8] [--group-size N] ...
+    llmq info CHECKPOINT
+
+Mistakes a user can fix (LlmqError) print one line and exit with status 2;
+argparse's own usage errors exit with 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import METHODS, QuantConfig
+from .errors import LlmqError
+
+# Further subcommands live beside the code they drive: module -> (name, help).
+# Each module provides add_arguments(parser) and run(args) -> int.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantize a model and write an llmq checkpoint",
+        description="Quantize the linear layers of a causal LM (hub id or local folder) and write a "
+                    "safetensors checkpoint to OUT that `llmq.from_pretrained` / transformers (after "
+                    "`import llmq`) load.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="hub id (owner/name) or local model folder")
+    p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
+    p.add_argument("--method", choices=METHODS, default="rtn",
+                   help="rtn: round-to-nearest, no data; gptq: second-order error correction; "
+                        "awq: activation-aware scaling; awq+gptq: AWQ scaling then GPTQ codes")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 4 or 8")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input features per scale; -1 for one group per output row")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
+                     help="symmetric: zero point fixed at 2^(bits-1)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group")
+    p.add_argument("--dataset", default=None,
+                   help="calibration data (gptq/awq): wikitext2, c4, pileval, hf:owner/name[:config][:split]"
+                        "[:column], a .txt/.jsonl/.json/.parquet file, a folder of text files, or 'self' "
+                        "(text sampled from the model, works offline)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation "
+                   "energy (stores g_idx)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="GPTQ with --act-order: fix group scales before the solve (contiguous groups)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--skip", action="append", default=None, metavar="NAME",
+                   help="module name (or suffix) to keep in full precision; repeatable (default: lm_head)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype to load the model in")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .formats.native import check_output_dir, save
+    from .pipeline import quantize
+
+    check_output_dir(args.out, args.overwrite)  # fail before any expensive work
+    config = QuantConfig(
+        method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+        desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp,
+        modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
+    )
+    from .loading import load_model
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
+                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
+    out = save(model, args.out, tokenizer, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe an llmq checkpoint",
+                       description="Show what is quantized in a checkpoint, with bits, group size, and its "
+                                   "size on disk against the full-precision original.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from .info import checkpoint_info, format_info
+
+    print(format_info(checkpoint_info(args.checkpoint)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of Hugging Face LMs.")
+    parser.add_argument("--version", action="version", version=f"llmq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(sub)
+    _add_info(sub)
+    for module, (name, help_text) in EXTRA_COMMANDS.items():
+        mod = importlib.import_module(module, __package__)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except LlmqError as e:
+        print(f"llmq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

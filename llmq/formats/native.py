@@ -1,0 +1,127 @@
+"""The native llmq checkpoint: an HF model folder with packed int32 codes.
+
+Saving writes into a temporary sibling folder and renames it into place, so an
+interrupted save never leaves something that looks like a finished checkpoint.
+Loading-side checks compare the safetensors headers with the model skeleton
+before any tensor is read, so a missing or reshaped tensor is named instead of
+being silently initialised at random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import LlmqError
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty OUT unless overwrite; return it as a Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LlmqError(f"output {out} exists and is not a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LlmqError(f"output folder {out} is not empty: choose another path or pass --overwrite")
+    return out
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
+         max_shard_size: str | int = "4GB") -> Path:
+    """Write a quantized model (and its tokenizer) as an HF folder at `out`.
+
+    The folder holds config.json (with quantization_config), generation config,
+    tokenizer files and safetensors weights, sharded with an index past
+    max_shard_size.
+    """
+    out = check_output_dir(out, overwrite)
+    if not getattr(model.config, "quantization_config", None):
+        raise LlmqError("this model carries no quantization_config: quantize it with llmq.quantize first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _apply_umask(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _apply_umask(folder: Path) -> None:
+    # mkdtemp (and some writers) create private files; a checkpoint gets the
+    # permissions any other new file of this user would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], str]]:
+    """{tensor name: (shape, dtype string)} over all safetensors files, without reading data."""
+    header = {}
+    for f in files:
+        f = str(f)
+        if not f.endswith(".safetensors"):
+            raise LlmqError(f"{f} is not a safetensors file: llmq checkpoints are safetensors only")
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    sl = sf.get_slice(key)
+                    header[key] = (list(sl.get_shape()), sl.get_dtype())
+        except LlmqError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise LlmqError(f"checkpoint file {f} is damaged or not a safetensors file ({e}): "
+                            "re-create or re-download it") from e
+    return header
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a local HF folder (sharded or not)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise LlmqError(f"checkpoint {folder} is incomplete: shard {missing[0]} named in "
+                            "model.safetensors.index.json is missing")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise LlmqError(f"no model.safetensors (or index) in {folder}: not a complete checkpoint")
+
+
+def quantized_module_names(header: dict) -> list[str]:
+    return sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
+
+
+def check_against_model(model: nn.Module, header: dict) -> None:
+    """Every tensor the model expects is in the checkpoint with the right shape."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in tied:
+            continue
+        if name not in header:
+            raise LlmqError(f"checkpoint is missing tensor {name!r}: it is damaged or was written for another "
+                            "model; re-create it with `llmq quantize`")
+        shape = header[name][0]
+        if list(tensor.shape) != shape:
+            raise LlmqError(f"checkpoint tensor {name!r} has shape {shape}, the model expects "
+                            f"{list(tensor.shape)}: the checkpoint does not match its config.json")

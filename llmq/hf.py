@@ -1,0 +1,107 @@
+"""transformers integration: the "llmq" quantization config and quantizer (5.x API).
+
+`import llmq` registers both once, so that
+`AutoModelForCausalLM.from_pretrained(OUT)` of an llmq checkpoint swaps the
+quantized nn.Linear modules for QuantLinear on the meta device before the
+weights are read; the packed buffers are then assigned by transformers' own
+loader. Which modules are quantized is read from the checkpoint itself (the
+tensors ending in `.qweight`), and every expected tensor is checked against the
+safetensors headers first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .config import QUANT_METHOD, QuantConfig
+from .errors import LlmqError
+from .formats.native import check_against_model, quantized_module_names, read_header
+from .modules.qlinear import QuantLinear
+
+
+class LlmqConfig(QuantizationConfigMixin):
+    """config.json["quantization_config"] of an llmq checkpoint, as transformers sees it."""
+
+    def __init__(self, **kwargs):
+        kwargs["quant_method"] = QUANT_METHOD
+        QuantConfig.from_dict(kwargs)  # validates; raises LlmqError on a bad config
+        self.__dict__.update(kwargs)
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig.from_dict(self.to_dict())
+
+
+def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, dtype: torch.dtype) -> None:
+    """Replace the named nn.Linear modules by empty QuantLinear modules (meta device)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child, None)
+        if not isinstance(linear, nn.Linear):
+            raise LlmqError(f"checkpoint quantizes {name!r}, which is not a linear layer of this model: "
+                            "the checkpoint does not match its config.json")
+        gs = qc.group_size_for(linear.in_features)
+        if linear.in_features % gs:
+            raise LlmqError(f"group size {qc.group_size} does not divide {name}'s {linear.in_features} "
+                            "input features: the checkpoint config is inconsistent")
+        with torch.device("meta"):
+            q = QuantLinear(linear.in_features, linear.out_features, bits=qc.bits, group_size=gs,
+                            bias=linear.bias is not None, desc_act=qc.desc_act, dtype=dtype)
+        setattr(parent, child, q)
+
+
+class LlmqHfQuantizer(HfQuantizer):
+    requires_calibration = True  # checkpoints are quantized by `llmq quantize`, never on load
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        qc = self.quantization_config.quant_config
+        if not checkpoint_files:
+            raise LlmqError("an llmq checkpoint must be loaded from its safetensors files")
+        header = read_header(checkpoint_files)
+        names = quantized_module_names(header)
+        if not names:
+            raise LlmqError("config.json says llmq-quantized but the checkpoint holds no '.qweight' tensors: "
+                            "it is damaged; re-create it with `llmq quantize`")
+        swap_in_quant_linears(model, names, qc, dtype or torch.get_default_dtype())
+        check_against_model(model, header)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.post_load()
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the llmq config and quantizer with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LlmqConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LlmqHfQuantizer)
+    _registered = True

@@ -1,0 +1,119 @@
+"""Loading full-precision models (to quantize) and llmq checkpoints (to run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import LlmqError
+
+DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_dtype(dtype: str | torch.dtype):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmqError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LlmqError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmqError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+def read_config(source: str | os.PathLike) -> dict | None:
+    """config.json of a local folder, or None when source is not a local folder."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise LlmqError(f"{path} has no config.json: pass a Hugging Face model folder or a hub id")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise LlmqError(f"{cfg} is not valid JSON ({e}): the model folder is damaged") from e
+
+
+def _check_source(source: str) -> None:
+    path = Path(source)
+    if path.exists() and not path.is_dir():
+        raise LlmqError(f"{source} is a file: pass the model's folder (with config.json) or a hub id")
+    if not path.exists() and not _HUB_ID.match(str(source)):
+        raise LlmqError(f"model {source!r} not found: it is neither a local folder nor a hub id like "
+                        "'owner/name'")
+
+
+def _from_hub_error(source: str, e: Exception) -> LlmqError:
+    return LlmqError(f"could not load model {source!r}: it is not a local folder and the Hugging Face hub "
+                     f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "check the id and your network, or download the model and pass its folder")
+
+
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **kwargs):
+    """(model, tokenizer or None) of a full-precision causal LM, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(source)
+    _check_source(source)
+    config = read_config(source)
+    if config is not None and config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as e:
+        if config is None:
+            raise _from_hub_error(source, e) from e
+        raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception:  # a weights-only folder (tests, tools) has no tokenizer; RTN does not need one
+        tokenizer = None
+    return model, tokenizer
+
+
+def from_pretrained(path: str | os.PathLike, **hf_kwargs):
+    """Load an llmq checkpoint with transformers, after checking that it is one.
+
+    Accepts everything AutoModelForCausalLM.from_pretrained accepts (dtype=,
+    device_map=, offload_folder=, ...). Registration with transformers happens
+    on `import llmq`; calling this function guarantees it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .hf import register
+
+    register()
+    source = str(path)
+    _check_source(source)
+    config = read_config(source)
+    if config is not None:
+        qc = config.get("quantization_config")
+        if not qc:
+            raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
+                            "load it with transformers directly, or quantize it with `llmq quantize`")
+        if qc.get("quant_method") != "llmq":
+            raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, not an llmq one")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
+    except OSError as e:
+        if config is None:
+            raise _from_hub_error(source, e) from e
+        raise

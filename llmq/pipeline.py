@@ -1,0 +1,139 @@
+"""llmq.quantize: from a full-precision model to one holding QuantLinear modules."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import arch
+from .config import QuantConfig
+from .errors import LlmqError
+from .formats.packing import codes_per_word
+from .loading import load_model, resolve_device, resolve_dtype
+from .modules.qlinear import QuantLinear
+from .solvers.rtn import rtn_quantize
+
+# The steps a user may pick as group size; the error for a group size that does
+# not divide a layer lists those of them that would work.
+_GROUP_SIZE_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class Target:
+    """One linear to quantize: its full name and its place inside a decoder layer."""
+
+    name: str  # full dotted name in the model
+    layer_index: int
+    local_name: str  # name relative to the decoder layer
+    module: nn.Linear
+
+
+def plan(model: nn.Module, config: QuantConfig) -> list[Target]:
+    """The linears to quantize, checked against the config (shapes, finite weights)."""
+    prefix, layers = arch.decoder_layers(model)
+    targets = []
+    for i, layer in enumerate(layers):
+        for local, module in arch.layer_linears(layer).items():
+            name = f"{prefix}.{i}.{local}"
+            if not config.skips(name):
+                targets.append(Target(name, i, local, module))
+    if not targets:
+        raise LlmqError("no linear layer left to quantize: check modules_to_not_convert")
+    _check_shapes(targets, config)
+    _check_finite(model)
+    return targets
+
+
+def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
+    # Scales are stored in the model dtype; fp32 models store fp16 scales, which is
+    # what the kernels read and keeps the checkpoint small.
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *,
+             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True):
+    """Quantize a model in memory and return it, its linears replaced by QuantLinear.
+
+    Args:
+        model_or_path: a transformers causal LM, a local folder or a hub id.
+        config: what to do (method, bits, group size ...).
+        dataset: calibration dataset spec (GPTQ/AWQ), e.g. "wikitext2" or a local file.
+        tokenizer: used to tokenise the calibration text (loaded with the model when a path is given).
+        device: where each layer is quantized ("auto": CUDA when available).
+        dtype: dtype to load a model path in ("auto": as stored).
+        nsamples, seqlen, seed: calibration windows.
+        progress: show a progress bar over layers.
+    """
+    device = resolve_device(device)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, loaded_tokenizer = load_model(model_or_path, resolve_dtype(dtype))
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        model = model_or_path
+    if getattr(model.config, "quantization_config", None):
+        raise LlmqError("this model is already quantized: start from the full-precision model")
+    targets = plan(model, config)
+    if config.method != "rtn":
+        raise LlmqError(f"--method {config.method} is not available in this version of llmq yet: "
+                        "use --method rtn")
+    model.eval()
+    sdtype = scale_dtype_for(next(model.parameters()).dtype)
+    _quantize_rtn(model, targets, config, sdtype, device, progress)
+    model.config.quantization_config = config.to_dict()
+    return model
+
+
+def _quantize_rtn(model, targets, config, scale_dtype, device, progress):
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer_index, []).append(t)
+    bar = tqdm(by_layer.items(), desc="rtn", unit="layer", disable=not progress)
+    for i, layer_targets in bar:
+        errs = []
+        for t in layer_targets:
+            w = t.module.weight.detach().to(device)
+            qw = rtn_quantize(w, config.bits, config.group_size_for(w.shape[1]), config.sym, scale_dtype)
+            errs.append(((qw.dequantize() - w.float()).norm() / w.float().norm()).item())
+            bias = None if t.module.bias is None else t.module.bias.detach()
+            replace_module(model, t.name, QuantLinear.from_quantized(qw, bias).to("cpu"))
+        bar.set_postfix(rel_err=f"{max(errs):.4f}")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_shapes(targets: list[Target], config: QuantConfig) -> None:
+    per = codes_per_word(config.bits)
+    for t in targets:
+        n, k = t.module.out_features, t.module.in_features
+        if n % per or k % per:
+            raise LlmqError(f"layer {t.name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
+                            f"to be multiples of {per}: add it to modules_to_not_convert")
+    if config.group_size == -1:
+        return
+    bad = [t for t in targets if t.module.in_features % config.group_size]
+    if bad:
+        widths = sorted({t.module.in_features for t in targets})
+        common = math.gcd(*widths)
+        working = [g for g in _GROUP_SIZE_CHOICES if common % g == 0 and g % per == 0]
+        hint = ", ".join(map(str, working)) if working else "none of the usual sizes"
+        t = bad[0]
+        raise LlmqError(f"group size {config.group_size} does not divide layer {t.name} "
+                        f"({t.module.in_features} input features); group sizes that work for every layer: "
+                        f"{hint}, or -1 for one group per row")
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LlmqError(f"weight {name} contains NaN or Inf values: the model is damaged; "
+                            "re-download or repair it before quantizing")
