@@ -35,8 +35,17 @@ class LlmqConfig(QuantizationConfigMixin):
         return QuantConfig.from_dict(self.to_dict())
 
 
-def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, dtype: torch.dtype) -> None:
-    """Replace the named nn.Linear modules by empty QuantLinear modules (meta device)."""
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, dtype: torch.dtype,
+                          header: dict) -> None:
+    """Replace the named nn.Linear modules by empty QuantLinear modules (meta device).
+
+    Scales keep the dtype they were stored in, so the loaded buffers equal the
+    saved ones bit for bit, unless a 16-bit model dtype was asked for: then they
+    follow it, as the kernels read scales in the activation dtype.
+    """
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -48,9 +57,13 @@ def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, d
         if linear.in_features % gs:
             raise LlmqError(f"group size {qc.group_size} does not divide {name}'s {linear.in_features} "
                             "input features: the checkpoint config is inconsistent")
+        stored = _SAFETENSORS_FLOATS.get(header.get(f"{name}.scales", (None, "F16"))[1], torch.float16)
+        scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else stored
         with torch.device("meta"):
             q = QuantLinear(linear.in_features, linear.out_features, bits=qc.bits, group_size=gs,
-                            bias=linear.bias is not None, desc_act=qc.desc_act, dtype=dtype)
+                            bias=linear.bias is not None, desc_act=qc.desc_act, dtype=scale_dtype)
+            if linear.bias is not None:
+                q.bias = nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
         setattr(parent, child, q)
 
 
@@ -72,7 +85,7 @@ class LlmqHfQuantizer(HfQuantizer):
         if not names:
             raise LlmqError("config.json says llmq-quantized but the checkpoint holds no '.qweight' tensors: "
                             "it is damaged; re-create it with `llmq quantize`")
-        swap_in_quant_linears(model, names, qc, dtype or torch.get_default_dtype())
+        swap_in_quant_linears(model, names, qc, dtype or torch.get_default_dtype(), header)
         check_against_model(model, header)
         return model
 

@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmq.cli import main
+from tests.conftest import tiny_model
+
+
+def _run(capsys, *argv):
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_and_info_end_to_end(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "q"
+    code, _, _ = _run(capsys, "quantize", str(tiny_llama_dir), str(out), "--bits", "4", "--group-size", "64",
+                      "--asym", "--quiet")
+    assert code == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "llmq" and cfg["group_size"] == 64 and cfg["sym"] is False
+    code, text, _ = _run(capsys, "info", str(out))
+    assert code == 0
+    assert "int4" in text and "group size 64" in text and "asymmetric" in text and "14 linears" in text
+    assert "x larger" in text
+
+
+def test_console_script_runs(tmp_path, tiny_llama_dir):
+    exe = os.path.join(os.path.dirname(sys.executable), "llmq")
+    r = subprocess.run([exe, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "8",
+                        "--group-size", "-1", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([exe, "quantize", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--group-size" in r.stdout and "--asym" in r.stdout
+
+
+def _assert_clean_failure(code, err, tmp_path, match):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("llmq:")]
+    assert len(lines) == 1 and lines[0].startswith("llmq: error:"), err
+    assert err.strip().splitlines()[-1] == lines[0]
+    assert match in lines[0]
+    assert "Traceback" not in err
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "nope"), str(tmp_path / "q"))
+    _assert_clean_failure(code, err, tmp_path, "not found")
+    assert not (tmp_path / "q").exists()
+
+
+def test_unsupported_bits(tmp_path, tiny_llama_dir, capsys):
+    code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "3")
+    _assert_clean_failure(code, err, tmp_path, "3 bits are not supported")
+    assert not (tmp_path / "q").exists()
+
+
+def test_group_size_not_dividing_names_layer_and_options(tmp_path, capsys):
+    path = tmp_path / "m"
+    tiny_model("llama").save_pretrained(path)
+    code, _, err = _run(capsys, "quantize", str(path), str(tmp_path / "q"), "--group-size", "48")
+    _assert_clean_failure(code, err, tmp_path, "model.layers.0.")
+    assert "16, 32, 64" in err and "-1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_nan_weights(tmp_path, capsys):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32")
+    _assert_clean_failure(code, err, tmp_path, "model.layers.1.mlp.up_proj.weight")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_non_empty_output(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(out), "--group-size", "32")
+    _assert_clean_failure(code, err, tmp_path, "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_already_quantized_input(tmp_path, tiny_llama_dir, capsys):
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--group-size", "32", "--quiet"]) == 0
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "q"), str(tmp_path / "q2"))
+    _assert_clean_failure(code, err, tmp_path, "already quantized")
+
+
+def test_info_on_non_checkpoint(tmp_path, tiny_llama_dir, capsys):
+    code, _, err = _run(capsys, "info", str(tiny_llama_dir))
+    _assert_clean_failure(code, err, tmp_path, "not quantized")
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize"])
+    assert e.value.code == 2

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from llmq.formats.packing import pack_cols, pack_rows
+from llmq.modules import QuantLinear
+from llmq.solvers.rtn import rtn_quantize
+
+
+def _reference(x, codes, zeros, scales, g_idx, bias):
+    # float64 reference from integer codes: W[n, k] = (codes[n, k] - z[n, g(k)]) * s[n, g(k)]
+    w = (codes.double() - zeros.double()[:, g_idx]) * scales.double()[:, g_idx]
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 96, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_matches_float64_reference(bits, group_size, act_order, with_bias):
+    g = torch.Generator().manual_seed(bits + group_size + 3 * act_order + 7 * with_bias)
+    k, n = 192, 40
+    gs = k if group_size == -1 else group_size
+    groups = k // gs
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.randint(0, 2**bits, (n, groups), generator=g)
+    scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.randperm(k, generator=g) // gs if act_order else torch.arange(k) // gs
+    bias = torch.randn(n, generator=g).to(torch.float16) if with_bias else None
+    layer = QuantLinear(k, n, bits=bits, group_size=group_size, bias=with_bias, desc_act=act_order,
+                        dtype=torch.float16)
+    layer.qweight.copy_(pack_rows(codes.t(), bits))
+    layer.qzeros.copy_(pack_cols(zeros.t(), bits))
+    layer.scales.copy_(scales.t())
+    if act_order:
+        layer.g_idx.copy_(g_idx.int())
+    if with_bias:
+        layer.bias.data.copy_(bias)
+    x = torch.randn(3, 5, k, generator=g)
+    y = layer(x)
+    assert y.shape == (3, 5, n)
+    ref = _reference(x, codes, zeros, scales, g_idx, bias)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_from_quantized_round_trips_codes():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    qw = rtn_quantize(w, 4, 32, False, torch.bfloat16)
+    layer = QuantLinear.from_quantized(qw)
+    back = layer.quantized_weight()
+    assert torch.equal(back.codes.long(), qw.codes.long())
+    assert torch.equal(back.zeros.long(), qw.zeros.long())
+    assert torch.equal(back.scales, qw.scales)
+    assert layer.scales.dtype == torch.bfloat16
+
+
+def test_unpackable_shape_is_refused():
+    with pytest.raises(ValueError, match="cannot be packed"):
+        QuantLinear(60, 16, bits=4, group_size=-1)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from llmq.solvers.rtn import find_qparams, rtn_quantize
+
+
+def _groups(w, gs):
+    n, k = w.shape
+    return w.double().reshape(n, k // gs, gs)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64, 192])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_error_within_half_step(bits, sym, group_size, scale_dtype):
+    torch.manual_seed(bits * 100 + group_size)
+    w = torch.randn(48, 192) * torch.rand(48, 1) * 0.1
+    w[0, :group_size] += 0.3  # an all-positive-leaning group
+    qw = rtn_quantize(w, bits, group_size, sym, scale_dtype)
+    assert qw.codes.min() >= 0 and qw.codes.max() <= 2**bits - 1
+    # Reference dequantization in float64 from the integer codes.
+    s = qw.scales.double().repeat_interleave(group_size, dim=1)
+    z = qw.zeros.double().repeat_interleave(group_size, dim=1)
+    deq = (qw.codes.double() - z) * s
+    err = (deq - w.double()).abs()
+    half_step = s / 2
+    # Scales are rounded to their storage dtype, which may move the clamped
+    # extremes by one rounding of the scale.
+    slack = s * torch.finfo(scale_dtype).eps * 2**bits
+    assert bool((err <= half_step + slack + 1e-12).all())
+    if sym:
+        assert bool((qw.zeros == 2 ** (bits - 1)).all())
+    else:
+        assert qw.zeros.min() >= 0 and qw.zeros.max() <= 2**bits - 1
+
+
+def test_symmetric_range_uses_extra_negative_code():
+    w = torch.tensor([[-8.0, 1.0, 2.0, 3.0, -1.0, 5.0, -6.0, 7.0]])
+    scale, zero = find_qparams(w, 4, True, torch.float32)
+    assert float(scale) == pytest.approx(1.0)  # -8 fits with s = 1, so does 7
+    assert float(zero) == 8
+    qw = rtn_quantize(w, 4, 8, True, torch.float32)
+    assert torch.equal(qw.dequantize(), w)
+
+
+def test_asymmetric_zero_is_exact_integer_and_zero_is_representable():
+    torch.manual_seed(0)
+    w = torch.rand(16, 64) + 0.1  # all positive: zero point at the bottom
+    qw = rtn_quantize(w, 4, 32, False, torch.float16)
+    assert bool((qw.zeros == 0).all())
+    w2 = torch.randn(16, 64)
+    qw2 = rtn_quantize(w2, 4, 32, False, torch.float16)
+    zero_value = (0 - qw2.zeros.double()) * 0  # code == zero point dequantizes to exactly 0
+    assert bool((zero_value == 0).all())
+    assert qw2.zeros.dtype == torch.int32
+
+
+def test_all_zero_group_is_exact():
+    w = torch.zeros(8, 32)
+    w[1] = torch.randn(32)
+    for sym in (True, False):
+        qw = rtn_quantize(w, 4, 32, sym, torch.float16)
+        assert torch.isfinite(qw.scales.float()).all()
+        assert bool((qw.dequantize()[0] == 0).all())
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        rtn_quantize(torch.randn(8, 96), 4, 64, True, torch.float16)
