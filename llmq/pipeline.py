@@ -16,6 +16,7 @@ from .errors import LlmqError
 from .formats.packing import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
 from .modules.qlinear import QuantLinear
+from .modules.replace import replace_module
 from .solvers.rtn import rtn_quantize
 
 # The steps a user may pick as group size; the error for a group size that does
@@ -79,14 +80,45 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     if getattr(model.config, "quantization_config", None):
         raise LlmqError("this model is already quantized: start from the full-precision model")
     targets = plan(model, config)
-    if config.method != "rtn":
-        raise LlmqError(f"--method {config.method} is not available in this version of llmq yet: "
-                        "use --method rtn")
     model.eval()
     sdtype = scale_dtype_for(next(model.parameters()).dtype)
-    _quantize_rtn(model, targets, config, sdtype, device, progress)
+    if config.method == "rtn":
+        _quantize_rtn(model, targets, config, sdtype, device, progress)
+    elif config.method == "gptq":
+        windows = _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed)
+        _quantize_gptq(model, windows, targets, config, sdtype, device, progress)
+    else:
+        raise LlmqError(f"--method {config.method} is not available in this version of llmq yet: "
+                        "use --method gptq or rtn")
     model.config.quantization_config = config.to_dict()
     return model
+
+
+DEFAULT_DATASET = "wikitext2"
+
+
+def _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed) -> torch.Tensor:
+    from .data import calibration_windows
+
+    if tokenizer is None:
+        raise LlmqError(f"--method {config.method} needs calibration text, and this model has no tokenizer: "
+                        "add the tokenizer files to the model folder or pass tokenizer=")
+    spec = dataset or DEFAULT_DATASET
+    windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)
+    config.calibration = {"dataset": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return windows
+
+
+def _quantize_gptq(model, windows, targets, config, scale_dtype, device, progress):
+    from .engine import run_layers
+    from .methods.gptq import GPTQLayerStep
+
+    by_layer: dict[int, dict[str, str]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer_index, {})[t.local_name] = t.name
+    step = GPTQLayerStep(config, by_layer, scale_dtype)
+    run_layers(model, windows, step, device=device, progress=progress, desc="gptq")
+    return step
 
 
 def _quantize_rtn(model, targets, config, scale_dtype, device, progress):
@@ -103,12 +135,6 @@ def _quantize_rtn(model, targets, config, scale_dtype, device, progress):
             bias = None if t.module.bias is None else t.module.bias.detach()
             replace_module(model, t.name, QuantLinear.from_quantized(qw, bias).to("cpu"))
         bar.set_postfix(rel_err=f"{max(errs):.4f}")
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_shapes(targets: list[Target], config: QuantConfig) -> None:

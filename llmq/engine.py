@@ -1,0 +1,120 @@
+"""The layer-by-layer driver shared by every calibrated method.
+
+1. Capture: every decoder layer is swapped for a stand-in that records the
+   positional and keyword arguments it is called with and passes the hidden
+   states through unchanged. One forward of the calibration batch then yields
+   the first layer's input and each layer's own kwargs (attention masks,
+   position embeddings, ...), without naming any of them: architectures that
+   give different layers different masks (Gemma3's sliding and full
+   attention) are handled like the rest. The last stand-in stops the forward.
+2. For each layer: move it to the device, let the method quantize it while it
+   runs once on the calibration batch (the method returns the layer's output,
+   computed with the quantized weights), move it back, feed the output to the
+   next layer.
+
+Only one decoder layer is on the device at a time; embeddings and the head
+stay on the host. Activations live on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import arch
+
+
+class _StopForward(Exception):
+    """Raised by the last stand-in: the rest of the model is not needed."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, layer: nn.Module, calls: list, last: bool):
+        super().__init__()
+        self.layer = layer  # kept so attribute look-ups on the layer (e.g. attention_type) still work
+        self.calls = calls
+        self.last = last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """(hidden states entering layer 0, [(args, kwargs) of each layer]) for one batch."""
+    _, layers = arch.decoder_layers(model)
+    originals = list(layers)
+    calls: list = []
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, calls, last=i == len(originals) - 1)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(calls) != len(originals):
+        raise RuntimeError(f"captured {len(calls)} of {len(originals)} decoder layer calls")
+    hidden = calls[0][0]
+    return hidden, [(args, kwargs) for _, args, kwargs in calls]
+
+
+LayerStep = Callable[[int, nn.Module, torch.Tensor, tuple, dict], tuple[torch.Tensor, str]]
+
+
+@torch.no_grad()
+def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
+               progress: bool = True, desc: str = "layers") -> torch.Tensor:
+    """Drive `step` over every decoder layer and return the last layer's output.
+
+    step(index, layer, hidden, args, kwargs) runs the layer (already on device)
+    on hidden and returns (output hidden states, a short status for the
+    progress bar).
+    """
+    model.eval()
+    _, layers = arch.decoder_layers(model)
+    hidden, per_layer = capture_layer_inputs(model, input_ids)
+    hidden = hidden.to(device)
+    bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
+    for i in bar:
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        args, kwargs = to_device(per_layer[i], device)
+        hidden, status = step(i, layer, hidden, args, kwargs)
+        layer.to(home)
+        per_layer[i] = None  # free this layer's masks as soon as possible
+        if status:
+            bar.set_postfix_str(status)
+    return hidden
+
+
+def layer_output(out) -> torch.Tensor:
+    """Decoder layers return a tensor, or a tuple whose first item is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,1 @@
+"""Methods: apply a solver to the linears of one decoder layer while it runs."""
