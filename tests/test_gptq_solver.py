@@ -271,6 +271,19 @@ def test_indefinite_hessian_raises_damp():
     assert bool(torch.isfinite(_dequant64(qw)).all())
 
 
+def test_output_mse_with_heavy_damping():
+    """Heavy damping takes the direct tr(D H D^T) path; the value must not change meaning."""
+    gen = _gen(63)
+    n, k, rows = 16, 64, 300
+    x = _correlated_inputs(rows, k, gen)
+    W = torch.randn(n, k, generator=gen) * 0.05
+    for damp in (0.01, 30.0):
+        qw, stats = gptq_quantize(W, _hessian64(x).float(), bits=4, group_size=32, sym=True,
+                                  scale_dtype=torch.float16, damp=damp)
+        assert stats.damp == damp and not stats.damp_raised
+        assert stats.output_mse == pytest.approx(_out_err(x, W, _dequant64(qw)) / (rows * n), rel=2e-3)
+
+
 def test_nonfinite_hessian_is_a_clear_error():
     H = torch.eye(32)
     H[1, 2] = float("nan")

@@ -24,10 +24,12 @@ Algorithm (Frantar et al., the IST-DASLab reference), with these choices:
 - Blocked lazy updates: inside a block of `block_size` columns, each column
   updates the rest of the block (one rank-1 update); the rest of the matrix gets
   the block's error in one matmul.
-- qparams are llmq.solvers.rtn.find_qparams and codes use rtn.quantize's exact
-  operation order, so the dequantized weight the solver feeds its error from is
-  bit for bit what QuantizedWeight.dequantize() returns, and with H = I (no
-  damping) the result is exactly round-to-nearest.
+- qparams are llmq.solvers.rtn.find_qparams and codes are rtn.quantize's
+  (computed as the signed code q - z, the same numbers), so the dequantized
+  weight is bit for bit what QuantizedWeight.dequantize() returns, and with
+  H = I (no damping) the result is exactly round-to-nearest.
+- The inner column loop is inherent to GPTQ; it does five small tensor
+  operations per column and never reads a value back to the host.
 
 Work is done on W transposed ([K, N], one contiguous row per input column),
 so the inner loop touches contiguous memory.
@@ -393,7 +395,7 @@ def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, d
                                    g_idx=g_idx))
         stats.append(GPTQStats(damp=damp_used, damp_raised=raised,
                                proxy_loss=float(row_loss[r0:r1].sum()),
-                               output_mse=float(row_out[r0:r1].sum()) / rows,
+                               output_mse=max(float(row_out[r0:r1].sum()), 0.0) / rows,
                                dead_columns=n_dead, seconds=seconds))
         r0 = r1
     if return_q:
