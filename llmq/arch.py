@@ -3,8 +3,8 @@
 An entry says where the decoder layers are and in which order GPTQ should
 quantize a layer's linears (true-sequential groups: linears in one group read
 the same input). Architectures without an entry fall back to discovery: the
-longest ModuleList of identical blocks that hold nn.Linear children, with all
-of a layer's linears quantized as one group.
+longest ModuleList of identical blocks that hold nn.Linear children, with each
+linear in a group of its own (quantized in the order the forward reaches it).
 
 Adding an architecture is one entry in ARCHITECTURES.
 """
@@ -94,16 +94,15 @@ def sequential_groups(spec: ArchSpec, layer: nn.Module, names: list[str]) -> lis
     """The quantization order inside a layer, restricted to the linears being quantized.
 
     Linears the spec does not name (an architecture variant with extra
-    projections) are appended as one final group so nothing is skipped.
+    projections) get a group each, so nothing is skipped.
     """
     if spec.sequential is None:
-        return [list(names)] if names else []
+        return [[n] for n in names]
     wanted = set(names)
     groups = [[n for n in group if n in wanted] for group in spec.sequential]
     groups = [g for g in groups if g]
     listed = {n for g in groups for n in g}
-    rest = [n for n in names if n not in listed]
-    return groups + ([rest] if rest else [])
+    return groups + [[n] for n in names if n not in listed]
 
 
 def _get(root: nn.Module, path: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,11 +114,19 @@ def _quantize_gptq(model, windows, targets, config, scale_dtype, device, progres
     from .engine import run_layers
     from .methods.gptq import GPTQLayerStep
 
+    spec = arch.arch_spec(model)
+    _, layers = arch.decoder_layers(model)
     by_layer: dict[int, dict[str, str]] = {}
     for t in targets:
         by_layer.setdefault(t.layer_index, {})[t.local_name] = t.name
-    step = GPTQLayerStep(config, by_layer, scale_dtype)
+    groups = {i: [[(local, names[local]) for local in group]
+                  for group in arch.sequential_groups(spec, layers[i], list(names))]
+              for i, names in by_layer.items()}
+    step = GPTQLayerStep(config, groups, scale_dtype)
     run_layers(model, windows, step, device=device, progress=progress, desc="gptq")
+    if step.damp_raised:
+        warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
+                      stacklevel=2)
     return step
 
 

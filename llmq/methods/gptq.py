@@ -1,13 +1,13 @@
 """GPTQ applied to a decoder layer in a single forward pass.
 
 A forward pre-hook on each target linear fires when the layer's forward first
-reaches it: the hook has the linear's input for the whole calibration batch,
-builds the Hessian from it, solves, and writes the dequantized weights back
-before the linear runs. Linears are therefore quantized in execution order
-(q/k/v, then o, then gate/up, then down: true-sequential), each seeing the
-outputs of the already quantized linears before it, and the layer's output
-is computed with quantized weights in that same pass. Linears that read the
-same input tensor (q/k/v, gate/up) share one Hessian.
+reaches it. The hook has the linear's input for the whole calibration batch:
+it builds the Hessian, solves the linear together with the others that read
+the same input (q/k/v, gate/up: the architecture's sequential groups), and
+writes the dequantized weights back before they run. Linears are therefore
+quantized in execution order (true-sequential), each seeing the outputs of
+the already quantized linears before it, and the layer's output is computed
+with quantized weights in that same pass: one forward per layer in all.
 """
 
 from __future__ import annotations
@@ -22,67 +22,73 @@ from ..engine import layer_output
 from ..modules.qlinear import QuantLinear
 from ..modules.replace import replace_module
 from ..qweight import QuantizedWeight
-from ..solvers.gptq import HessianAccumulator, gptq_quantize
+from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
 
 
 class GPTQLayerStep:
-    """Callable for engine.run_layers; collects results per full module name."""
+    """Callable for engine.run_layers.
 
-    def __init__(self, config: QuantConfig, targets_by_layer: dict[int, dict[str, str]],
+    Args:
+        config: bits, group size, damping, act-order ...
+        groups_by_layer: layer index -> list of groups, each a list of
+            (local name, full name) of linears that read the same input.
+        scale_dtype: dtype the scales are stored in.
+        hessian_dtype: None for fp32 products, torch.bfloat16 for bf16 inputs
+            accumulated in fp32.
+    """
+
+    def __init__(self, config: QuantConfig, groups_by_layer: dict[int, list[list[tuple[str, str]]]],
                  scale_dtype: torch.dtype, hessian_dtype: torch.dtype | None = None):
         self.config = config
-        self.targets_by_layer = targets_by_layer  # layer index -> {local name: full name}
+        self.groups_by_layer = groups_by_layer
         self.scale_dtype = scale_dtype
         self.hessian_dtype = hessian_dtype
-        self.results: dict[str, QuantizedWeight] = {}  # solved, not yet swapped in
-        self.done: list[str] = []
         self.timings = {"hessian": 0.0, "solve": 0.0}
+        self.damp_raised: list[str] = []
+        self.layer_errors: list[float] = []
 
     def __call__(self, index: int, layer: nn.Module, hidden, args, kwargs):
-        targets = self.targets_by_layer.get(index, {})
-        shared: dict = {}  # last input seen -> its Hessian (q/k/v and gate/up share one)
-        losses = []
-        handles = []
-        for local, full in targets.items():
-            module = layer.get_submodule(local)
-            handles.append(module.register_forward_pre_hook(self._hook(full, shared, losses)))
+        groups = self.groups_by_layer.get(index, [])
+        solved: dict[str, QuantizedWeight] = {}
+        errors: list[float] = []
+        handles = [layer.get_submodule(local).register_forward_pre_hook(self._hook(layer, group, solved, errors))
+                   for group in groups for local, _ in group]
         try:
             out = layer_output(layer(hidden, *args, **kwargs))
         finally:
             for h in handles:
                 h.remove()
-        missing = [full for full in targets.values() if full not in self.results]
-        if missing:
-            raise RuntimeError(f"the forward pass never reached {missing[0]}: it cannot be calibrated")
-        for local, full in targets.items():
-            linear = layer.get_submodule(local)
-            replace_module(layer, local, QuantLinear.from_quantized(self.results.pop(full), linear.bias))
-            self.done.append(full)
-        return out, f"err={max(losses):.3g}" if losses else ""
+        for group in groups:
+            for local, full in group:
+                if local not in solved:
+                    raise RuntimeError(f"the forward pass never reached {full}: it cannot be calibrated")
+                linear = layer.get_submodule(local)
+                replace_module(layer, local, QuantLinear.from_quantized(solved.pop(local), linear.bias))
+        worst = max(errors) if errors else 0.0
+        self.layer_errors.append(worst)
+        return out, f"out_mse={worst:.3g}"
 
-    def _hook(self, full_name: str, shared: dict, losses: list):
+    def _hook(self, layer: nn.Module, group: list[tuple[str, str]], solved: dict, errors: list):
         def hook(module: nn.Linear, args):
+            if any(local in solved for local, _ in group):
+                return  # solved with the first linear of its group
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
             t0 = time.perf_counter()
-            if shared.get("key") != key:
-                acc = HessianAccumulator(module.in_features, device=x.device, input_dtype=self.hessian_dtype)
-                acc.add_batch(x)
-                shared.clear()
-                shared.update(key=key, H=acc.hessian)
+            acc = HessianAccumulator(module.in_features, device=x.device, input_dtype=self.hessian_dtype)
+            acc.add_batch(x)
             t1 = time.perf_counter()
             c = self.config
-            qw, stats = gptq_quantize(
-                module.weight.data, shared["H"], bits=c.bits, group_size=c.group_size_for(module.in_features),
-                sym=c.sym, scale_dtype=self.scale_dtype, damp=c.damp, desc_act=c.desc_act,
-                static_groups=c.static_groups)
+            linears = [layer.get_submodule(local) for local, _ in group]
+            results = gptq_quantize_many(
+                [m.weight.data for m in linears], acc.hessian, bits=c.bits,
+                group_size=c.group_size_for(module.in_features), sym=c.sym, scale_dtype=self.scale_dtype,
+                damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups)
             self.timings["hessian"] += t1 - t0
             self.timings["solve"] += time.perf_counter() - t1
-            module.weight.data = qw.dequantize(module.weight.dtype)
-            self.results[full_name] = qw
-            losses.append(_relative_error(stats))
+            for (local, full), m, (qw, stats) in zip(group, linears, results):
+                m.weight.data = qw.dequantize(m.weight.dtype)
+                solved[local] = qw
+                errors.append(stats.output_mse)
+                if stats.damp_raised:
+                    self.damp_raised.append(f"{full} (damp {stats.damp:g})")
         return hook
-
-
-def _relative_error(stats) -> float:
-    return float(getattr(stats, "loss", 0.0))
