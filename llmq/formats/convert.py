@@ -73,6 +73,10 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     if not cfg_path.is_file():
         raise LlmqError(f"{folder} has no config.json: pass a checkpoint folder")
     config = json.loads(cfg_path.read_text())
+    legacy = folder / "quantize_config.json"
+    if not config.get("quantization_config") and legacy.is_file():
+        # Older AutoGPTQ folders keep the GPTQ settings only in quantize_config.json.
+        config["quantization_config"] = {"quant_method": gptq.QUANT_METHOD, **json.loads(legacy.read_text())}
     fmt = detect_format(config)
     tensors: dict[str, torch.Tensor] = {}
     for f in checkpoint_files(folder):

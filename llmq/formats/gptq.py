@@ -131,7 +131,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     method = meta.get("llmq_method") if meta.get("llmq_method") in ("rtn", "gptq", "awq", "awq+gptq") else "gptq"
     qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
                      desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
-                     damp=float(cfg.get("damp_percent", 0.01)),
+                     damp=float(cfg.get("damp_percent") or 0.01),
                      modules_to_not_convert=["lm_head"] if not cfg.get("lm_head") else [],
                      calibration=meta.get("calibration") or {"source_format": fmt})
     return out, qc
