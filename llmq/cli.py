@@ -73,6 +73,9 @@ def _run_quantize(args) -> int:
     from .pipeline import quantize
 
     check_output_dir(args.out, args.overwrite)  # fail before any expensive work
+    if args.format == "compressed-tensors" and args.act_order and not args.static_groups:
+        raise LlmqError("--act-order stores a permuted g_idx, which compressed-tensors cannot hold: use "
+                        "--format gptq, add --static-groups, or drop --act-order")
     config = QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp,
