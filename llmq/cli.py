@@ -18,7 +18,10 @@ from .errors import LlmqError
 
 # Further subcommands live beside the code they drive: module -> (name, help).
 # Each module provides add_arguments(parser) and run(args) -> int.
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    ".formats.convert": ("convert", "convert a quantized checkpoint between llmq, gptq, awq (read) and "
+                                    "compressed-tensors, without requantizing"),
+}
 
 
 def _add_quantize(sub) -> None:
@@ -57,6 +60,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype to load the model in")
+    p.add_argument("--format", choices=["llmq", "gptq", "compressed-tensors"], default="llmq",
+                   help="checkpoint format: llmq (native), gptq (vLLM/SGLang/TGI/transformers), "
+                        "compressed-tensors (vLLM's native format, transformers)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_quantize)
@@ -67,6 +73,9 @@ def _run_quantize(args) -> int:
     from .pipeline import quantize
 
     check_output_dir(args.out, args.overwrite)  # fail before any expensive work
+    if args.format == "compressed-tensors" and args.act_order and not args.static_groups:
+        raise LlmqError("--act-order stores a permuted g_idx, which compressed-tensors cannot hold: use "
+                        "--format gptq, add --static-groups, or drop --act-order")
     config = QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp,
@@ -77,7 +86,15 @@ def _run_quantize(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
-    out = save(model, args.out, tokenizer, overwrite=args.overwrite)
+    if args.format == "llmq":
+        out = save(model, args.out, tokenizer, overwrite=args.overwrite)
+    else:
+        from .formats.convert import export, print_report
+
+        rows = export(model, args.out, tokenizer, args.format, overwrite=args.overwrite)
+        out = args.out
+        if not args.quiet:
+            print_report(args.format, rows)
     if not args.quiet:
         print(f"wrote {out}")
     return 0

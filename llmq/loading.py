@@ -92,6 +92,9 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **k
 def from_pretrained(path: str | os.PathLike, **hf_kwargs):
     """Load an llmq checkpoint with transformers, after checking that it is one.
 
+    gptq, awq and compressed-tensors checkpoints are read too: their tensors are
+    converted to llmq's layout (no requantization) and run on llmq's kernels.
+
     Accepts everything AutoModelForCausalLM.from_pretrained accepts (dtype=,
     device_map=, offload_folder=, ...). Registration with transformers happens
     on `import llmq`; calling this function guarantees it.
@@ -109,8 +112,14 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         if not qc:
             raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
                             "load it with transformers directly, or quantize it with `llmq quantize`")
+        if qc.get("quant_method") in ("gptq", "awq", "compressed-tensors"):
+            # Foreign layouts are converted to llmq's (codes bit-exact) and run on llmq's kernels.
+            from .formats.convert import load_foreign
+
+            return load_foreign(source, **hf_kwargs)
         if qc.get("quant_method") != "llmq":
-            raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, not an llmq one")
+            raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
+                            "(it reads llmq, gptq, awq and compressed-tensors)")
     try:
         return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
     except OSError as e:

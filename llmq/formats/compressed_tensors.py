@@ -1,0 +1,179 @@
+"""The compressed-tensors `pack-quantized` format (vLLM's native one), written and read.
+
+Per quantized linear (N = out_features, K = in_features, G = groups, b = bits):
+
+    weight_packed      int32 [N, K*b/32]  codes packed along K, LSB first
+    weight_scale       float [N, G]
+    weight_zero_point  int32 [N*b/32, G]  asymmetric only: zero points packed along N
+    weight_shape       int64 [2]          (N, K)
+
+compressed-tensors quantizes to signed integers q_s in [-2^(b-1), 2^(b-1)) and
+stores q_s + 2^(b-1); zero points likewise. That stored value is llmq's unsigned
+code q (and zero z) exactly, and a symmetric scheme's implied zero point 0 is
+llmq's z = 2^(b-1). So the words are llmq's own, transposed:
+
+    weight_packed = qweight.T    weight_zero_point = qzeros.T    weight_scale = scales.T
+
+The format has no g_idx (compressed-tensors dropped group act-order), so a model
+with a non-trivial act-order permutation is refused on export.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import LlmqError
+from .engines import EngineSupport, marlin_problem
+from .packing import pack_rows
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "pack-quantized"
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def _native_modules(tensors):
+    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+
+
+def _check_g_idx(name: str, g_idx: torch.Tensor, group_size: int) -> None:
+    k = g_idx.numel()
+    if not torch.equal(g_idx.long(), torch.arange(k) // group_size):
+        raise LlmqError(f"layer {name} uses act-order (a permuted g_idx), which compressed-tensors cannot store: "
+                        "export with --format gptq, or quantize again without --act-order (or with "
+                        "--static-groups)")
+
+
+def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[str, torch.Tensor]:
+    """Native tensors -> compressed-tensors tensors (a new dict).
+
+    Raises LlmqError when a layer's g_idx is not the plain k // group_size.
+    """
+    out = dict(tensors)
+    for name in _native_modules(tensors):
+        qweight = out.pop(f"{name}.qweight")
+        qzeros = out.pop(f"{name}.qzeros")
+        scales = out.pop(f"{name}.scales")
+        k = qweight.shape[0] * 32 // qc.bits
+        g_idx = out.pop(f"{name}.g_idx", None)
+        if g_idx is not None:
+            _check_g_idx(name, g_idx, qc.group_size_for(k))
+        out[f"{name}.weight_packed"] = qweight.t().contiguous()
+        out[f"{name}.weight_scale"] = scales.t().contiguous()
+        out[f"{name}.weight_shape"] = torch.tensor([scales.shape[1], k], dtype=torch.int64)
+        if not qc.sym:
+            out[f"{name}.weight_zero_point"] = qzeros.t().contiguous()
+    return out
+
+
+def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
+    """config.json["quantization_config"]; ignore: every nn.Linear left in full precision."""
+    from .. import __version__
+
+    weights = {
+        "num_bits": qc.bits,
+        "type": "int",
+        "symmetric": qc.sym,
+        "strategy": "channel" if qc.group_size == -1 else "group",
+        "group_size": None if qc.group_size == -1 else qc.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+        "block_structure": None,
+    }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": FORMAT}},
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "llmq": {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__},
+    }
+
+
+def _weights_scheme(cfg: dict) -> dict:
+    fmt = cfg.get("format")
+    groups = cfg.get("config_groups") or {}
+    if not groups:
+        raise LlmqError("this compressed-tensors checkpoint has no config_groups: it is damaged")
+    schemes = []
+    for g in groups.values():
+        if (g.get("format") or fmt) != FORMAT:
+            raise LlmqError(f"compressed-tensors format {(g.get('format') or fmt)!r} is not readable by llmq "
+                            f"(it reads {FORMAT!r}, weight-only integer)")
+        if g.get("input_activations") or g.get("output_activations"):
+            raise LlmqError("this compressed-tensors checkpoint quantizes activations too; llmq reads "
+                            "weight-only checkpoints (W4A16 / W8A16)")
+        w = g.get("weights") or {}
+        if w.get("type", "int") != "int" or w.get("num_bits") not in (4, 8):
+            raise LlmqError(f"compressed-tensors weights of type {w.get('type')!r} with {w.get('num_bits')} bits "
+                            "are not readable by llmq (4- or 8-bit int only)")
+        if w.get("strategy") not in ("group", "channel"):
+            raise LlmqError(f"compressed-tensors strategy {w.get('strategy')!r} is not readable by llmq "
+                            "(group or channel only)")
+        if str(w.get("actorder") or "").lower() == "group":
+            raise LlmqError("compressed-tensors group act-order (weight_g_idx) is not readable by llmq")
+        schemes.append((w["num_bits"], bool(w.get("symmetric", True)), w["strategy"], w.get("group_size")))
+    if len(set(schemes)) > 1:
+        raise LlmqError("this compressed-tensors checkpoint mixes quantization schemes across layers; llmq needs "
+                        "one scheme for every layer")
+    bits, sym, strategy, group_size = schemes[0]
+    return {"bits": bits, "sym": sym, "group_size": -1 if strategy == "channel" else int(group_size)}
+
+
+def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
+    """compressed-tensors tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
+    if cfg.get("quantization_status", "compressed") != "compressed":
+        raise LlmqError("this compressed-tensors checkpoint is not in compressed form: llmq reads packed weights")
+    s = _weights_scheme(cfg)
+    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    if not names:
+        raise LlmqError("config.json says compressed-tensors but no '.weight_packed' tensors are stored")
+    per = 32 // s["bits"]
+    out = {k: v for k, v in tensors.items() if not any(k.endswith("." + x) for x in _SUFFIXES)}
+    for name in names:
+        packed = tensors[f"{name}.weight_packed"]
+        n, k = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+        if tuple(packed.shape) != (n, k // per) or k % per or n % per:
+            raise LlmqError(f"{name} has shape {n}x{k}, which llmq's {s['bits']}-bit layout cannot hold "
+                            f"(both sizes must be multiples of {per})")
+        scale = tensors[f"{name}.weight_scale"]
+        groups = scale.shape[1]
+        out[f"{name}.qweight"] = packed.t().contiguous()
+        out[f"{name}.scales"] = scale.t().contiguous()
+        if s["sym"]:
+            mid = torch.full((n, groups), 1 << (s["bits"] - 1), dtype=torch.int64)
+            out[f"{name}.qzeros"] = pack_rows(mid, s["bits"]).t().contiguous()
+        else:
+            out[f"{name}.qzeros"] = tensors[f"{name}.weight_zero_point"].t().contiguous()
+    meta = cfg.get("llmq") or {}
+    method = meta.get("method") if meta.get("method") in ("rtn", "gptq", "awq", "awq+gptq") else "rtn"
+    qc = QuantConfig(method=method, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
+                     modules_to_not_convert=["lm_head"],
+                     calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})
+    return out, qc
+
+
+def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
+    """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K))."""
+    marlin = marlin_problem(qc, shapes, zero_points_ok=True)
+    rows = [EngineSupport("vLLM (compressed-tensors WNA16)", True,
+                          "Marlin fast path" if marlin is None else
+                          f"loads; not on Marlin ({marlin}): another mixed-precision kernel if the GPU has one")]
+    if not qc.sym and qc.bits == 8:
+        rows[0] = EngineSupport("vLLM (compressed-tensors WNA16)", True,
+                                "asymmetric 8-bit: accepted by the loader, but not every kernel implements it")
+    if qc.sym:
+        rows.append(EngineSupport("transformers + compressed-tensors", True,
+                                  "decompresses on load (checked by llmq's tests, package 0.20)"))
+    else:
+        # compressed-tensors 0.20 builds the skeleton with an unpacked [N, G] zero point, while its own
+        # compressor (and vLLM) store it packed [N/8, G]: the load fails with a size mismatch.
+        rows.append(EngineSupport("transformers + compressed-tensors", False,
+                                  "asymmetric: compressed-tensors 0.20's loader expects an unpacked zero point"))
+    rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
+                              "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
+    return rows

@@ -1,0 +1,246 @@
+"""Converting checkpoints between llmq's native format and gptq / awq / compressed-tensors.
+
+    llmq convert SRC DST --format llmq|gptq|compressed-tensors
+
+Every conversion goes through llmq's native tensors in memory and moves the
+integer codes, scales and zero points as they are: nothing is requantized, so
+the codes are bit-exact. SRC may be native llmq, gptq (v1 or v2), awq (GEMM) or
+compressed-tensors pack-quantized; DST is written into a temporary sibling
+folder that is renamed into place at the end. Tokenizer and generation files
+are copied from SRC.
+
+The whole checkpoint is held in memory during a conversion (quantized weights:
+about 0.55 GB per billion parameters at 4 bits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import QUANT_METHOD, QuantConfig
+from ..errors import LlmqError
+from . import awq, compressed_tensors, gptq
+from .engines import EngineSupport, format_report
+from .native import check_output_dir, checkpoint_files
+
+READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
+WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
+_WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
+
+
+@dataclass
+class Checkpoint:
+    """A quantized checkpoint in llmq's native layout, in memory."""
+
+    folder: Path
+    config: dict  # config.json, its quantization_config as found in the source
+    tensors: dict[str, torch.Tensor]  # native names and layout
+    quant_config: QuantConfig
+    source_format: str
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """{quantized linear: (out_features, in_features)}."""
+        bits = self.quant_config.bits
+        return {k[: -len(".qweight")]: (v.shape[1], v.shape[0] * 32 // bits)
+                for k, v in self.tensors.items() if k.endswith(".qweight")}
+
+
+def detect_format(config: dict) -> str:
+    """The quant_method of a config.json, checked to be one llmq reads."""
+    qc = config.get("quantization_config")
+    if not qc:
+        raise LlmqError("this model is not quantized (no quantization_config in config.json): quantize it with "
+                        "`llmq quantize` instead")
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in READ_FORMATS:
+        raise LlmqError(f"quantization format {method!r} is not readable by llmq: it reads "
+                        f"{', '.join(READ_FORMATS)}")
+    return method
+
+
+def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Read any checkpoint llmq understands and convert its tensors to the native layout."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise LlmqError(f"{folder} has no config.json: pass a checkpoint folder")
+    config = json.loads(cfg_path.read_text())
+    legacy = folder / "quantize_config.json"
+    if not config.get("quantization_config") and legacy.is_file():
+        # Older AutoGPTQ folders keep the GPTQ settings only in quantize_config.json.
+        config["quantization_config"] = {"quant_method": gptq.QUANT_METHOD, **json.loads(legacy.read_text())}
+    fmt = detect_format(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(folder):
+        tensors.update(load_file(str(f)))  # safetensors only: never pickle
+    qcfg = config["quantization_config"]
+    if fmt == "llmq":
+        qc = QuantConfig.from_dict(qcfg)
+    elif fmt == gptq.QUANT_METHOD:
+        tensors, qc = gptq.import_checkpoint(tensors, qcfg)
+    elif fmt == awq.QUANT_METHOD:
+        tensors, qc = awq.import_checkpoint(tensors, qcfg)
+    else:
+        tensors, qc = compressed_tensors.import_checkpoint(tensors, qcfg)
+    return Checkpoint(folder, config, tensors, qc, fmt)
+
+
+def linear_names(folder: Path) -> tuple[list[str], list[str]]:
+    """(linears inside decoder layers, other linears) of the model in folder, from a meta skeleton."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..arch import decoder_layers
+
+    cfg = AutoConfig.from_pretrained(folder)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    prefix, _ = decoder_layers(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    inside = [n for n in names if n.startswith(prefix + ".")]
+    return inside, [n for n in names if n not in inside]
+
+
+def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], list[EngineSupport]]:
+    """(quantization_config, tensors, engine support) of ckpt written as fmt."""
+    qc = ckpt.quant_config
+    if fmt == "llmq":
+        return qc.to_dict(), ckpt.tensors, []
+    quantized = set(ckpt.layer_shapes())
+    inside, outside = linear_names(ckpt.folder)
+    if fmt == gptq.QUANT_METHOD:
+        # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
+        if any(n in quantized for n in outside):
+            raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
+                            "a linear outside them: export with --format compressed-tensors")
+        skipped = [n for n in inside if n not in quantized]
+        return (gptq.export_config(qc, skipped), gptq.export_tensors(ckpt.tensors, qc),
+                gptq.engine_support(qc, ckpt.layer_shapes()))
+    if fmt == compressed_tensors.QUANT_METHOD:
+        ignore = [n for n in inside + outside if n not in quantized]
+        return (compressed_tensors.export_config(qc, ignore), compressed_tensors.export_tensors(ckpt.tensors, qc),
+                compressed_tensors.engine_support(qc, ckpt.layer_shapes()))
+    raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
+
+
+def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool,
+                 extra_json: dict[str, dict] | None = None, max_shard_size: str | int = "4GB") -> Path:
+    """Write config.json, safetensors shards and src's other files to out, atomically."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for f in src.iterdir():  # tokenizer, generation config, chat template ...
+            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                                   filename_pattern="model{suffix}.safetensors")
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n].contiguous() for n in names}, str(tmp / filename), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint gets the usual permissions
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "llmq", *, overwrite: bool = False,
+            max_shard_size: str | int = "4GB") -> list[EngineSupport]:
+    """Convert the checkpoint at src to fmt at dst without requantizing; return engine support rows."""
+    if fmt not in WRITE_FORMATS:
+        raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
+    src = Path(src)
+    if Path(dst).resolve() == src.resolve():
+        raise LlmqError("source and destination are the same folder: choose another destination")
+    check_output_dir(dst, overwrite)  # fail before reading anything
+    ckpt = read_checkpoint(src)
+    qcfg, tensors, rows = encode(ckpt, fmt)
+    config = dict(ckpt.config)
+    config["quantization_config"] = qcfg
+    extra = {"quantize_config.json": qcfg} if fmt == gptq.QUANT_METHOD else None
+    write_folder(Path(dst), src, config, tensors, overwrite=overwrite, extra_json=extra,
+                 max_shard_size=max_shard_size)
+    return rows
+
+
+def export(model, out: str | os.PathLike, tokenizer=None, fmt: str = "llmq", *, overwrite: bool = False,
+           max_shard_size: str | int = "4GB") -> list[EngineSupport]:
+    """Save a quantized model (from llmq.quantize) in fmt; return engine support rows."""
+    from .native import save
+
+    out = check_output_dir(out, overwrite)
+    if fmt == "llmq":
+        save(model, out, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
+        return []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.native-", dir=out.parent) as tmp:
+        native = save(model, Path(tmp) / "native", tokenizer)
+        return convert(native, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+def load_foreign(path: str | os.PathLike, **hf_kwargs):
+    """Load a gptq / awq / compressed-tensors checkpoint as an llmq model (QuantLinear layers).
+
+    The checkpoint is converted to a temporary native folder (as large as the
+    checkpoint, under the system temp dir) that is removed once loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if hf_kwargs.get("offload_folder"):
+        raise LlmqError("disk offload of a non-llmq checkpoint is not supported: convert it first with "
+                        "`llmq convert SRC DST` and load DST")
+    with tempfile.TemporaryDirectory(prefix="llmq-import-") as tmp:
+        native = Path(tmp) / "native"
+        convert(path, native, "llmq")
+        return AutoModelForCausalLM.from_pretrained(native, **hf_kwargs)
+
+
+# ---- `llmq convert` --------------------------------------------------------------------------------------
+
+HELP = "convert a quantized checkpoint between llmq, gptq, awq (read) and compressed-tensors"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint folder: llmq, gptq, awq or compressed-tensors")
+    p.add_argument("dst", metavar="DST", help="output folder (must be empty or absent unless --overwrite)")
+    p.add_argument("--format", choices=WRITE_FORMATS, default="llmq",
+                   help="format to write: llmq (native), gptq (vLLM/SGLang/TGI/transformers), "
+                        "compressed-tensors (vLLM's native format, transformers)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+
+def print_report(fmt: str, rows: list[EngineSupport]) -> None:
+    if rows:
+        print(format_report(f"engines for the {fmt} export", rows))
+
+
+def run(args) -> int:
+    rows = convert(args.src, args.dst, args.format, overwrite=args.overwrite)
+    if not args.quiet:
+        print_report(args.format, rows)
+        print(f"wrote {args.dst}")
+    return 0

@@ -1,0 +1,57 @@
+"""Which serving engines will load an exported checkpoint, and why not.
+
+The rules are the published constraints of each engine's loader (vLLM's
+gptq_marlin / marlin_utils / compressed_tensors_wNa16 code, transformers'
+quantizers), checked against the layer shapes of the checkpoint. They state
+what the formats promise; the only engine exercised by llmq's own tests is
+stock transformers with the compressed-tensors package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import QuantConfig
+
+# vLLM's Marlin kernels (gptq_marlin and the compressed-tensors WNA16 scheme):
+# output features per tensor-parallel shard must be a multiple of
+# GPTQ_MARLIN_MIN_THREAD_N, input features a multiple of GPTQ_MARLIN_MIN_THREAD_K.
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MARLIN_MIN_N = 64
+MARLIN_MIN_K = 128
+
+
+@dataclass
+class EngineSupport:
+    engine: str
+    loads: bool
+    why: str
+
+    def line(self) -> str:
+        return f"  {'yes' if self.loads else 'no ':4} {self.engine:34} {self.why}"
+
+
+def marlin_shape_problem(shapes: dict[str, tuple[int, int]], group_size: int) -> str | None:
+    """Why Marlin refuses one of these [N, K] layer shapes (at tensor parallel 1), or None."""
+    for name, (n, k) in sorted(shapes.items()):
+        if n % MARLIN_MIN_N:
+            return f"{name} has {n} output features, not a multiple of {MARLIN_MIN_N}"
+        if k % MARLIN_MIN_K:
+            return f"{name} has {k} input features, not a multiple of {MARLIN_MIN_K}"
+    return None
+
+
+def marlin_problem(qc: QuantConfig, shapes: dict[str, tuple[int, int]], zero_points_ok: bool) -> str | None:
+    if qc.bits not in (4, 8):
+        return f"{qc.bits}-bit weights"
+    if not qc.sym and not zero_points_ok:
+        return "asymmetric (its GPTQ path has no zero points)"
+    if qc.group_size not in MARLIN_GROUP_SIZES:
+        return f"group size {qc.group_size} (Marlin takes -1, 32, 64, 128)"
+    return marlin_shape_problem(shapes, qc.group_size)
+
+
+def format_report(title: str, rows: list[EngineSupport]) -> str:
+    lines = [f"{title} (from the engines' published loader rules; not run here):"]
+    lines += [r.line() for r in rows]
+    return "\n".join(lines)

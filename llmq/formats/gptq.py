@@ -1,0 +1,160 @@
+"""The `gptq` checkpoint format (AutoGPTQ / GPTQModel), written and read.
+
+The tensors are llmq's native layout under the same names (qweight [K*b/32, N]
+packed along K, qzeros [G, N*b/32] packed along N, scales [G, N], g_idx [K]);
+the differences are in the zero points and the config:
+
+- checkpoint_format "gptq" (v1) stores every zero point as z - 1, the historic
+  off-by-one that v1 kernels undo by adding 1. llmq writes v1 only for
+  symmetric models, where z = 2^(b-1) and the stored value is exact
+  (0x77777777 for 4 bits).
+- checkpoint_format "gptq_v2" stores the true z. An asymmetric model can have
+  z = 0, which v1 would store as -1 and wrap: it is always written as v2.
+
+Reading accepts both. A v1 checkpoint whose stored zero is 2^b - 1 (the wrapped
+-1 of an asymmetric v1 export) is read as z = 0, what its quantizer meant.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import LlmqError
+from .packing import pack_cols, unpack_cols
+from .engines import EngineSupport, marlin_problem
+
+QUANT_METHOD = "gptq"
+
+
+def _modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+
+
+def _shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+    """Add delta to every packed zero point, modulo 2^bits (int32 [G, N*b/32])."""
+    z = unpack_cols(qzeros, bits).to(torch.int64)
+    return pack_cols((z + delta) % (1 << bits), bits)
+
+
+def checkpoint_format(qc: QuantConfig) -> str:
+    return "gptq" if qc.sym else "gptq_v2"
+
+
+def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[str, torch.Tensor]:
+    """Native tensors -> gptq tensors (same names; a new dict, inputs untouched).
+
+    Every quantized layer gets a g_idx: without act-order it is k // group_size,
+    which is what AutoGPTQ writes and what loaders that always read g_idx expect.
+    """
+    out = dict(tensors)
+    for name in _modules(tensors):
+        if checkpoint_format(qc) == "gptq":
+            out[f"{name}.qzeros"] = _shift_zeros(tensors[f"{name}.qzeros"], qc.bits, -1)
+        if f"{name}.g_idx" not in tensors:
+            k = tensors[f"{name}.qweight"].shape[0] * 32 // qc.bits
+            out[f"{name}.g_idx"] = (torch.arange(k) // qc.group_size_for(k)).to(torch.int32)
+    return out
+
+
+def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
+    """config.json["quantization_config"] (also written as quantize_config.json).
+
+    skipped_linears: linears inside the decoder layers left in full precision;
+    they are listed as GPTQModel "dynamic" negative rules, which vLLM honours.
+    """
+    from .. import __version__
+
+    cfg = {
+        "quant_method": QUANT_METHOD,
+        "checkpoint_format": checkpoint_format(qc),
+        "bits": qc.bits,
+        "group_size": qc.group_size,
+        "desc_act": qc.desc_act,
+        "sym": qc.sym,
+        "static_groups": qc.static_groups,
+        "true_sequential": True,
+        "damp_percent": qc.damp,
+        "lm_head": False,
+        "meta": {"quantizer": [f"llmq:{__version__}"], "llmq_method": qc.method, "calibration": qc.calibration},
+    }
+    if skipped_linears:
+        cfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in skipped_linears}
+    return cfg
+
+
+def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
+    """gptq tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
+    fmt = str(cfg.get("checkpoint_format") or cfg.get("format") or "gptq").lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise LlmqError(f"GPTQ checkpoint_format {fmt!r} is not readable by llmq (it reads 'gptq' and 'gptq_v2'): "
+                        "convert it to one of those with GPTQModel first")
+    bits = int(cfg.get("bits", 4))
+    if bits not in (4, 8):
+        raise LlmqError(f"this GPTQ checkpoint has {bits}-bit weights; llmq runs 4- and 8-bit weights only")
+    if cfg.get("dynamic") and any(not k.startswith("-:") for k in cfg["dynamic"]):
+        raise LlmqError("this GPTQ checkpoint overrides bits or group size per module ('dynamic'), "
+                        "which llmq does not support: it needs one setting for every layer")
+    group_size = int(cfg.get("group_size", 128))
+    names = _modules(tensors)
+    if not names:
+        raise LlmqError("config.json says GPTQ but the checkpoint holds no '.qweight' tensors: it is damaged")
+    out = dict(tensors)
+    trivial = True
+    wrapped = 0
+    for name in names:
+        k = tensors[f"{name}.qweight"].shape[0] * 32 // bits
+        if fmt == "gptq":
+            stored = unpack_cols(tensors[f"{name}.qzeros"], bits)
+            wrapped += int((stored == (1 << bits) - 1).sum())
+            out[f"{name}.qzeros"] = _shift_zeros(tensors[f"{name}.qzeros"], bits, 1)
+        g = tensors.get(f"{name}.g_idx")
+        gs = k if group_size == -1 else group_size
+        if g is not None and not torch.equal(g.long(), torch.arange(k) // gs):
+            trivial = False
+    if wrapped:
+        warnings.warn(f"{wrapped} zero points of this v1 GPTQ checkpoint are stored as {(1 << bits) - 1} (a wrapped "
+                      "-1): llmq reads them as 0, what the quantizer meant; v1 engines compute with "
+                      f"{1 << bits} there", stacklevel=2)
+    desc_act = bool(cfg.get("desc_act")) and group_size != -1 or not trivial
+    for name in names:
+        if desc_act and f"{name}.g_idx" not in out:
+            raise LlmqError(f"GPTQ checkpoint uses act-order but {name}.g_idx is missing: it is damaged")
+        if not desc_act:
+            out.pop(f"{name}.g_idx", None)
+        else:
+            out[f"{name}.g_idx"] = out[f"{name}.g_idx"].to(torch.int32)
+    meta = cfg.get("meta") or {}
+    method = meta.get("llmq_method") if meta.get("llmq_method") in ("rtn", "gptq", "awq", "awq+gptq") else "gptq"
+    qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
+                     desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
+                     damp=float(cfg.get("damp_percent") or 0.01),
+                     modules_to_not_convert=["lm_head"] if not cfg.get("lm_head") else [],
+                     calibration=meta.get("calibration") or {"source_format": fmt})
+    return out, qc
+
+
+def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
+    """What each engine does with this model written as gptq (shapes: name -> (N, K))."""
+    rows = []
+    marlin = marlin_problem(qc, shapes, zero_points_ok=False)
+    if marlin is None:
+        rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", True,
+                                  "symmetric, 4/8-bit, Marlin group size and shapes (at tensor parallel 1)"))
+    else:
+        rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", False, marlin))
+    if qc.sym:
+        rows.append(EngineSupport("vLLM (gptq kernel, --quantization gptq)", True, "v1 zero points"))
+    else:
+        rows.append(EngineSupport("vLLM (gptq kernel, --quantization gptq)", True,
+                                  "asymmetric as gptq_v2: needs a vLLM with gptq_v2 support (PR 26092, "
+                                  "late 2025); older versions decode garbage"))
+    rows.append(EngineSupport("SGLang", marlin is None,
+                              "same Marlin rules as vLLM" if marlin is None else f"Marlin path refuses: {marlin}"))
+    rows.append(EngineSupport("transformers (optimum + gptqmodel)", True,
+                              "GPTQModel reads gptq and gptq_v2"))
+    rows.append(EngineSupport("TGI", qc.sym, "v1 symmetric GPTQ" if qc.sym else "no gptq_v2 (asymmetric) support known"))
+    return rows

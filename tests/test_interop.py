@@ -1,0 +1,332 @@
+"""Export to gptq / compressed-tensors, import gptq / awq / compressed-tensors.
+
+The reference dequantizers below are written from each format's specification,
+in float64, from the raw packed int32 words; they share no code with llmq.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import llmq
+from llmq import LlmqError, QuantConfig, QuantLinear
+from llmq.cli import main
+from llmq.formats.convert import convert
+from llmq.modules.replace import replace_module
+from tests.conftest import random_ids, tiny_model
+
+HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
+needs_ct = pytest.mark.skipif(not HAS_CT, reason="the compressed-tensors package is not installed "
+                              "(pip install --no-deps compressed-tensors loguru)")
+
+
+def _quantized(sym=True, bits=4, group_size=32, act_order=False, seed=0):
+    model = llmq.quantize(tiny_model(seed=seed), QuantConfig(group_size=group_size, sym=sym, bits=bits,
+                                                             desc_act=act_order), progress=False)
+    if act_order:  # RTN has no act-order: give every layer a permuted g_idx so the g_idx path is exercised
+        g = torch.Generator().manual_seed(5)
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, QuantLinear):
+                qw = layer.quantized_weight()
+                k = qw.shape[1]
+                qw.g_idx = (torch.randperm(k, generator=g) // qw.group_size).to(torch.int32)
+                replace_module(model, name, QuantLinear.from_quantized(qw, layer.bias))
+    return model
+
+
+def _saved(tmp_path, **kw):
+    model = _quantized(**kw)
+    llmq.save(model, tmp_path / "native")
+    return model, tmp_path / "native"
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64) & 0xFFFFFFFF  # the unsigned 32-bit words
+
+
+def _field(words: torch.Tensor, index: torch.Tensor, bits: int) -> torch.Tensor:
+    return (words >> (bits * index)) & ((1 << bits) - 1)
+
+
+def ref_gptq(t: dict, bits: int, v1: bool) -> torch.Tensor:
+    """GPTQ spec: qweight [K*b/32, N] along K, qzeros [G, N*b/32] along N (v1: stored z - 1), g_idx [K]."""
+    per = 32 // bits
+    qweight, qzeros, scales, g_idx = _words(t["qweight"]), _words(t["qzeros"]), t["scales"].double(), t["g_idx"]
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    kk = torch.arange(k).view(k, 1)
+    nn_ = torch.arange(n).view(1, n)
+    q = _field(qweight[kk // per, nn_], kk % per, bits)
+    g = g_idx.long().view(k, 1)
+    z = _field(qzeros[g, nn_ // per], nn_ % per, bits) + (1 if v1 else 0)
+    return ((q - z).double() * scales[g, nn_]).t()  # [N, K]
+
+
+def ref_ct(t: dict, bits: int, sym: bool) -> torch.Tensor:
+    """compressed-tensors spec: weight_packed [N, K*b/32] along K, values q_s + 2^(b-1); zero point [N*b/32, G]."""
+    per, off = 32 // bits, 1 << (bits - 1)
+    packed, scale = _words(t["weight_packed"]), t["weight_scale"].double()
+    n, k = (int(v) for v in t["weight_shape"])
+    nn_ = torch.arange(n).view(n, 1)
+    kk = torch.arange(k).view(1, k)
+    q_s = _field(packed[nn_, kk // per], kk % per, bits) - off
+    g = kk // (k // scale.shape[1])
+    if sym:
+        zp_s = torch.zeros_like(q_s)
+    else:
+        zp_s = _field(_words(t["weight_zero_point"])[nn_ // per, g], nn_ % per, bits) - off
+    return (q_s - zp_s).double() * scale[nn_, g]
+
+
+def _module_tensors(sd: dict, name: str) -> dict:
+    return {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+
+
+def _check_forward(layer: QuantLinear, w_ref: torch.Tensor, bias=None):
+    x = torch.randn(3, w_ref.shape[1], generator=torch.Generator().manual_seed(7))
+    expected = x.double() @ w_ref.t() + (0 if bias is None else bias.double())
+    with torch.no_grad():
+        got = layer(x).double()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+# ---- gptq --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sym,bits,group_size,act_order", [(True, 4, 32, False), (False, 4, 32, False),
+                                                         (True, 8, -1, False), (False, 8, 32, True)])
+def test_gptq_round_trip_is_bit_exact(tmp_path, sym, bits, group_size, act_order):
+    model, native = _saved(tmp_path, sym=sym, bits=bits, group_size=group_size, act_order=act_order)
+    convert(native, tmp_path / "gptq", "gptq")
+    convert(tmp_path / "gptq", tmp_path / "back", "llmq")
+    a, b = load_file(native / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    back = QuantConfig.from_dict(json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"])
+    assert (back.bits, back.group_size, back.sym, back.desc_act) == (bits, group_size, sym, act_order)
+
+
+@pytest.mark.parametrize("sym,bits,act_order", [(True, 4, False), (False, 4, True), (True, 8, True)])
+def test_gptq_reference_dequantizer_matches_forward(tmp_path, sym, bits, act_order):
+    model, native = _saved(tmp_path, sym=sym, bits=bits, act_order=act_order)
+    convert(native, tmp_path / "gptq", "gptq")
+    cfg = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    sd = load_file(tmp_path / "gptq" / "model.safetensors")
+    w_ref = ref_gptq(_module_tensors(sd, LAYER), bits, v1=cfg["checkpoint_format"] == "gptq")
+    loaded = llmq.from_pretrained(tmp_path / "gptq")
+    layer = loaded.get_submodule(LAYER)
+    assert isinstance(layer, QuantLinear) and (layer.g_idx is not None) == act_order
+    _check_forward(layer, w_ref)
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_gptq_v1_off_by_one(tmp_path):
+    _, native = _saved(tmp_path, sym=True, bits=4)
+    convert(native, tmp_path / "v1", "gptq")
+    cfg = json.loads((tmp_path / "v1" / "config.json").read_text())["quantization_config"]
+    assert cfg["checkpoint_format"] == "gptq" and cfg["sym"] is True
+    assert json.loads((tmp_path / "v1" / "quantize_config.json").read_text()) == cfg
+    for key in ("bits", "group_size", "desc_act", "sym"):
+        assert key in cfg
+    sd = load_file(tmp_path / "v1" / "model.safetensors")
+    zeros = [v for k, v in sd.items() if k.endswith(".qzeros")]
+    assert zeros and all(bool((z == 0x77777777).all()) for z in zeros)
+
+
+def test_asymmetric_gptq_is_never_v1(tmp_path):
+    _, native = _saved(tmp_path, sym=False, bits=4)
+    convert(native, tmp_path / "v2", "gptq")
+    cfg = json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]
+    assert cfg["checkpoint_format"] == "gptq_v2" and cfg["sym"] is False
+    a, b = load_file(native / "model.safetensors"), load_file(tmp_path / "v2" / "model.safetensors")
+    assert torch.equal(a[f"{LAYER}.qzeros"], b[f"{LAYER}.qzeros"])  # true zero points, as stored natively
+
+
+def test_gptq_v1_import_adds_one(tmp_path):
+    # A v1 checkpoint made elsewhere: zeros stored minus one, g_idx present, no llmq metadata.
+    _, native = _saved(tmp_path, sym=False, bits=4)
+    convert(native, tmp_path / "v2", "gptq")
+    sd = load_file(tmp_path / "v2" / "model.safetensors")
+    cfg = json.loads((tmp_path / "v2" / "config.json").read_text())
+    for k in list(sd):
+        if k.endswith(".qzeros"):
+            zz = _field(_words(sd[k]).unsqueeze(-1), torch.arange(8), 4)  # [G, N/8, 8]
+            assert bool((zz > 0).all()), "this seed needs zero points > 0 to be written as v1"
+            words = ((zz - 1) << (4 * torch.arange(8))).sum(-1)
+            sd[k] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    cfg["quantization_config"]["checkpoint_format"] = "gptq"
+    del cfg["quantization_config"]["meta"]
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, tmp_path / "v2" / "model.safetensors", metadata={"format": "pt"})
+    convert(tmp_path / "v2", tmp_path / "back", "llmq")
+    assert torch.equal(load_file(tmp_path / "back" / "model.safetensors")[f"{LAYER}.qzeros"],
+                       load_file(native / "model.safetensors")[f"{LAYER}.qzeros"])
+
+
+# ---- compressed-tensors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sym,bits,group_size", [(True, 4, 32), (False, 4, 32), (True, 8, -1), (False, 8, 64)])
+def test_compressed_tensors_round_trip_and_reference(tmp_path, sym, bits, group_size):
+    model, native = _saved(tmp_path, sym=sym, bits=bits, group_size=group_size)
+    convert(native, tmp_path / "ct", "compressed-tensors")
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    assert not any(k.endswith((".qweight", ".qzeros")) for k in sd)
+    assert (f"{LAYER}.weight_zero_point" in sd) == (not sym)
+    w_ref = ref_ct(_module_tensors(sd, LAYER), bits, sym)
+    loaded = llmq.from_pretrained(tmp_path / "ct")
+    _check_forward(loaded.get_submodule(LAYER), w_ref)
+    convert(tmp_path / "ct", tmp_path / "back", "llmq")
+    a, b = load_file(native / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head"]
+
+
+def test_act_order_refused_by_compressed_tensors(tmp_path):
+    _, native = _saved(tmp_path, act_order=True)
+    with pytest.raises(LlmqError, match="act-order.*--format gptq"):
+        convert(native, tmp_path / "ct", "compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+@needs_ct
+@pytest.mark.parametrize("sym,bits,group_size", [(True, 4, 32), (False, 4, 32), (True, 8, -1), (False, 8, 64)])
+def test_compressed_tensors_package_decompresses_to_the_same_weights(tmp_path, sym, bits, group_size):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    model, native = _saved(tmp_path, sym=sym, bits=bits, group_size=group_size)
+    convert(native, tmp_path / "ct", "compressed-tensors")
+    qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**qcfg["config_groups"]["group_0"]["weights"]))
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            w = PackedQuantizationCompressor.decompress(_module_tensors(sd, name), scheme)["weight"]
+            assert torch.equal(w, layer.dequantize_weight(w.dtype)), name
+
+
+@needs_ct
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1)])
+def test_stock_transformers_loads_compressed_tensors_export(tmp_path, bits, group_size):
+    model, native = _saved(tmp_path, sym=True, bits=bits, group_size=group_size)
+    convert(native, tmp_path / "ct", "compressed-tensors")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # transformers' own compressed-tensors quantizer
+    assert not any(isinstance(m, QuantLinear) for m in stock.modules())
+    ids = random_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = stock(ids).logits
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
+# ---- awq ---------------------------------------------------------------------------------------------------
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def awq_pack(codes: torch.Tensor) -> torch.Tensor:
+    """AWQ GEMM spec: [R, N] 4-bit codes -> int32 [R, N/8]; nibble i of word j holds column 8j + order[i]."""
+    r, n = codes.shape
+    words = torch.zeros(r, n // 8, dtype=torch.int64)
+    for j in range(n // 8):
+        for i, col in enumerate(AWQ_ORDER):
+            words[:, j] |= codes[:, 8 * j + col].to(torch.int64) << (4 * i)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_awq_import(tmp_path):
+    fp = tiny_model("qwen2")  # q/k/v projections with biases
+    fp.save_pretrained(tmp_path / "fp")
+    sd = load_file(tmp_path / "fp" / "model.safetensors")
+    gs = 32
+    g = torch.Generator().manual_seed(3)
+    known = {}
+    for name, m in fp.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            n, k = m.out_features, m.in_features
+            codes = torch.randint(0, 16, (k, n), generator=g)
+            zeros = torch.randint(0, 16, (k // gs, n), generator=g)
+            scales = (torch.rand(k // gs, n, generator=g) * 0.02 + 0.001).half()
+            known[name] = (codes, zeros, scales)
+            del sd[f"{name}.weight"]
+            sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"] = awq_pack(codes), awq_pack(zeros), scales
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    cfg = json.loads((tmp_path / "fp" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = llmq.from_pretrained(folder)
+    ref = tiny_model("qwen2")
+    ref.load_state_dict(fp.state_dict())
+    for name, (codes, zeros, scales) in known.items():
+        layer = loaded.get_submodule(name)
+        qw = layer.quantized_weight()
+        assert torch.equal(qw.codes.t().long(), codes) and torch.equal(qw.zeros.t().long(), zeros), name
+        assert torch.equal(layer.scales, scales)
+        groups = torch.arange(codes.shape[0]) // gs
+        w = ((codes - zeros[groups]).double() * scales.double()[groups]).t()  # [N, K]
+        _check_forward(layer, w, layer.bias)
+        ref.get_submodule(name).weight.data = w.float()
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    convert(folder, tmp_path / "native", "llmq")  # to llmq's own format, no requantization
+    qc = json.loads((tmp_path / "native" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "llmq" and qc["method"] == "awq" and qc["sym"] is False
+
+
+def test_unreadable_awq_variant_is_refused(tmp_path):
+    fp = tiny_model()
+    fp.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlmqError, match="GEMM"):
+        llmq.from_pretrained(tmp_path / "m")
+
+
+# ---- engines and CLI ---------------------------------------------------------------------------------------
+
+def test_engine_report_follows_vllm_rules():
+    from llmq.formats import compressed_tensors, gptq
+
+    shapes = {"a": (4096, 4096), "b": (11008, 4096)}
+    rows = {r.engine: r for r in gptq.engine_support(QuantConfig(group_size=128), shapes)}
+    assert rows["vLLM (gptq_marlin, fast path)"].loads
+    rows = {r.engine: r for r in gptq.engine_support(QuantConfig(group_size=128, sym=False), shapes)}
+    assert not rows["vLLM (gptq_marlin, fast path)"].loads and "asymmetric" in rows["vLLM (gptq_marlin, fast path)"].why
+    rows = {r.engine: r for r in gptq.engine_support(QuantConfig(group_size=256), shapes)}
+    assert "group size 256" in rows["vLLM (gptq_marlin, fast path)"].why
+    rows = {r.engine: r for r in gptq.engine_support(QuantConfig(group_size=64), {"c": (576, 576)})}
+    assert "576 input features" in rows["vLLM (gptq_marlin, fast path)"].why
+    rows = {r.engine: r for r in compressed_tensors.engine_support(QuantConfig(group_size=128, sym=False), shapes)}
+    assert rows["vLLM (compressed-tensors WNA16)"].why == "Marlin fast path"
+
+
+def test_cli_quantize_format_gptq_and_convert(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "g"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--group-size", "32", "--format", "gptq"]) == 0
+    text = capsys.readouterr().out
+    assert "gptq_marlin" in text and "not a multiple of 128" in text
+    assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    assert main(["convert", str(out), str(tmp_path / "n"), "--quiet"]) == 0
+    assert main(["convert", str(out), str(tmp_path / "n"), "--format", "compressed-tensors"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "n")(ids).logits, llmq.from_pretrained(out)(ids).logits)
