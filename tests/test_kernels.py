@@ -43,7 +43,7 @@ def _restore_interpret_env():
 # activation dtype before the dot and the output is rounded once. The
 # interpreter converts fp32 -> bf16 by truncation (hardware rounds to
 # nearest), which doubles the bf16 error there.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.2e-2}
 
 
 def make_layer(n, k, bits, group_size, act_order, seed, scale_dtype=torch.float16, zero=None):
@@ -238,7 +238,7 @@ def test_custom_op_fake_and_compile():
 # CPU path -----------------------------------------------------------------
 
 # The int4/int8 kernels take bf16 activations; their error is bf16's.
-CPU_KERNEL_TOL = 1e-2
+CPU_KERNEL_TOL = 6e-3
 
 
 @pytest.mark.parametrize("n,k,bits,gs,act,zero,backend", [
