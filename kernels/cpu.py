@@ -135,7 +135,7 @@ def prepare_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
         if codes is not None:
             state = CpuState("int8pack", k, n, dtype, codes, scales[0].to(COMPUTE_DTYPE).contiguous())
             return _with_dense(state, qweight, qzeros, scales, g_idx, bits, gs, prefill_dense)
-    if backend != "auto":
+    if backend not in ("auto", "dense"):
         raise ValueError(f"CPU backend {backend} does not fit this layer: {reasons[backend]}")
     w = dequantize(qweight, qzeros, scales, bits=bits, group_size=gs, g_idx=g_idx, dtype=dtype)
     return CpuState("dense", k, n, dtype, w)

@@ -288,3 +288,13 @@ def test_cpu_backend_that_does_not_fit():
     p, _ = make_layer(72, 192, 4, 64, False, 14)
     with pytest.raises(ValueError, match="divisible by 16"):
         prepare_cpu(p["qweight"], p["qzeros"], p["scales"], None, 4, 64, torch.float32, backend="int4pack")
+    with pytest.raises(ValueError, match="bits 8"):
+        prepare_cpu(p["qweight"], p["qzeros"], p["scales"], None, 4, 64, torch.float32, backend="int8pack")
+
+
+def test_cpu_dense_backend_on_request():
+    p, w = make_layer(96, 192, 4, 64, True, 15)
+    state = prepare_cpu(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4, 64, torch.float32, backend="dense")
+    assert state.backend == "dense" and state.weight.dtype == torch.float32
+    x = make_x((2, 5), 192, torch.float32, 15)
+    assert_close(cpu_matmul(x, state), reference(x, w, None), TOL[torch.float32])
