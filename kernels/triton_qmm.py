@@ -139,7 +139,7 @@ def _qmm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, bias_ptr, out_ptr,
     out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 

@@ -11,6 +11,8 @@ imported it first), and restored when this module's tests end.
 
 import importlib
 import itertools
+import subprocess
+import sys
 import os
 
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
@@ -298,3 +300,19 @@ def test_cpu_dense_backend_on_request():
     assert state.backend == "dense" and state.weight.dtype == torch.float32
     x = make_x((2, 5), 192, torch.float32, 15)
     assert_close(cpu_matmul(x, state), reference(x, w, None), TOL[torch.float32])
+
+
+def test_import_needs_no_triton_and_sets_nothing():
+    """Importing llmq.kernels imports no triton, sets no env var; without triton the reference runs."""
+    code = (
+        "import os, sys\n"
+        "env = dict(os.environ)\n"
+        "import torch, llmq.kernels as K\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert dict(os.environ) == env\n"
+        "sys.modules['triton'] = None  # as if not installed\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "assert not K.uses_triton(torch.device('cpu'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
