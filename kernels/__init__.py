@@ -1,1 +1,19 @@
-"""Dequantize-matmul kernels (installed as llmq.kernels)."""
+"""Dequantize-matmul kernels (installed as llmq.kernels).
+
+- `dequant_matmul`: y = x @ dequant(W)^T + b from the packed checkpoint tensors;
+  Triton on CUDA (split-K / tiled GEMM / dequantize + cuBLAS by M), a torch
+  reference elsewhere. Registered as the custom op `llmq::dequant_matmul`.
+- `prepare_cpu` / `cpu_matmul`: the CPU path, converted once at load into
+  torch's int4/int8 weight-only kernels where they fit.
+- `dequantize`: the dense weight, in pure torch.
+
+Importing this package needs neither triton nor a GPU: triton is imported on
+the first call that runs a Triton kernel.
+"""
+
+from .api import DECODE_MAX_M, GEMM_MAX_M, dequant_matmul, uses_triton
+from .cpu import CpuState, cpu_matmul, prepare_cpu
+from .dequant import dequantize
+
+__all__ = ["dequant_matmul", "uses_triton", "DECODE_MAX_M", "GEMM_MAX_M", "prepare_cpu", "cpu_matmul",
+           "CpuState", "dequantize"]

@@ -1,0 +1,254 @@
+"""Triton dequantize-matmul kernels on the native packed layout.
+
+Imported lazily by `llmq.kernels.api` (this module imports triton at the top).
+Layout (K = in_features, N = out_features, G = groups, b = bits, P = 32 / b):
+
+    qweight int32 [K/P, N]   input k in row k // P at bit offset b * (k % P)
+    qzeros  int32 [G, N/P]   zero point of column n in word n // P, offset b * (n % P)
+    scales  float [G, N]
+    g_idx   int   [K]        group of each input feature (act-order only)
+
+One kernel body (`_qmm_kernel`) computes out = x @ dequant(W) (+ bias) for a
+tile of rows and columns. It serves two dispatch paths:
+
+- split-K (decode, small M): a grid of (row/column tiles) x SPLIT_K programs,
+  each covering every SPLIT_K-th K tile, so a 1-row matmul still fills every SM.
+  Programs add their partial sums with fp32 atomics into a zeroed fp32 buffer.
+- tiled GEMM (medium M): SPLIT_K = 1, each program owns its output tile and
+  stores it in the output dtype.
+
+`_dequant_kernel` writes the dense [K, N] weight for the large-M path
+(dequantize + cuBLAS).
+
+Act-order is handled by gathering scales and zeros with g_idx inside the
+kernel (x is not permuted): the checkpoint tensors are used as stored.
+
+Autotuning: on CUDA each path is autotuned with the key bucketed on M (next
+power of two, capped), N, K and the quantization constants. Under
+TRITON_INTERPRET=1 (CPU tests) the autotuner cannot benchmark several configs,
+so one fixed config per path is used instead. The choice is made once, when
+this module is imported, by reading os.environ (nothing is set here).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# M buckets share one autotune result; beyond the cap all M tune alike.
+_M_BUCKET_CAP = 256
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), _M_BUCKET_CAP)
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N] tile of (q - z) * s; zero outside K x N."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    k_mask = offs_k < K
+    n_mask = offs_n < N
+    kn_mask = k_mask[:, None] & n_mask[None, :]
+    words_per_row = N // PER
+
+    qw = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_mask, other=0)
+    # Arithmetic shift of a negative word leaves sign bits on top; the mask drops them.
+    q = (qw >> ((offs_k % PER) * BITS)[:, None]) & MASK
+    zshift = (offs_n % PER) * BITS
+    zcol = offs_n // PER
+    if ACT_ORDER:
+        g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0).to(tl.int32)
+        zw = tl.load(qz_ptr + g[:, None] * words_per_row + zcol[None, :], mask=kn_mask, other=0)
+        z = (zw >> zshift[None, :]) & MASK
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+    elif GROUP_SIZE % BLOCK_K == 0:
+        # k0 is a multiple of BLOCK_K, so the whole tile lies in one group.
+        g = k0 // GROUP_SIZE
+        zw = tl.load(qz_ptr + g * words_per_row + zcol, mask=n_mask, other=0)
+        z = ((zw >> zshift) & MASK)[None, :]
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        g = offs_k // GROUP_SIZE
+        zw = tl.load(qz_ptr + g[:, None] * words_per_row + zcol[None, :], mask=kn_mask, other=0)
+        z = (zw >> zshift[None, :]) & MASK
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+    return (q - z).to(tl.float32) * s
+
+
+@triton.jit
+def _qmm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, bias_ptr, out_ptr,
+                M, N, K, stride_xm, stride_xk, M_BUCKET,
+                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[M, N] (+)= x[M, K] @ dequant(W)[K, N] (+ bias); out is contiguous.
+
+    ATOMIC: out is a zeroed fp32 buffer and each of the SPLIT_K programs of a
+    tile atomically adds its partial sum (bias added by the first split only).
+    Otherwise (SPLIT_K must be 1) the tile is stored in out's dtype.
+    M_BUCKET is unused by the body: it is the autotune key for M.
+    UPCAST_DOT runs the dot in fp32 on operands already rounded to x's dtype:
+    the interpreter's tl.dot mis-reads bf16 operands (triton 3.x).
+    """
+    tl.static_assert(ATOMIC or SPLIT_K == 1)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row tiles walk the columns together, so
+    # the weight tiles they share are still in L2.
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
+                          BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K)
+        w = w.to(x.dtype)
+        if UPCAST_DOT:
+            # bf16 products are exact in fp32, so this equals the bf16 dot.
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K,
+                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w[K, N] (contiguous, w's dtype) = dequant(W)."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
+                      BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "ACT_ORDER"]
+
+
+def _cfg(bm, bn, bk, split_k, warps, stages, group_m=8):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m),
+                         num_warps=warps, num_stages=stages)
+
+
+def _decode_configs():
+    # 16 rows is the smallest tl.dot tile; decode is bound by weight bytes, so
+    # the padded rows cost little. SPLIT_K trades atomics for SM occupancy.
+    return [_cfg(16, bn, bk, sk, w, s)
+            for bn, bk, sk, w, s in [
+                (32, 128, 1, 4, 3), (64, 128, 1, 4, 3), (32, 256, 1, 4, 2),
+                (32, 128, 2, 4, 3), (64, 128, 2, 4, 3), (64, 256, 2, 4, 2),
+                (32, 128, 4, 4, 3), (64, 128, 4, 4, 3), (128, 128, 4, 4, 3),
+                (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (128, 64, 8, 4, 3),
+                (64, 64, 16, 4, 4), (128, 128, 16, 8, 3),
+            ]]
+
+
+def _gemm_configs():
+    return [_cfg(bm, bn, bk, 1, w, s)
+            for bm, bn, bk, w, s in [
+                (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
+                (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+            ]]
+
+
+if INTERPRET:
+    # The interpreter runs one program at a time on the host: one small config
+    # per path, still with SPLIT_K > 1 so the atomic reduction is exercised.
+    _decode = _qmm_kernel
+    _gemm = _qmm_kernel
+    _DECODE_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=8)
+    _GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
+else:
+    # reset_to_zero: autotuning runs the atomic kernel repeatedly on one buffer.
+    _decode = triton.autotune(configs=_decode_configs(), key=_KEY, reset_to_zero=["out_ptr"])(_qmm_kernel)
+    _gemm = triton.autotune(configs=_gemm_configs(), key=_KEY)(_qmm_kernel)
+    _DECODE_META = {}
+    _GEMM_META = {}
+_DEQUANT_META = dict(BLOCK_K=32, BLOCK_N=64)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 activations: exact fp32 products, not tf32 (fp32 is for checking, not speed).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _grid(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+
+def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
+    """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    _decode[_grid(m, n)](
+        x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+        bias if bias is not None else scales, out_fp32,
+        m, n, k, x.stride(0), x.stride(1), m_bucket(m),
+        BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
+        ATOMIC=True, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
+        **_DECODE_META)
+    return out_fp32
+
+
+def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
+    """Medium-M path. x [M, K], out [M, N] contiguous in x's dtype (every element written)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    _gemm[_grid(m, n)](
+        x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+        bias if bias is not None else scales, out,
+        m, n, k, x.stride(0), x.stride(1), m_bucket(m),
+        BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
+        ATOMIC=False, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
+        **_GEMM_META)
+    return out
+
+
+def dequantize_into(qweight, qzeros, scales, g_idx, bits, group_size, w):
+    """w [K, N] contiguous (any float dtype) <- dequant(W); every element written."""
+    k, n = w.shape
+    grid = (triton.cdiv(k, _DEQUANT_META["BLOCK_K"]), triton.cdiv(n, _DEQUANT_META["BLOCK_N"]))
+    _dequant_kernel[grid](qweight, qzeros, scales, g_idx if g_idx is not None else qweight, w, n, k,
+                          BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, **_DEQUANT_META)
+    return w

@@ -1,0 +1,124 @@
+"""Benchmark llmq's dequantize-matmul kernels against F.linear on CUDA.
+
+Protocol (docs/ANCHORS.md, "Benchmark protocol for kernels"): shapes (out x in)
+4096x4096, 11008x4096, 4096x11008, 28672x4096, 4096x14336; rows M in 1, 2, 4,
+8, 16, 32, 64, 128, 256, 2048. Each point: random codes, zeros and scales
+(never zeros), the result checked against a float64 reference first, then
+timed with triton.testing.do_bench(return_mode="median") next to F.linear on
+the same x in fp16/bf16 in the same process. Reported: both times, the speedup
+(F.linear time / ours), and the fraction of the device-copy bandwidth measured
+in this run (bytes: packed weights + scales + zeros + x + y).
+
+Needs a CUDA GPU; without one it says so and exits 0 (interpreter timings mean
+nothing). Example:
+
+    python scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16
+    python scripts/bench_kernels.py --shapes 4096x4096 --m 1 16 128 --all-paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "28672x4096", "4096x14336"]
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
+TOL = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 = one group per row")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--act-order", action="store_true", help="random act-order g_idx (gathered in the kernel)")
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="OUTxIN, e.g. 4096x11008")
+    p.add_argument("--m", nargs="+", type=int, default=ROWS, help="rows of x")
+    p.add_argument("--all-paths", action="store_true", help="also time each path forced (splitk, gemm, dequant)")
+    return p.parse_args(argv)
+
+
+def random_layer(n, k, bits, group_size, act_order, dtype, device):
+    from llmq.formats.packing import pack_cols, pack_rows
+
+    gs = k if group_size == -1 else group_size
+    groups = k // gs
+    codes = torch.randint(0, 2**bits, (k, n), device=device)
+    zeros = torch.randint(0, 2**bits, (groups, n), device=device)
+    scales = ((torch.rand(groups, n, device=device) + 0.5) * 0.01).to(dtype)
+    if act_order:
+        g = torch.argsort(torch.randperm(k, device=device)) // gs
+        g_idx = g.to(torch.int32)
+    else:
+        g = torch.arange(k, device=device) // gs
+        g_idx = None
+    w64 = ((codes.double() - zeros.double()[g]) * scales.double()[g]).t()  # [N, K]
+    layer = dict(qweight=pack_rows(codes, bits), qzeros=pack_cols(zeros, bits), scales=scales, g_idx=g_idx)
+    return layer, w64
+
+
+def copy_bandwidth(do_bench):
+    """Bytes/s of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def layer_bytes(layer, m, n, k, dtype):
+    size = torch.finfo(dtype).bits // 8
+    packed = sum(t.numel() * t.element_size() for t in layer.values() if t is not None)
+    return packed + m * k * size + m * n * size
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU found; these kernels are only timed on CUDA "
+              "(interpreter timings mean nothing). Nothing to do.")
+        return 0
+    from triton.testing import do_bench
+
+    from llmq.kernels import dequant_matmul
+    from llmq.kernels.api import pick_path
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(do_bench)
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    print(f"bits {args.bits}  group_size {args.group_size}  {args.dtype}  act_order {args.act_order}")
+    paths = ["auto"] + (["splitk", "gemm", "dequant"] if args.all_paths else [])
+    print(f"{'shape':>11} {'M':>5} {'path':>8} {'ours us':>9} {'F.linear us':>11} {'speedup':>8} "
+          f"{'GB/s':>7} {'% bw':>5}  rel.err")
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        layer, w64 = random_layer(n, k, args.bits, args.group_size, args.act_order, dtype, "cuda")
+        w_fp = w64.to(dtype)
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = x.double() @ w64.t()
+            t_fp = do_bench(lambda: F.linear(x, w_fp), return_mode="median")
+            for path in paths:
+                def ours():
+                    return dequant_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], bits=args.bits,
+                                          group_size=args.group_size, g_idx=layer["g_idx"], path=path)
+                y = ours()
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                if not (err <= TOL[dtype]):
+                    print(f"FAILED check: {shape} M={m} path={path} relative error {err:.3g} > {TOL[dtype]}")
+                    return 1
+                t = do_bench(ours, return_mode="median")
+                rate = layer_bytes(layer, m, n, k, dtype) / (t * 1e-3)
+                name = pick_path(m) if path == "auto" else path
+                print(f"{shape:>11} {m:>5} {name:>8} {t * 1e3:>9.1f} {t_fp * 1e3:>11.1f} {t_fp / t:>8.2f} "
+                      f"{rate / 1e9:>7.0f} {100 * rate / bandwidth:>5.0f}  {err:.1e}", flush=True)
+        del layer, w64, w_fp
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Dequantize-matmul kernels and the CPU path against a float64 reference.
+
+Every case draws random integer codes, zero points and scales, packs them with
+llmq.formats.packing (independent of the kernels' own unpacking), and compares
+with (codes - zeros[g]) * scales[g] computed in float64 from those same codes.
+
+The Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
+before the kernel module is imported (or it is reloaded if another module
+imported it first), and restored when this module's tests end.
+"""
+
+import importlib
+import itertools
+import subprocess
+import sys
+import os
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llmq.formats.packing import pack_cols, pack_rows  # noqa: E402
+from llmq.kernels import CpuState, cpu_matmul, dequant_matmul, dequantize, prepare_cpu, uses_triton  # noqa: E402
+from llmq.kernels import api  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from llmq.kernels import triton_qmm  # noqa: E402
+
+if not triton_qmm.INTERPRET:
+    triton_qmm = importlib.reload(triton_qmm)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_env():
+    yield
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+# Norm-relative error bounds. fp16/bf16: the weight is rounded to the
+# activation dtype before the dot and the output is rounded once. The
+# interpreter converts fp32 -> bf16 by truncation (hardware rounds to
+# nearest), which doubles the bf16 error there.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.2e-2}
+
+
+def make_layer(n, k, bits, group_size, act_order, seed, scale_dtype=torch.float16, zero=None):
+    """Random packed layer plus its float64 dense weight [N, K] from the same codes."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = k if group_size == -1 else group_size
+    groups = k // gs
+    codes = torch.randint(0, 2**bits, (k, n), generator=gen)
+    if zero is None:
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=gen)
+    else:
+        zeros = torch.full((groups, n), zero)
+    scales = ((torch.rand(groups, n, generator=gen) + 0.5) * 0.02).to(scale_dtype)
+    if act_order:
+        # GPTQ's act-order: a permutation of the inputs, groups of gs consecutive permuted positions.
+        position = torch.argsort(torch.randperm(k, generator=gen))
+        g = position // gs
+        g_idx = g.to(torch.int32)
+    else:
+        g = torch.arange(k) // gs
+        g_idx = None
+    w = (codes.double() - zeros.double()[g]) * scales.double()[g]  # [K, N]
+    packed = dict(qweight=pack_rows(codes, bits), qzeros=pack_cols(zeros, bits), scales=scales, g_idx=g_idx)
+    return packed, w.t()
+
+
+def make_x(lead, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(*lead, k, generator=gen).to(dtype)
+
+
+def make_bias(n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 2)
+    return torch.randn(n, generator=gen).to(dtype)
+
+
+def reference(x, w, bias):
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def assert_close(y, ref, tol):
+    assert y.shape == ref.shape
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned elements)"
+    err = (y.double() - ref)
+    rms = ref.pow(2).mean().sqrt()
+    assert err.norm() / ref.norm() <= tol, f"relative error {(err.norm() / ref.norm()).item():.3g} > {tol}"
+    # A few wrong elements barely move the norm: bound every element too.
+    assert err.abs().max() <= 8 * tol * rms, f"max error {err.abs().max().item():.3g} vs rms {rms.item():.3g}"
+
+
+# A covering subset of the full product: every M (so every dispatch path), bits,
+# group size, act-order, dtype, bias and leading-dims choice appears several
+# times; cycling the secondary axes against the primary ones keeps it ~40 cases.
+_SHAPES = [(1,), (2,), (3,), (17,), (64,), (130,), (2, 3), (4, 16)]  # leading dims of x
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cases():
+    cases = []
+    primary = itertools.product((4, 8), (32, 64, 128, -1, 16), (False, True))
+    for i, (bits, gs, act) in enumerate(primary):
+        for j in range(2):
+            c = 2 * i + j
+            lead = _SHAPES[c % len(_SHAPES)]
+            dtype = _DTYPES[(c // 2 + j) % 3]
+            k = 384 if gs == 128 else 192
+            cases.append(pytest.param(lead, 72, k, bits, gs, act, dtype, c % 3 != 0, c,
+                                      id=f"x{'x'.join(map(str, lead))}-N72-K{k}-b{bits}-g{gs}"
+                                         f"{'-act' if act else ''}-{str(dtype)[6:]}{'-bias' if c % 3 else ''}"))
+    return cases
+
+
+@pytest.mark.parametrize("lead,n,k,bits,gs,act,dtype,has_bias,seed", _cases())
+def test_dequant_matmul_interpreter(lead, n, k, bits, gs, act, dtype, has_bias, seed):
+    assert uses_triton(torch.device("cpu"))
+    p, w = make_layer(n, k, bits, gs, act, seed)
+    x = make_x(lead, k, dtype, seed)
+    bias = make_bias(n, dtype, seed) if has_bias else None
+    y = dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=bits, group_size=gs,
+                       g_idx=p["g_idx"], bias=bias)
+    assert y.dtype == dtype
+    assert_close(y, reference(x, w, bias), TOL[dtype])
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("m", [3, 130])
+def test_every_path_at_small_and_large_m(path, m):
+    seed = 100 + m
+    p, w = make_layer(64, 256, 4, 64, True, seed)
+    x = make_x((m,), 256, torch.float16, seed)
+    bias = make_bias(64, torch.float16, seed)
+    y = dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=4, group_size=64, g_idx=p["g_idx"],
+                       bias=bias, path=path)
+    assert_close(y, reference(x, w, bias), TOL[torch.float16])
+
+
+def test_dispatch_by_m():
+    assert [api.pick_path(m) for m in (1, 16, 17, 128, 129, 4096)] == [
+        "splitk", "splitk", "gemm", "gemm", "dequant", "dequant"]
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_poisoned_outputs_are_overwritten(dtype):
+    """The GEMM and dequantize kernels must write every element of their NaN-filled buffers."""
+    p, w = make_layer(40, 96, 8, 32, False, 7)
+    x = make_x((37,), 96, dtype, 7)
+    args = (p["qweight"], p["qzeros"], p["scales"], None, None, 8, 32)
+    out = torch.full((37, 40), float("nan"), dtype=dtype)
+    triton_qmm.qmm_gemm(x, *args, out)
+    assert_close(out, reference(x, w, None), TOL[dtype])
+    wk = torch.full((96, 40), float("nan"), dtype=dtype)
+    triton_qmm.dequantize_into(p["qweight"], p["qzeros"], p["scales"], None, 8, 32, wk)
+    assert torch.isfinite(wk).all()
+    assert_close(wk.double().t(), w, TOL[dtype])
+
+
+def test_splitk_adds_into_accumulator():
+    """The split-K kernel adds (atomics) into its fp32 buffer: a non-zero start shows up exactly."""
+    p, w = make_layer(40, 96, 4, 32, False, 8)
+    x = make_x((2,), 96, torch.float32, 8)
+    start = torch.randn(2, 40)
+    acc = start.clone()
+    triton_qmm.qmm_splitk(x, p["qweight"], p["qzeros"], p["scales"], None, None, 4, 32, acc)
+    assert_close(acc, reference(x, w, None) + start.double(), TOL[torch.float32])
+
+
+def test_non_contiguous_x_and_empty_batch():
+    p, w = make_layer(72, 192, 4, 64, False, 9)
+    x = make_x((5,), 2 * 192, torch.float32, 9)[:, ::2]  # stride 2 along K
+    y = dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=4, group_size=64)
+    assert_close(y, reference(x, w, None), TOL[torch.float32])
+    empty = dequant_matmul(x[:0], p["qweight"], p["qzeros"], p["scales"], bits=4, group_size=64)
+    assert empty.shape == (0, 72)
+
+
+def test_torch_reference_path():
+    """What runs on CPU without the interpreter (and on other devices)."""
+    p, w = make_layer(72, 192, 8, 64, True, 10, scale_dtype=torch.bfloat16)
+    x = make_x((3, 5), 192, torch.float32, 10)
+    bias = make_bias(72, torch.float32, 10)
+    y = api._reference(x, p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bias, 8, 64)
+    assert_close(y, reference(x, w, bias), TOL[torch.float32])
+    dense = dequantize(p["qweight"], p["qzeros"], p["scales"], bits=8, group_size=64, g_idx=p["g_idx"])
+    assert torch.equal(dense.double(), w.float().double())
+
+
+def test_uses_triton_follows_environment(monkeypatch):
+    assert uses_triton(torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not uses_triton(torch.device("cpu"))
+    assert uses_triton(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(bits=3), "bits 4 and 8"),
+    (dict(group_size=100), "does not divide"),
+    (dict(x=torch.randn(2, 100)), "input features"),
+    (dict(qzeros=torch.zeros(4, 5, dtype=torch.int32)), "qzeros"),
+    (dict(scales=torch.zeros(2, 72)), "scales"),
+    (dict(scales=torch.zeros(3, 72, dtype=torch.int32)), "scales"),
+    (dict(g_idx=torch.zeros(100, dtype=torch.int32)), "g_idx"),
+    (dict(bias=torch.zeros(71)), "bias"),
+    (dict(x=torch.randn(2, 192).to(torch.int32)), "float16"),
+    (dict(path="fast"), "path"),
+])
+def test_rejects_bad_inputs(change, message):
+    p, _ = make_layer(72, 192, 4, 64, False, 11)
+    kwargs = dict(x=torch.randn(2, 192), qweight=p["qweight"], qzeros=p["qzeros"], scales=p["scales"], bits=4,
+                  group_size=64)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        dequant_matmul(**kwargs)
+
+
+def test_custom_op_fake_and_compile():
+    p, w = make_layer(72, 192, 4, 64, True, 12)
+    x = make_x((2, 3), 192, torch.float32, 12)
+    bias = make_bias(72, torch.float32, 12)
+    args = (x, p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bias, 4, 64, "auto")
+    torch.library.opcheck(torch.ops.llmq.dequant_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(x):
+        return dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=4, group_size=64,
+                              g_idx=p["g_idx"], bias=bias) * 2
+
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert_close(y, 2 * reference(x, w, bias), TOL[torch.float32])
+
+
+# CPU path -----------------------------------------------------------------
+
+# The int4/int8 kernels take bf16 activations; their error is bf16's.
+CPU_KERNEL_TOL = 6e-3
+
+
+@pytest.mark.parametrize("n,k,bits,gs,act,zero,backend", [
+    (96, 192, 4, 32, False, None, "int4pack"),
+    (96, 192, 4, 64, True, None, "int4pack"),
+    (96, 384, 4, 128, False, None, "int4pack"),
+    (96, 384, 4, 128, True, None, "int4pack"),
+    (96, 192, 4, -1, False, None, "int4pack"),   # 192 = 3 x 64: scales repeated over sub-groups
+    (32, 512, 4, 512, False, None, "int4pack"),  # group 512 -> kernel group 256
+    (72, 192, 4, 64, False, None, "dense"),      # N not a multiple of 16
+    (96, 192, 4, 16, False, None, "dense"),      # group below the kernel's 32
+    (72, 192, 8, -1, False, 128, "int8pack"),    # symmetric per-row int8
+    (72, 192, 8, -1, True, 128, "int8pack"),
+    (72, 192, 8, -1, False, None, "dense"),      # asymmetric: q - z leaves int8
+    (72, 192, 8, 64, False, 128, "dense"),       # grouped int8
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path(n, k, bits, gs, act, zero, backend, dtype):
+    seed = n + k + bits + gs
+    p, w = make_layer(n, k, bits, gs, act, seed, zero=zero)
+    state = prepare_cpu(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits, gs, dtype)
+    assert isinstance(state, CpuState) and state.backend == backend
+    tol = TOL[dtype] if backend == "dense" else max(TOL[dtype], CPU_KERNEL_TOL)
+    for lead in [(1,), (2, 3), (17,)]:
+        x = make_x(lead, k, dtype, seed)
+        bias = make_bias(n, dtype, seed)
+        y = cpu_matmul(x, state, bias)
+        assert y.dtype == dtype
+        assert_close(y, reference(x, w, bias), tol)
+
+
+def test_cpu_prefill_dense_and_act_order_general_groups():
+    p, w = make_layer(96, 192, 4, 64, True, 13)
+    state = prepare_cpu(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4, 64, torch.float32,
+                        prefill_dense=True)
+    assert state.backend == "int4pack" and state.dense_weight is not None
+    for m in (1, state.dense_rows, 33):
+        x = make_x((m,), 192, torch.float32, m)
+        assert_close(cpu_matmul(x, state), reference(x, w, None), CPU_KERNEL_TOL)
+    # Groups of unequal size cannot be made contiguous runs of group_size: dense.
+    g_idx = torch.randint(0, 3, (192,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    uneven = prepare_cpu(p["qweight"], p["qzeros"], p["scales"], g_idx, 4, 64, torch.float32)
+    assert uneven.backend == "dense"
+
+
+def test_cpu_backend_that_does_not_fit():
+    p, _ = make_layer(72, 192, 4, 64, False, 14)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        prepare_cpu(p["qweight"], p["qzeros"], p["scales"], None, 4, 64, torch.float32, backend="int4pack")
+    with pytest.raises(ValueError, match="bits 8"):
+        prepare_cpu(p["qweight"], p["qzeros"], p["scales"], None, 4, 64, torch.float32, backend="int8pack")
+
+
+def test_cpu_dense_backend_on_request():
+    p, w = make_layer(96, 192, 4, 64, True, 15)
+    state = prepare_cpu(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4, 64, torch.float32, backend="dense")
+    assert state.backend == "dense" and state.weight.dtype == torch.float32
+    x = make_x((2, 5), 192, torch.float32, 15)
+    assert_close(cpu_matmul(x, state), reference(x, w, None), TOL[torch.float32])
+
+
+def test_import_needs_no_triton_and_sets_nothing():
+    """Importing llmq.kernels imports no triton, sets no env var; without triton the reference runs."""
+    code = (
+        "import os, sys\n"
+        "env = dict(os.environ)\n"
+        "import torch, llmq.kernels as K\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert dict(os.environ) == env\n"
+        "sys.modules['triton'] = None  # as if not installed\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "assert not K.uses_triton(torch.device('cpu'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
