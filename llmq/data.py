@@ -80,7 +80,8 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
             `calibration_windows`.
         split: split of a hub dataset (default: the calibration split, i.e.
             train for wikitext2, validation for c4 and pileval, train for
-            ``hf:`` specs unless the spec names one). Ignored for local files.
+            ``hf:`` specs). A split written in an ``hf:`` spec wins, since
+            the user chose it. Ignored for local files.
         max_chars: stop joining rows once this many characters are collected
             (the rows kept are the first ones, in order); None keeps all.
 
@@ -102,7 +103,7 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
         text = _join(rows, max_chars)
     elif spec.startswith("hf:"):
         name, config, hub_split, column = _parse_hf(spec)
-        rows = _hub_column(name, config, split or hub_split or "train", column, None)
+        rows = _hub_column(name, config, hub_split or split or "train", column, None)
         text = _join(rows, max_chars)
     else:
         text = _load_local(spec, max_chars)

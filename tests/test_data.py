@@ -165,8 +165,10 @@ def test_hub_spec_fields_and_column_check(monkeypatch):
 
     monkeypatch.setattr(data, "_hub_answers", lambda timeout=5.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert load_text("hf:owner/name:cfg:dev:body") == "one\n\ntwo"
-    assert seen == {"name": "owner/name", "config": "cfg", "split": "dev"}
+    assert load_text("hf:owner/name:cfg:dev:body", split="test") == "one\n\ntwo"
+    assert seen == {"name": "owner/name", "config": "cfg", "split": "dev"}  # the spec's split wins
+    assert load_text("hf:owner/name:::body") == "one\n\ntwo"
+    assert seen == {"name": "owner/name", "config": None, "split": "train"}  # empty fields: defaults
     with pytest.raises(LlmqError, match="no column 'text'; columns: body, id"):
         load_text("hf:owner/name", split="validation")
     assert seen == {"name": "owner/name", "config": None, "split": "validation"}
@@ -256,3 +258,28 @@ def test_self_windows(adds_bos):
 def test_self_needs_model(tok):
     with pytest.raises(LlmqError, match="needs the model"):
         calibration_windows(tok, "self", nsamples=2, seqlen=8, seed=0)
+
+
+def test_named_hub_specs(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config, split, data_files):
+        calls.append((name, config, split, data_files))
+        return datasets.Dataset.from_dict({"text": ["= Title =", "", "body"]})
+
+    monkeypatch.setattr(data, "_hub_answers", lambda timeout=5.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_text("wikitext2", split="test") == "= Title =\n\n\n\nbody"  # rows joined as in GPTQ
+    load_text("wikitext2")
+    load_text("c4")
+    load_text("pileval")
+    assert calls == [
+        ("wikitext", "wikitext-2-raw-v1", "test", None),
+        ("wikitext", "wikitext-2-raw-v1", "train", None),
+        ("allenai/c4", None, "validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+        ("mit-han-lab/pile-val-backup", None, "validation", None),
+    ]
+    with pytest.raises(LlmqError, match="c4 has splits validation, train"):
+        load_text("c4", split="test")
