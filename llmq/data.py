@@ -303,27 +303,32 @@ def calibration_windows(
         LongTensor [nsamples, seqlen] on the CPU.
 
     Raises:
-        LlmqError: bad sizes, any error of `load_text`, or fewer than
-            nsamples * (text tokens per window) tokens of text, so that the
-            windows could not even be disjoint.
+        LlmqError: bad sizes, any error of `load_text`, or too little text:
+            fewer than span + nsamples - 1 tokens (span = text tokens per
+            window), i.e. no window fits or fewer than nsamples places to
+            start one. Windows drawn from a short text overlap; give at least
+            nsamples * seqlen tokens for distinct data.
     """
     if nsamples < 1 or seqlen < 2:
         raise LlmqError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     bos = wants_bos(tokenizer)
     span = seqlen - 1 if bos else seqlen  # text tokens per window
-    needed = nsamples * span
     if spec in _SELF:
         if model is None:
             raise LlmqError(f"calibration spec `{spec}` samples text from the model, so it needs the model")
-        stream = sample_tokens(model, tokenizer, needed, seed=seed)
+        # Enough sampled text for disjoint windows: sampling is the cost, so no more.
+        stream = sample_tokens(model, tokenizer, nsamples * span, seed=seed)
     else:
         # Large corpora (c4, pileval) only need a prefix; 16M characters keeps
-        # all of WikiText-2 train (11M), 64 per needed token (~16 times what
-        # the windows need) keeps room to sample for large settings.
-        stream = tokenize(tokenizer, load_text(spec, max_chars=max(64 * needed, 1 << 24)))
+        # all of WikiText-2 train (11M), 64 per window token keeps room to
+        # sample for large settings.
+        stream = tokenize(tokenizer, load_text(spec, max_chars=max(64 * nsamples * span, 1 << 24)))
+    # Windows may overlap (as in the GPTQ protocol), but every one must fit
+    # and there must be nsamples different places to start.
+    needed = span + nsamples - 1
     if stream.numel() < needed:
         raise LlmqError(
-            f"{spec} has {stream.numel()} tokens, but {nsamples} windows of {seqlen} tokens need {needed}; "
+            f"{spec} has {stream.numel()} tokens, but {nsamples} windows of {seqlen} tokens need at least {needed}; "
             "give more text or lower --nsamples / --seqlen"
         )
     generator = torch.Generator().manual_seed(seed)

@@ -117,8 +117,11 @@ def test_empty_text(tmp_path):
 
 def test_too_little_text(tmp_path, tok):
     (tmp_path / "s.txt").write_text(random_text(100, seed=2), encoding="utf-8")
-    with pytest.raises(LlmqError, match="has 100 tokens, but 4 windows of 32 tokens need 128"):
-        calibration_windows(tok, str(tmp_path / "s.txt"), nsamples=4, seqlen=32, seed=0)
+    with pytest.raises(LlmqError, match="has 100 tokens, but 4 windows of 98 tokens need at least 101"):
+        calibration_windows(tok, str(tmp_path / "s.txt"), nsamples=4, seqlen=98, seed=0)
+    # One token fewer per window fits: four distinct starts, every window a slice.
+    windows = calibration_windows(tok, str(tmp_path / "s.txt"), nsamples=4, seqlen=97, seed=0)
+    assert windows.shape == (4, 97)
 
 
 def test_hub_unreachable_is_quick(monkeypatch):
