@@ -60,20 +60,12 @@ _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _KNOWN = "wikitext2, c4, pileval, self, hf:owner/name[:config][:split][:column], a .txt/.jsonl/.json/.parquet file or a folder of .txt files"
 _LOCAL_HINT = "pass a local text file instead (a .txt, .jsonl, .json or .parquet file, or a folder of .txt files), or use `self` to calibrate on text sampled from the model"
 
-# Prompts for `self`: varied openings so the samples do not all share one topic.
-_PROMPTS = (
-    "",
-    "The",
-    "Once upon a time",
-    "In 1887, the",
-    "Chapter 1\n\n",
-    "The results of the experiment",
-    "def main():\n",
-    "Q: What is the capital of",
-    "Ingredients:\n",
-    "According to the report,",
-    "She opened the letter and",
-    "The following is a list of",
+# Openings for `self`: each row starts from the first token of one of these
+# words, so that rows differ from the first token on and a batch needs no padding
+# (left-padded batches take a slower masked attention path on CPU).
+_OPENINGS = (
+    "The", "Once", "In", "Chapter", "She", "He", "When", "According", "def", "Q", "Ingredients", "It",
+    "After", "This", "We", "Although", "During", "Many", "Our", "If", "A", "There", "Research", "Dear",
 )
 
 
@@ -88,7 +80,8 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
             `calibration_windows`.
         split: split of a hub dataset (default: the calibration split, i.e.
             train for wikitext2, validation for c4 and pileval, train for
-            ``hf:`` specs unless the spec names one). Ignored for local files.
+            ``hf:`` specs). A split written in an ``hf:`` spec wins, since
+            the user chose it. Ignored for local files.
         max_chars: stop joining rows once this many characters are collected
             (the rows kept are the first ones, in order); None keeps all.
 
@@ -110,7 +103,7 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
         text = _join(rows, max_chars)
     elif spec.startswith("hf:"):
         name, config, hub_split, column = _parse_hf(spec)
-        rows = _hub_column(name, config, split or hub_split or "train", column, None)
+        rows = _hub_column(name, config, hub_split or split or "train", column, None)
         text = _join(rows, max_chars)
     else:
         text = _load_local(spec, max_chars)
@@ -310,27 +303,32 @@ def calibration_windows(
         LongTensor [nsamples, seqlen] on the CPU.
 
     Raises:
-        LlmqError: bad sizes, any error of `load_text`, or fewer than
-            nsamples * (text tokens per window) tokens of text, so that the
-            windows could not even be disjoint.
+        LlmqError: bad sizes, any error of `load_text`, or too little text:
+            fewer than span + nsamples - 1 tokens (span = text tokens per
+            window), i.e. no window fits or fewer than nsamples places to
+            start one. Windows drawn from a short text overlap; give at least
+            nsamples * seqlen tokens for distinct data.
     """
     if nsamples < 1 or seqlen < 2:
         raise LlmqError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     bos = wants_bos(tokenizer)
     span = seqlen - 1 if bos else seqlen  # text tokens per window
-    needed = nsamples * span
     if spec in _SELF:
         if model is None:
             raise LlmqError(f"calibration spec `{spec}` samples text from the model, so it needs the model")
-        stream = sample_tokens(model, tokenizer, needed, seed=seed)
+        # Enough sampled text for disjoint windows: sampling is the cost, so no more.
+        stream = sample_tokens(model, tokenizer, nsamples * span, seed=seed)
     else:
         # Large corpora (c4, pileval) only need a prefix; 16M characters keeps
-        # all of WikiText-2 train (11M), 64 per needed token (~16 times what
-        # the windows need) keeps room to sample for large settings.
-        stream = tokenize(tokenizer, load_text(spec, max_chars=max(64 * needed, 1 << 24)))
+        # all of WikiText-2 train (11M), 64 per window token keeps room to
+        # sample for large settings.
+        stream = tokenize(tokenizer, load_text(spec, max_chars=max(64 * nsamples * span, 1 << 24)))
+    # Windows may overlap (as in the GPTQ protocol), but every one must fit
+    # and there must be nsamples different places to start.
+    needed = span + nsamples - 1
     if stream.numel() < needed:
         raise LlmqError(
-            f"{spec} has {stream.numel()} tokens, but {nsamples} windows of {seqlen} tokens need {needed}; "
+            f"{spec} has {stream.numel()} tokens, but {nsamples} windows of {seqlen} tokens need at least {needed}; "
             "give more text or lower --nsamples / --seqlen"
         )
     generator = torch.Generator().manual_seed(seed)
@@ -341,26 +339,31 @@ def calibration_windows(
     return windows
 
 
-def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int = 32, max_new_tokens: int = 256) -> torch.Tensor:
+def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int = 32, max_new_tokens: int = 128) -> torch.Tensor:
     """At least `ntokens` tokens of text sampled from the model itself.
 
-    Rows start from short varied prompts (after BOS, and from BOS alone,
-    when `wants_bos`) and are sampled in batches (top-k 50, top-p 0.95,
-    temperature 1). Each row keeps its prompt and the tokens generated before
-    EOS; rows are concatenated into one stream, a LongTensor [T >= ntokens]
-    on the CPU.
+    Each row starts (after BOS when `wants_bos`) from the first token of a
+    varied opening word and is sampled in batches (top-k 50, top-p 0.95,
+    temperature 1). Rows keep the tokens before the first special token
+    (EOS, a stray BOS or chat marker) and are joined with the
+    tokens of "\n\n" into one stream, a LongTensor [T >= ntokens] on the CPU.
     Deterministic for a seed; the global RNG state is restored afterwards.
 
     Sampled text needs no data, but it only reflects what the model already
     does well: real text (wikitext2, c4, a local file) calibrates better.
-    Cost grows with ntokens (batch_size x max_new_tokens per round).
+    Cost grows with ntokens: rounds of batch_size rows of at most
+    max_new_tokens tokens (shorter when fewer tokens are still needed).
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    pad = pad if pad is not None else 0
-    bos = tokenizer.bos_token_id if wants_bos(tokenizer) else None
-    prompts = [p for p in (_prompt_ids(tokenizer, text, bos) for text in _PROMPTS) if p]
+    bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
+    # A row ends at the first special token it samples (EOS, or BOS, chat
+    # markers and document ends, which plain text does not contain).
+    stops = set(tokenizer.all_special_ids)
+    starts = sorted({ids[0] for ids in (tokenize(tokenizer, word).tolist() for word in _OPENINGS) if ids})
+    if not starts:
+        raise LlmqError("the tokenizer encodes none of the opening words, so `self` cannot sample; pass a text file")
+    separator = tokenize(tokenizer, "\n\n").tolist()  # between rows, as between documents
     pieces, total, round_ = [], 0, 0
     devices = [device] if device.type == "cuda" else []
     # fork_rng: seed the sampling without changing the caller's RNG state.
@@ -370,36 +373,30 @@ def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int 
         model.eval()
         try:
             while total < ntokens:
-                rows = [prompts[(round_ * batch_size + i) % len(prompts)] for i in range(batch_size)]
+                first = [starts[(round_ * batch_size + i) % len(starts)] for i in range(batch_size)]
                 round_ += 1
-                width = max(len(r) for r in rows)
-                # Left padding so that every row continues right where its prompt ends.
-                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                # Small requests need short rows only; a quarter more than an
+                # even share allows for rows that end early.
+                steps = min(max_new_tokens, max(16, -(-5 * (ntokens - total) // (4 * batch_size))))
+                ids = torch.tensor([bos + [t] for t in first], device=device)
                 out = model.generate(
                     input_ids=ids,
-                    attention_mask=mask,
+                    attention_mask=torch.ones_like(ids),
                     do_sample=True,
                     top_k=50,
                     top_p=0.95,
                     temperature=1.0,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad,
+                    max_new_tokens=steps,
+                    pad_token_id=eos if eos is not None else 0,
                     eos_token_id=eos,
                 )
-                for prompt, row in zip(rows, out[:, width:].tolist()):
-                    if eos is not None and eos in row:
-                        row = row[: row.index(eos)]  # the rest is padding
-                    piece = prompt[1:] if bos is not None else prompt  # BOS is not text
-                    pieces.append(torch.tensor(piece + row, dtype=torch.long))
-                    total += len(piece) + len(row)
+                for row in out[:, len(bos) :].tolist():  # BOS is not text
+                    # Keep the opening token, then stop at the first special one
+                    # (after EOS comes padding).
+                    end = next((i for i, t in enumerate(row[1:], 1) if t in stops), len(row))
+                    row = row[:end]
+                    pieces.append(torch.tensor(row + separator, dtype=torch.long))
+                    total += len(row) + len(separator)
         finally:
             model.train(was_training)
     return torch.cat(pieces)
-
-
-def _prompt_ids(tokenizer, prompt: str, bos: int | None) -> list[int]:
-    """Prompt tokens, after BOS when the model wants one (the empty prompt
-    then samples from BOS alone; without BOS it is dropped)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-    return [bos] + ids if bos is not None else ids
