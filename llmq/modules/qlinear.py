@@ -10,15 +10,22 @@ in_features, N = out_features, G = number of groups, b = bits):
     bias    float [N]           only when the layer has one
 
 so `load_state_dict` / transformers' loader assign checkpoint tensors directly.
+
+Forward: on CUDA, llmq.kernels.dequant_matmul reads the packed buffers
+directly (Triton). On CPU the buffers are converted once, on the first call,
+into the form of the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8
+weight-only kernels, or a dense weight), kept outside the state dict.
+`cpu_backend` picks it: "auto" (default), "int4pack", "int8pack", or "dense"
+(exact in the activation dtype; as much memory as the unquantized layer).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats.packing import codes_per_word, unpack_cols, unpack_rows
+from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu
 from ..qweight import QuantizedWeight
 
 
@@ -49,6 +56,10 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.cpu_backend = "auto"
+        self.cpu_prefill_dense = False
+        self._cpu_state = None
+        self._cpu_key = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -60,6 +71,7 @@ class QuantLinear(nn.Module):
             getattr(layer, name).copy_(tensor)
         if bias is not None:
             layer.bias.data.copy_(bias.to(qw.scales.dtype))
+        layer.post_load()
         return layer
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -78,13 +90,38 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype or self.scales.dtype)
 
     def post_load(self) -> None:
-        """Called once the buffers hold their final values (after loading or building)."""
+        """Called once the buffers hold their final values: drops any prepared CPU form."""
+        self._cpu_state = None
+        self._cpu_key = None
+
+    def set_cpu_backend(self, backend: str = "auto", prefill_dense: bool = False) -> None:
+        self.cpu_backend = backend
+        self.cpu_prefill_dense = prefill_dense
+        self.post_load()
+
+    def _cpu_form(self, dtype: torch.dtype):
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), dtype, self.cpu_backend, self.cpu_prefill_dense)
+        if self._cpu_key != key:
+            self._cpu_state = prepare_cpu(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                          self.group_size, dtype, backend=self.cpu_backend,
+                                          prefill_dense=self.cpu_prefill_dense)
+            self._cpu_key = key
+        return self._cpu_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        if x.device.type == "cpu":
+            return cpu_matmul(x, self._cpu_form(x.dtype), bias)
+        return dequant_matmul(x, self.qweight, self.qzeros, self.scales.to(x.dtype), bits=self.bits,
+                              group_size=self.group_size, g_idx=self.g_idx, bias=bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, desc_act={self.desc_act}, bias={self.bias is not None}")
+
+
+def set_cpu_backend(model: nn.Module, backend: str = "auto", prefill_dense: bool = False) -> None:
+    """Choose the CPU backend of every QuantLinear in model (see the module doc)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_cpu_backend(backend, prefill_dense)
