@@ -18,7 +18,9 @@ from .errors import LlmqError
 
 # Further subcommands live beside the code they drive: module -> (name, help).
 # Each module provides add_arguments(parser) and run(args) -> int.
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    ".eval.command": ("eval", "perplexity, KL divergence and top-1 agreement of models side by side"),
+}
 
 
 def _add_quantize(sub) -> None:
