@@ -301,3 +301,23 @@ def _write_local_task(tmp_path):
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n")
     return folder
+
+
+def test_perplexity_script_quantizes_in_memory(folders, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "perplexity.py"
+    spec = importlib.util.spec_from_file_location("perplexity_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fp, q, text, _ = folders
+    out = tmp_path / "script.json"
+    assert script.main([str(fp), str(q), "--dataset", str(text), "--seqlen", "32", "--max-windows", "3",
+                        "--quantize", "rtn:4:32:asym", "--json", str(out), "--quiet"]) == 0
+    ref, saved, in_memory = json.loads(out.read_text())["models"]
+    # RTN is deterministic: quantizing in memory gives the saved checkpoint's numbers.
+    assert in_memory["perplexity"] == pytest.approx(saved["perplexity"], rel=1e-6)
+    assert in_memory["kl_mean"] == pytest.approx(saved["kl_mean"], rel=1e-5)
+    assert in_memory["model"].endswith("[rtn:4:32:asym, in memory]")
+    assert script.main([str(fp), "--quantize", "rtn:4"]) == 2

@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
+def run(args, models=None, names=None) -> int:
+    """Evaluate args.models (or `models`, e.g. with in-memory factories, named
+    `names`), print the table, write --json / --plot."""
     from .evaluate import evaluate
     from .report import format_table, plot, write_json
 
@@ -49,7 +51,8 @@ def run(args) -> int:
             import matplotlib  # noqa: F401  (fail before the long run, not after)
         except ImportError as e:
             raise LlmqError("--plot needs matplotlib: pip install matplotlib") from e
-    result = evaluate(args.models, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
+    models = models if models is not None else args.models
+    result = evaluate(models, names=names, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
                       max_windows=args.max_windows, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, tokenizer=args.tokenizer, kl=args.kl,
                       kl_dtype=args.kl_dtype, tmp_dir=args.tmp_dir, progress=not args.quiet)
