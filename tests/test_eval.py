@@ -103,7 +103,8 @@ def test_kl_self_is_zero_and_perturbed_matches_float64(windows, tmp_path):
 
 
 def test_float16_store_is_close_to_exact(windows, tmp_path):
-    model, other = tiny_model("llama"), _perturbed(model := tiny_model("llama"))
+    model = tiny_model("llama")
+    other = _perturbed(model)
     n, seqlen = windows.shape
     with RefStore(n, seqlen - 1, 256, dtype="float16", dir=tmp_path) as store:
         perplexity(model, windows, record=store)
