@@ -194,7 +194,7 @@ def _protocol(dataset, split, seqlen, max_windows, text_tokens, windows, bos, to
     return {
         "dataset": dataset,
         "split": eval_split(dataset, split),
-        "text": "rows joined with '\\n\\n', tokenised once without special tokens",
+        "text": "rows of a dataset (or files of a folder) joined with '\\n\\n'; tokenised once, no special tokens",
         "seqlen": seqlen,
         "windows": n,
         "windows_available": text_tokens // span,
