@@ -21,6 +21,7 @@ from .errors import LlmqError
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     ".formats.convert": ("convert", "convert a quantized checkpoint between llmq, gptq, awq (read) and "
                                     "compressed-tensors, without requantizing"),
+    ".eval.command": ("eval", "perplexity, KL divergence and top-1 agreement of models side by side"),
 }
 
 

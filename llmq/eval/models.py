@@ -1,0 +1,84 @@
+"""Loading any model llmq can evaluate, and describing it (label, size on disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LlmqError
+from ..loading import from_pretrained, load_model, read_config, resolve_dtype
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def quant_method(source: str) -> str | None:
+    """quantization_config.quant_method of a local folder's config.json, else None."""
+    config = read_config(source)
+    if not config:
+        return None
+    qc = config.get("quantization_config")
+    return qc.get("quant_method") if qc else None
+
+
+def load_any(source: str | os.PathLike, dtype="auto"):
+    """(model, tokenizer or None) for a hub id, a full-precision folder, an llmq
+    checkpoint, or another quantized folder transformers reads (GPTQ, AWQ,
+    compressed-tensors ... when their packages are installed), on the CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = str(source)
+    method = quant_method(source)
+    if method is None:
+        return load_model(source, dtype)
+    if method == "llmq":
+        model = from_pretrained(source, dtype=resolve_dtype(dtype))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
+        except (ImportError, OSError, ValueError) as e:
+            raise LlmqError(f"transformers could not load the {method!r} checkpoint {source} "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): install the package "
+                            "that format needs") from e
+    return model.eval(), load_tokenizer(source)
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer saved with a model, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception:  # no tokenizer files: the caller decides whether that matters
+        return None
+
+
+def size_on_disk(source: str | os.PathLike) -> int | None:
+    """Bytes of weight files in a local model folder; None for a hub id."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def describe(model) -> str:
+    """Short label of what a loaded model is: 'bfloat16', 'llmq rtn w4 g64 asym', 'gptq w4 g128'."""
+    import torch
+
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return str(dtype).removeprefix("torch.")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method", "?")
+    parts = [method] if method != "llmq" else [f"{qc.get('method', '?')}"]
+    if qc.get("bits") is not None:
+        parts.append(f"w{qc['bits']}")
+    gs = qc.get("group_size")
+    if gs is not None:
+        parts.append("per-row" if gs == -1 else f"g{gs}")
+    if qc.get("sym") is not None:
+        parts.append("sym" if qc["sym"] else "asym")
+    if qc.get("desc_act"):
+        parts.append("act-order")
+    return " ".join(str(p) for p in parts)

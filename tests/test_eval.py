@@ -1,0 +1,324 @@
+"""llmq.eval: perplexity, KL / top-1 against a reference, windows, CLI, JSON, plot."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import llmq
+from llmq.cli import main
+from llmq.errors import LlmqError
+from llmq.eval import RefStore, cut_windows, eval_windows, evaluate, perplexity
+from tests.conftest import tiny_model
+
+WORDS = ("the a of and to in is was that it he she for on with as his her at by had not but be from this "
+         "letter house sister ball walk morning evening mother father").split()
+
+
+def _text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _tokenizer(bos: bool):
+    """A tiny BPE tokenizer trained offline; ids 0..3 are <pad> <s> </s> <unk>
+    (the tiny models' pad/bos/eos ids). With bos=True it prepends <s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([_text(3000, 0)], trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _direct_logprobs(model, windows):
+    """float64 log-softmax of the model's logits [n, seqlen - 1, vocab] (positions predicting tokens 1..)."""
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.double()
+    return torch.log_softmax(logits[:, :-1], dim=-1)
+
+
+def _perturbed(model, scale=0.02, seed=5):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return other
+
+
+@pytest.fixture
+def windows():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, 256, (5, 24), generator=g)
+
+
+# --------------------------------------------------------------------------- perplexity and KL
+
+
+def test_perplexity_matches_direct_computation(windows):
+    model = tiny_model("llama")
+    stats = perplexity(model, windows, batch_size=2)  # batches of 2, 2, 1
+    logp = _direct_logprobs(model, windows)
+    nll = -logp.gather(-1, windows[:, 1:, None]).sum().item()
+    assert stats.tokens == 5 * 23 and stats.windows == 5
+    assert stats.nll == pytest.approx(nll, rel=1e-6)
+    assert stats.perplexity == pytest.approx(math.exp(nll / (5 * 23)), rel=1e-6)
+    assert stats.kl is None and stats.top1_agreement is None
+
+
+def test_kl_self_is_zero_and_perturbed_matches_float64(windows, tmp_path):
+    model = tiny_model("llama")
+    other = _perturbed(model)
+    n, seqlen = windows.shape
+    with RefStore(n, seqlen - 1, 256, dtype="float32", dir=tmp_path) as store:
+        perplexity(model, windows, batch_size=3, record=store)
+        same = perplexity(model, windows, batch_size=2, reference=store)
+        diff = perplexity(other, windows, batch_size=2, reference=store)
+    assert same.kl.abs().max() < 1e-6
+    assert same.top1_agreement == 1.0
+
+    p, q = _direct_logprobs(model, windows), _direct_logprobs(other, windows)
+    kl = (p.exp() * (p - q)).sum(-1).flatten()  # [tokens], float64
+    agree = (p.argmax(-1) == q.argmax(-1)).double().mean().item()
+    assert kl.mean() > 1e-3
+    assert diff.kl_mean == pytest.approx(kl.mean().item(), rel=1e-4)
+    torch.testing.assert_close(diff.kl, kl, rtol=1e-3, atol=1e-6)
+    assert diff.kl_quantile(0.99) == pytest.approx(np.quantile(kl.numpy(), 0.99), rel=1e-3)
+    assert diff.top1_agreement == pytest.approx(agree)
+    assert diff.top1_agreement < 1.0
+
+
+def test_float16_store_is_close_to_exact(windows, tmp_path):
+    model = tiny_model("llama")
+    other = _perturbed(model)
+    n, seqlen = windows.shape
+    with RefStore(n, seqlen - 1, 256, dtype="float16", dir=tmp_path) as store:
+        perplexity(model, windows, record=store)
+        assert (store.folder / "logprobs.bin").stat().st_size == n * (seqlen - 1) * 256 * 2
+        same = perplexity(model, windows, reference=store)
+        diff = perplexity(other, windows, reference=store)
+    p, q = _direct_logprobs(model, windows), _direct_logprobs(other, windows)
+    exact = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert same.kl_mean < 1e-5  # renormalised fp16: second-order error only
+    assert diff.kl_mean == pytest.approx(exact, rel=1e-2)
+
+
+def test_store_is_removed(tmp_path):
+    store = RefStore(2, 3, 8, dir=tmp_path)
+    assert store.folder.is_dir() and store.folder.parent == tmp_path
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_refuses_more_than_the_disk_holds(tmp_path):
+    with pytest.raises(LlmqError, match="--no-kl"):
+        RefStore(10**6, 10**4, 10**5, dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_windows_bos_rule_and_tail(bos):
+    tok = _tokenizer(bos)
+    text = _text(403, 1)
+    stream = tok(text, add_special_tokens=False).input_ids
+    seqlen = 16
+    span = seqlen - 1 if bos else seqlen
+    assert len(stream) % span != 0  # there is a tail to drop
+    win = eval_windows(tok, text, seqlen)
+    assert win.shape == (len(stream) // span, seqlen)
+    if bos:
+        assert (win[:, 0] == tok.bos_token_id).all()
+        text_part = win[:, 1:]
+    else:
+        assert (win[:, 0] != tok.bos_token_id).all()
+        text_part = win
+    assert text_part.flatten().tolist() == stream[: win.shape[0] * span]
+    assert torch.equal(eval_windows(tok, text, seqlen, max_windows=3), win[:3])
+
+
+def test_too_little_text_is_an_error():
+    with pytest.raises(LlmqError, match="fewer than one window"):
+        cut_windows(torch.arange(10), 16, None)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A tiny fp model with a tokenizer, its RTN int4 llmq checkpoint, and a text file."""
+    tok = _tokenizer(bos=False)
+    model = tiny_model("llama")
+    fp = tmp_path / "fp"
+    model.save_pretrained(fp)
+    tok.save_pretrained(fp)
+    config = llmq.QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
+    quantized = llmq.quantize(copy.deepcopy(model), config, device="cpu", progress=False)
+    q = llmq.save(quantized, tmp_path / "rtn4", tok)
+    text = tmp_path / "text.txt"
+    text.write_text(_text(600, 2))
+    return fp, q, text, tok
+
+
+def test_cli_end_to_end_json_and_plot(folders, tmp_path, capsys):
+    fp, q, text, tok = folders
+    out, png, spill = tmp_path / "eval.json", tmp_path / "eval.png", tmp_path / "spill"
+    spill.mkdir()
+    args = ["eval", str(fp), str(q), "--dataset", str(text), "--seqlen", "32", "--max-windows", "4",
+            "--batch-size", "3", "--json", str(out), "--tmp-dir", str(spill), "--quiet"]
+    if _has_matplotlib():
+        args += ["--plot", str(png)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    protocol = result["protocol"]
+    assert protocol["dataset"] == str(text) and protocol["seqlen"] == 32 and protocol["windows"] == 4
+    assert protocol["tokens_scored"] == 4 * 31 and protocol["bos"] is False
+    assert {"torch", "transformers", "llmq"} <= set(result["versions"])
+    ref, quant = result["models"]
+    assert [ref["model"], quant["model"]] == [str(fp), str(q)]
+
+    # Same numbers as the Python API on the same windows.
+    windows = eval_windows(tok, text.read_text(), 32, max_windows=4)
+    fp_model = tiny_model("llama")
+    assert ref["perplexity"] == pytest.approx(perplexity(fp_model, windows).perplexity, rel=1e-6)
+    q_model = llmq.from_pretrained(q)
+    assert quant["perplexity"] == pytest.approx(perplexity(q_model, windows).perplexity, rel=1e-6)
+    assert quant["perplexity"] != pytest.approx(ref["perplexity"], rel=1e-6)
+    assert ref["kl_mean"] == 0.0 and ref["top1_agreement"] == 1.0
+    assert quant["kl_mean"] > 0 and quant["kl_p99"] >= quant["kl_mean"] and 0 < quant["top1_agreement"] <= 1
+    assert quant["tokens_scored"] == 4 * 31 and quant["label"] == "rtn w4 g32 asym"
+    assert 0 < quant["size_bytes"] < ref["size_bytes"]
+
+    assert printed.startswith("protocol: ") and "124 tokens scored" in printed
+    assert f"{quant['perplexity']:.3f}" in printed
+    assert list(spill.iterdir()) == []  # the reference log-probs are gone
+    if _has_matplotlib():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_store_cleaned_up_when_a_model_fails(folders, tmp_path):
+    fp, _, text, _ = folders
+    spill = tmp_path / "spill"
+    spill.mkdir()
+
+    def broken():
+        raise LlmqError("cannot build")
+
+    with pytest.raises(LlmqError, match="cannot build"):
+        evaluate([str(fp), broken], dataset=str(text), seqlen=32, max_windows=2, tmp_dir=spill, progress=False)
+    assert list(spill.iterdir()) == []
+
+
+def test_vocab_mismatch_and_missing_tokenizer(folders, tmp_path, capsys):
+    fp, _, text, _ = folders
+    import transformers as T
+
+    small = T.AutoModelForCausalLM.from_config(T.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(LlmqError, match="vocabulary"):
+        evaluate([str(fp), small], dataset=str(text), seqlen=32, max_windows=1, progress=False)
+    bare = tmp_path / "bare"
+    tiny_model("llama").save_pretrained(bare)
+    assert main(["eval", str(bare), "--dataset", str(text), "--quiet"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    # The fix the message names works.
+    assert main(["eval", str(bare), "--dataset", str(text), "--seqlen", "32", "--tokenizer", str(fp),
+                 "--quiet"]) == 0
+
+
+def test_in_memory_models_and_factories(folders):
+    fp, _, text, tok = folders
+    model = tiny_model("llama")
+    result = evaluate([model, lambda: _perturbed(tiny_model("llama"))], tokenizer=tok, dataset=str(text),
+                      seqlen=32, max_windows=2, progress=False, names=["fp", "noisy"])
+    assert [r["model"] for r in result["models"]] == ["fp", "noisy"]
+    assert result["models"][1]["kl_mean"] > 0 and result["models"][0]["size_bytes"] is None
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def test_lm_eval_runs_on_an_llmq_checkpoint(folders, tmp_path):
+    """lm-eval's HF backend loads an llmq checkpoint once llmq is imported (offline, local task)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    _, q, _, _ = folders
+    lm = HFLM(pretrained=str(q), dtype="float32", device="cpu", batch_size=2)
+    assert sum(isinstance(m, llmq.QuantLinear) for m in lm.model.modules()) == 2 * 7  # real int4 layers
+    task_dir = _write_local_task(tmp_path)
+    results = evaluator.simple_evaluate(model=lm, tasks=["llmq_tiny_choice"],
+                                        task_manager=TaskManager(include_path=str(task_dir)))
+    acc = results["results"]["llmq_tiny_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert results["n-samples"]["llmq_tiny_choice"]["effective"] == 6
+
+
+def _write_local_task(tmp_path):
+    """A multiple-choice task over a local jsonl file (no hub access)."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    rows = [{"question": _text(5, i), "choices": [_text(2, 10 + i), _text(2, 20 + i)], "label": i % 2}
+            for i in range(6)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "llmq_tiny_choice.yaml").write_text(
+        "task: llmq_tiny_choice\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    return folder
+
+
+def test_perplexity_script_quantizes_in_memory(folders, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "perplexity.py"
+    spec = importlib.util.spec_from_file_location("perplexity_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fp, q, text, _ = folders
+    out = tmp_path / "script.json"
+    assert script.main([str(fp), str(q), "--dataset", str(text), "--seqlen", "32", "--max-windows", "3",
+                        "--quantize", "rtn:4:32:asym", "--json", str(out), "--quiet"]) == 0
+    ref, saved, in_memory = json.loads(out.read_text())["models"]
+    # RTN is deterministic: quantizing in memory gives the saved checkpoint's numbers.
+    assert in_memory["perplexity"] == pytest.approx(saved["perplexity"], rel=1e-6)
+    assert in_memory["kl_mean"] == pytest.approx(saved["kl_mean"], rel=1e-5)
+    assert in_memory["model"].endswith("[rtn:4:32:asym, in memory]")
+    assert script.main([str(fp), "--quantize", "rtn:4"]) == 2
