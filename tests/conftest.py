@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import transformers as T
+import os
+
+# Triton kernels run on CPU tensors under the interpreter, which must be chosen
+# before triton defines any kernel; set it for the whole session so the order
+# in which test modules import triton does not matter.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
 
 _COMMON = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _ATTN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -24,6 +24,15 @@ needs_ct = pytest.mark.skipif(not HAS_CT, reason="the compressed-tensors package
                               "(pip install --no-deps compressed-tensors loguru)")
 
 
+@pytest.fixture(autouse=True)
+def _exact_cpu_forward(monkeypatch):
+    # These tests check format conversions against float64 references, so the
+    # layers compute exactly (dense); the CPU kernels' own rounding is tested
+    # in test_kernels.py.
+    monkeypatch.setattr(QuantLinear, "default_cpu_backend", "dense")
+
+
+
 def _quantized(sym=True, bits=4, group_size=32, act_order=False, seed=0):
     model = llmq.quantize(tiny_model(seed=seed), QuantConfig(group_size=group_size, sym=sym, bits=bits,
                                                              desc_act=act_order), progress=False)

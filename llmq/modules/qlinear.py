@@ -30,6 +30,7 @@ from ..qweight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
+    default_cpu_backend = "auto"  # what new layers use on CPU; see the module doc
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int,
                  bias: bool = False, desc_act: bool = False, dtype: torch.dtype = torch.float16,
                  device=None):
@@ -56,7 +57,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.cpu_backend = "auto"
+        self.cpu_backend = self.default_cpu_backend
         self.cpu_prefill_dense = False
         self._cpu_state = None
         self._cpu_key = None
