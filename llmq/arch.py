@@ -6,6 +6,12 @@ the same input). Architectures without an entry fall back to discovery: the
 longest ModuleList of identical blocks that hold nn.Linear children, with each
 linear in a group of its own (quantized in the order the forward reaches it).
 
+An entry may also list AWQ's scale groups: which previous operation (an input
+norm, or a linear whose output reaches the group only through elementwise
+products) feeds which linears, so that per-channel scales can be folded into
+it without changing the full-precision function. Architectures without them
+cannot run AWQ.
+
 Adding an architecture is one entry in ARCHITECTURES.
 """
 
@@ -19,10 +25,37 @@ from .errors import LlmqError
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """One AWQ scale group inside a decoder layer (names relative to the layer).
+
+    prev: the operation whose output is exactly the linears' input, up to
+        elementwise products ("norm": a RMSNorm/LayerNorm; "linear": e.g. v_proj
+        before o_proj, up_proj before down_proj).
+    linears: every linear reading that output (they share one scale vector).
+    kind: "norm" or "linear".
+    norm_offset: the norm multiplies by (norm_offset + weight): 1.0 for Gemma.
+    no_clip: linears of the group whose ranges are not clip-searched (q and k,
+        whose errors pass through softmax, as in the AWQ reference).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    kind: str = "norm"
+    norm_offset: float = 0.0
+    no_clip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ("norm", "linear"):
+            raise ValueError(f"ScaleGroup kind must be 'norm' or 'linear', not {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     layers: str  # dotted path from the top-level model to the ModuleList of decoder layers
     # Linear names relative to a decoder layer; each inner tuple shares one input.
     sequential: tuple[tuple[str, ...], ...] | None = None
+    # AWQ scale groups in execution order; None: AWQ is not available for this architecture.
+    awq: tuple[ScaleGroup, ...] | None = None
 
 
 _LLAMA_SEQUENTIAL = (
@@ -31,20 +64,43 @@ _LLAMA_SEQUENTIAL = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-_LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL)
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_QK = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _llama_awq(mlp_norm: str, norm_offset: float = 0.0) -> tuple[ScaleGroup, ...]:
+    # v -> o is dropped at run time when grouped-query attention makes the shapes differ.
+    return (
+        ScaleGroup("input_layernorm", _QKV, norm_offset=norm_offset, no_clip=_QK),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear"),
+        ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm_offset=norm_offset),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
+    )
+
+
+_LLAMA_AWQ = _llama_awq("post_attention_layernorm")
+# Gemma's RMSNorm multiplies by (1 + weight); Gemma 2 and 3 have a separate pre-MLP norm.
+_GEMMA_AWQ = _llama_awq("post_attention_layernorm", norm_offset=1.0)
+_GEMMA2_AWQ = _llama_awq("pre_feedforward_layernorm", norm_offset=1.0)
+_LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAMA_AWQ)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "gemma3_text": _LLAMA,
-    "gemma3": ArchSpec(layers="model.language_model.layers", sequential=_LLAMA_SEQUENTIAL),
+    "gemma": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA_AWQ),
+    "gemma2": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA2_AWQ),
+    "gemma3_text": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA2_AWQ),
+    "gemma3": ArchSpec(layers="model.language_model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA2_AWQ),
     "phi3": ArchSpec(
         layers="model.layers",
         sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        # v -> o and up -> down would need slices of the fused projections: not scaled.
+        awq=(
+            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), no_clip=("self_attn.qkv_proj",)),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",
@@ -53,6 +109,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("self_attn.out_proj",),
             ("fc1",),
             ("fc2",),
+        ),
+        # fc1 -> fc2 passes through the activation: not scaled. The norms feed the
+        # linears only with do_layer_norm_before (checked where the groups are used).
+        awq=(
+            ScaleGroup("self_attn_layer_norm", _QKV, no_clip=_QK),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), kind="linear"),
+            ScaleGroup("final_layer_norm", ("fc1",)),
         ),
     ),
 }

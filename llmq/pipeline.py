@@ -88,6 +88,10 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     elif config.method == "gptq":
         windows = _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed)
         _quantize_gptq(model, windows, targets, config, sdtype, device, progress)
+    elif config.method in ("awq", "awq+gptq"):
+        _check_awq(model)
+        windows = _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed)
+        _quantize_awq(model, windows, targets, config, sdtype, device, progress)
     else:
         raise LlmqError(f"--method {config.method} is not available in this version of llmq yet: "
                         "use --method gptq or rtn")
@@ -124,6 +128,31 @@ def _quantize_gptq(model, windows, targets, config, scale_dtype, device, progres
               for i, names in by_layer.items()}
     step = GPTQLayerStep(config, groups, scale_dtype)
     run_layers(model, windows, step, device=device, progress=progress, desc="gptq")
+    if step.damp_raised:
+        warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
+                      stacklevel=2)
+    return step
+
+
+def _check_awq(model):
+    # Refuse before the calibration text is read when the architecture has no scale groups.
+    from .methods.awq import require_scale_groups
+
+    require_scale_groups(arch.arch_spec(model), model.config)
+
+
+def _quantize_awq(model, windows, targets, config, scale_dtype, device, progress, **step_options):
+    from .engine import run_layers
+    from .methods.awq import AWQLayerStep, build_units
+
+    spec = arch.arch_spec(model)
+    _, layers = arch.decoder_layers(model)
+    by_layer: dict[int, dict[str, str]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer_index, {})[t.local_name] = t.name
+    units = {i: build_units(spec, layers[i], names, model.config) for i, names in by_layer.items()}
+    step = AWQLayerStep(config, units, scale_dtype, **step_options)
+    run_layers(model, windows, step, device=device, progress=progress, desc=config.method)
     if step.damp_raised:
         warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
                       stacklevel=2)

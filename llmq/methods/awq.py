@@ -1,0 +1,287 @@
+"""AWQ (optionally followed by GPTQ) applied to a decoder layer in one forward pass.
+
+A layer's linears are split into units: a scale group of the architecture
+(previous op -> the linears reading its output), or, for linears no group
+covers (o_proj under grouped-query attention, OPT's fc2 ...), the linears
+sharing one input, without scales. A forward pre-hook on the unit's first
+linear fires with the unit's input for the whole calibration batch and:
+
+1. takes its statistics (mean |x| per channel, Gram matrix of sampled rows;
+   for awq+gptq the Hessian of all rows);
+2. searches the scales s and folds 1/s into the previous op: a norm's weight
+   (and bias), or the rows of the previous linear, which is then already
+   quantized: dividing a row of a quantized weight by a constant divides its
+   group scales and leaves codes and zero points as they are, which is what
+   quantizing the divided row would give;
+3. clip-searches and quantizes W s (round-to-nearest, or GPTQ with the
+   Hessian of x / s);
+4. writes Q(W s) / s into the linear for the rest of this forward: applied to
+   the (not yet divided) x it equals Q(W s) applied to x / s.
+
+So the layer's output for the next layer comes from the same pass, computed
+with the quantized weights, and each unit's statistics see the quantized
+linears before it (true-sequential). Linears of a scale group that are not
+quantized (modules_to_not_convert) keep full precision but still get the
+column scaling, after the forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec, ScaleGroup, sequential_groups
+from ..config import QuantConfig
+from ..engine import layer_output
+from ..errors import LlmqError
+from ..modules.qlinear import QuantLinear
+from ..modules.replace import replace_module
+from ..qweight import QuantizedWeight
+from ..solvers.awq import InputStats, input_stats, scale_gram, search_clip, search_scales
+from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
+from ..solvers.rtn import rtn_quantize
+
+
+@dataclass
+class Unit:
+    """Linears sharing one input inside a layer, and how that input may be scaled.
+
+    linears: every linear reading the input (local names), in forward order.
+    targets: local name -> full name of those being quantized.
+    group: the scale group, or None when the input is not scaled.
+    """
+
+    linears: list[str]
+    targets: dict[str, str]
+    group: ScaleGroup | None = None
+    no_clip: tuple[str, ...] = field(default_factory=tuple)
+
+
+def build_units(spec: ArchSpec, layer: nn.Module, targets: dict[str, str], model_config=None) -> list[Unit]:
+    """The units of one layer: its architecture's scale groups that apply here, then
+    the remaining targets grouped by shared input (arch.sequential_groups)."""
+    require_scale_groups(spec, model_config)
+    norms_feed = getattr(model_config, "do_layer_norm_before", True) is not False  # OPT-350m: post-norm
+    units: list[Unit] = []
+    covered: set[str] = set()
+    for g in spec.awq:
+        present = [n for n in g.linears if _get(layer, n) is not None]
+        wanted = {n: targets[n] for n in present if n in targets}
+        if not wanted or not _foldable(layer, g, present, norms_feed):
+            continue
+        units.append(Unit(present, wanted, g, g.no_clip))
+        covered.update(present)
+    rest = [n for n in targets if n not in covered]
+    for names in sequential_groups(spec, layer, rest):
+        units.append(Unit(names, {n: targets[n] for n in names}))
+    return units
+
+
+def require_scale_groups(spec: ArchSpec, model_config=None) -> None:
+    """Raise LlmqError when the architecture has no AWQ scale groups."""
+    if spec.awq is None:
+        model_type = getattr(model_config, "model_type", "?")
+        raise LlmqError(f"AWQ needs the scale groups of architecture {model_type!r} (which norm or linear feeds "
+                        "which linears), and llmq has none: add an `awq` entry to its ArchSpec in "
+                        "llmq.arch.ARCHITECTURES, or use --method gptq or rtn")
+
+
+def _get(layer: nn.Module, name: str):
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _foldable(layer: nn.Module, g: ScaleGroup, linears: list[str], norms_feed: bool) -> bool:
+    prev = _get(layer, g.prev)
+    if prev is None or not linears:
+        return False
+    k = {layer.get_submodule(n).in_features for n in linears}
+    if len(k) != 1:
+        return False
+    (k,) = k
+    if g.kind == "linear":
+        # Grouped-query attention: v_proj has fewer outputs than o_proj has inputs.
+        return isinstance(prev, nn.Linear) and prev.out_features == k
+    weight = getattr(prev, "weight", None)
+    return norms_feed and isinstance(weight, torch.Tensor) and weight.shape == (k,)
+
+
+@torch.no_grad()
+def fold_scales(layer: nn.Module, group: ScaleGroup, linears: list[str], s: torch.Tensor) -> None:
+    """Divide the output of group.prev by s and multiply the linears' input columns by s.
+
+    The full-precision function of the layer is unchanged. s: [K] fp32.
+    """
+    fold_into_prev(layer.get_submodule(group.prev), group, s)
+    for name in linears:
+        w = layer.get_submodule(name).weight
+        w.data = (w.float() * s).to(w.dtype)
+
+
+@torch.no_grad()
+def fold_into_prev(prev: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Make prev's output x become x / s (prev in full precision)."""
+    if group.kind == "linear":
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+    else:
+        # out = n(x) * (c + w): (c + w') = (c + w) / s.
+        c = group.norm_offset
+        prev.weight.data = ((prev.weight.float() + c) / s - c).to(prev.weight.dtype)
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.data = (bias.float() / s).to(bias.dtype)
+
+
+class AWQLayerStep:
+    """Callable for engine.run_layers.
+
+    Args:
+        config: bits, group size, symmetry; method "awq" or "awq+gptq".
+        units_by_layer: layer index -> units (build_units).
+        scale_dtype: dtype the scales are stored in.
+        search_rows: rows of each input used for the Gram matrix of the searches
+            (None: all); mean |x| always uses all rows. awq+gptq uses all rows.
+        grid: points of the scale grid and of the clip grid.
+        clip: run the clip search.
+    """
+
+    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[Unit]], scale_dtype: torch.dtype, *,
+                 search_rows: int | None = 8192, grid: int = 20, clip: bool = True):
+        self.config = config
+        self.units_by_layer = units_by_layer
+        self.scale_dtype = scale_dtype
+        self.search_rows = search_rows
+        self.grid = grid
+        self.clip = clip
+        self.use_gptq = config.method == "awq+gptq"
+        self.timings = {"stats": 0.0, "scales": 0.0, "clip": 0.0, "quantize": 0.0}
+        self.layer_errors: list[float] = []  # per layer: worst relative output error of a unit
+        self.alphas: list[list[float]] = []  # per layer: alpha of each scaled unit
+        self.damp_raised: list[str] = []
+
+    def __call__(self, index: int, layer: nn.Module, hidden, args, kwargs):
+        units = self.units_by_layer.get(index, [])
+        solved: dict[str, QuantizedWeight] = {}
+        after: list = []  # column scalings of unquantized group members, applied after the forward
+        errors: list[float] = []
+        alphas: list[float] = []
+        handles = []
+        for unit in units:
+            hook = self._hook(layer, unit, solved, after, errors, alphas)
+            handles += [layer.get_submodule(n).register_forward_pre_hook(hook) for n in unit.linears]
+        try:
+            out = layer_output(layer(hidden, *args, **kwargs))
+        finally:
+            for h in handles:
+                h.remove()
+        for fn in after:
+            fn()
+        for unit in units:
+            for local, full in unit.targets.items():
+                if local not in solved:
+                    raise RuntimeError(f"the forward pass never reached {full}: it cannot be calibrated")
+                linear = layer.get_submodule(local)
+                replace_module(layer, local, QuantLinear.from_quantized(solved.pop(local), linear.bias))
+        worst = max(errors) if errors else 0.0
+        self.layer_errors.append(worst)
+        self.alphas.append(alphas)
+        return out, f"rel_err={worst:.3g}"
+
+    def _hook(self, layer, unit: Unit, solved: dict, after: list, errors: list, alphas: list):
+        def hook(module: nn.Linear, args):
+            if any(n in solved for n in unit.targets):
+                return  # the unit was done when its first linear ran
+            self._solve_unit(layer, unit, args[0], solved, after, errors, alphas)
+        return hook
+
+    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, after: list, errors: list,
+                    alphas: list):
+        c = self.config
+        t0 = time.perf_counter()
+        linears = {n: layer.get_submodule(n) for n in unit.linears}
+        k = x.shape[-1]
+        gs = c.group_size_for(k)
+        hessian = None
+        if self.use_gptq:
+            acc = HessianAccumulator(k, device=x.device)
+            acc.add_batch(x)
+            hessian = acc.hessian
+            # The searches reuse the Hessian: H = 2 x^T x / n.
+            stats = InputStats(gram=hessian / 2, mean_abs=x.reshape(-1, k).abs().float().mean(0),
+                               rows=acc.nsamples)
+        else:
+            stats = input_stats(x, self.search_rows)
+        t1 = time.perf_counter()
+        self.timings["stats"] += t1 - t0
+
+        s = None
+        gram = stats.gram
+        target_w = [linears[n].weight for n in unit.targets]
+        if unit.group is not None:
+            res = search_scales(target_w, stats, bits=c.bits, group_size=gs, sym=c.sym,
+                                scale_dtype=self.scale_dtype, grid=self.grid)
+            s = res.scales
+            alphas.append(res.alpha)
+            self._fold_prev(layer, unit.group, s, solved)
+            gram = scale_gram(gram, s)
+            if hessian is not None:
+                hessian = scale_gram(hessian, s)
+            for n, m in linears.items():
+                if n not in unit.targets:
+                    # Still reads the undivided input during this forward: scale it afterwards.
+                    after.append(lambda m=m, s=s: m.weight.data.copy_((m.weight.float() * s).to(m.weight.dtype)))
+        t2 = time.perf_counter()
+        self.timings["scales"] += t2 - t1
+
+        weights = {}
+        for n in unit.targets:
+            w = linears[n].weight.float()
+            w = w * s if s is not None else w
+            if self.clip and n not in unit.no_clip:
+                w = search_clip(w, gram, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
+                                grid=self.grid).weight
+            weights[n] = w
+        t3 = time.perf_counter()
+        self.timings["clip"] += t3 - t2
+
+        if hessian is not None:
+            results = gptq_quantize_many(list(weights.values()), hessian, bits=c.bits, group_size=gs, sym=c.sym,
+                                         scale_dtype=self.scale_dtype, damp=c.damp, desc_act=c.desc_act,
+                                         static_groups=c.static_groups)
+            qws = {}
+            for (n, w), (qw, st) in zip(weights.items(), results):
+                qws[n] = qw
+                if st.damp_raised:
+                    self.damp_raised.append(f"{unit.targets[n]} (damp {st.damp:g})")
+        else:
+            qws = {n: rtn_quantize(w, c.bits, gs, c.sym, self.scale_dtype) for n, w in weights.items()}
+        for n, qw in qws.items():
+            m = linears[n]
+            orig = m.weight.float()
+            eff = qw.dequantize()
+            eff = eff / s if s is not None else eff
+            d = orig - eff
+            errors.append((((d @ stats.gram) * d).sum() / ((orig @ stats.gram) * orig).sum().clamp(min=1e-30))
+                          .item())
+            m.weight.data = eff.to(m.weight.dtype)
+            solved[n] = qw
+        self.timings["quantize"] += time.perf_counter() - t3
+
+    @torch.no_grad()
+    def _fold_prev(self, layer, group: ScaleGroup, s: torch.Tensor, solved: dict) -> None:
+        if group.kind == "linear" and group.prev in solved:
+            # Already quantized: divide its rows' group scales (codes and zeros do not change).
+            qw = solved[group.prev]
+            qw.scales = (qw.scales.float() / s[:, None]).to(qw.scales.dtype)
+            prev = layer.get_submodule(group.prev)
+            if prev.bias is not None:
+                prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+            # The forward has already run prev; keep its weight consistent all the same.
+            prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+        else:
+            fold_into_prev(layer.get_submodule(group.prev), group, s)
