@@ -12,7 +12,7 @@ from llmq.config import QuantConfig
 from llmq.engine import layer_output, run_layers
 from llmq.errors import LlmqError
 from llmq.methods.awq import AWQLayerStep, build_units, fold_scales
-from llmq.solvers.awq import input_stats, scale_gram, search_clip, search_scales
+from llmq.solvers.awq import fake_quantize, input_stats, scale_gram, search_clip, search_scales
 from llmq.solvers.rtn import rtn_quantize
 from tests.conftest import random_ids, tiny_model
 
@@ -85,6 +85,15 @@ def _outlier_layer(seed=0, n=512, k=128, out=96):
 
 def _output_error64(x, w, w_hat):
     return ((x.double() @ (w.double() - w_hat.double()).t()) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_fake_quantize_is_round_to_nearest_exactly(sym):
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(9))
+    w[0, :32] = 0.0  # an all-zero group
+    w[1, 32:64] = -torch.rand(32)  # a group with no positive weight
+    for bits, gs in [(4, 32), (8, 96)]:
+        assert torch.equal(fake_quantize(w, bits, gs, sym, F16), rtn_quantize(w, bits, gs, sym, F16).dequantize())
 
 
 def test_search_error_matches_direct_float64_computation():

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import dequantize, find_qparams, quantize
+from .rtn import find_qparams
 
 __all__ = ["InputStats", "input_stats", "fake_quantize", "ScaleResult", "search_scales", "ClipResult",
            "search_clip", "scale_gram"]
@@ -81,12 +81,25 @@ def scale_gram(gram: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round-to-nearest and back: [N, K] -> [N, K] fp32, groups of group_size along K."""
+    """Round-to-nearest and back: [N, K] -> [N, K] fp32, groups of group_size along K.
+
+    The same numbers as rtn.dequantize(rtn.quantize(...)) with rtn.find_qparams'
+    scales, computed in place because the searches call it many times.
+    """
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
-    scale, zero = find_qparams(g, bits, sym, scale_dtype)
+    return _fake_quantize_groups(g, g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), bits, sym,
+                                 scale_dtype).reshape(n, k)
+
+
+def _fake_quantize_groups(g: torch.Tensor, gmin: torch.Tensor, gmax: torch.Tensor, bits: int, sym: bool,
+                          scale_dtype: torch.dtype) -> torch.Tensor:
+    # find_qparams looks only at each group's min and max, so it is given just those two.
+    scale, zero = find_qparams(torch.cat([gmin, gmax], -1), bits, sym, scale_dtype)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    return dequantize(quantize(g, scale, zero, bits), scale, zero).reshape(n, k)
+    # clamp(round(w / s) + z, 0, maxq) - z, in integers held exactly in fp32.
+    q = g / scale
+    return q.round_().clamp_(-zero, (2**bits - 1) - zero).mul_(scale)
 
 
 def _output_error(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -165,10 +178,10 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_si
     best_err = best_f = None
     rtn_err = None
     for f in torch.linspace(1.0, min_shrink, grid).tolist():
-        c = torch.minimum(torch.maximum(w, wmin * f), wmax * f)
-        scale, zero = find_qparams(c, bits, sym, scale_dtype)
-        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        d = (w - dequantize(quantize(c, scale, zero, bits), scale, zero)).transpose(0, 1)  # [G, N, gs]
+        lo, hi = wmin * f, wmax * f
+        c = torch.minimum(torch.maximum(w, lo), hi)
+        # The clamped group's min and max are f min and f max (zero is always in the range).
+        d = (w - _fake_quantize_groups(c, lo, hi, bits, sym, scale_dtype)).transpose(0, 1)  # [G, N, gs]
         err = (torch.bmm(d, blocks) * d).sum(-1).transpose(0, 1)  # [N, G]
         if best_err is None:
             best_err, best_f = err, torch.full_like(err, f)
