@@ -12,7 +12,8 @@ linear fires with the unit's input for the whole calibration batch and:
    (and bias), or the rows of the previous linear, which is then already
    quantized: dividing a row of a quantized weight by a constant divides its
    group scales and leaves codes and zero points as they are, which is what
-   quantizing the divided row would give;
+   quantizing the divided row would give (up to rounding the divided scales
+   to their storage dtype: relative 2^-11 in fp16);
 3. clip-searches and quantizes W s (round-to-nearest, or GPTQ with the
    Hessian of x / s);
 4. writes Q(W s) / s into the linear for the rest of this forward: applied to
