@@ -20,6 +20,7 @@ from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .formats.native import check_against_model, quantized_module_names, read_header
 from .modules.qlinear import QuantLinear
+from .modules.replace import replace_module
 
 
 class LlmqConfig(QuantizationConfigMixin):
@@ -47,9 +48,10 @@ def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, d
     follow it, as the kernels read scales in the activation dtype.
     """
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child, None)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
         if not isinstance(linear, nn.Linear):
             raise LlmqError(f"checkpoint quantizes {name!r}, which is not a linear layer of this model: "
                             "the checkpoint does not match its config.json")
@@ -64,7 +66,7 @@ def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, d
                             bias=linear.bias is not None, desc_act=qc.desc_act, dtype=scale_dtype)
             if linear.bias is not None:
                 q.bias = nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
-        setattr(parent, child, q)
+        replace_module(model, name, q)
 
 
 class LlmqHfQuantizer(HfQuantizer):

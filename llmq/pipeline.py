@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -59,7 +60,8 @@ def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
 
 def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-             nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True):
+             nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True,
+             report: dict | None = None):
     """Quantize a model in memory and return it, its linears replaced by QuantLinear.
 
     Args:
@@ -71,7 +73,12 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         dtype: dtype to load a model path in ("auto": as stored).
         nsamples, seqlen, seed: calibration windows.
         progress: show a progress bar over layers.
+        report: if given, filled with where the time went (seconds: "calibration_data",
+            "hessian", "solve" (GPTQ) or "stats", "scales", "clip", "quantize" (AWQ), "layers" = the
+            whole layer loop, "total").
     """
+    t_start = time.perf_counter()
+    report = {} if report is None else report
     device = resolve_device(device)
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_tokenizer = load_model(model_or_path, resolve_dtype(dtype))
@@ -86,16 +93,23 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     if config.method == "rtn":
         _quantize_rtn(model, targets, config, sdtype, device, progress)
     elif config.method == "gptq":
+        t0 = time.perf_counter()
         windows = _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed)
-        _quantize_gptq(model, windows, targets, config, sdtype, device, progress)
+        t1 = time.perf_counter()
+        step = _quantize_gptq(model, windows, targets, config, sdtype, device, progress)
+        report.update(calibration_data=t1 - t0, layers=time.perf_counter() - t1, **step.timings)
     elif config.method in ("awq", "awq+gptq"):
         _check_awq(model)
+        t0 = time.perf_counter()
         windows = _calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed)
-        _quantize_awq(model, windows, targets, config, sdtype, device, progress)
+        t1 = time.perf_counter()
+        step = _quantize_awq(model, windows, targets, config, sdtype, device, progress)
+        report.update(calibration_data=t1 - t0, layers=time.perf_counter() - t1, **step.timings)
     else:
         raise LlmqError(f"--method {config.method} is not available in this version of llmq yet: "
                         "use --method gptq or rtn")
     model.config.quantization_config = config.to_dict()
+    report["total"] = time.perf_counter() - t_start
     return model
 
 

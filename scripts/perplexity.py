@@ -3,7 +3,7 @@
 optionally with quantized copies of the first model made in memory.
 
     python scripts/perplexity.py MODEL [MODEL ...] [--dataset SPEC] [--seqlen N] [--max-windows N]
-        [--quantize METHOD:BITS:GROUP:sym|asym ...] [--calib-dataset SPEC] [--json PATH] [--plot PATH]
+        [--quantize METHOD:BITS:GROUP:sym|asym[:act] ...] [--calib-dataset SPEC] [--json PATH] [--plot PATH]
 
 Each --quantize adds one model: the first MODEL, loaded again and quantized in
 memory (nothing written), scored after the models given; e.g.
@@ -21,17 +21,26 @@ from llmq.errors import LlmqError
 from llmq.eval.command import add_arguments, run
 
 
+_FLAGS = {"act": "desc_act", "static": "static_groups"}
+
+
 def parse_quantize(spec: str) -> QuantConfig:
-    """'rtn:4:64:asym' -> QuantConfig(method='rtn', bits=4, group_size=64, sym=False)."""
+    """'rtn:4:64:asym' -> QuantConfig(method='rtn', bits=4, group_size=64, sym=False).
+
+    Optional trailing flags: ':act' (GPTQ act-order), ':static' (static groups).
+    """
     parts = spec.split(":")
-    if len(parts) != 4 or parts[0] not in METHODS or parts[3] not in ("sym", "asym"):
-        raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym with METHOD one of "
-                        f"{', '.join(METHODS)}, e.g. rtn:4:64:asym")
+    flags = parts[4:]
+    if (len(parts) < 4 or parts[0] not in METHODS or parts[3] not in ("sym", "asym")
+            or any(f not in _FLAGS for f in flags)):
+        raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym[:act][:static] with METHOD "
+                        f"one of {', '.join(METHODS)}, e.g. rtn:4:64:asym")
     try:
         bits, group = int(parts[1]), int(parts[2])
     except ValueError as e:
         raise LlmqError(f"bad --quantize {spec!r}: bits and group size must be integers") from e
-    return QuantConfig(method=parts[0], bits=bits, group_size=group, sym=parts[3] == "sym")
+    return QuantConfig(method=parts[0], bits=bits, group_size=group, sym=parts[3] == "sym",
+                       **{_FLAGS[f]: True for f in flags})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
 from . import awq, compressed_tensors, gptq
 from .engines import EngineSupport, format_report
-from .native import check_output_dir, checkpoint_files
+from .native import atomic_folder, check_output_dir, checkpoint_files
 
 READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
@@ -137,10 +137,7 @@ def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Te
     """Write config.json, safetensors shards and src's other files to out, atomically."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         for f in src.iterdir():  # tokenizer, generation config, chat template ...
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
@@ -155,16 +152,7 @@ def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Te
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint gets the usual permissions
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "llmq", *, overwrite: bool = False,

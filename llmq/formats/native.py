@@ -9,6 +9,7 @@ being silently initialised at random.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,28 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, overwrite: bool):
+    """Yield a temporary sibling folder of `out`; on success it replaces `out`.
+
+    An existing non-empty `out` is refused unless overwrite. On any error the
+    temporary folder is removed and `out` is left as it was, so an interrupted
+    write never leaves a folder that looks like a finished checkpoint.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
          max_shard_size: str | int = "4GB") -> Path:
     """Write a quantized model (and its tokenizer) as an HF folder at `out`.
@@ -42,23 +65,14 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite:
     tokenizer files and safetensors weights, sharded with an index past
     max_shard_size.
     """
-    out = check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     if not getattr(model.config, "quantization_config", None):
         raise LlmqError("this model carries no quantization_config: quantize it with llmq.quantize first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _apply_umask(folder: Path) -> None:
