@@ -56,6 +56,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--static-groups", action="store_true",
                    help="GPTQ with --act-order: fix group scales before the solve (contiguous groups)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                   help="GPTQ: plain min-max group ranges instead of the shrink search that minimises "
+                        "each group's quantization error")
     p.add_argument("--skip", action="append", default=None, metavar="NAME",
                    help="module name (or suffix) to keep in full precision; repeatable (default: lm_head)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -79,7 +82,7 @@ def _run_quantize(args) -> int:
                         "--format gptq, add --static-groups, or drop --act-order")
     config = QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-        desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp,
+        desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp, clip_search=args.clip_search,
         modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
     )
     from .loading import load_model

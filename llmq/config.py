@@ -29,6 +29,8 @@ class QuantConfig:
         static_groups: with desc_act, compute each group's scale from the original
             weights before the solve (keeps groups contiguous in the original order).
         damp: GPTQ damping as a fraction of the mean Hessian diagonal.
+        clip_search: GPTQ picks each group's range by a shrink search that
+            minimises the group's quantization error, instead of plain min-max.
         modules_to_not_convert: name patterns left in full precision. A pattern
             matches a module whose dotted name equals it or ends with ".<pattern>".
             Embeddings and norms are never quantized.
@@ -42,6 +44,7 @@ class QuantConfig:
     desc_act: bool = False
     static_groups: bool = False
     damp: float = 0.01
+    clip_search: bool = True
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: dict[str, Any] = field(default_factory=dict)
 

@@ -102,10 +102,11 @@ def test_identity_hessian_reproduces_rtn(bits, sym, group_size):
     assert qw.g_idx is None and stats.damp == 0.0 and not stats.damp_raised
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size,desc_act,static", [
     (32, False, False), (256, False, False), (32, True, False), (256, True, False), (32, True, True)])
-def test_gptq_beats_rtn_on_correlated_inputs(sym, group_size, desc_act, static):
+def test_gptq_beats_rtn_on_correlated_inputs(sym, group_size, desc_act, static, clip_search):
     """K = 256 spans two blocks of 128, so the lazy trailing update is exercised."""
     gen = _gen(20 + group_size + 2 * sym + 4 * desc_act + 8 * static)
     n, k, rows = 32, 256, 768
@@ -114,7 +115,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(sym, group_size, desc_act, static):
     acc = HessianAccumulator(k)
     acc.add_batch(x)
     qw, stats = gptq_quantize(W, acc.hessian, bits=4, group_size=group_size, sym=sym,
-                              scale_dtype=torch.float16, desc_act=desc_act, static_groups=static)
+                              scale_dtype=torch.float16, desc_act=desc_act, static_groups=static,
+                              clip_search=clip_search)
     rtn = rtn_quantize(W, 4, group_size, sym, torch.float16)
     e_gptq = _out_err(x, W, _dequant64(qw))
     e_rtn = _out_err(x, W, _dequant64(rtn))
@@ -133,6 +135,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(sym, group_size, desc_act, static):
     dict(bits=8, group_size=128, sym=True, desc_act=True),
     dict(bits=4, group_size=32, sym=True, desc_act=True, static_groups=True),
     dict(bits=4, group_size=96, sym=False, block_size=128),  # a group straddles a block edge
+    dict(bits=4, group_size=32, sym=True, clip_search=True),
+    dict(bits=4, group_size=32, sym=False, desc_act=True, static_groups=True, clip_search=True),
 ])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 def test_stored_weight_dequantizes_to_solver_q(kw, scale_dtype):

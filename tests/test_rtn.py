@@ -68,3 +68,24 @@ def test_all_zero_group_is_exact():
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         rtn_quantize(torch.randn(8, 96), 4, 64, True, torch.float16)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_search_qparams_never_worse_than_min_max(sym):
+    from llmq.solvers.rtn import dequantize, quantize, search_qparams
+
+    torch.manual_seed(3)
+    w = torch.randn(64, 6, 32) * torch.rand(64, 6, 1)
+    w[0, 0, 0] = 8.0  # an outlier: clipping it pays for every other weight of its group
+
+    def err(s, z):
+        q = quantize(w, s.unsqueeze(-1), z.unsqueeze(-1), 4)
+        return (dequantize(q, s.unsqueeze(-1), z.unsqueeze(-1)) - w).abs().pow(2.4).sum(-1)
+
+    s0, z0 = find_qparams(w, 4, sym, torch.float16)
+    s1, z1 = search_qparams(w, 4, sym, torch.float16)
+    assert bool((err(s1, z1) <= err(s0, z0) + 1e-6).all())
+    assert err(s1, z1)[0, 0] < err(s0, z0)[0, 0]
+    assert bool((s1 <= s0 * (1 + 1e-3)).all())  # ranges only ever shrink
+    if sym:
+        assert bool((z1 == 8).all())

@@ -82,7 +82,7 @@ class GPTQLayerStep:
             results = gptq_quantize_many(
                 [m.weight.data for m in linears], acc.hessian, bits=c.bits,
                 group_size=c.group_size_for(module.in_features), sym=c.sym, scale_dtype=self.scale_dtype,
-                damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups)
+                damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups, clip_search=c.clip_search)
             self.timings["hessian"] += t1 - t0
             self.timings["solve"] += time.perf_counter() - t1
             for (local, full), m, (qw, stats) in zip(group, linears, results):

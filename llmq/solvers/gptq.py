@@ -45,7 +45,7 @@ import torch
 
 from ..errors import LlmqError
 from ..qweight import QuantizedWeight
-from .rtn import find_qparams
+from .rtn import find_qparams, search_qparams
 
 __all__ = ["HessianAccumulator", "GPTQStats", "gptq_quantize", "gptq_quantize_many"]
 
@@ -187,7 +187,7 @@ def _block_end(i1: int, k: int, block_size: int, group_size: int, static: bool) 
 
 
 def _solve(Wt: torch.Tensor, U: torch.Tensor, *, bits: int, sym: bool, scale_dtype: torch.dtype,
-           group_size: int, col_group: list[int], static_qparams, block_size: int):
+           group_size: int, col_group: list[int], static_qparams, block_size: int, qparams=find_qparams):
     """Blocked GPTQ on Wt [K, N] fp32 (modified in place), columns in processing order.
 
     U: [K, K] upper Cholesky factor of H^-1 in the same order. col_group[i] is
@@ -230,7 +230,7 @@ def _solve(Wt: torch.Tensor, U: torch.Tensor, *, bits: int, sym: bool, scale_dty
                 if static_qparams is None:
                     # Rows i..i+group_size are current: either the group lies in
                     # this block, or it starts at the block start (see _block_end).
-                    scale, zero = find_qparams(Wt[i:i + group_size].t(), bits, sym, scale_dtype)
+                    scale, zero = qparams(Wt[i:i + group_size].t(), bits, sym, scale_dtype)
                     scales[g] = scale
                     zeros[g] = zero
                     lo, hi = -zero, maxq - zero
@@ -276,18 +276,20 @@ def _check(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, da
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: bool,
                   scale_dtype: torch.dtype, damp: float = 0.01, desc_act: bool = False,
-                  static_groups: bool = False, block_size: int = 128
+                  static_groups: bool = False, block_size: int = 128, clip_search: bool = False
                   ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize weight [N, K] with GPTQ given the Hessian H [K, K] of its inputs.
 
     group_size is already resolved (K for one group per row). H is read, never
     modified (several linears fed the same input may pass the same H; for those
     gptq_quantize_many is faster). Work happens on the weight's device in fp32.
+    clip_search: choose each group's range with rtn.search_qparams (a shrink
+    search minimising the group's quantization error) instead of min-max.
     Returns the QuantizedWeight (g_idx set when desc_act) and GPTQStats.
     """
     qws, stats = _gptq(weight, [weight.shape[0]], H, bits=bits, group_size=group_size, sym=sym,
                        scale_dtype=scale_dtype, damp=damp, desc_act=desc_act,
-                       static_groups=static_groups, block_size=block_size)
+                       static_groups=static_groups, block_size=block_size, clip_search=clip_search)
     return qws[0], stats[0]
 
 
@@ -315,16 +317,18 @@ def gptq_quantize_many(weights: list[torch.Tensor], H: torch.Tensor, **kwargs
 
 def _gptq(weight: torch.Tensor, splits: list[int], H: torch.Tensor, *, bits: int, group_size: int,
           sym: bool, scale_dtype: torch.dtype, damp: float = 0.01, desc_act: bool = False,
-          static_groups: bool = False, block_size: int = 128, return_q: bool = False):
+          static_groups: bool = False, block_size: int = 128, return_q: bool = False,
+          clip_search: bool = False):
     """The solve behind gptq_quantize(_many); splits are the row counts of each result."""
     with torch.no_grad():  # weights may be nn.Parameters; nothing here needs autograd
         return _gptq_impl(weight, splits, H, bits=bits, group_size=group_size, sym=sym,
                           scale_dtype=scale_dtype, damp=damp, desc_act=desc_act,
-                          static_groups=static_groups, block_size=block_size, return_q=return_q)
+                          static_groups=static_groups, block_size=block_size, return_q=return_q,
+                          qparams=search_qparams if clip_search else find_qparams)
 
 
 def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, desc_act,
-               static_groups, block_size, return_q):
+               static_groups, block_size, return_q, qparams):
     t0 = time.perf_counter()
     _check(weight, H, bits, group_size, damp, block_size)
     n, k = weight.shape
@@ -343,7 +347,7 @@ def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, d
     static_qparams = None
     if static_groups:
         # Every group's qparams from the original weight, natural group order.
-        s, z = find_qparams(W.reshape(n, n_groups, group_size), bits, sym, scale_dtype)
+        s, z = qparams(W.reshape(n, n_groups, group_size), bits, sym, scale_dtype)
         static_qparams = (s.t().contiguous(), z.t().contiguous())  # [G, N]
 
     perm = invperm = None
@@ -361,7 +365,7 @@ def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, d
     U, damp_used, raised, lam = _factor_hessian(Hf, damp, perm)
     codes, Qd, scales, zeros, row_loss = _solve(
         Wt, U, bits=bits, sym=sym, scale_dtype=scale_dtype, group_size=group_size,
-        col_group=col_group, static_qparams=static_qparams, block_size=block_size)
+        col_group=col_group, static_qparams=static_qparams, block_size=block_size, qparams=qparams)
 
     if perm is not None:
         codes, Qd = codes[invperm], Qd[invperm]

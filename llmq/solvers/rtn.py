@@ -48,6 +48,23 @@ def find_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
     return scale, zero
 
 
+def search_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, *, grid: int = 50,
+                   min_shrink: float = 0.5, norm: float = 2.4):
+    """Like find_qparams, but each group's range is shrunk by the factor in
+    linspace(1, min_shrink, grid) that minimises sum |w - dequant(quant(w))|^norm
+    over the group (the GPTQ reference's "mse" search). Clipping a few large
+    weights buys a finer step for all the others. Used by GPTQ, never by RTN,
+    which stays plain min-max.
+    """
+    w = w.float()
+    shrink = torch.linspace(1.0, min_shrink, grid, device=w.device).view(-1, *([1] * w.dim()))
+    scale, zero = find_qparams(w.unsqueeze(0) * shrink, bits, sym, scale_dtype)  # [P, ...]
+    q = quantize(w.unsqueeze(0), scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+    err = (dequantize(q, scale.unsqueeze(-1), zero.unsqueeze(-1)) - w.unsqueeze(0)).abs_().pow_(norm).sum(-1)
+    best = err.argmin(dim=0, keepdim=True)  # ties keep the widest range
+    return scale.gather(0, best).squeeze(0), zero.gather(0, best).squeeze(0)
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (float tensor) of w for broadcastable scale and zero."""
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
