@@ -51,8 +51,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation "
-                   "energy (stores g_idx)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing activation energy (stores g_idx); on by default for "
+                        "--method gptq, except with --format compressed-tensors, which cannot store g_idx")
     p.add_argument("--static-groups", action="store_true",
                    help="GPTQ with --act-order: fix group scales before the solve (contiguous groups)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
@@ -77,6 +78,8 @@ def _run_quantize(args) -> int:
     from .pipeline import quantize
 
     check_output_dir(args.out, args.overwrite)  # fail before any expensive work
+    if args.act_order is None and args.format == "compressed-tensors":
+        args.act_order = False
     if args.format == "compressed-tensors" and args.act_order and not args.static_groups:
         raise LlmqError("--act-order stores a permuted g_idx, which compressed-tensors cannot hold: use "
                         "--format gptq, add --static-groups, or drop --act-order")

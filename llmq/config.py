@@ -25,7 +25,9 @@ class QuantConfig:
             group per output row. Must divide every quantized layer's in_features.
         sym: symmetric (zero point fixed at 2^(bits-1)) or asymmetric (per-group zero).
         desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal;
-            the checkpoint then carries a g_idx per layer.
+            the checkpoint then carries a g_idx per layer. None (default): on for
+            method "gptq" (it closes much more of the gap, see BENCHMARKS.md), off
+            otherwise.
         static_groups: with desc_act, compute each group's scale from the original
             weights before the solve (keeps groups contiguous in the original order).
         damp: GPTQ damping as a fraction of the mean Hessian diagonal.
@@ -41,7 +43,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
+    desc_act: bool | None = None
     static_groups: bool = False
     damp: float = 0.01
     clip_search: bool = True
@@ -61,6 +63,8 @@ class QuantConfig:
                             f"the number of {self.bits}-bit codes in one int32 word")
         if not 0 <= self.damp < 1:
             raise LlmqError(f"damping {self.damp} is out of range: use a fraction such as 0.01")
+        if self.desc_act is None:
+            self.desc_act = self.method == "gptq"
         if self.static_groups and not self.desc_act:
             self.static_groups = False  # static groups only change anything under act-order
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
