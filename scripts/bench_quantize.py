@@ -33,7 +33,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--asym", action="store_true")
-    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order (default: on for gptq, as in QuantConfig)")
     p.add_argument("--calib", default=None, help="calibration spec (default: emma.txt)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
@@ -56,7 +57,7 @@ def main() -> None:
     forward = layers - report.get("hessian", 0.0) - report.get("solve", 0.0)
     result = {
         "method": args.method, "bits": args.bits, "group_size": args.group_size, "sym": not args.asym,
-        "act_order": args.act_order, "calibration": f"{calib}, {args.nsamples} x {args.seqlen}",
+        "act_order": config.desc_act, "clip_search": config.clip_search, "calibration": f"{calib}, {args.nsamples} x {args.seqlen}",
         "model_load_s": round(load_s, 1), "total_s": round(report["total"], 1),
         "calibration_data_s": round(report.get("calibration_data", 0.0), 1),
         "forward_and_rest_s": round(forward, 1), "hessian_s": round(report.get("hessian", 0.0), 1),
