@@ -36,14 +36,12 @@ from torch import nn
 
 from ..arch import ArchSpec, ScaleGroup, sequential_groups
 from ..config import QuantConfig
-from ..engine import layer_output
 from ..errors import LlmqError
-from ..modules.qlinear import QuantLinear
-from ..modules.replace import replace_module
 from ..qweight import QuantizedWeight
 from ..solvers.awq import InputStats, input_stats, scale_gram, search_clip, search_scales
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
 from ..solvers.rtn import rtn_quantize
+from .common import forward_with_pre_hooks, swap_in_quantized
 
 
 @dataclass
@@ -171,23 +169,14 @@ class AWQLayerStep:
         after: list = []  # column scalings of unquantized group members, applied after the forward
         errors: list[float] = []
         alphas: list[float] = []
-        handles = []
+        hooks = []
         for unit in units:
             hook = self._hook(layer, unit, solved, after, errors, alphas)
-            handles += [layer.get_submodule(n).register_forward_pre_hook(hook) for n in unit.linears]
-        try:
-            out = layer_output(layer(hidden, *args, **kwargs))
-        finally:
-            for h in handles:
-                h.remove()
+            hooks += [(n, hook) for n in unit.linears]
+        out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
         for fn in after:
             fn()
-        for unit in units:
-            for local, full in unit.targets.items():
-                if local not in solved:
-                    raise RuntimeError(f"the forward pass never reached {full}: it cannot be calibrated")
-                linear = layer.get_submodule(local)
-                replace_module(layer, local, QuantLinear.from_quantized(solved.pop(local), linear.bias))
+        swap_in_quantized(layer, [t for unit in units for t in unit.targets.items()], solved)
         worst = max(errors) if errors else 0.0
         self.layer_errors.append(worst)
         self.alphas.append(alphas)

@@ -18,11 +18,9 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..engine import layer_output
-from ..modules.qlinear import QuantLinear
-from ..modules.replace import replace_module
 from ..qweight import QuantizedWeight
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
+from .common import forward_with_pre_hooks, swap_in_quantized
 
 
 class GPTQLayerStep:
@@ -51,19 +49,9 @@ class GPTQLayerStep:
         groups = self.groups_by_layer.get(index, [])
         solved: dict[str, QuantizedWeight] = {}
         errors: list[float] = []
-        handles = [layer.get_submodule(local).register_forward_pre_hook(self._hook(layer, group, solved, errors))
-                   for group in groups for local, _ in group]
-        try:
-            out = layer_output(layer(hidden, *args, **kwargs))
-        finally:
-            for h in handles:
-                h.remove()
-        for group in groups:
-            for local, full in group:
-                if local not in solved:
-                    raise RuntimeError(f"the forward pass never reached {full}: it cannot be calibrated")
-                linear = layer.get_submodule(local)
-                replace_module(layer, local, QuantLinear.from_quantized(solved.pop(local), linear.bias))
+        hooks = [(local, self._hook(layer, group, solved, errors)) for group in groups for local, _ in group]
+        out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
+        swap_in_quantized(layer, [t for group in groups for t in group], solved)
         worst = max(errors) if errors else 0.0
         self.layer_errors.append(worst)
         return out, f"out_mse={worst:.3g}"
