@@ -13,7 +13,10 @@
    next layer.
 
 Only one decoder layer is on the device at a time; embeddings and the head
-stay on the host. Activations live on the device.
+stay on the host. Between layers the calibration activations stay on the
+device when they fit (a few copies of them, for the layer's own
+intermediates, within the free device memory) and on the host otherwise,
+moved in for each layer's pass.
 """
 
 from __future__ import annotations
@@ -88,26 +91,43 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
 LayerStep = Callable[[int, nn.Module, torch.Tensor, tuple, dict], tuple[torch.Tensor, str]]
 
 
+# Activations kept on the device between layers need this many times their own
+# size free: the input and output of a layer plus its intermediates.
+_ACTIVATION_HEADROOM = 8
+
+
+def activations_fit(hidden: torch.Tensor, device: torch.device) -> bool:
+    """Whether the calibration activations can stay on device between layers."""
+    if device.type != "cuda":
+        return True  # CPU: the device is the host
+    free, _ = torch.cuda.mem_get_info(device)
+    return hidden.numel() * hidden.element_size() * _ACTIVATION_HEADROOM <= free
+
+
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
-               progress: bool = True, desc: str = "layers") -> torch.Tensor:
+               progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None) -> torch.Tensor:
     """Drive `step` over every decoder layer and return the last layer's output.
 
     step(index, layer, hidden, args, kwargs) runs the layer (already on device)
     on hidden and returns (output hidden states, a short status for the
-    progress bar).
+    progress bar). keep_on_device: keep the activations on the device between
+    layers (None: when they fit, see activations_fit) or on the host.
     """
     model.eval()
     _, layers = arch.decoder_layers(model)
     hidden, per_layer = capture_layer_inputs(model, input_ids)
-    hidden = hidden.to(device)
+    if keep_on_device is None:
+        keep_on_device = activations_fit(hidden, device)
+    store = device if keep_on_device else hidden.device
     bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         args, kwargs = to_device(per_layer[i], device)
-        hidden, status = step(i, layer, hidden, args, kwargs)
+        hidden, status = step(i, layer, hidden.to(device), args, kwargs)
+        hidden = hidden.to(store)
         layer.to(home)
         per_layer[i] = None  # free this layer's masks as soon as possible
         if status:

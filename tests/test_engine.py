@@ -40,3 +40,19 @@ def test_gemma3_layers_get_their_own_masks():
     masks = [kw.get("attention_mask") for _, kw in per_layer]
     pos = [kw.get("position_embeddings") for _, kw in per_layer]
     assert masks[0] is not masks[1] or pos[0] is not pos[1]
+
+
+def test_activations_kept_on_host_give_the_same_output(monkeypatch):
+    model = tiny_model("llama")
+    ids = random_ids(n=2, length=8)
+    seen_devices = []
+
+    def plain(i, layer, hidden, args, kwargs):
+        return layer_output(layer(hidden, *args, **kwargs)), ""
+
+    on_device = run_layers(model, ids, plain, device=torch.device("cpu"), progress=False, keep_on_device=True)
+    on_host = run_layers(model, ids, plain, device=torch.device("cpu"), progress=False, keep_on_device=False)
+    assert torch.equal(on_device, on_host)
+    from llmq import engine
+
+    assert engine.activations_fit(torch.zeros(4, 4), torch.device("cpu"))
