@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import QuantConfig
 from .errors import LlmqError
-from .formats.native import checkpoint_files, quantized_module_names, read_header
+from .formats.native import checkpoint_files, quantized_module_names, read_folder_config, read_header
 
 _BYTES = {"F64": 8, "F32": 4, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -17,10 +17,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def checkpoint_info(path: str | os.PathLike) -> dict:
     """Facts about an llmq checkpoint folder, without loading any tensor."""
     folder = Path(path)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise LlmqError(f"{folder} has no config.json: not a checkpoint folder")
-    config = json.loads(cfg_path.read_text())
+    config = read_folder_config(folder)
     qc_dict = config.get("quantization_config")
     if not qc_dict:
         raise LlmqError(f"{folder} is not quantized (config.json has no quantization_config)")

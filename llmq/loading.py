@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import LlmqError
+from .formats.native import read_folder_config
 
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,16 +39,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def read_config(source: str | os.PathLike) -> dict | None:
     """config.json of a local folder, or None when source is not a local folder."""
-    path = Path(source)
-    if not path.is_dir():
+    if not Path(source).is_dir():
         return None
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise LlmqError(f"{path} has no config.json: pass a Hugging Face model folder or a hub id")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise LlmqError(f"{cfg} is not valid JSON ({e}): the model folder is damaged") from e
+    return read_folder_config(source)
 
 
 def _check_source(source: str) -> None:

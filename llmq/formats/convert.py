@@ -29,7 +29,7 @@ from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
 from . import awq, compressed_tensors, gptq
 from .engines import EngineSupport, format_report
-from .native import atomic_folder, check_output_dir, checkpoint_files
+from .native import atomic_folder, check_output_dir, checkpoint_files, read_folder_config
 
 READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
@@ -69,10 +69,7 @@ def detect_format(config: dict) -> str:
 def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     """Read any checkpoint llmq understands and convert its tensors to the native layout."""
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise LlmqError(f"{folder} has no config.json: pass a checkpoint folder")
-    config = json.loads(cfg_path.read_text())
+    config = read_folder_config(folder)
     legacy = folder / "quantize_config.json"
     if not config.get("quantization_config") and legacy.is_file():
         # Older AutoGPTQ folders keep the GPTQ settings only in quantize_config.json.

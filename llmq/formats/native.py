@@ -105,6 +105,17 @@ def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], st
     return header
 
 
+def read_folder_config(folder: str | os.PathLike) -> dict:
+    """config.json of a local model or checkpoint folder, with a clear error when absent or damaged."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        raise LlmqError(f"{folder} has no config.json: pass a Hugging Face model or checkpoint folder")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise LlmqError(f"{cfg} is not valid JSON ({e}): the folder is damaged") from e
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a local HF folder (sharded or not)."""
     folder = Path(folder)
