@@ -6,6 +6,8 @@
 - `prepare_cpu` / `cpu_matmul`: the CPU path, converted once at load into
   torch's int4/int8 weight-only kernels where they fit.
 - `dequantize`: the dense weight, in pure torch.
+- `reorder_act_order`: sort an act-order layer's inputs by group once, so the
+  kernels run without g_idx on x[..., perm].
 
 Importing this package needs neither triton nor a GPU: triton is imported on
 the first call that runs a Triton kernel.
@@ -13,7 +15,7 @@ the first call that runs a Triton kernel.
 
 from .api import DECODE_MAX_M, GEMM_MAX_M, dequant_matmul, uses_triton
 from .cpu import CpuState, cpu_matmul, prepare_cpu
-from .dequant import dequantize
+from .dequant import dequantize, reorder_act_order
 
 __all__ = ["dequant_matmul", "uses_triton", "DECODE_MAX_M", "GEMM_MAX_M", "prepare_cpu", "cpu_matmul",
-           "CpuState", "dequantize"]
+           "CpuState", "dequantize", "reorder_act_order"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dequant import dequantize, group_index, unpack_qweight, unpack_qzeros
+from .dequant import dequantize, sort_by_group, unpack_qweight, unpack_qzeros
 
 BACKENDS = ("auto", "int4pack", "int8pack", "dense")
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
@@ -62,18 +62,6 @@ class CpuState:
 
 def _int4pack_group(gs: int) -> int | None:
     return next((c for c in INT4PACK_GROUP_SIZES if gs % c == 0), None)
-
-
-def _act_order_perm(g_idx, k, gs):
-    """(fits, perm): perm sorts inputs by group; fits when every group then is contiguous and full."""
-    if g_idx is None:
-        return True, None
-    g = g_idx.long()
-    expected = torch.arange(k) // gs
-    if torch.equal(g, expected):
-        return True, None
-    perm = torch.argsort(g, stable=True)
-    return torch.equal(g[perm], expected), perm
 
 
 def _why_not_int4pack(bits, n, gs, act_fits):
@@ -122,7 +110,7 @@ def prepare_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     if gs <= 0 or k % gs:
         raise ValueError(f"group size {group_size} does not divide {k} input features")
     groups = k // gs
-    act_fits, perm = _act_order_perm(g_idx, k, gs)
+    act_fits, perm = sort_by_group(g_idx, k, gs)
 
     reasons = {}
     if backend in ("auto", "int4pack"):

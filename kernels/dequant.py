@@ -1,12 +1,15 @@
-"""Pure-torch unpacking and dequantization of the native packed layout.
+"""Pure-torch unpacking, dequantization and act-order re-layout of the native packed layout.
 
-Used by the CPU path (at load) and by `dequant_matmul` on devices where no
-Triton kernel runs. Works on any device; no triton import.
+Used by the CPU path (at load), by QuantLinear (at load) and by
+`dequant_matmul` on devices where no Triton kernel runs. Works on any device;
+no triton import.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..formats.packing import pack_rows
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,3 +51,43 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     zeros = unpack_qzeros(qzeros, bits).float()[g]  # [K, N]
     w = (codes.float() - zeros) * scales.float()[g]
     return w.t().contiguous().to(dtype)
+
+
+def sort_by_group(g_idx: torch.Tensor | None, k: int, group_size: int) -> tuple[bool, torch.Tensor | None]:
+    """(fits, perm) for an act-order layer: perm (int64 [K]) sorts the inputs by group.
+
+    fits: after sorting, group j is exactly inputs j*group_size .. (j+1)*group_size - 1,
+    as GPTQ's act-order writes it; then the layer computes like a plain grouped
+    layer on x[..., perm]. perm is None when g_idx is None or already in order.
+    """
+    if g_idx is None:
+        return True, None
+    g = g_idx.long()
+    expected = torch.arange(k, device=g.device) // group_size
+    if torch.equal(g, expected):
+        return True, None
+    perm = torch.argsort(g, stable=True)
+    return torch.equal(g[perm], expected), perm
+
+
+def reorder_act_order(qweight: torch.Tensor, g_idx: torch.Tensor | None, *, bits: int,
+                      group_size: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Re-layout an act-order layer once so the kernels need no g_idx.
+
+    Returns (qweight_sorted, perm): qweight with its input rows in group order
+    and perm (int64 [K]) such that
+
+        dequant_matmul(x, qweight, qzeros, scales, g_idx=g_idx, ...)
+        == dequant_matmul(x[..., perm], qweight_sorted, qzeros, scales, g_idx=None, ...)
+
+    (qzeros and scales are unchanged). perm is None when g_idx is None or in
+    order. Returns None when the groups are not full contiguous runs once
+    sorted (see `sort_by_group`): such a layer keeps its g_idx.
+    """
+    k = qweight.shape[0] * (32 // bits)
+    fits, perm = sort_by_group(g_idx, k, k if group_size == -1 else group_size)
+    if not fits:
+        return None
+    if perm is None:
+        return qweight, None
+    return pack_rows(unpack_qweight(qweight, bits)[perm], bits), perm

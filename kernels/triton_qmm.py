@@ -51,7 +51,7 @@ def m_bucket(m: int) -> int:
 @triton.jit
 def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 [BLOCK_K, BLOCK_N] tile of (q - z) * s; zero outside K x N."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -60,9 +60,14 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
     kn_mask = k_mask[:, None] & n_mask[None, :]
     words_per_row = N // PER
 
-    qw = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=kn_mask, other=0)
+    # Each packed word is loaded once and unpacked in registers: row r of the
+    # [BLOCK_K / PER, BLOCK_N] word tile holds inputs r * PER .. r * PER + PER - 1.
+    offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    qw = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+                 mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+    shifts = tl.arange(0, PER) * BITS
     # Arithmetic shift of a negative word leaves sign bits on top; the mask drops them.
-    q = (qw >> ((offs_k % PER) * BITS)[:, None]) & MASK
+    q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
     zshift = (offs_n % PER) * BITS
     zcol = offs_n // PER
     if ACT_ORDER:
@@ -76,7 +81,20 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
         zw = tl.load(qz_ptr + g * words_per_row + zcol, mask=n_mask, other=0)
         z = ((zw >> zshift) & MASK)[None, :]
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    elif BLOCK_K % GROUP_SIZE == 0:
+        # The tile holds BLOCK_K / GROUP_SIZE whole groups: one row of zeros and
+        # scales per group, broadcast over the group's inputs.
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+        gn_mask = (offs_g < K // GROUP_SIZE)[:, None] & n_mask[None, :]
+        zw = tl.load(qz_ptr + offs_g[:, None] * words_per_row + zcol[None, :], mask=gn_mask, other=0)
+        z = (zw >> zshift[None, :]) & MASK
+        s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=gn_mask, other=0.0).to(tl.float32)
+        # Broadcast over [GROUPS, GROUP_SIZE, BLOCK_N]; the reshapes keep row-major order.
+        z = tl.reshape(tl.broadcast_to(z[:, None, :], (GROUPS, GROUP_SIZE, BLOCK_N)), (BLOCK_K, BLOCK_N))
+        s = tl.reshape(tl.broadcast_to(s[:, None, :], (GROUPS, GROUP_SIZE, BLOCK_N)), (BLOCK_K, BLOCK_N))
     else:
+        # Group size not a power of two: look up each input's group.
         g = offs_k // GROUP_SIZE
         zw = tl.load(qz_ptr + g[:, None] * words_per_row + zcol[None, :], mask=kn_mask, other=0)
         z = (zw >> zshift[None, :]) & MASK
@@ -125,7 +143,7 @@ def _qmm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, bias_ptr, out_ptr,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
-                          BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K)
+                          BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N)
         w = w.to(x.dtype)
         if UPCAST_DOT:
             # bf16 products are exact in fp32, so this equals the bf16 dot.
@@ -153,7 +171,7 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K,
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
-                      BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K)
+                      BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N)
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 

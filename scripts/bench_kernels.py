@@ -14,6 +14,7 @@ nothing). Example:
 
     python scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16
     python scripts/bench_kernels.py --shapes 4096x4096 --m 1 16 128 --all-paths
+    python scripts/bench_kernels.py --act-order gather; python scripts/bench_kernels.py --act-order reorder
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--group-size", type=int, default=128, help="-1 = one group per row")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    p.add_argument("--act-order", action="store_true", help="random act-order g_idx (gathered in the kernel)")
+    p.add_argument("--act-order", choices=("gather", "reorder"),
+                   help="random act-order g_idx; gather: scales and zeros looked up per input in the kernel; "
+                        "reorder: reorder_act_order once, then x[..., perm] on each call (timed)")
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="OUTxIN, e.g. 4096x11008")
     p.add_argument("--m", nargs="+", type=int, default=ROWS, help="rows of x")
     p.add_argument("--all-paths", action="store_true", help="also time each path forced (splitk, gemm, dequant)")
@@ -58,6 +61,14 @@ def random_layer(n, k, bits, group_size, act_order, dtype, device):
     w64 = ((codes.double() - zeros.double()[g]) * scales.double()[g]).t()  # [N, K]
     layer = dict(qweight=pack_rows(codes, bits), qzeros=pack_cols(zeros, bits), scales=scales, g_idx=g_idx)
     return layer, w64
+
+
+def reordered(layer, bits, group_size):
+    """The layer after reorder_act_order, and the permutation x needs."""
+    from llmq.kernels import reorder_act_order
+
+    qweight, perm = reorder_act_order(layer["qweight"], layer["g_idx"], bits=bits, group_size=group_size)
+    return dict(layer, qweight=qweight, g_idx=None), perm
 
 
 def copy_bandwidth(do_bench):
@@ -95,7 +106,10 @@ def main(argv=None) -> int:
           f"{'GB/s':>7} {'% bw':>5}  rel.err")
     for shape in args.shapes:
         n, k = (int(v) for v in shape.lower().split("x"))
-        layer, w64 = random_layer(n, k, args.bits, args.group_size, args.act_order, dtype, "cuda")
+        layer, w64 = random_layer(n, k, args.bits, args.group_size, args.act_order is not None, dtype, "cuda")
+        perm = None
+        if args.act_order == "reorder":
+            layer, perm = reordered(layer, args.bits, args.group_size)
         w_fp = w64.to(dtype)
         for m in args.m:
             x = torch.randn(m, k, device="cuda").to(dtype)
@@ -103,7 +117,8 @@ def main(argv=None) -> int:
             t_fp = do_bench(lambda: F.linear(x, w_fp), return_mode="median")
             for path in paths:
                 def ours():
-                    return dequant_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], bits=args.bits,
+                    xin = x if perm is None else x.index_select(-1, perm)
+                    return dequant_matmul(xin, layer["qweight"], layer["qzeros"], layer["scales"], bits=args.bits,
                                           group_size=args.group_size, g_idx=layer["g_idx"], path=path)
                 y = ours()
                 err = ((y.double() - ref).norm() / ref.norm()).item()

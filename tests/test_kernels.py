@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from llmq.formats.packing import pack_cols, pack_rows  # noqa: E402
-from llmq.kernels import CpuState, cpu_matmul, dequant_matmul, dequantize, prepare_cpu, uses_triton  # noqa: E402
+from llmq.kernels import (CpuState, cpu_matmul, dequant_matmul, dequantize, prepare_cpu,  # noqa: E402
+                          reorder_act_order, uses_triton)
 from llmq.kernels import api  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -141,6 +142,44 @@ def test_every_path_at_small_and_large_m(path, m):
     y = dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=4, group_size=64, g_idx=p["g_idx"],
                        bias=bias, path=path)
     assert_close(y, reference(x, w, bias), TOL[torch.float16])
+
+
+# K = 200 is not a multiple of the interpreter's BLOCK_K (32), so the last K
+# tile is partial. Group sizes pick each way a tile finds its zeros and scales:
+# 8 (several whole groups per tile, the last one past K), 40 (a group size
+# that is no power of two: looked up per input), 200 (one group per tile).
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("bits,gs", [(4, 8), (8, 8), (4, 40), (8, -1)])
+def test_partial_k_tiles_and_every_group_layout(path, bits, gs):
+    seed = 300 + bits + gs
+    p, w = make_layer(48, 200, bits, gs, False, seed)
+    x = make_x((5,), 200, torch.float32, seed)
+    y = dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], bits=bits, group_size=gs, path=path)
+    assert_close(y, reference(x, w, None), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_reordered_once_runs_without_g_idx(path, bits):
+    """reorder_act_order's sorted qweight on x[..., perm] computes the act-order layer, g_idx-free."""
+    seed = 400 + bits
+    p, w = make_layer(48, 256, bits, 64, True, seed)
+    qweight_sorted, perm = reorder_act_order(p["qweight"], p["g_idx"], bits=bits, group_size=64)
+    assert perm is not None and not torch.equal(qweight_sorted, p["qweight"])
+    x = make_x((3, 2), 256, torch.float16, seed)
+    y = dequant_matmul(x.index_select(-1, perm), qweight_sorted, p["qzeros"], p["scales"], bits=bits,
+                       group_size=64, path=path)
+    assert_close(y, reference(x, w, None), TOL[torch.float16])
+
+
+def test_reorder_act_order_leaves_what_it_cannot_sort():
+    p, _ = make_layer(48, 256, 4, 64, False, 410)
+    assert reorder_act_order(p["qweight"], None, bits=4, group_size=64) == (p["qweight"], None)
+    in_order = (torch.arange(256) // 64).to(torch.int32)
+    assert reorder_act_order(p["qweight"], in_order, bits=4, group_size=64) == (p["qweight"], None)
+    # Groups of unequal size cannot become contiguous runs of group_size.
+    uneven = torch.randint(0, 4, (256,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert reorder_act_order(p["qweight"], uneven, bits=4, group_size=64) is None
 
 
 def test_dispatch_by_m():
