@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.packing import pack_rows
-
 
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [K*b/32, N] -> uint8 [K, N] codes (input k = row k // P, offset b*(k % P))."""
@@ -84,6 +82,8 @@ def reorder_act_order(qweight: torch.Tensor, g_idx: torch.Tensor | None, *, bits
     order. Returns None when the groups are not full contiguous runs once
     sorted (see `sort_by_group`): such a layer keeps its g_idx.
     """
+    from llmq.formats.packing import pack_rows
+
     k = qweight.shape[0] * (32 // bits)
     fits, perm = sort_by_group(g_idx, k, k if group_size == -1 else group_size)
     if not fits:
