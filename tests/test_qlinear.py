@@ -58,3 +58,22 @@ def test_from_quantized_round_trips_codes():
 def test_unpackable_shape_is_refused():
     with pytest.raises(ValueError, match="cannot be packed"):
         QuantLinear(60, 16, bits=4, group_size=-1)
+
+
+def test_quantized_model_under_torch_compile_on_cpu():
+    """torch.compile of a quantized model on CPU: same logits as eager, no recompile storm per layer."""
+    from torch._dynamo.utils import counters
+
+    import llmq
+    from conftest import random_ids, tiny_model
+
+    model = llmq.quantize(tiny_model("llama"), llmq.QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
+    ids = random_ids()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="aot_eager")(ids, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager)
+    reasons = [reason for group in counters.values() for reason in group]
+    assert not [r for r in reasons if "recompile limit" in str(r)], "a frame recompiled past dynamo's limit"

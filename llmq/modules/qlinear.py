@@ -100,6 +100,9 @@ class QuantLinear(nn.Module):
         self.cpu_prefill_dense = prefill_dense
         self.post_load()
 
+    # Under torch.compile this runs eagerly: it caches by data pointer, which
+    # dynamo cannot trace, and tracing it would recompile for every layer shape.
+    @torch.compiler.disable
     def _cpu_form(self, dtype: torch.dtype):
         key = (self.qweight.data_ptr(), self.scales.data_ptr(), dtype, self.cpu_backend, self.cpu_prefill_dense)
         if self._cpu_key != key:

@@ -1,0 +1,245 @@
+"""Correctness of llmq's compiled kernels on a CUDA GPU, in one command.
+
+The test suite checks the kernels' arithmetic under the Triton interpreter on
+CPU and compiles them for sm_90 (scripts/compile_kernels.py); this script is
+what only a GPU can show. Every check compares with a float64 reference built
+from the integer codes:
+
+1. dequant_matmul on every path (auto, split-K, GEMM, dequantize + cuBLAS)
+   for rows M in 1, 2, 3, 17, 64, 130, 2048; bits 4 and 8; group sizes 32,
+   128, per row and a non-power-of-two size; symmetric and asymmetric zero
+   points; act-order gathered in the kernel and re-laid out with
+   reorder_act_order; fp16, bf16 and fp32 activations; bias or none; leading
+   batch dimensions.
+2. Outputs poisoned with NaN before the GEMM and dequantize kernels, so any
+   element they fail to write shows.
+3. CUDA graphs: dequant_matmul captured for decode and GEMM sizes, replayed
+   on new inputs.
+4. A quantized tiny Llama on CUDA (fp16) against the same model's exact CPU
+   forward, eager and under torch.compile; one of its QuantLinear layers
+   under torch.compile(fullgraph=True) with inductor.
+
+    python scripts/check_kernels.py            # needs a CUDA GPU
+    python scripts/check_kernels.py --quick    # fewer cases
+
+With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1 and 2 on the
+interpreter (the test suite does this to keep the script working; it proves
+nothing about the GPU). Exit status 1 on the first failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+from bench_kernels import random_layer  # scripts/ is on sys.path when this file runs
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ROWS = (1, 2, 3, 17, 64, 130, 2048)
+GROUP_SIZES = (32, 128, -1, 96)  # 96: not a power of two, looked up per input
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")  # unwritten (poisoned) or overflowed elements
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def check(label: str, y: torch.Tensor, ref: torch.Tensor, tol: float, log: list) -> None:
+    err = relative_error(y, ref)
+    log.append((label, err))
+    if not err <= tol:
+        raise CheckFailed(f"{label}: relative error {err:.3g} > {tol}")
+
+
+def layer_for(n, k, bits, gs, act_order, sym, dtype, device, seed):
+    torch.manual_seed(seed)
+    layer, w64 = random_layer(n, k, bits, gs, act_order, dtype, device)
+    if sym:  # symmetric checkpoints store the mid-point zero 2^(bits-1)
+        from llmq.formats.packing import pack_cols, unpack_cols, unpack_rows
+
+        codes = unpack_rows(layer["qweight"], bits)
+        zeros = unpack_cols(layer["qzeros"], bits)
+        groups = zeros.shape[0]
+        g = (layer["g_idx"].long() if layer["g_idx"] is not None
+             else torch.arange(k, device=device) // (k // groups))
+        mid = torch.full_like(zeros, 2 ** (bits - 1))
+        layer["qzeros"] = pack_cols(mid, bits)
+        w64 = ((codes.double() - mid.double()[g]) * layer["scales"].double()[g]).t()
+    return layer, w64
+
+
+def matmul_cases(quick: bool):
+    """(rows, bits, group size, act-order mode, sym, dtype, bias) combinations, covering each axis."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    cases = []
+    for i, (bits, gs, act) in enumerate(itertools.product((4, 8), GROUP_SIZES, (None, "gather", "reorder"))):
+        if act and gs != 128:
+            continue
+        for j, m in enumerate(ROWS[::3] if quick else ROWS):
+            c = i + j
+            cases.append((m, bits, gs, act, c % 2 == 0, dtypes[c % 3], c % 3 != 1))
+    return cases
+
+
+def check_matmul(device, quick, log):
+    from llmq.kernels import dequant_matmul, reorder_act_order
+
+    n, k = (96, 384) if device == "cpu" else (1536, 1152)
+    for m, bits, gs, act, sym, dtype, has_bias in matmul_cases(quick):
+        layer, w64 = layer_for(n, k, bits, gs, act is not None, sym, dtype, device, seed=m + bits + gs)
+        perm = None
+        if act == "reorder":
+            qweight, perm = reorder_act_order(layer["qweight"], layer["g_idx"], bits=bits, group_size=gs)
+            layer = dict(layer, qweight=qweight, g_idx=None)
+        lead = (m,) if m % 2 else (2, m // 2)
+        x = torch.randn(*lead, k, device=device).to(dtype)
+        bias = torch.randn(n, device=device).to(dtype) if has_bias else None
+        ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
+        xin = x if perm is None else x.index_select(-1, perm)
+        for path in ("auto", "splitk", "gemm", "dequant"):
+            if device == "cpu" and m > 256 and path != "auto":
+                continue  # the interpreter runs one program at a time: keep it to the dispatched path
+            y = dequant_matmul(xin, layer["qweight"], layer["qzeros"], layer["scales"], bits=bits, group_size=gs,
+                               g_idx=layer["g_idx"], bias=bias, path=path)
+            assert y.shape == (*lead, n) and y.dtype == dtype
+            label = (f"matmul M={m} b{bits} g{gs} {act or 'plain'} {'sym' if sym else 'asym'} "
+                     f"{str(dtype)[6:]} {'bias' if has_bias else 'nobias'} {path}")
+            check(label, y, ref, TOL[dtype], log)
+
+
+def check_poisoned(device, log):
+    from llmq.kernels import triton_qmm
+
+    for bits, dtype in itertools.product((4, 8), (torch.float16, torch.bfloat16)):
+        layer, w64 = layer_for(200, 384, bits, 128, False, False, dtype, device, seed=bits)
+        x = torch.randn(37, 384, device=device).to(dtype)
+        out = torch.full((37, 200), float("nan"), dtype=dtype, device=device)
+        args = (layer["qweight"], layer["qzeros"], layer["scales"], None, None, bits, 128)
+        triton_qmm.qmm_gemm(x, *args, out)
+        check(f"poisoned gemm b{bits} {str(dtype)[6:]}", out, x.double() @ w64.t(), TOL[dtype], log)
+        w = torch.full((384, 200), float("nan"), dtype=dtype, device=device)
+        triton_qmm.dequantize_into(layer["qweight"], layer["qzeros"], layer["scales"], None, bits, 128, w)
+        check(f"poisoned dequant b{bits} {str(dtype)[6:]}", w, w64.t(), TOL[dtype], log)
+
+
+def check_cuda_graphs(log):
+    from llmq.kernels import dequant_matmul
+
+    for m in (1, 64):
+        layer, w64 = layer_for(4096, 4096, 4, 128, False, False, torch.float16, "cuda", seed=m)
+        static_x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+
+        def run():
+            return dequant_matmul(static_x, layer["qweight"], layer["qzeros"], layer["scales"], bits=4,
+                                  group_size=128)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning synchronises
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = run()
+        for step in range(3):
+            static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(f"cuda graph M={m} replay {step}", static_y, static_x.double() @ w64.t(), TOL[torch.float16], log)
+
+
+def tiny_quantized_llama(dtype):
+    import transformers as T
+
+    import llmq
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return llmq.quantize(model, llmq.QuantConfig(method="rtn", bits=4, group_size=64, sym=False), progress=False)
+
+
+def check_model(compile_model, log):
+    """The quantized model on CUDA in fp16 against its exact fp32 forward on CPU (dense dequantized weights)."""
+    from llmq.modules.qlinear import set_cpu_backend
+
+    model = tiny_quantized_llama(torch.float32)
+    set_cpu_backend(model, "dense")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.double()
+        model = model.to(device="cuda", dtype=torch.float16)
+        forward = torch.compile(model) if compile_model else model
+        y = forward(ids.cuda(), use_cache=False).logits
+    check(f"tiny llama RTN int4 fp16 on CUDA{' torch.compile' if compile_model else ''}", y.cpu(), ref, 2e-2, log)
+
+
+def check_compiled_layer(log):
+    """One QuantLinear under torch.compile(fullgraph=True, inductor): no graph break around the kernel."""
+    from llmq.modules.qlinear import QuantLinear
+
+    model = tiny_quantized_llama(torch.float32).to(device="cuda", dtype=torch.float16)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    w64 = layer.dequantize_weight(torch.float64)
+    compiled = torch.compile(layer, fullgraph=True)
+    for m in (1, 40):
+        x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16)
+        check(f"QuantLinear torch.compile(fullgraph) M={m}", compiled(x), x.double() @ w64.t(),
+              TOL[torch.float16], log)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--quick", action="store_true", help="fewer matmul cases")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("check_kernels: no CUDA GPU found; run it on one (or --device cpu under TRITON_INTERPRET=1).")
+        return 1
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("check_kernels: --device cpu runs the kernels on the interpreter: set TRITON_INTERPRET=1.")
+        return 1
+    if args.device == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    log: list[tuple[str, float]] = []
+    steps = [("matmul", lambda: check_matmul(args.device, args.quick, log)),
+             ("poisoned outputs", lambda: check_poisoned(args.device, log))]
+    if args.device == "cuda":
+        steps += [("cuda graphs", lambda: check_cuda_graphs(log)),
+                  ("model", lambda: check_model(False, log)),
+                  ("torch.compile layer", lambda: check_compiled_layer(log)),
+                  ("torch.compile model", lambda: check_model(True, log))]
+    for name, step in steps:
+        start = len(log)
+        try:
+            step()
+        except CheckFailed as e:
+            print(f"FAILED {name}: {e}")
+            return 1
+        worst = max(log[start:], key=lambda r: r[1])
+        print(f"ok  {name}: {len(log) - start} checks, worst relative error {worst[1]:.2e} ({worst[0]})", flush=True)
+    print(f"all {len(log)} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
