@@ -13,9 +13,15 @@ Importing this package needs neither triton nor a GPU: triton is imported on
 the first call that runs a Triton kernel.
 """
 
-from .api import DECODE_MAX_M, GEMM_MAX_M, dequant_matmul, uses_triton
-from .cpu import CpuState, cpu_matmul, prepare_cpu
-from .dequant import dequantize, reorder_act_order
+# From a source checkout whose root is on sys.path (`python -m pytest` there),
+# this folder is also importable as a top-level `kernels`, and transformers
+# imports `kernels` to probe for Hugging Face's package of that name. That
+# second copy would define every module again and register the custom op
+# llmq::dequant_matmul a second time; it stays empty instead.
+if __name__ == "llmq.kernels":
+    from .api import DECODE_MAX_M, GEMM_MAX_M, dequant_matmul, uses_triton
+    from .cpu import CpuState, cpu_matmul, prepare_cpu
+    from .dequant import dequantize, reorder_act_order
 
-__all__ = ["dequant_matmul", "uses_triton", "DECODE_MAX_M", "GEMM_MAX_M", "prepare_cpu", "cpu_matmul",
-           "CpuState", "dequantize", "reorder_act_order"]
+    __all__ = ["dequant_matmul", "uses_triton", "DECODE_MAX_M", "GEMM_MAX_M", "prepare_cpu", "cpu_matmul",
+               "CpuState", "dequantize", "reorder_act_order"]

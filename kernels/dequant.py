@@ -1,13 +1,15 @@
 """Pure-torch unpacking, dequantization and act-order re-layout of the native packed layout.
 
-Used by the CPU path (at load), by QuantLinear (at load) and by
-`dequant_matmul` on devices where no Triton kernel runs. Works on any device;
-no triton import.
+Used by the CPU path (at load), by `dequant_matmul` on devices where no
+Triton kernel runs, and by callers that re-lay out an act-order layer once
+(`reorder_act_order`). Works on any device; no triton import.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..formats.packing import pack_rows
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -82,8 +84,6 @@ def reorder_act_order(qweight: torch.Tensor, g_idx: torch.Tensor | None, *, bits
     order. Returns None when the groups are not full contiguous runs once
     sorted (see `sort_by_group`): such a layer keeps its g_idx.
     """
-    from llmq.formats.packing import pack_rows
-
     k = qweight.shape[0] * (32 // bits)
     fits, perm = sort_by_group(g_idx, k, k if group_size == -1 else group_size)
     if not fits:

@@ -4,7 +4,7 @@ import transformers as T
 
 import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear
-from tests.conftest import TINY_CONFIGS, random_ids, tiny_model
+from conftest import TINY_CONFIGS, random_ids, tiny_model
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))

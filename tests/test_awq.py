@@ -14,7 +14,7 @@ from llmq.errors import LlmqError
 from llmq.methods.awq import AWQLayerStep, build_units, fold_scales
 from llmq.solvers.awq import fake_quantize, input_stats, scale_gram, search_clip, search_scales
 from llmq.solvers.rtn import rtn_quantize
-from tests.conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model
 
 F16 = torch.float16
 

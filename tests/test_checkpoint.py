@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear
-from tests.conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model
 
 
 def _quantized(arch="llama", **cfg):

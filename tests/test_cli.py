@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmq.cli import main
-from tests.conftest import tiny_model
+from conftest import tiny_model
 
 
 def _run(capsys, *argv):

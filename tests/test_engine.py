@@ -3,7 +3,7 @@ import torch
 
 from llmq import arch
 from llmq.engine import layer_output, run_layers
-from tests.conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3", "opt", "phi3"])

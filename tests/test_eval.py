@@ -16,7 +16,7 @@ import llmq
 from llmq.cli import main
 from llmq.errors import LlmqError
 from llmq.eval import RefStore, cut_windows, eval_windows, evaluate, perplexity
-from tests.conftest import tiny_model
+from conftest import tiny_model
 
 WORDS = ("the a of and to in is was that it he she for on with as his her at by had not but be from this "
          "letter house sister ball walk morning evening mother father").split()

@@ -5,7 +5,7 @@ import torch
 
 import llmq
 from llmq import QuantConfig, QuantLinear, pipeline
-from tests.conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from llmq import LlmqError, QuantConfig, QuantLinear
 from llmq.cli import main
 from llmq.formats.convert import convert
 from llmq.modules.replace import replace_module
-from tests.conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 needs_ct = pytest.mark.skipif(not HAS_CT, reason="the compressed-tensors package is not installed "

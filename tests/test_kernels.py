@@ -366,3 +366,20 @@ def test_cuda_check_script_runs_on_the_interpreter():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ok  matmul" in run.stdout and "ok  poisoned outputs" in run.stdout and "checks passed" in run.stdout
+
+
+def test_checkout_root_on_sys_path_loads_the_kernels_once():
+    """transformers probes `import kernels`; from a checkout root that finds this repository's
+    kernels/ folder, which must not define the modules or register the custom op a second time."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "import transformers\n"
+        "from transformers import LlamaConfig  # noqa: F401  (imports the probe)\n"
+        "import llmq.kernels\n"
+        "shadow = [m for m in sys.modules if m.startswith('kernels.')]\n"
+        "assert not shadow, shadow\n"
+        "assert 'kernels' not in sys.modules or not hasattr(sys.modules['kernels'], 'dequant_matmul')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

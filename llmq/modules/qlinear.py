@@ -100,9 +100,6 @@ class QuantLinear(nn.Module):
         self.cpu_prefill_dense = prefill_dense
         self.post_load()
 
-    # Under torch.compile this runs eagerly: it caches by data pointer, which
-    # dynamo cannot trace, and tracing it would recompile for every layer shape.
-    @torch.compiler.disable
     def _cpu_form(self, dtype: torch.dtype):
         key = (self.qweight.data_ptr(), self.scales.data_ptr(), dtype, self.cpu_backend, self.cpu_prefill_dense)
         if self._cpu_key != key:
@@ -115,13 +112,21 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cpu":
-            return cpu_matmul(x, self._cpu_form(x.dtype), bias)
+            # Under torch.compile the conversion runs eagerly: it caches by data
+            # pointer, which dynamo cannot trace, and tracing it would recompile
+            # for every layer shape.
+            prepare = _cpu_form_outside_graph if torch.compiler.is_compiling() else QuantLinear._cpu_form
+            return cpu_matmul(x, prepare(self, x.dtype), bias)
         return dequant_matmul(x, self.qweight, self.qzeros, self.scales.to(x.dtype), bits=self.bits,
                               group_size=self.group_size, g_idx=self.g_idx, bias=bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, desc_act={self.desc_act}, bias={self.bias is not None}")
+
+
+# torch._disable_dynamo imports dynamo on first call only, so importing llmq stays light.
+_cpu_form_outside_graph = torch._disable_dynamo(QuantLinear._cpu_form)
 
 
 def set_cpu_backend(model: nn.Module, backend: str = "auto", prefill_dense: bool = False) -> None:
