@@ -108,9 +108,9 @@ def _run_quantize(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe an llmq checkpoint",
+    p = sub.add_parser("info", help="describe a quantized checkpoint (llmq, gptq, awq, compressed-tensors)",
                        description="Show what is quantized in a checkpoint, with bits, group size, and its "
-                                   "size on disk against the full-precision original.")
+                                   "size on disk against the full-precision original, without reading its weights.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder")
     p.set_defaults(func=_run_info)
 

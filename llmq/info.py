@@ -1,4 +1,4 @@
-"""`llmq info`: what a checkpoint holds, read from its headers only."""
+"""`llmq info`: what a quantized checkpoint holds, without reading its weights."""
 
 from __future__ import annotations
 
@@ -6,24 +6,36 @@ import json
 import os
 from pathlib import Path
 
-from .config import QuantConfig
+from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
-from .formats.native import checkpoint_files, quantized_module_names, read_folder_config, read_header
+from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
+from .formats.native import SAFETENSORS_DTYPES, checkpoint_files, quantized_module_names, read_header
 
-_BYTES = {"F64": 8, "F32": 4, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_BYTES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
+_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict:
-    """Facts about an llmq checkpoint folder, without loading any tensor."""
+    """Facts about a quantized checkpoint folder (llmq, gptq, awq or compressed-tensors).
+
+    llmq checkpoints are described from their headers alone; the others from
+    their zero points and headers, converted to llmq's layout as loading would
+    (the weights themselves are not read).
+    """
     folder = Path(path)
-    config = read_folder_config(folder)
-    qc_dict = config.get("quantization_config")
-    if not qc_dict:
+    config = read_folder_quant_config(folder)
+    if not config.get("quantization_config"):
         raise LlmqError(f"{folder} is not quantized (config.json has no quantization_config)")
-    qc = QuantConfig.from_dict(qc_dict)
+    fmt = detect_format(config)
     files = checkpoint_files(folder)
-    header = read_header(files)
+    if fmt == QUANT_METHOD:
+        qc = QuantConfig.from_dict(config["quantization_config"])
+        header = read_header(files)
+    else:
+        ckpt = read_checkpoint(folder, shapes_only=True)
+        qc = ckpt.quant_config
+        header = {k: (list(t.shape), _NAMES[t.dtype]) for k, t in ckpt.tensors.items()}
     names = quantized_module_names(header)
 
     def nbytes(key):
@@ -51,6 +63,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
             original += numel * _BYTES.get(dt, 4) if dt in ("I32", "I64") else numel * fp_bytes
     return {
         "path": str(folder),
+        "format": fmt,
         "architecture": (config.get("architectures") or ["?"])[0],
         "model_type": config.get("model_type"),
         "method": qc.method,
@@ -67,7 +80,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
         "size_on_disk": sum(f.stat().st_size for f in files),
         "size_full_precision": original,
         "files": [f.name for f in files],
-        "llmq_version": qc_dict.get("llmq_version"),
+        "llmq_version": config["quantization_config"].get("llmq_version"),
     }
 
 
@@ -76,6 +89,7 @@ def format_info(info: dict) -> str:
     ratio = info["size_full_precision"] / max(info["size_on_disk"], 1)
     lines = [
         f"checkpoint        {info['path']}",
+        f"format            {info['format']}{'' if info['format'] == 'llmq' else ' (llmq converts it on load)'}",
         f"model             {info['architecture']} ({info['model_type']}), dtype {info['dtype']}",
         f"method            {info['method']}, int{info['bits']}, group size {gs}, "
         f"{'symmetric' if info['sym'] else 'asymmetric'}{', act-order' if info['desc_act'] else ''}",

@@ -105,6 +105,25 @@ def _check_forward(layer: QuantLinear, w_ref: torch.Tensor, bias=None):
 LAYER = "model.layers.1.mlp.down_proj"
 
 
+# ---- llmq info -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,sym,act_order", [("gptq", True, True), ("gptq", False, False),
+                                               ("compressed-tensors", False, False)])
+def test_info_describes_foreign_checkpoints_like_their_native_twin(tmp_path, capsys, fmt, sym, act_order):
+    from llmq.info import checkpoint_info
+
+    _, native = _saved(tmp_path, sym=sym, bits=4, group_size=32, act_order=act_order)
+    convert(native, tmp_path / "foreign", fmt)
+    want, got = checkpoint_info(native), checkpoint_info(tmp_path / "foreign")
+    assert got["format"] == fmt and want["format"] == "llmq"
+    for key in ("bits", "group_size", "sym", "desc_act", "quantized_layers", "quantized_params", "layers",
+                "architecture"):
+        assert got[key] == want[key], key
+    assert main(["info", str(tmp_path / "foreign")]) == 0
+    out = capsys.readouterr().out
+    assert f"format            {fmt} (llmq converts it on load)" in out and "int4, group size 32" in out
+
+
 # ---- gptq --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sym,bits,group_size,act_order", [(True, 4, 32, False), (False, 4, 32, False),
@@ -296,6 +315,12 @@ def test_awq_import(tmp_path):
     convert(folder, tmp_path / "native", "llmq")  # to llmq's own format, no requantization
     qc = json.loads((tmp_path / "native" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "llmq" and qc["method"] == "awq" and qc["sym"] is False
+    from llmq.info import checkpoint_info
+
+    info = checkpoint_info(folder)  # from the awq folder's headers and zero points
+    assert info["format"] == "awq" and (info["bits"], info["group_size"], info["sym"]) == (4, gs, False)
+    assert info["quantized_layers"] == len(known) == checkpoint_info(tmp_path / "native")["quantized_layers"]
+    assert info["quantized_params"] == sum(c.numel() for c, _, _ in known.values())
 
 
 def test_unreadable_awq_variant_is_refused(tmp_path):

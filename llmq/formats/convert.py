@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
 from . import awq, compressed_tensors, gptq
 from .engines import EngineSupport, format_report
-from .native import atomic_folder, check_output_dir, checkpoint_files, read_folder_config
+from .native import (SAFETENSORS_DTYPES, atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
+                     read_header)
 
 READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
@@ -66,18 +68,49 @@ def detect_format(config: dict) -> str:
     return method
 
 
-def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
-    """Read any checkpoint llmq understands and convert its tensors to the native layout."""
-    folder = Path(folder)
+# The small tensors an import reads values from (zero points, act-order
+# indices, stored shapes); everything else it only reshapes.
+_READ_FOR_SHAPES = (".qzeros", ".g_idx", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
+
+
+def read_folder_quant_config(folder: Path) -> dict:
+    """config.json, with the GPTQ settings of older AutoGPTQ folders (quantize_config.json) folded in."""
     config = read_folder_config(folder)
     legacy = folder / "quantize_config.json"
     if not config.get("quantization_config") and legacy.is_file():
-        # Older AutoGPTQ folders keep the GPTQ settings only in quantize_config.json.
         config["quantization_config"] = {"quant_method": gptq.QUANT_METHOD, **json.loads(legacy.read_text())}
+    return config
+
+
+def _load_tensors(files: list[Path], shapes_only: bool) -> dict[str, torch.Tensor]:
+    if not shapes_only:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))  # safetensors only: never pickle
+        return tensors
+    header = read_header(files)  # names a damaged file clearly
+    tensors = {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
+               for k, (shape, dtype) in header.items()}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if key.endswith(_READ_FOR_SHAPES):
+                    tensors[key] = sf.get_tensor(key)
+    return tensors
+
+
+def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> Checkpoint:
+    """Read any checkpoint llmq understands and convert its tensors to the native layout.
+
+    shapes_only: read only the small tensors the conversion needs values of
+    (zero points, g_idx, stored shapes); the weights and scales come back as
+    meta tensors of their native shape and dtype. Enough to describe a
+    checkpoint (`llmq info`) without reading its weights.
+    """
+    folder = Path(folder)
+    config = read_folder_quant_config(folder)
     fmt = detect_format(config)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in checkpoint_files(folder):
-        tensors.update(load_file(str(f)))  # safetensors only: never pickle
+    tensors = _load_tensors(checkpoint_files(folder), shapes_only)
     qcfg = config["quantization_config"]
     if fmt == "llmq":
         qc = QuantConfig.from_dict(qcfg)

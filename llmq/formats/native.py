@@ -85,6 +85,12 @@ def _apply_umask(folder: Path) -> None:
         f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
+# safetensors' dtype names (as in a file's header) and the torch dtypes they hold.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], str]]:
     """{tensor name: (shape, dtype string)} over all safetensors files, without reading data."""
     header = {}
