@@ -15,7 +15,8 @@ from the integer codes:
    element they fail to write shows.
 3. CUDA graphs: dequant_matmul captured for decode and GEMM sizes, replayed
    on new inputs.
-4. A quantized tiny Llama on CUDA (fp16) against the same model's exact CPU
+4. An act-order QuantLinear, re-laid out in place or looking up its groups.
+5. A quantized tiny Llama on CUDA (fp16) against the same model's exact CPU
    forward, eager and under torch.compile; one of its QuantLinear layers
    under torch.compile(fullgraph=True) with inductor.
 
@@ -189,6 +190,25 @@ def check_model(compile_model, log):
     check(f"tiny llama RTN int4 fp16 on CUDA{' torch.compile' if compile_model else ''}", y.cpu(), ref, 2e-2, log)
 
 
+def check_act_order_layer(log):
+    """QuantLinear with a GPTQ act-order g_idx on CUDA: sorted once in place ("reorder") or looked up
+    ("gather"); both against the reference, and the state dict keeps the checkpoint layout."""
+    from llmq.modules.qlinear import QuantLinear
+
+    for mode in ("reorder", "gather"):
+        layer_tensors, w64 = layer_for(4096, 4096, 4, 128, True, False, torch.float16, "cuda", seed=7)
+        layer = QuantLinear(4096, 4096, bits=4, group_size=128, desc_act=True, dtype=torch.float16, device="cuda")
+        layer.act_order = mode
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(layer, name).copy_(layer_tensors[name])
+        layer.post_load()
+        for m in (1, 64, 300):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+            check(f"act-order QuantLinear {mode} M={m}", layer(x), x.double() @ w64.t(), TOL[torch.float16], log)
+        if not torch.equal(layer.state_dict()["qweight"], layer_tensors["qweight"]):
+            raise CheckFailed(f"act-order QuantLinear {mode}: state dict does not hold the checkpoint layout")
+
+
 def check_compiled_layer(log):
     """One QuantLinear under torch.compile(fullgraph=True, inductor): no graph break around the kernel."""
     from llmq.modules.qlinear import QuantLinear
@@ -225,6 +245,7 @@ def main(argv=None) -> int:
              ("poisoned outputs", lambda: check_poisoned(args.device, log))]
     if args.device == "cuda":
         steps += [("cuda graphs", lambda: check_cuda_graphs(log)),
+                  ("act-order layer", lambda: check_act_order_layer(log)),
                   ("model", lambda: check_model(False, log)),
                   ("torch.compile layer", lambda: check_compiled_layer(log)),
                   ("torch.compile model", lambda: check_model(True, log))]

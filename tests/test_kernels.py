@@ -383,3 +383,53 @@ def test_checkout_root_on_sys_path_loads_the_kernels_once():
         "assert 'kernels' not in sys.modules or not hasattr(sys.modules['kernels'], 'dequant_matmul')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# QuantLinear's act-order re-layout --------------------------------------------
+
+def _act_order_quantlinear(seed, act_order="reorder"):
+    from llmq.modules import QuantLinear
+
+    p, w = make_layer(64, 256, 4, 64, True, seed)
+    layer = QuantLinear(256, 64, bits=4, group_size=64, desc_act=True, dtype=torch.float32)
+    layer.act_order = act_order
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        getattr(layer, name).copy_(p[name])
+    layer.post_load()
+    return layer, p, w
+
+
+def test_quantlinear_sorts_act_order_once_and_keeps_the_checkpoint_layout(tmp_path):
+    layer, p, w = _act_order_quantlinear(500)
+    original = p["qweight"].clone()
+    x = make_x((2, 3), 256, torch.float32, 500)
+    ref = reference(x, w, None)
+    assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+    assert layer.perm is not None and not torch.equal(layer.qweight, original), "rows not sorted in place"
+    sorted_codes, perm = layer.qweight.clone(), layer.perm
+    assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+    assert layer.perm is perm and torch.equal(layer.qweight, sorted_codes), "sorted twice"
+    # What leaves the layer is the checkpoint layout: state dict (so every save), codes, CPU path.
+    wrapped = torch.nn.Sequential(layer)
+    assert torch.equal(wrapped.state_dict()["0.qweight"], original)
+    assert "0.perm" not in wrapped.state_dict()
+    assert torch.equal(layer.checkpoint_qweight(), original)
+    assert torch.equal(layer.quantized_weight().dequantize(torch.float64), w)
+    assert_close(layer(x), ref, CPU_KERNEL_TOL)
+    # Moved (new tensors, same layout): still right, not re-sorted.
+    layer._apply(lambda t: t.clone())
+    assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+    # Replaced by checkpoint-layout codes, as a loader or an offloading hook does: sorted again.
+    layer._buffers["qweight"] = original.clone()
+    assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+    # load_state_dict of the checkpoint tensors into the sorted layer.
+    layer.load_state_dict({k[2:]: v for k, v in wrapped.state_dict().items()})
+    assert layer.perm is None and torch.equal(layer.qweight, original)
+    assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+
+
+def test_quantlinear_gather_mode_keeps_the_buffers():
+    layer, p, w = _act_order_quantlinear(501, act_order="gather")
+    x = make_x((5,), 256, torch.float16, 501)
+    assert_close(layer.kernel_forward(x), reference(x, w, None), TOL[torch.float16])
+    assert layer.perm is None and torch.equal(layer.qweight, p["qweight"])

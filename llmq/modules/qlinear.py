@@ -12,7 +12,13 @@ in_features, N = out_features, G = number of groups, b = bits):
 so `load_state_dict` / transformers' loader assign checkpoint tensors directly.
 
 Forward: on CUDA, llmq.kernels.dequant_matmul reads the packed buffers
-directly (Triton). On CPU the buffers are converted once, on the first call,
+(Triton). An act-order layer whose groups are full runs of group_size inputs
+(what GPTQ writes) is re-laid out in place on its first CUDA call
+(`act_order = "reorder"`, the default): qweight's rows are sorted by group and
+x is permuted on each call, so the kernels take their plain grouped path
+instead of looking up every input's scale and zero point (`"gather"` keeps the
+checkpoint layout and does the lookup). The state dict, `quantized_weight()`
+and saving always give the checkpoint layout. On CPU the buffers are converted once, on the first call,
 into the form of the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8
 weight-only kernels, or a dense weight), kept outside the state dict.
 `cpu_backend` picks it: "auto" (default), "int4pack", "int8pack", or "dense"
@@ -24,13 +30,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.packing import codes_per_word, unpack_cols, unpack_rows
-from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu
+from ..formats.packing import codes_per_word, pack_rows, unpack_cols, unpack_rows
+from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu, reorder_act_order
 from ..qweight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
     default_cpu_backend = "auto"  # what new layers use on CPU; see the module doc
+    default_act_order = "reorder"  # how new act-order layers run the CUDA kernels; see the module doc
+
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int,
                  bias: bool = False, desc_act: bool = False, dtype: torch.dtype = torch.float16,
                  device=None):
@@ -61,6 +69,15 @@ class QuantLinear(nn.Module):
         self.cpu_prefill_dense = False
         self._cpu_state = None
         self._cpu_key = None
+        self.act_order = self.default_act_order
+        # Set once qweight's rows are sorted by group: x[..., perm] feeds the kernels.
+        self.register_buffer("perm", None, persistent=False)
+        # qweight.data_ptr() when its kernel layout was prepared. Another pointer
+        # means the buffer was replaced (a loader or an offloading hook) and holds
+        # checkpoint-layout codes again; moves by .to() keep the layout (_apply).
+        self._layout_ptr = None
+        self.register_state_dict_post_hook(_checkpoint_layout_in_state_dict)
+        self.register_load_state_dict_pre_hook(_checkpoint_layout_loaded)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -75,10 +92,19 @@ class QuantLinear(nn.Module):
         layer.post_load()
         return layer
 
+    def checkpoint_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint's layout (rows unsorted when the layer was re-laid out)."""
+        if self.perm is None:
+            return self.qweight
+        sorted_codes = unpack_rows(self.qweight, self.bits)
+        codes = torch.empty_like(sorted_codes)
+        codes[self.perm] = sorted_codes
+        return pack_rows(codes, self.bits)
+
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack the buffers back into integer codes, scales and zeros."""
         return QuantizedWeight(
-            codes=unpack_rows(self.qweight, self.bits).t(),
+            codes=unpack_rows(self.checkpoint_qweight(), self.bits).t(),
             scales=self.scales.t(),
             zeros=unpack_cols(self.qzeros, self.bits).t(),
             bits=self.bits,
@@ -91,34 +117,70 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype or self.scales.dtype)
 
     def post_load(self) -> None:
-        """Called once the buffers hold their final values: drops any prepared CPU form."""
+        """Called once the buffers hold checkpoint values: drops every form prepared from earlier ones."""
+        self._drop_cpu_form()
+        self.perm = None
+        self._layout_ptr = None
+
+    def _drop_cpu_form(self) -> None:
         self._cpu_state = None
         self._cpu_key = None
 
     def set_cpu_backend(self, backend: str = "auto", prefill_dense: bool = False) -> None:
         self.cpu_backend = backend
         self.cpu_prefill_dense = prefill_dense
-        self.post_load()
+        self._drop_cpu_form()
 
     def _cpu_form(self, dtype: torch.dtype):
         key = (self.qweight.data_ptr(), self.scales.data_ptr(), dtype, self.cpu_backend, self.cpu_prefill_dense)
         if self._cpu_key != key:
-            self._cpu_state = prepare_cpu(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+            self._cpu_state = prepare_cpu(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
                                           self.group_size, dtype, backend=self.cpu_backend,
                                           prefill_dense=self.cpu_prefill_dense)
             self._cpu_key = key
         return self._cpu_state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare_kernel_layout(self) -> None:
+        """From checkpoint-layout codes: sort qweight's rows by group in place (act_order "reorder")."""
+        if self.act_order not in ("reorder", "gather"):
+            raise ValueError(f"act_order must be 'reorder' or 'gather', got {self.act_order!r}")
+        self.perm = None
+        if self.g_idx is not None and self.act_order == "reorder":
+            sorted_form = reorder_act_order(self.qweight, self.g_idx, bits=self.bits, group_size=self.group_size)
+            if sorted_form is not None and sorted_form[1] is not None:
+                self.qweight.copy_(sorted_form[0])
+                self.perm = sorted_form[1].to(torch.int32)
+        self._layout_ptr = self.qweight.data_ptr()
+
+    def _apply(self, fn, recurse=True):
+        moved = super()._apply(fn, recurse)
+        if self._layout_ptr is not None:  # the codes moved with their layout
+            self._layout_ptr = self.qweight.data_ptr()
+        return moved
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward through llmq.kernels.dequant_matmul (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+        if torch.compiler.is_compiling():
+            if self._layout_ptr is None:  # first call: rewrite the buffers eagerly, outside the graph
+                _kernel_layout_outside_graph(self)
+        elif self._layout_ptr != self.qweight.data_ptr():
+            self._prepare_kernel_layout()
+        g_idx = self.g_idx
+        if self.perm is not None:
+            x, g_idx = x.index_select(-1, self.perm), None
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        return dequant_matmul(x, self.qweight, self.qzeros, self.scales.to(x.dtype), bits=self.bits,
+                              group_size=self.group_size, g_idx=g_idx, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             # Under torch.compile the conversion runs eagerly: it caches by data
             # pointer, which dynamo cannot trace, and tracing it would recompile
             # for every layer shape.
             prepare = _cpu_form_outside_graph if torch.compiler.is_compiling() else QuantLinear._cpu_form
             return cpu_matmul(x, prepare(self, x.dtype), bias)
-        return dequant_matmul(x, self.qweight, self.qzeros, self.scales.to(x.dtype), bits=self.bits,
-                              group_size=self.group_size, g_idx=self.g_idx, bias=bias)
+        return self.kernel_forward(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -127,6 +189,19 @@ class QuantLinear(nn.Module):
 
 # torch._disable_dynamo imports dynamo on first call only, so importing llmq stays light.
 _cpu_form_outside_graph = torch._disable_dynamo(QuantLinear._cpu_form)
+_kernel_layout_outside_graph = torch._disable_dynamo(QuantLinear._prepare_kernel_layout)
+
+
+def _checkpoint_layout_in_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    # The state dict (and so every save) holds the checkpoint layout, never the sorted one.
+    if module.perm is not None and prefix + "qweight" in state_dict:
+        state_dict[prefix + "qweight"] = module.checkpoint_qweight()
+
+
+def _checkpoint_layout_loaded(module, state_dict, prefix, *args) -> None:
+    # Tensors loaded from a state dict are in the checkpoint layout.
+    if prefix + "qweight" in state_dict:
+        module.post_load()
 
 
 def set_cpu_backend(model: nn.Module, backend: str = "auto", prefill_dense: bool = False) -> None:
