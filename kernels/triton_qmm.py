@@ -20,8 +20,14 @@ tile of rows and columns. It serves two dispatch paths:
 `_dequant_kernel` writes the dense [K, N] weight for the large-M path
 (dequantize + cuBLAS).
 
-Act-order is handled by gathering scales and zeros with g_idx inside the
-kernel (x is not permuted): the checkpoint tensors are used as stored.
+Given g_idx (act-order), a tile gathers each input's scale and zero point
+(x is not permuted): the checkpoint tensors are used as stored. QuantLinear
+avoids that path where it can by sorting the layer's rows by group once
+(`reorder_act_order`) and permuting x instead.
+
+Each K tile loads its packed words once, [BLOCK_K*b/32, BLOCK_N], and unpacks
+them in registers; a tile that holds several whole groups loads one row of
+scales and zeros per group.
 
 Autotuning: on CUDA each path is autotuned with the key bucketed on M (next
 power of two, capped), N, K and the quantization constants. Under

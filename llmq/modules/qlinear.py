@@ -18,9 +18,11 @@ Forward: on CUDA, llmq.kernels.dequant_matmul reads the packed buffers
 x is permuted on each call, so the kernels take their plain grouped path
 instead of looking up every input's scale and zero point (`"gather"` keeps the
 checkpoint layout and does the lookup). The state dict, `quantized_weight()`
-and saving always give the checkpoint layout. On CPU the buffers are converted once, on the first call,
-into the form of the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8
-weight-only kernels, or a dense weight), kept outside the state dict.
+and saving always give the checkpoint layout.
+
+On CPU the buffers are converted once, on the first call, into the form of
+the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8 weight-only
+kernels, or a dense weight), kept outside the state dict.
 `cpu_backend` picks it: "auto" (default), "int4pack", "int8pack", or "dense"
 (exact in the activation dtype; as much memory as the unquantized layer).
 """
