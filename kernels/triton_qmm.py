@@ -241,32 +241,28 @@ def _grid(m, n):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
-def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
-    """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
+def _launch_qmm(kernel, meta, atomic, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
     m, k = x.shape
     n = qweight.shape[1]
-    _decode[_grid(m, n)](
-        x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else scales, out_fp32,
-        m, n, k, x.stride(0), x.stride(1), m_bucket(m),
-        BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
-        ATOMIC=True, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-        **_DECODE_META)
-    return out_fp32
-
-
-def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
-    """Medium-M path. x [M, K], out [M, N] contiguous in x's dtype (every element written)."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    _gemm[_grid(m, n)](
+    # Absent optional tensors are passed as any valid pointer; HAS_BIAS / ACT_ORDER keep them unread.
+    kernel[_grid(m, n)](
         x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else scales, out,
         m, n, k, x.stride(0), x.stride(1), m_bucket(m),
         BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
-        ATOMIC=False, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-        **_GEMM_META)
+        ATOMIC=atomic, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype), **meta)
     return out
+
+
+def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
+    """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
+    return _launch_qmm(_decode, _DECODE_META, True, x, qweight, qzeros, scales, g_idx, bias, bits, group_size,
+                       out_fp32)
+
+
+def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
+    """Medium-M path. x [M, K], out [M, N] contiguous in x's dtype (every element written)."""
+    return _launch_qmm(_gemm, _GEMM_META, False, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out)
 
 
 def dequantize_into(qweight, qzeros, scales, g_idx, bits, group_size, w):
