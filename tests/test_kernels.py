@@ -9,8 +9,10 @@ before the kernel module is imported (or it is reloaded if another module
 imported it first), and restored when this module's tests end.
 """
 
+import copy
 import importlib
 import itertools
+import pickle
 import subprocess
 import sys
 import os
@@ -416,9 +418,13 @@ def test_quantlinear_sorts_act_order_once_and_keeps_the_checkpoint_layout(tmp_pa
     assert torch.equal(layer.checkpoint_qweight(), original)
     assert torch.equal(layer.quantized_weight().dequantize(torch.float64), w)
     assert_close(layer(x), ref, CPU_KERNEL_TOL)
-    # Moved (new tensors, same layout): still right, not re-sorted.
+    # Moved or copied (new tensors, same layout): still right, not re-sorted.
     layer._apply(lambda t: t.clone())
     assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.perm is not None
+        assert_close(copied.kernel_forward(x), ref, TOL[torch.float32])
+        assert torch.equal(copied.state_dict()["qweight"], original)
     # Replaced by checkpoint-layout codes, as a loader or an offloading hook does: sorted again.
     layer._buffers["qweight"] = original.clone()
     assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])

@@ -76,7 +76,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", None, persistent=False)
         # qweight.data_ptr() when its kernel layout was prepared. Another pointer
         # means the buffer was replaced (a loader or an offloading hook) and holds
-        # checkpoint-layout codes again; moves by .to() keep the layout (_apply).
+        # checkpoint-layout codes again; moves by .to() and copies keep the
+        # layout (_apply, __setstate__).
         self._layout_ptr = None
         self.register_state_dict_post_hook(_checkpoint_layout_in_state_dict)
         self.register_load_state_dict_pre_hook(_checkpoint_layout_loaded)
@@ -159,6 +160,11 @@ class QuantLinear(nn.Module):
         if self._layout_ptr is not None:  # the codes moved with their layout
             self._layout_ptr = self.qweight.data_ptr()
         return moved
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._layout_ptr is not None:  # a copy (deepcopy, pickle) carries the layout with its codes
+            self._layout_ptr = self.qweight.data_ptr()
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through llmq.kernels.dequant_matmul (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
