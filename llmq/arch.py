@@ -142,9 +142,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     return ArchSpec(layers=_discover_layers(model), sequential=None)
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted path, ModuleList) of the decoder layers."""
-    spec = arch_spec(model)
+def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> tuple[str, nn.ModuleList]:
+    """(dotted path, ModuleList) of the decoder layers; spec: the model's, if already resolved."""
+    spec = spec or arch_spec(model)
     return spec.layers, _get(model, spec.layers)
 
 

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from .config import METHODS, QuantConfig
+from .methods import registry
 from .errors import LlmqError
 
 # Further subcommands live beside the code they drive: module -> (name, help).
@@ -35,8 +36,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="hub id (owner/name) or local model folder")
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--method", choices=METHODS, default="rtn",
-                   help="rtn: round-to-nearest, no data; gptq: second-order error correction; "
-                        "awq: activation-aware scaling; awq+gptq: AWQ scaling then GPTQ codes")
+                   help="; ".join(f"{m.name}: {m.summary}" for m in registry.entries()))
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 4 or 8")
     p.add_argument("--group-size", type=int, default=128,
                    help="input features per scale; -1 for one group per output row")

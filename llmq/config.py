@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LlmqError
+from .methods import registry
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = registry.names()
 SUPPORTED_BITS = (4, 8)
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmq"
@@ -51,8 +52,8 @@ class QuantConfig:
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise LlmqError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in registry.names():
+            raise LlmqError(f"unknown method {self.method!r}: choose one of {', '.join(registry.names())}")
         if self.bits not in SUPPORTED_BITS:
             raise LlmqError(f"{self.bits} bits are not supported: choose 4 or 8")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):

@@ -68,9 +68,14 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """(hidden states entering layer 0, [(args, kwargs) of each layer]) for one batch."""
-    _, layers = arch.decoder_layers(model)
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor,
+                         layers: nn.ModuleList | None = None) -> tuple[torch.Tensor, list]:
+    """(hidden states entering layer 0, [(args, kwargs) of each layer]) for one batch.
+
+    layers: the model's decoder layers (None: looked up with arch.decoder_layers).
+    """
+    if layers is None:
+        _, layers = arch.decoder_layers(model)
     originals = list(layers)
     calls: list = []
     for i, layer in enumerate(originals):
@@ -106,17 +111,20 @@ def activations_fit(hidden: torch.Tensor, device: torch.device) -> bool:
 
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
-               progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None) -> torch.Tensor:
+               progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None,
+               layers: nn.ModuleList | None = None) -> torch.Tensor:
     """Drive `step` over every decoder layer and return the last layer's output.
 
     step(index, layer, hidden, args, kwargs) runs the layer (already on device)
     on hidden and returns (output hidden states, a short status for the
     progress bar). keep_on_device: keep the activations on the device between
     layers (None: when they fit, see activations_fit) or on the host.
+    layers: the model's decoder layers (None: looked up with arch.decoder_layers).
     """
     model.eval()
-    _, layers = arch.decoder_layers(model)
-    hidden, per_layer = capture_layer_inputs(model, input_ids)
+    if layers is None:
+        _, layers = arch.decoder_layers(model)
+    hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
     if keep_on_device is None:
         keep_on_device = activations_fit(hidden, device)
     store = device if keep_on_device else hidden.device
@@ -133,6 +141,25 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         if status:
             bar.set_postfix_str(status)
     return hidden
+
+
+@torch.no_grad()
+def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, progress: bool = True,
+               desc: str = "layers", indices=None) -> None:
+    """Drive `step` over decoder layers without data (methods that need no calibration).
+
+    step(index, layer, None, (), {}) runs with the layer on the device; the layer
+    goes back where it was afterwards. indices: the layers to visit (None: all).
+    """
+    bar = tqdm(range(len(layers)) if indices is None else indices, desc=desc, unit="layer", disable=not progress)
+    for i in bar:
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        _, status = step(i, layer, None, (), {})
+        layer.to(home)
+        if status:
+            bar.set_postfix_str(status)
 
 
 def layer_output(out) -> torch.Tensor:

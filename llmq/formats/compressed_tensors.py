@@ -24,6 +24,7 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import LlmqError
+from ..methods import registry
 from .engines import EngineSupport, marlin_problem
 from .packing import pack_rows
 
@@ -150,7 +151,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         else:
             out[f"{name}.qzeros"] = tensors[f"{name}.weight_zero_point"].t().contiguous()
     meta = cfg.get("llmq") or {}
-    method = meta.get("method") if meta.get("method") in ("rtn", "gptq", "awq", "awq+gptq") else "rtn"
+    method = meta.get("method") if meta.get("method") in registry.names() else "rtn"
     qc = QuantConfig(method=method, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
                      modules_to_not_convert=["lm_head"],
                      calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})

@@ -24,6 +24,7 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import LlmqError
+from ..methods import registry
 from .packing import pack_cols, unpack_cols
 from .engines import EngineSupport, marlin_problem
 
@@ -128,7 +129,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         else:
             out[f"{name}.g_idx"] = out[f"{name}.g_idx"].to(torch.int32)
     meta = cfg.get("meta") or {}
-    method = meta.get("llmq_method") if meta.get("llmq_method") in ("rtn", "gptq", "awq", "awq+gptq") else "gptq"
+    method = meta.get("llmq_method") if meta.get("llmq_method") in registry.names() else "gptq"
     qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
                      desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
                      damp=float(cfg.get("damp_percent") or 0.01),

@@ -41,7 +41,14 @@ from ..qweight import QuantizedWeight
 from ..solvers.awq import InputStats, input_stats, scale_gram, search_clip, search_scales
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
 from ..solvers.rtn import rtn_quantize
+from .base import Job, LayerStep, Method
 from .common import forward_with_pre_hooks, swap_in_quantized
+
+# Rows of each input used for the Gram matrix of the scale and clip searches
+# (mean |x| always uses all rows; awq+gptq uses all rows for its Hessian).
+SEARCH_ROWS = 8192
+# Points of the scale grid and of the clip grid.
+GRID = 20
 
 
 @dataclass
@@ -136,61 +143,50 @@ def fold_into_prev(prev: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
         bias.data = (bias.float() / s).to(bias.dtype)
 
 
-class AWQLayerStep:
+class AWQLayerStep(LayerStep):
     """Callable for engine.run_layers.
 
     Args:
-        config: bits, group size, symmetry; method "awq" or "awq+gptq".
+        config: bits, group size, symmetry.
         units_by_layer: layer index -> units (build_units).
         scale_dtype: dtype the scales are stored in.
-        search_rows: rows of each input used for the Gram matrix of the searches
-            (None: all); mean |x| always uses all rows. awq+gptq uses all rows.
-        grid: points of the scale grid and of the clip grid.
-        clip: run the clip search.
+        use_gptq: quantize the scaled weights with GPTQ (awq+gptq) instead of
+            round-to-nearest.
     """
 
-    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[Unit]], scale_dtype: torch.dtype, *,
-                 search_rows: int | None = 8192, grid: int = 20, clip: bool = True):
+    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[Unit]], scale_dtype: torch.dtype,
+                 use_gptq: bool = False):
+        super().__init__()
         self.config = config
         self.units_by_layer = units_by_layer
         self.scale_dtype = scale_dtype
-        self.search_rows = search_rows
-        self.grid = grid
-        self.clip = clip
-        self.use_gptq = config.method == "awq+gptq"
+        self.use_gptq = use_gptq
         self.timings = {"stats": 0.0, "scales": 0.0, "clip": 0.0, "quantize": 0.0}
-        self.layer_errors: list[float] = []  # per layer: worst relative output error of a unit
-        self.alphas: list[list[float]] = []  # per layer: alpha of each scaled unit
-        self.damp_raised: list[str] = []
 
     def __call__(self, index: int, layer: nn.Module, hidden, args, kwargs):
         units = self.units_by_layer.get(index, [])
         solved: dict[str, QuantizedWeight] = {}
         after: list = []  # column scalings of unquantized group members, applied after the forward
         errors: list[float] = []
-        alphas: list[float] = []
         hooks = []
         for unit in units:
-            hook = self._hook(layer, unit, solved, after, errors, alphas)
+            hook = self._hook(layer, unit, solved, after, errors)
             hooks += [(n, hook) for n in unit.linears]
         out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
         for fn in after:
             fn()
         swap_in_quantized(layer, [t for unit in units for t in unit.targets.items()], solved)
         worst = max(errors) if errors else 0.0
-        self.layer_errors.append(worst)
-        self.alphas.append(alphas)
         return out, f"rel_err={worst:.3g}"
 
-    def _hook(self, layer, unit: Unit, solved: dict, after: list, errors: list, alphas: list):
+    def _hook(self, layer, unit: Unit, solved: dict, after: list, errors: list):
         def hook(module: nn.Linear, args):
             if any(n in solved for n in unit.targets):
                 return  # the unit was done when its first linear ran
-            self._solve_unit(layer, unit, args[0], solved, after, errors, alphas)
+            self._solve_unit(layer, unit, args[0], solved, after, errors)
         return hook
 
-    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, after: list, errors: list,
-                    alphas: list):
+    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, after: list, errors: list):
         c = self.config
         t0 = time.perf_counter()
         linears = {n: layer.get_submodule(n) for n in unit.linears}
@@ -205,7 +201,7 @@ class AWQLayerStep:
             stats = InputStats(gram=hessian / 2, mean_abs=x.reshape(-1, k).abs().float().mean(0),
                                rows=acc.nsamples)
         else:
-            stats = input_stats(x, self.search_rows)
+            stats = input_stats(x, SEARCH_ROWS)
         t1 = time.perf_counter()
         self.timings["stats"] += t1 - t0
 
@@ -214,9 +210,8 @@ class AWQLayerStep:
         target_w = [linears[n].weight for n in unit.targets]
         if unit.group is not None:
             res = search_scales(target_w, stats, bits=c.bits, group_size=gs, sym=c.sym,
-                                scale_dtype=self.scale_dtype, grid=self.grid)
+                                scale_dtype=self.scale_dtype, grid=GRID)
             s = res.scales
-            alphas.append(res.alpha)
             self._fold_prev(layer, unit.group, s, solved)
             gram = scale_gram(gram, s)
             if hessian is not None:
@@ -232,9 +227,9 @@ class AWQLayerStep:
         for n in unit.targets:
             w = linears[n].weight.float()
             w = w * s if s is not None else w
-            if self.clip and n not in unit.no_clip:
+            if n not in unit.no_clip:
                 w = search_clip(w, gram, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
-                                grid=self.grid).weight
+                                grid=GRID).weight
             weights[n] = w
         t3 = time.perf_counter()
         self.timings["clip"] += t3 - t2
@@ -275,3 +270,23 @@ class AWQLayerStep:
             prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
         else:
             fold_into_prev(layer.get_submodule(group.prev), group, s)
+
+
+class AWQ(Method):
+    """AWQ; with use_gptq, the scaled weights are quantized by GPTQ (awq+gptq)."""
+
+    def __init__(self, name: str = "awq", use_gptq: bool = False):
+        self.name = name
+        self.use_gptq = use_gptq
+
+    def check(self, job: Job) -> None:
+        require_scale_groups(job.spec, job.model.config)
+
+    def plan_layer(self, job: Job, index: int, layer: nn.Module, targets: dict[str, str]) -> list[Unit]:
+        return build_units(job.spec, layer, targets, job.model.config)
+
+    def layer_step(self, job: Job, plans) -> LayerStep:
+        return AWQLayerStep(job.config, plans, job.scale_dtype, use_gptq=self.use_gptq)
+
+
+METHOD = AWQ()

@@ -18,42 +18,39 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
+
 from ..qweight import QuantizedWeight
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
+from .base import Job, LayerStep, Method
 from .common import forward_with_pre_hooks, swap_in_quantized
 
 
-class GPTQLayerStep:
+class GPTQLayerStep(LayerStep):
     """Callable for engine.run_layers.
 
     Args:
         config: bits, group size, damping, act-order ...
-        groups_by_layer: layer index -> list of groups, each a list of
-            (local name, full name) of linears that read the same input.
+        plans: layer index -> list of groups, each a list of (local name, full
+            name) of linears that read the same input (Method.plan_layer).
         scale_dtype: dtype the scales are stored in.
-        hessian_dtype: None for fp32 products, torch.bfloat16 for bf16 inputs
-            accumulated in fp32.
     """
 
-    def __init__(self, config: QuantConfig, groups_by_layer: dict[int, list[list[tuple[str, str]]]],
-                 scale_dtype: torch.dtype, hessian_dtype: torch.dtype | None = None):
+    def __init__(self, config: QuantConfig, plans: dict[int, list[list[tuple[str, str]]]],
+                 scale_dtype: torch.dtype):
+        super().__init__()
         self.config = config
-        self.groups_by_layer = groups_by_layer
+        self.plans = plans
         self.scale_dtype = scale_dtype
-        self.hessian_dtype = hessian_dtype
         self.timings = {"hessian": 0.0, "solve": 0.0}
-        self.damp_raised: list[str] = []
-        self.layer_errors: list[float] = []
 
     def __call__(self, index: int, layer: nn.Module, hidden, args, kwargs):
-        groups = self.groups_by_layer.get(index, [])
+        groups = self.plans.get(index, [])
         solved: dict[str, QuantizedWeight] = {}
         errors: list[float] = []
         hooks = [(local, self._hook(layer, group, solved, errors)) for group in groups for local, _ in group]
         out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
         swap_in_quantized(layer, [t for group in groups for t in group], solved)
         worst = max(errors) if errors else 0.0
-        self.layer_errors.append(worst)
         return out, f"out_mse={worst:.3g}"
 
     def _hook(self, layer: nn.Module, group: list[tuple[str, str]], solved: dict, errors: list):
@@ -62,7 +59,7 @@ class GPTQLayerStep:
                 return  # solved with the first linear of its group
             x = args[0]
             t0 = time.perf_counter()
-            acc = HessianAccumulator(module.in_features, device=x.device, input_dtype=self.hessian_dtype)
+            acc = HessianAccumulator(module.in_features, device=x.device)
             acc.add_batch(x)
             t1 = time.perf_counter()
             c = self.config
@@ -80,3 +77,13 @@ class GPTQLayerStep:
                 if stats.damp_raised:
                     self.damp_raised.append(f"{full} (damp {stats.damp:g})")
         return hook
+
+
+class GPTQ(Method):
+    name = "gptq"
+
+    def layer_step(self, job: Job, plans) -> LayerStep:
+        return GPTQLayerStep(job.config, plans, job.scale_dtype)
+
+
+METHOD = GPTQ()

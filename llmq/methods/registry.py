@@ -1,0 +1,51 @@
+"""The table of quantization methods: the one list every other part derives from.
+
+Each entry names a module under llmq/methods/ that defines `METHOD`, an
+instance of methods.base.Method (what it needs, how it plans a layer, the
+layer step the engine drives). The table itself imports nothing of llmq, so
+the config, the CLI and the format readers can read the names without pulling
+in solvers; a method's module is imported only when it is used.
+
+Adding a method is one module with a METHOD and one `register` call below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str  # the value of QuantConfig.method and --method
+    module: str  # dotted module that defines METHOD
+    summary: str  # one line for --help
+
+
+_TABLE: dict[str, MethodEntry] = {}
+
+
+def register(entry: MethodEntry) -> None:
+    if entry.name in _TABLE and _TABLE[entry.name] != entry:
+        raise ValueError(f"method {entry.name!r} is already registered by {_TABLE[entry.name].module}")
+    _TABLE[entry.name] = entry
+
+
+def names() -> tuple[str, ...]:
+    """Every method name, in table order."""
+    return tuple(_TABLE)
+
+
+def entries() -> tuple[MethodEntry, ...]:
+    return tuple(_TABLE.values())
+
+
+def get(name: str):
+    """The Method object of a registered method (imports its module)."""
+    return importlib.import_module(_TABLE[name].module).METHOD
+
+
+register(MethodEntry("rtn", "llmq.methods.rtn", "round-to-nearest, no data"))
+register(MethodEntry("gptq", "llmq.methods.gptq", "second-order error correction"))
+register(MethodEntry("awq", "llmq.methods.awq", "activation-aware scaling"))
+register(MethodEntry("awq+gptq", "llmq.methods.awq_gptq", "AWQ scaling then GPTQ codes"))

@@ -1,0 +1,84 @@
+"""The method table: one list of methods, each looked up by quantize, and a new one plugs in."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+import llmq
+from llmq import LlmqError, QuantConfig, arch, cli, config as config_module
+from llmq.formats import compressed_tensors, gptq as gptq_format
+from llmq.methods import registry
+from llmq.methods.base import Method
+from llmq.methods.rtn import RTNLayerStep
+from conftest import random_ids, tiny_model
+
+
+def test_every_list_of_methods_is_the_table():
+    names = registry.names()
+    assert names == ("rtn", "gptq", "awq", "awq+gptq")
+    assert config_module.METHODS == names
+    choices = next(a.choices for a in cli.build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+                   if a.dest == "method")
+    assert tuple(choices) == names
+    for name in names:
+        method = registry.get(name)
+        assert isinstance(method, Method) and method.name == name
+        assert method.needs_calibration == (name != "rtn")
+    assert "registry" in vars(gptq_format) and "registry" in vars(compressed_tensors)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_architecture_resolved_once_and_caller_config_untouched(monkeypatch, method):
+    calls = []
+    real = arch.arch_spec
+    monkeypatch.setattr(arch, "arch_spec", lambda model: calls.append(1) or real(model))
+    config = QuantConfig(method=method, bits=4, group_size=32)
+    before = config.to_dict()
+    windows = random_ids(n=4, length=16, seed=3)
+    model = llmq.quantize(tiny_model("llama"), config, windows, device="cpu", progress=False)
+    assert len(calls) == 1
+    assert config.to_dict() == before  # nothing written into the caller's config
+    recorded = model.config.quantization_config["calibration"]
+    assert recorded == {"dataset": "token windows", "nsamples": 4, "seqlen": 16}
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 8), torch.zeros(8, dtype=torch.long),
+                                 torch.zeros(0, 8, dtype=torch.long)])
+def test_bad_calibration_windows_are_refused(bad):
+    with pytest.raises(LlmqError, match="calibration windows must be a non-empty integer tensor"):
+        llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32), bad, device="cpu",
+                      progress=False)
+
+
+def test_a_registered_method_is_used_by_quantize(monkeypatch):
+    # A new method is one module with METHOD and one table entry; here a calibrated
+    # round-to-nearest that records which layers it saw and the shape of their inputs.
+    seen = []
+
+    class Seen(RTNLayerStep):
+        def __call__(self, index, layer, hidden, args, kwargs):
+            seen.append((index, tuple(hidden.shape)))
+            out = layer(hidden, *args, **kwargs)
+            super().__call__(index, layer, hidden, args, kwargs)
+            return out[0] if isinstance(out, tuple) else out, ""
+
+    class Toy(Method):
+        name = "toy"
+
+        def layer_step(self, job, plans):
+            assert set(plans) == set(job.targets) == {0, 1}
+            return Seen(job.config, plans, job.scale_dtype)
+
+    module = types.ModuleType("llmq_toy_method")
+    module.METHOD = Toy()
+    monkeypatch.setitem(sys.modules, "llmq_toy_method", module)
+    monkeypatch.setitem(registry._TABLE, "toy", registry.MethodEntry("toy", "llmq_toy_method", "a test method"))
+    with pytest.raises(LlmqError, match="unknown method"):
+        QuantConfig(method="toy2")
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(method="toy", group_size=32),
+                          random_ids(n=2, length=8), device="cpu", progress=False)
+    assert [i for i, _ in seen] == [0, 1] and all(s == (2, 8, 64) for _, s in seen)
+    assert sum(isinstance(m, llmq.QuantLinear) for m in model.modules()) == 14
+    assert model.config.quantization_config["method"] == "toy"
