@@ -68,6 +68,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--format", choices=["llmq", "gptq", "compressed-tensors"], default="llmq",
                    help="checkpoint format: llmq (native), gptq (vLLM/SGLang/TGI/transformers), "
                         "compressed-tensors (vLLM's native format, transformers)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the model tensor by tensor from its safetensors shards instead of loading it "
+                        "whole; rtn then goes straight from the input shards to the output shards (default: "
+                        "on for rtn where the model allows it, with a note saying why when it does not)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_quantize)
@@ -89,7 +93,15 @@ def _run_quantize(args) -> int:
         modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
     )
     from .loading import load_model
+    from .memory import gib, peak_host_memory
 
+    out = _quantize_rtn_shards(args, config) if config.method == "rtn" and args.stream is not False else None
+    if out is not None:
+        if not args.quiet:
+            print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
+        return 0
+    if args.stream:
+        raise LlmqError(f"--stream is not available for --method {args.method} yet: drop --stream")
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
@@ -103,8 +115,28 @@ def _run_quantize(args) -> int:
         if not args.quiet:
             print_report(args.format, rows)
     if not args.quiet:
-        print(f"wrote {out}")
+        print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
     return 0
+
+
+def _quantize_rtn_shards(args, config: QuantConfig):
+    """RTN from the input shards straight to the output shards; None (with a note) where it cannot run."""
+    from .loading import load_tokenizer
+    from .shard_rtn import quantize_rtn_shards
+    from .skeleton import build_skeleton
+
+    skeleton = build_skeleton(args.model, args.dtype)
+    reason = skeleton.blocker
+    if reason is None and args.format != "llmq":
+        reason = f"--format {args.format} is written from a model in memory"
+    if reason is not None:
+        if args.stream:
+            raise LlmqError(f"cannot stream {args.model}: {reason}; drop --stream to quantize it in memory")
+        if not args.quiet:
+            print(f"note: quantizing in memory, not shard by shard: {reason}", file=sys.stderr)
+        return None
+    return quantize_rtn_shards(skeleton, args.out, config, device=args.device, tokenizer=load_tokenizer(args.model),
+                               overwrite=args.overwrite, progress=not args.quiet)
 
 
 def _add_info(sub) -> None:

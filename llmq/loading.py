@@ -59,27 +59,42 @@ def _from_hub_error(source: str, e: Exception) -> LlmqError:
                      "check the id and your network, or download the model and pass its folder")
 
 
-def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **kwargs):
-    """(model, tokenizer or None) of a full-precision causal LM, on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_model_source(source: str) -> dict | None:
+    """Refuse a source that is neither a model folder nor a hub id, or is already quantized.
 
-    source = str(source)
+    Returns the folder's config.json (None for a hub id).
+    """
     _check_source(source)
     config = read_config(source)
     if config is not None and config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
+    return config
+
+
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **kwargs):
+    """(model, tokenizer or None) of a full-precision causal LM, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    source = str(source)
+    config = check_model_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
     except (OSError, ValueError) as e:
         if config is None:
             raise _from_hub_error(source, e) from e
         raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer saved with a model, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(str(source))
     except Exception:  # a weights-only folder (tests, tools) has no tokenizer; RTN does not need one
-        tokenizer = None
-    return model, tokenizer
+        return None
 
 
 def from_pretrained(path: str | os.PathLike, **hf_kwargs):

@@ -23,9 +23,13 @@ from .methods.base import Job
 _GROUP_SIZE_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def plan(model: nn.Module, config: QuantConfig, device: torch.device) -> Job:
+def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_finite: bool = True) -> Job:
     """Resolve the architecture and the linears to quantize once, checked against the
-    config (shapes, finite weights)."""
+    config (shapes, finite weights).
+
+    check_finite=False for a skeleton on the meta device, whose weights are
+    checked as they are read.
+    """
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
     targets: dict[int, dict[str, str]] = {}
@@ -39,7 +43,8 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device) -> Job:
     if not targets:
         raise LlmqError("no linear layer left to quantize: check modules_to_not_convert")
     _check_shapes(shapes, config)
-    _check_finite(model)
+    if check_finite:
+        _check_finite(model)
     return Job(model=model, config=config, spec=spec, layers=layers, targets=targets,
                scale_dtype=scale_dtype_for(next(model.parameters()).dtype), device=device)
 
@@ -155,6 +160,11 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:
 
 def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LlmqError(f"weight {name} contains NaN or Inf values: the model is damaged; "
-                            "re-download or repair it before quantizing")
+        check_finite(name, p)
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Refuse a floating-point weight holding NaN or Inf, by name."""
+    if weight.is_floating_point() and not torch.isfinite(weight).all():
+        raise LlmqError(f"weight {name} contains NaN or Inf values: the model is damaged; "
+                        "re-download or repair it before quantizing")

@@ -1,0 +1,156 @@
+"""Safetensors shards read one tensor at a time and written as tensors arrive.
+
+SourceShards reads the weights of a local model folder lazily: it knows every
+tensor's shape and dtype from the headers, and reads a tensor's bytes only
+when asked (with positioned reads where safetensors offers them, so that a
+file's pages do not stay mapped and counted in the process's memory).
+
+ShardWriter writes output shards without holding them in memory: each tensor's
+bytes are appended to a part file as soon as it is added; when a part reaches
+the shard size, a new one starts. `finish` turns each part into a safetensors
+file (header, then the part's bytes) named as transformers names shards, with
+an index when there is more than one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .formats.native import SAFETENSORS_DTYPES
+
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:  # safetensors without positioned reads: memory-mapped
+        return safe_open(path, framework="pt")
+
+
+class SourceShards:
+    """The safetensors weights of a local model folder, read lazily by tensor name."""
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        index = folder / INDEX_FILE
+        if index.is_file():
+            index_data = json.loads(index.read_text())
+            files = sorted(set(index_data["weight_map"].values()))
+            self.metadata = index_data.get("metadata") or {}
+        elif (folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+            self.metadata = None
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+        self.folder = folder
+        self.files = [str(folder / f) for f in files]
+        self.file_of: dict[str, str] = {}
+        self.header: dict[str, tuple[list[int], torch.dtype]] = {}
+        for path in self.files:
+            with _open(path) as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    self.file_of[key] = path
+                    self.header[key] = (list(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype()))
+        self._handle = None
+        self._handle_path = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def nbytes(self) -> int:
+        """Size of all tensors on disk."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.header.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor named key, as stored (a fresh CPU tensor)."""
+        path = self.file_of[key]
+        if self._handle_path != path:
+            self.close()
+            self._handle = _open(path).__enter__()
+            self._handle_path = path
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._handle = None
+        self._handle_path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most max_shard_size bytes, as they arrive."""
+
+    def __init__(self, folder: str | os.PathLike, max_shard_size: int = 4 * 10**9):
+        self.folder = Path(folder)
+        self.max_shard_size = max_shard_size
+        self.parts: list[dict] = []  # {"data": path, "entries": {name: (dtype, shape, start, end)}, "size": n}
+        self._file = None
+        self._names: set[str] = set()
+
+    def _new_part(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        path = self.folder / f".part-{len(self.parts) + 1:05d}.data"
+        self.parts.append({"data": path, "entries": {}, "size": 0})
+        self._file = open(path, "wb")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        data = tensor.detach().to("cpu").contiguous()
+        nbytes = data.numel() * data.element_size()
+        if not self.parts or (self.parts[-1]["size"] and self.parts[-1]["size"] + nbytes > self.max_shard_size):
+            self._new_part()
+        part = self.parts[-1]
+        if nbytes:
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        part["entries"][name] = (_DTYPE_NAMES[data.dtype], list(data.shape), part["size"], part["size"] + nbytes)
+        part["size"] += nbytes
+        self._names.add(name)
+
+    def finish(self, metadata: dict[str, str] | None = None) -> list[Path]:
+        """Write the safetensors files (and the index when there are several); return their paths."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self.parts:
+            self._new_part()
+            self._file.close()
+            self._file = None
+        n = len(self.parts)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for part, name in zip(self.parts, names):
+            header = {"__metadata__": {"format": "pt", **(metadata or {})}}
+            for key, (dtype, shape, start, end) in sorted(part["entries"].items()):
+                header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+                weight_map[key] = name
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+            with open(self.folder / name, "wb") as out, open(part["data"], "rb") as src:
+                out.write(len(raw).to_bytes(8, "little"))
+                out.write(raw)
+                shutil.copyfileobj(src, out, 16 * 2**20)
+            os.remove(part["data"])
+        if n > 1:
+            total = sum(p["size"] for p in self.parts)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / name for name in names]

@@ -1,0 +1,114 @@
+"""A model's skeleton on the meta device, and whether its shards can be read tensor by tensor.
+
+Working from the shards instead of a loaded model is only safe when every
+tensor on disk is, by name, shape and content, the tensor `from_pretrained`
+would put in the model. transformers 5 renames some checkpoint keys on load
+and fuses others (mixture-of-experts weights stored per expert become 3D
+parameters); it keeps some modules in float32; it initialises tensors a
+checkpoint lacks. For such models `Skeleton.blocker` says why, in a phrase,
+and the caller loads the model the ordinary way instead.
+
+The skeleton is built the way `from_pretrained` builds it (the dtype it would
+pick, the conversion mapping it would apply), so that these checks ask
+transformers rather than a copy of its rules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import check_model_source, resolve_dtype
+from .shards import SourceShards
+
+
+@dataclass
+class Skeleton:
+    """The model's module tree on the meta device, with its source shards."""
+
+    source: str
+    model: nn.Module  # on the meta device
+    dtype: torch.dtype  # what from_pretrained would load floating tensors as
+    shards: SourceShards | None
+    blocker: str | None  # why the shards cannot be read tensor by tensor; None when they can
+
+    @property
+    def tied(self) -> set[str]:
+        """Tensors tied to another one: from_pretrained fills them from their source, saves skip them."""
+        return set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+
+    def expected_keys(self) -> list[str]:
+        """The model's state dict keys that a checkpoint holds, in module order."""
+        tied = self.tied
+        return [k for k in self.model.state_dict() if k not in tied]
+
+
+def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
+    """The meta-device skeleton of the causal LM at source (a local folder or hub id).
+
+    Raises LlmqError for a source that is not a model (or is already quantized),
+    exactly as loading it would.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import _get_dtype
+
+    source = str(source)
+    check_model_source(source)
+    if not Path(source).is_dir():
+        return Skeleton(source, None, None, None, "hub ids are read through from_pretrained")
+    try:
+        shards = SourceShards(source)
+    except FileNotFoundError:
+        shards = None
+    config = AutoConfig.from_pretrained(source)
+    files = shards.files if shards else None
+    sharded = shards.metadata if shards and shards.metadata is not None else None
+    if shards is None:
+        resolved = resolve_dtype(dtype)
+        resolved = config.dtype if resolved == "auto" and getattr(config, "dtype", None) else resolved
+        resolved = torch.float32 if resolved == "auto" else resolved
+    else:
+        config, resolved = _get_dtype(resolve_dtype(dtype), files, config, sharded, None, True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolved)
+    model.eval()
+    skeleton = Skeleton(source, model, resolved, shards, None)
+    skeleton.blocker = "the model folder holds no safetensors weights" if shards is None else _blocker(skeleton)
+    return skeleton
+
+
+def _blocker(sk: Skeleton) -> str | None:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    model = sk.model
+    if model._get_dtype_plan(sk.dtype):
+        return f"transformers keeps some of {type(model).__name__}'s modules in float32"
+    meta_sd = model.state_dict()
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    for key in sk.shards.keys():
+        renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        if converter is not None or renamed != key:
+            return f"transformers renames or fuses this model's tensors on load ({key} -> {renamed})"
+    on_disk = set(sk.shards.keys())
+    expected = set(meta_sd)
+    tied = sk.tied
+    missing = sorted(expected - on_disk - tied)
+    if missing:
+        return f"the checkpoint lacks {len(missing)} tensors the model expects (e.g. {missing[0]})"
+    unexpected = sorted(on_disk - expected)
+    if unexpected:
+        return f"the checkpoint holds {len(unexpected)} tensors the model does not use (e.g. {unexpected[0]})"
+    unknown = [k for k, (_, dtype) in sk.shards.header.items() if dtype is None]
+    if unknown:
+        return f"tensor {unknown[0]} has a dtype llmq does not read tensor by tensor"
+    for key in on_disk & expected:
+        if sk.shards.header[key][0] != list(meta_sd[key].shape):
+            return f"tensor {key} has shape {sk.shards.header[key][0]}, the model expects {list(meta_sd[key].shape)}"
+    return None

@@ -1,0 +1,153 @@
+"""RTN shard by shard: the same checkpoint as the in-memory path, without building the model."""
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import llmq
+from llmq.cli import main
+from llmq.loading import load_model
+from llmq.shards import ShardWriter, SourceShards
+from llmq.skeleton import build_skeleton
+from conftest import TINY_CONFIGS, random_ids, tiny_model
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                assert k not in out, f"{k} in two shards"
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _in_memory(src, out, config):
+    model, tokenizer = load_model(str(src))
+    llmq.save(llmq.quantize(model, config, progress=False), out, tokenizer)
+
+
+# (architecture, dtype, sym): every architecture, both storage dtypes, both zero-point kinds.
+CASES = [("llama", torch.bfloat16, True), ("mistral", torch.float32, False), ("qwen2", torch.bfloat16, False),
+         ("qwen3", torch.float32, True), ("gemma3", torch.bfloat16, True), ("phi3", torch.float16, False),
+         ("opt", torch.float32, True)]
+assert {c[0] for c in CASES} == set(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("arch,dtype,sym", CASES, ids=[c[0] for c in CASES])
+def test_shard_rtn_equals_in_memory_rtn(tmp_path, arch, dtype, sym, monkeypatch):
+    src = tmp_path / "src"
+    tiny_model(arch, seed=3, dtype=dtype).save_pretrained(src, max_shard_size="40KB")  # several input shards
+    config = llmq.QuantConfig(method="rtn", bits=4 if sym else 8, group_size=32, sym=sym)
+    _in_memory(src, tmp_path / "mem", config)
+
+    # The shard path never builds the model: from_pretrained is off limits.
+    def refuse(*a, **k):
+        raise AssertionError("from_pretrained called by the shard path")
+
+    with monkeypatch.context() as m:
+        m.setattr(T.AutoModelForCausalLM, "from_pretrained", refuse)
+        code = main(["quantize", str(src), str(tmp_path / "shard"), "--bits", str(config.bits), "--group-size", "32",
+                     "--sym" if sym else "--asym", "--quiet"])
+    assert code == 0
+    mem, shard = _tensors(tmp_path / "mem"), _tensors(tmp_path / "shard")
+    assert mem.keys() == shard.keys()
+    assert any(k.endswith(".qweight") for k in shard)
+    for k in mem:
+        assert mem[k].dtype == shard[k].dtype and torch.equal(mem[k], shard[k]), k
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "mem" / name).read_text()) == json.loads((tmp_path / "shard" / name).read_text())
+
+    # The checkpoint loads and computes what the in-memory one computes.
+    ids = random_ids()
+    a = llmq.from_pretrained(tmp_path / "mem")
+    b = llmq.from_pretrained(tmp_path / "shard")
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_shard_rtn_writes_several_output_shards_that_load(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", seed=4).save_pretrained(src)
+    config = llmq.QuantConfig(method="rtn", bits=4, group_size=32)
+    _in_memory(src, tmp_path / "mem", config)
+    from llmq.shard_rtn import quantize_rtn_shards
+
+    quantize_rtn_shards(build_skeleton(src), tmp_path / "shard", config, progress=False, max_shard_size=30_000)
+    index = json.loads((tmp_path / "shard" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((tmp_path / "shard" / f).is_file() for f in files)
+    assert not list((tmp_path / "shard").glob(".part-*"))
+    mem, shard = _tensors(tmp_path / "mem"), _tensors(tmp_path / "shard")
+    assert set(index["weight_map"]) == shard.keys() == mem.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in shard.values())
+    ids = random_ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "shard")(ids).logits)
+
+
+def test_shard_writer_round_trip_against_safetensors_reader(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    tensors = {
+        "a.bf16": torch.randn(5, 7, generator=g).to(torch.bfloat16),
+        "b.f32": torch.randn(3, generator=g),
+        "c.i32": torch.randint(-2**31, 2**31 - 1, (4, 4), generator=g, dtype=torch.int64).to(torch.int32),
+        "d.f16.strided": torch.randn(6, 4, generator=g).to(torch.float16).t(),  # not contiguous
+        "e.empty": torch.zeros(0, 3),
+        "f.u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
+    }
+    writer = ShardWriter(tmp_path, max_shard_size=64)
+    for k, t in tensors.items():
+        writer.add(k, t)
+    files = writer.finish()
+    assert len(files) > 1
+    got = _tensors(tmp_path)
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    # The source reader reads what the writer wrote, tensor by tensor.
+    with SourceShards(tmp_path) as src:
+        assert set(src.keys()) == set(tensors)
+        assert src.nbytes() == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert torch.equal(src.read("a.bf16"), tensors["a.bf16"])
+
+
+def test_moe_on_disk_names_fall_back_to_memory_with_reason(tmp_path, capsys):
+    config = T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=256)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    skeleton = build_skeleton(tmp_path / "moe")
+    assert "renames or fuses" in skeleton.blocker and "experts" in skeleton.blocker
+    assert main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q"), "--group-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "quantizing in memory, not shard by shard" in err and "experts" in err
+    assert any(k.endswith(".qweight") for k in _tensors(tmp_path / "q"))  # written by the in-memory path
+    # --stream asks for the shard path explicitly: refused, nothing written.
+    code = main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q2"), "--group-size", "32", "--stream", "--quiet"])
+    assert code == 2 and not (tmp_path / "q2").exists()
+    assert "drop --stream" in capsys.readouterr().err
+
+
+def test_missing_tensor_falls_back(tmp_path):
+    # A checkpoint that lacks a tensor would be initialised at random by from_pretrained:
+    # the shard path refuses to guess.
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.norm.weight"}
+    save_file(kept, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    assert "lacks 1 tensors" in build_skeleton(tmp_path / "m").blocker
+
+
+def test_peak_host_memory_reported(tmp_path, tiny_llama_dir, capsys):
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--group-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "peak host memory" in out and "GiB" in out
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q2"), "--group-size", "32", "--no-stream"]) == 0
+    assert "peak host memory" in capsys.readouterr().out
+    assert _tensors(tmp_path / "q").keys() == _tensors(tmp_path / "q2").keys()
