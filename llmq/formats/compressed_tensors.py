@@ -16,6 +16,13 @@ llmq's z = 2^(b-1). So the words are llmq's own, transposed:
 
 The format has no g_idx (compressed-tensors dropped group act-order), so a model
 with a non-trivial act-order permutation is refused on export.
+
+Exports are what compressed-tensors' own compressor (ModelCompressor with the
+pack-quantized format, package 0.20) writes for the same codes, scales and zero
+points, tensor for tensor and key for key (tests/test_ct_compressor.py compares
+them): scales in the model's dtype, so a float32 model's fp16 scales are widened
+(exactly) to float32 and narrowed back on import; the config without the
+package's `version` (llmq is not that package) and with an extra `llmq` entry.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .packing import pack_rows
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
+_NATIVE_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -45,9 +53,20 @@ def _check_g_idx(name: str, g_idx: torch.Tensor, group_size: int) -> None:
                         "--static-groups)")
 
 
-def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[str, torch.Tensor]:
+def scale_dtype_for(model_dtype: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
+    """The dtype compressed-tensors stores scales in: the model's, when widening llmq's scales to it is exact.
+
+    llmq keeps fp16 scales for float32 models; the compressor keeps float32 ones.
+    """
+    return torch.float32 if model_dtype == torch.float32 else stored
+
+
+def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig,
+                   model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Native tensors -> compressed-tensors tensors (a new dict).
 
+    model_dtype: the dtype of the model the codes came from (config.json's
+    "dtype"); scales are written in it where that is exact (scale_dtype_for).
     Raises LlmqError when a layer's g_idx is not the plain k // group_size.
     """
     out = dict(tensors)
@@ -60,29 +79,34 @@ def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[st
         if g_idx is not None:
             _check_g_idx(name, g_idx, qc.group_size_for(k))
         out[f"{name}.weight_packed"] = qweight.t().contiguous()
-        out[f"{name}.weight_scale"] = scales.t().contiguous()
+        out[f"{name}.weight_scale"] = scales.t().to(scale_dtype_for(model_dtype, scales.dtype)).contiguous()
         out[f"{name}.weight_shape"] = torch.tensor([scales.shape[1], k], dtype=torch.int64)
         if not qc.sym:
             out[f"{name}.weight_zero_point"] = qzeros.t().contiguous()
     return out
 
 
-def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
-    """config.json["quantization_config"]; ignore: every nn.Linear left in full precision."""
+def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.dtype | None = None) -> dict:
+    """config.json["quantization_config"], with the keys ModelCompressor.update_config writes.
+
+    ignore: every nn.Linear left in full precision. native_scale_dtype: the
+    dtype llmq's own scales had when export_tensors widened them, recorded so
+    that an import restores them bit for bit.
+    """
     from .. import __version__
 
     weights = {
         "num_bits": qc.bits,
         "type": "int",
         "symmetric": qc.sym,
-        "strategy": "channel" if qc.group_size == -1 else "group",
         "group_size": None if qc.group_size == -1 else qc.group_size,
+        "strategy": "channel" if qc.group_size == -1 else "group",
         "dynamic": False,
-        "actorder": None,
         "observer": "minmax",
-        "observer_kwargs": {},
-        "block_structure": None,
     }
+    meta = {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__}
+    if native_scale_dtype is not None:
+        meta["scale_dtype"] = str(native_scale_dtype).removeprefix("torch.")
     return {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
@@ -91,7 +115,11 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
                                       "output_activations": None, "format": FORMAT}},
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
-        "llmq": {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__},
+        "global_compression_ratio": None,
+        "moe_sparsity_config": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "llmq": meta,
     }
 
 
@@ -134,6 +162,8 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     if not names:
         raise LlmqError("config.json says compressed-tensors but no '.weight_packed' tensors are stored")
     per = 32 // s["bits"]
+    meta = cfg.get("llmq") or {}
+    native_scales = _NATIVE_SCALE_DTYPES.get(meta.get("scale_dtype"))  # widened by llmq's export: narrow back
     out = {k: v for k, v in tensors.items() if not any(k.endswith("." + x) for x in _SUFFIXES)}
     for name in names:
         packed = tensors[f"{name}.weight_packed"]
@@ -144,13 +174,12 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         scale = tensors[f"{name}.weight_scale"]
         groups = scale.shape[1]
         out[f"{name}.qweight"] = packed.t().contiguous()
-        out[f"{name}.scales"] = scale.t().contiguous()
+        out[f"{name}.scales"] = scale.t().to(native_scales or scale.dtype).contiguous()
         if s["sym"]:
             mid = torch.full((n, groups), 1 << (s["bits"] - 1), dtype=torch.int64)
             out[f"{name}.qzeros"] = pack_rows(mid, s["bits"]).t().contiguous()
         else:
             out[f"{name}.qzeros"] = tensors[f"{name}.weight_zero_point"].t().contiguous()
-    meta = cfg.get("llmq") or {}
     method = meta.get("method") if meta.get("method") in registry.names() else "rtn"
     qc = QuantConfig(method=method, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
                      modules_to_not_convert=["lm_head"],
@@ -171,10 +200,13 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
         rows.append(EngineSupport("transformers + compressed-tensors", True,
                                   "decompresses on load (checked by llmq's tests, package 0.20)"))
     else:
-        # compressed-tensors 0.20 builds the skeleton with an unpacked [N, G] zero point, while its own
-        # compressor (and vLLM) store it packed [N/8, G]: the load fails with a size mismatch.
+        # compressed-tensors 0.20 builds the loading skeleton with an unpacked [N, G] zero point while its
+        # own compressor (and vLLM) store it packed [N*b/32, G]: the compressor's own output fails the same way.
         rows.append(EngineSupport("transformers + compressed-tensors", False,
-                                  "asymmetric: compressed-tensors 0.20's loader expects an unpacked zero point"))
+                                  "asymmetric: the default load fails with compressed-tensors 0.20 (a zero-point "
+                                  "size mismatch; the package's own output fails too); load with "
+                                  "quantization_config=CompressedTensorsConfig(dequantize=True) (dense weights, "
+                                  "checked by llmq's tests)"))
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows

@@ -35,6 +35,7 @@ from .native import (SAFETENSORS_DTYPES, atomic_folder, check_output_dir, checkp
 
 READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
+_MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
 
 
@@ -157,7 +158,12 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
                 gptq.engine_support(qc, ckpt.layer_shapes()))
     if fmt == compressed_tensors.QUANT_METHOD:
         ignore = [n for n in inside + outside if n not in quantized]
-        return (compressed_tensors.export_config(qc, ignore), compressed_tensors.export_tensors(ckpt.tensors, qc),
+        model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
+        tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
+        native = {v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales")}
+        written = {v.dtype for k, v in tensors.items() if k.endswith(".weight_scale")}
+        widened = native.pop() if written != native and len(native) == 1 else None
+        return (compressed_tensors.export_config(qc, ignore, widened), tensors,
                 compressed_tensors.engine_support(qc, ckpt.layer_shapes()))
     raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
 
