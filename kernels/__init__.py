@@ -6,6 +6,8 @@
 - `prepare_cpu` / `cpu_matmul`: the CPU path, converted once at load into
   torch's int4/int8 weight-only kernels where they fit.
 - `dequantize`: the dense weight, in pure torch.
+- `int8_linear`: int8 activations x int8 weights (W8A8), `torch._int_mm` on CPU,
+  Triton on CUDA; the custom op `llmq::int8_linear`.
 - `reorder_act_order`: sort an act-order layer's inputs by group once, so the
   kernels run without g_idx on x[..., perm].
 
@@ -22,6 +24,7 @@ if __name__ == "llmq.kernels":
     from .api import DECODE_MAX_M, GEMM_MAX_M, dequant_matmul, uses_triton
     from .cpu import CpuState, cpu_matmul, prepare_cpu
     from .dequant import dequantize, reorder_act_order
+    from .int8 import int8_linear, quantize_activations
 
     __all__ = ["dequant_matmul", "uses_triton", "DECODE_MAX_M", "GEMM_MAX_M", "prepare_cpu", "cpu_matmul",
-               "CpuState", "dequantize", "reorder_act_order"]
+               "CpuState", "dequantize", "reorder_act_order", "int8_linear", "quantize_activations"]

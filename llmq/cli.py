@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from .config import METHODS, QuantConfig
+from .config import ACT_MODES, ACT_OBSERVERS, METHODS, SCHEMES, QuantConfig
 from .methods import registry
 from .errors import LlmqError
 
@@ -37,9 +37,19 @@ def _add_quantize(sub) -> None:
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--method", choices=METHODS, default="rtn",
                    help="; ".join(f"{m.name}: {m.summary}" for m in registry.entries()))
-    p.add_argument("--bits", type=int, default=4, help="bits per weight: 4 or 8")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="input features per scale; -1 for one group per output row")
+    p.add_argument("--scheme", choices=SCHEMES, default="weight-only",
+                   help="weight-only: int4/int8 weights; w8a8: int8 weights (per output row) and int8 "
+                        "activations, run through int8 matmuls")
+    p.add_argument("--bits", type=int, default=None, help="bits per weight: 4 or 8 (default 4; w8a8: 8)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input features per scale; -1 for one group per output row (default 128; w8a8: -1)")
+    p.add_argument("--act", choices=ACT_MODES, default=None,
+                   help="w8a8: dynamic (per-token activation scales at run time, default) or static "
+                        "(one scale per linear input, fixed on --dataset)")
+    p.add_argument("--smooth", default=None, metavar="ALPHA|auto|off",
+                   help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per group) or off")
+    p.add_argument("--act-observer", choices=ACT_OBSERVERS, default=None,
+                   help="w8a8 --act static: how the activation scales are fixed from the calibration data")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True,
                      help="symmetric: zero point fixed at 2^(bits-1)")
@@ -91,7 +101,15 @@ def _run_quantize(args) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp, clip_search=args.clip_search,
         modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
+        scheme=args.scheme, act=args.act, smooth=args.smooth, act_observer=args.act_observer,
     )
+    if config.quantizes_activations:
+        from .methods.w8a8 import check_w8a8_data
+
+        if args.format != "llmq":
+            raise LlmqError(f"--format {args.format} has no activation scales: write --scheme w8a8 with "
+                            "--format llmq")
+        check_w8a8_data(config, args.dataset)
     from .loading import load_model
     from .memory import gib, peak_host_memory
 

@@ -11,7 +11,15 @@ from .methods import registry
 
 METHODS = registry.names()
 SUPPORTED_BITS = (4, 8)
+# weight-only: int4/int8 weights, activations in the model dtype. w8a8: int8 weights
+# (symmetric, one scale per output row) and int8 activations (symmetric).
+SCHEMES = ("weight-only", "w8a8")
+W8A8_METHODS = ("rtn", "gptq")
+ACT_MODES = ("dynamic", "static")
+ACT_OBSERVERS = ("minmax", "percentile", "mse")
+DEFAULT_ACT_OBSERVER = "minmax"
 FORMAT_VERSION = 1
+W8A8_FORMAT_VERSION = 2
 QUANT_METHOD = "llmq"
 
 
@@ -38,11 +46,20 @@ class QuantConfig:
             matches a module whose dotted name equals it or ends with ".<pattern>".
             Embeddings and norms are never quantized.
         calibration: what the model was calibrated on (recorded, not interpreted).
+        scheme: "weight-only" (default) or "w8a8": int8 weights (symmetric, per output
+            row; bits and group_size then default to 8 and -1 and may not be set
+            otherwise) and int8 symmetric activations.
+        act: w8a8 only: "dynamic" (one activation scale per token, computed at run time;
+            the default) or "static" (one scale per linear input, fixed on calibration data).
+        smooth: w8a8 only: SmoothQuant migration strength alpha in [0, 1], "auto" (a
+            search per scale group) or None (off).
+        act_observer: w8a8 static only: how calibration fixes each input's scale
+            ("minmax", "percentile" or "mse").
     """
 
     method: str = "rtn"
-    bits: int = 4
-    group_size: int = 128
+    bits: int | None = None  # 4 for weight-only, 8 for w8a8
+    group_size: int | None = None  # 128 for weight-only, -1 for w8a8
     sym: bool = True
     desc_act: bool | None = None
     static_groups: bool = False
@@ -50,10 +67,15 @@ class QuantConfig:
     clip_search: bool = True
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: dict[str, Any] = field(default_factory=dict)
+    scheme: str = "weight-only"
+    act: str | None = None
+    smooth: float | str | None = None
+    act_observer: str | None = None
 
     def __post_init__(self):
         if self.method not in registry.names():
             raise LlmqError(f"unknown method {self.method!r}: choose one of {', '.join(registry.names())}")
+        self._check_scheme()
         if self.bits not in SUPPORTED_BITS:
             raise LlmqError(f"{self.bits} bits are not supported: choose 4 or 8")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
@@ -70,6 +92,50 @@ class QuantConfig:
             self.static_groups = False  # static groups only change anything under act-order
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
 
+    def _check_scheme(self) -> None:
+        """Resolve the scheme's defaults and refuse settings it cannot hold."""
+        if self.scheme not in SCHEMES:
+            raise LlmqError(f"unknown scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.scheme == "weight-only":
+            for name in ("act", "smooth", "act_observer"):
+                if getattr(self, name) is not None:
+                    raise LlmqError(f"{name} applies to activation quantization only: add --scheme w8a8 or drop it")
+            self.bits = 4 if self.bits is None else self.bits
+            self.group_size = 128 if self.group_size is None else self.group_size
+            return
+        if self.bits not in (None, 8):
+            raise LlmqError(f"--scheme w8a8 quantizes weights to 8 bits, not {self.bits}: drop --bits "
+                            "or use the weight-only scheme for int4")
+        if self.group_size not in (None, -1):
+            raise LlmqError(f"--scheme w8a8 uses one weight scale per output row, not groups of {self.group_size} "
+                            "(that is what vLLM's int8 kernels take): drop --group-size or pass -1")
+        if not self.sym:
+            raise LlmqError("--scheme w8a8 stores symmetric int8 weights: drop --asym")
+        if self.method not in W8A8_METHODS:
+            raise LlmqError(f"--scheme w8a8 supports --method {' or '.join(W8A8_METHODS)}, not {self.method}: "
+                            "use --smooth for activation-aware scaling")
+        self.bits, self.group_size = 8, -1
+        self.act = self.act or "dynamic"
+        if self.act not in ACT_MODES:
+            raise LlmqError(f"unknown activation mode {self.act!r}: choose dynamic or static")
+        if self.act == "static":
+            self.act_observer = self.act_observer or DEFAULT_ACT_OBSERVER
+            if self.act_observer not in ACT_OBSERVERS:
+                raise LlmqError(f"unknown activation observer {self.act_observer!r}: choose one of "
+                                f"{', '.join(ACT_OBSERVERS)}")
+        elif self.act_observer is not None:
+            raise LlmqError("an activation observer applies to --act static only: drop it or add --act static")
+        self.smooth = parse_smooth(self.smooth)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.scheme == "w8a8"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing reads calibration text."""
+        return self.method != "rtn" or self.act == "static" or self.smooth is not None
+
     def group_size_for(self, in_features: int) -> int:
         """The number of input features per group for a layer of this width."""
         return in_features if self.group_size == -1 else self.group_size
@@ -82,7 +148,9 @@ class QuantConfig:
         """The `quantization_config` entry of config.json."""
         from . import __version__
 
-        d = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+        # W8A8 checkpoints hold tensors that format version 1 readers would not recognise.
+        version = W8A8_FORMAT_VERSION if self.scheme == "w8a8" else FORMAT_VERSION
+        d = {"quant_method": QUANT_METHOD, "format_version": version}
         d.update(dataclasses.asdict(self))
         d["llmq_version"] = __version__
         return d
@@ -92,8 +160,24 @@ class QuantConfig:
         if d.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
             raise LlmqError(f"quantization_config has quant_method {d.get('quant_method')!r}, not {QUANT_METHOD!r}")
         version = d.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if version > W8A8_FORMAT_VERSION:
             raise LlmqError(f"checkpoint format version {version} is newer than this llmq understands "
-                            f"({FORMAT_VERSION}): upgrade llmq")
+                            f"({W8A8_FORMAT_VERSION}): upgrade llmq")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_smooth(value) -> float | str | None:
+    """SmoothQuant setting from the command line or a config: None/"off", "auto" or alpha in [0, 1]."""
+    if value is None or value == "off":
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise LlmqError(f"--smooth {value!r} is invalid: use a migration strength in [0, 1] (e.g. 0.5), "
+                        "auto or off") from None
+    if not 0 <= alpha <= 1:
+        raise LlmqError(f"--smooth {alpha} is out of range: use a migration strength in [0, 1], auto or off")
+    return alpha

@@ -18,9 +18,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
-from .formats.native import check_against_model, quantized_module_names, read_header
+from .formats.native import check_against_model, quantized_module_names, read_header, w8a8_module_names
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module
+from .modules.w8a8 import W8A8Linear
 
 
 class LlmqConfig(QuantizationConfigMixin):
@@ -69,6 +70,27 @@ def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, d
         replace_module(model, name, q)
 
 
+def swap_in_w8a8_linears(model: nn.Module, names: list[str], qc: QuantConfig, dtype: torch.dtype) -> None:
+    """Replace the named nn.Linear modules by empty W8A8Linear modules (meta device)."""
+    for name in names:
+        linear = _linear(model, name)
+        with torch.device("meta"):
+            q = W8A8Linear(linear.in_features, linear.out_features, static=qc.act == "static",
+                           bias=linear.bias is not None, dtype=dtype)
+        replace_module(model, name, q)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise LlmqError(f"checkpoint quantizes {name!r}, which is not a linear layer of this model: "
+                        "the checkpoint does not match its config.json")
+    return linear
+
+
 class LlmqHfQuantizer(HfQuantizer):
     requires_calibration = True  # checkpoints are quantized by `llmq quantize`, never on load
 
@@ -83,6 +105,14 @@ class LlmqHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise LlmqError("an llmq checkpoint must be loaded from its safetensors files")
         header = read_header(checkpoint_files)
+        if qc.scheme == "w8a8":
+            names = w8a8_module_names(header)
+            if not names:
+                raise LlmqError("config.json says llmq w8a8 but the checkpoint holds no int8 weights with a "
+                                "'.weight_scale': it is damaged; re-create it with `llmq quantize`")
+            swap_in_w8a8_linears(model, names, qc, dtype or torch.get_default_dtype())
+            check_against_model(model, header)
+            return model
         names = quantized_module_names(header)
         if not names:
             raise LlmqError("config.json says llmq-quantized but the checkpoint holds no '.qweight' tensors: "

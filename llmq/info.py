@@ -9,7 +9,8 @@ from pathlib import Path
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
-from .formats.native import SAFETENSORS_DTYPES, checkpoint_files, quantized_module_names, read_header
+from .formats.native import (SAFETENSORS_DTYPES, checkpoint_files, quantized_module_names, read_header,
+                             w8a8_module_names)
 
 _BYTES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -36,7 +37,8 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
         ckpt = read_checkpoint(folder, shapes_only=True)
         qc = ckpt.quant_config
         header = {k: (list(t.shape), _NAMES[t.dtype]) for k, t in ckpt.tensors.items()}
-    names = quantized_module_names(header)
+    w8a8 = qc.scheme == "w8a8"
+    names = w8a8_module_names(header) if w8a8 else quantized_module_names(header)
 
     def nbytes(key):
         shape, dtype = header[key]
@@ -50,11 +52,15 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     quantized_params = 0
     original = 0
     for name in names:
-        k_packed, n = header[f"{name}.qweight"][0]
-        k = k_packed * 32 // qc.bits
+        if w8a8:
+            n, k = header[f"{name}.weight"][0]
+        else:
+            k_packed, n = header[f"{name}.qweight"][0]
+            k = k_packed * 32 // qc.bits
         quantized_params += k * n
         original += k * n * fp_bytes
-    quant_keys = {f"{n}.{s}" for n in names for s in ("qweight", "qzeros", "scales", "g_idx")}
+    suffixes = ("weight", "weight_scale", "input_scale") if w8a8 else ("qweight", "qzeros", "scales", "g_idx")
+    quant_keys = {f"{n}.{s}" for n in names for s in suffixes}
     for key, (shape, dt) in header.items():
         if key not in quant_keys:
             numel = 1
@@ -71,6 +77,11 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
         "group_size": qc.group_size,
         "sym": qc.sym,
         "desc_act": qc.desc_act,
+        "scheme": qc.scheme,
+        "act": qc.act,
+        "smooth": qc.smooth,
+        "act_observer": qc.act_observer,
+        "static_layers": sum(f"{n}.input_scale" in header for n in names) if w8a8 else 0,
         "modules_to_not_convert": qc.modules_to_not_convert,
         "calibration": qc.calibration,
         "quantized_layers": len(names),
@@ -91,8 +102,17 @@ def format_info(info: dict) -> str:
         f"checkpoint        {info['path']}",
         f"format            {info['format']}{'' if info['format'] == 'llmq' else ' (llmq converts it on load)'}",
         f"model             {info['architecture']} ({info['model_type']}), dtype {info['dtype']}",
-        f"method            {info['method']}, int{info['bits']}, group size {gs}, "
+        f"method            {info['method']}{', w8a8' if info.get('scheme') == 'w8a8' else ''}, "
+        f"int{info['bits']}, group size {gs}, "
         f"{'symmetric' if info['sym'] else 'asymmetric'}{', act-order' if info['desc_act'] else ''}",
+    ]
+    if info.get("scheme") == "w8a8":
+        smooth = info["smooth"]
+        smooth = "off" if smooth is None else smooth if smooth == "auto" else f"alpha {smooth:g}"
+        act = ("dynamic per-token scales" if info["act"] == "dynamic" else
+               f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
+        lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")
+    lines += [
         f"quantized layers  {info['quantized_layers']} linears, {info['quantized_params'] / 1e6:.1f} M weights",
         f"kept full prec.   {', '.join(info['modules_to_not_convert']) or '-'}, embeddings, norms",
         f"size on disk      {_human(info['size_on_disk'])} in {len(info['files'])} file(s)",

@@ -89,19 +89,24 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         model = model_or_path
     if getattr(model.config, "quantization_config", None):
         raise LlmqError("this model is already quantized: start from the full-precision model")
-    method = registry.get(config.method)
+    method = registry.for_config(config)
+    calibrates = method.calibrates(config)
     job = plan(model, config, device)
     model.eval()
+    if config.quantizes_activations:
+        from .methods.w8a8 import check_w8a8_data
+
+        check_w8a8_data(config, dataset)
     method.check(job)
     calibration: dict = {}
-    if method.needs_calibration:
+    if calibrates:
         t0 = time.perf_counter()
-        windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
+        windows, calibration = _calibration(model, tokenizer, method.name, dataset, nsamples, seqlen, seed)
         report["calibration_data"] = time.perf_counter() - t0
     plans = {i: method.plan_layer(job, i, job.layers[i], names) for i, names in job.targets.items()}
     step = method.layer_step(job, plans)
     t1 = time.perf_counter()
-    if method.needs_calibration:
+    if calibrates:
         run_layers(model, windows, step, device=device, progress=progress, desc=method.name, layers=job.layers)
     else:
         each_layer(job.layers, step, device=device, progress=progress, desc=method.name, indices=sorted(plans))
@@ -110,7 +115,7 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
                       stacklevel=2)
     # What the model was calibrated on goes into the checkpoint; the caller's config stays as given.
-    recorded = dataclasses.replace(config, calibration=calibration) if method.needs_calibration else config
+    recorded = dataclasses.replace(config, calibration=calibration) if calibrates else config
     model.config.quantization_config = recorded.to_dict()
     report["total"] = time.perf_counter() - t_start
     return model
@@ -130,7 +135,8 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
     from .data import calibration_windows
 
     if tokenizer is None:
-        raise LlmqError(f"--method {method} needs calibration text, and this model has no tokenizer: "
+        what = "--scheme w8a8 with static activations, smoothing or GPTQ" if method == "w8a8" else f"--method {method}"
+        raise LlmqError(f"{what} needs calibration text, and this model has no tokenizer: "
                         "add the tokenizer files to the model folder or pass tokenizer=")
     spec = dataset or DEFAULT_DATASET
     windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)

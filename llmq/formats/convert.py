@@ -146,6 +146,9 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
     qc = ckpt.quant_config
     if fmt == "llmq":
         return qc.to_dict(), ckpt.tensors, []
+    if qc.scheme == "w8a8":
+        raise LlmqError(f"a W8A8 checkpoint has activation scales, which format {fmt!r} cannot hold: "
+                        "keep it in the llmq format")
     quantized = set(ckpt.layer_shapes())
     inside, outside = linear_names(ckpt.folder)
     if fmt == gptq.QUANT_METHOD:

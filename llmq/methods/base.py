@@ -64,6 +64,10 @@ class Method:
     name: str = ""
     needs_calibration: bool = True
 
+    def calibrates(self, config: QuantConfig) -> bool:
+        """Whether this run needs calibration windows (default: needs_calibration)."""
+        return self.needs_calibration
+
     def check(self, job: Job) -> None:
         """Raise LlmqError for a model or config the method cannot handle."""
 

@@ -7,6 +7,10 @@ the config, the CLI and the format readers can read the names without pulling
 in solvers; a method's module is imported only when it is used.
 
 Adding a method is one module with a METHOD and one `register` call below.
+
+Schemes other than weight-only (W8A8: int8 activations too) have a method
+module of their own, which reads `config.method` for how to solve the
+weights; `for_config` picks it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ def entries() -> tuple[MethodEntry, ...]:
 def get(name: str):
     """The Method object of a registered method (imports its module)."""
     return importlib.import_module(_TABLE[name].module).METHOD
+
+
+# scheme -> dotted module defining the METHOD that runs it (weight-only: the table above).
+_SCHEMES: dict[str, str] = {"w8a8": "llmq.methods.w8a8"}
+
+
+def for_config(config):
+    """The Method object that carries out a QuantConfig: its scheme's, else its method's."""
+    module = _SCHEMES.get(getattr(config, "scheme", "weight-only"))
+    return importlib.import_module(module).METHOD if module else get(config.method)
 
 
 register(MethodEntry("rtn", "llmq.methods.rtn", "round-to-nearest, no data"))

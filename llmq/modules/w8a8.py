@@ -1,0 +1,71 @@
+"""W8A8Linear: int8 weights and int8 activations (SmoothQuant-style W8A8).
+
+Buffers, named and shaped as in the checkpoint (and as compressed-tensors'
+`int-quantized` format and vLLM have them; K = in_features, N = out_features):
+
+    weight        int8    [N, K]   symmetric codes, w = weight * weight_scale
+    weight_scale  float32 [N, 1]   one scale per output row
+    input_scale   float32 [1]      static activations only: the calibrated scale
+    bias          float   [N]      only when the layer has one
+
+Forward: the input is quantized to int8 (per token at run time, or with the
+static scale), multiplied with the int8 weight into int32 and rescaled
+(llmq.kernels.int8_linear: torch._int_mm on CPU, Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import int8_linear
+from ..qweight import QuantizedWeight
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, static: bool = False, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.static = static
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        if static:
+            self.register_buffer("input_scale", torch.empty(1, dtype=torch.float32, device=device))
+        else:
+            self.input_scale = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       input_scale: float | torch.Tensor | None = None) -> "W8A8Linear":
+        """From a solver's 8-bit symmetric per-row result (zero point 128)."""
+        n, k = qw.shape
+        if qw.bits != 8 or qw.group_size != k or qw.scales.shape[1] != 1:
+            raise ValueError("W8A8Linear takes 8-bit weights with one scale per output row")
+        if not torch.all(qw.zeros == 128):
+            raise ValueError("W8A8Linear takes symmetric weights (zero point 128)")
+        layer = cls(k, n, static=input_scale is not None, bias=bias is not None,
+                    dtype=bias.dtype if bias is not None else torch.float32, device=qw.codes.device)
+        layer.weight.copy_((qw.codes.short() - 128).to(torch.int8))
+        layer.weight_scale.copy_(qw.scales.float().reshape(n, 1))
+        if input_scale is not None:
+            layer.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32).reshape(1))
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        return layer
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [N, K] weight this layer computes with."""
+        return (self.weight.float() * self.weight_scale.float()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"act={'static' if self.static else 'dynamic'}, bias={self.bias is not None}")

@@ -1,0 +1,146 @@
+"""SmoothQuant factors and static activation observers for W8A8 (pure tensor code).
+
+Shapes: a weight W is [N, K] (nn.Linear layout), inputs x are [n, K].
+
+SmoothQuant (Xiao et al.): per input channel j,
+
+    s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)
+
+(W_j: column j of every linear reading x). The linears compute (x / s) (W s)^T,
+the same function, but activation outliers move into the weights, which are
+quantized per output row and so tolerate them better. alpha = 0.5 is the
+paper's default; `search_smoothing` picks alpha per scale group by the W8A8
+output error it gives on sampled calibration rows. Unlike AWQ's weight-only
+search, the error cannot be scored through a Gram matrix alone: rounding the
+activations depends on each row's own values (its per-token scale, or where
+it falls against the static scale), so the sampled rows themselves are
+quantized for every grid point.
+
+Observers: one static per-tensor scale for an input x, s_x = range / 127:
+- "minmax": range = max |x| over the calibration set;
+- "percentile": range = the PERCENTILE-th percentile of |x| (clips the rarest
+  outliers);
+- "mse": range = c max|x| with c on a grid from 1 down to 0.1, the one that
+  minimises the output error ||(q(x) - x) W^T||^2 of the linears reading x on
+  sampled rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.int8 import quantize_activations
+from .awq import fake_quantize
+
+PERCENTILE = 99.99
+SEARCH_ROWS = 2048
+
+
+def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8 symmetric per-row round-trip of w [N, K] (fp32 scales), as W8A8 stores it."""
+    return fake_quantize(w, 8, w.shape[1], True, torch.float32)
+
+
+def fake_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 round-trip of x [..., K]: per row (input_scale None) or with one static scale."""
+    q, s = quantize_activations(x.reshape(-1, x.shape[-1]), input_scale)
+    return (q.float() * s).reshape(x.shape).to(x.dtype)
+
+
+def sample_rows(x: torch.Tensor, max_rows: int = SEARCH_ROWS) -> torch.Tensor:
+    """At most max_rows rows of x [..., K] as fp32 [n, K], evenly spread over the batch."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] > max_rows:
+        idx = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).round().long()
+        x = x[idx]
+    return x.float()
+
+
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x_j| per input channel over every row of x [..., K], fp32 [K]."""
+    return x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s [K] fp32 for inputs with per-channel max act_absmax [K] read by weights [N_i, K]."""
+    w_absmax = torch.cat([w.float().abs() for w in weights]).amax(0)
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def static_scale(x: torch.Tensor, observer: str, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One fp32 scale [1] for x [..., K] by the named observer (see module doc)."""
+    absx = x.reshape(-1).abs().float()
+    amax = absx.max().clamp(min=1e-8)
+    if observer == "minmax":
+        return (amax / 127).reshape(1)
+    if observer == "percentile":
+        # The k-th largest |x|, k for the fraction above the percentile (topk: torch.quantile
+        # refuses more than 2^24 elements).
+        k = max(1, int(round(absx.numel() * (1 - PERCENTILE / 100))))
+        return (torch.topk(absx, k).values[-1].clamp(min=1e-8) / 127).reshape(1)
+    if observer == "mse":
+        if not weights:
+            raise ValueError("the mse observer needs the weights that read x")
+        w = torch.cat([t.float() for t in weights])
+        rows = sample_rows(x)
+        ref = rows @ w.t()
+        best = None
+        for c in torch.linspace(1.0, 0.1, 46).tolist():
+            scale = (amax * c / 127).reshape(1)
+            err = ((fake_quantize_activations(rows, scale) @ w.t() - ref) ** 2).sum().item()
+            if best is None or err < best[0]:
+                best = (err, scale)
+        return best[1]
+    raise ValueError(f"unknown observer {observer!r}")
+
+
+@dataclass
+class SmoothResult:
+    """scales: [K] fp32, or None when no smoothing scored best; alpha: the chosen
+    strength (None: off); error / plain_error: squared W8A8 output error on the
+    sampled rows with the chosen factors / with none."""
+
+    scales: torch.Tensor | None
+    alpha: float | None
+    error: float
+    plain_error: float
+
+
+@torch.no_grad()
+def w8a8_output_error(rows: torch.Tensor, weights: torch.Tensor, ref: torch.Tensor, s: torch.Tensor | None,
+                      static: bool, act_absmax: torch.Tensor) -> float:
+    """||q(x / s) q(W s)^T - x W^T||^2 on rows [n, K] for stacked weights [N, K]."""
+    if s is None:
+        xs, ws, amax = rows, weights, act_absmax.max()
+    else:
+        xs, ws, amax = rows / s, weights * s, (act_absmax / s).max()
+    input_scale = (amax.clamp(min=1e-8) / 127).reshape(1) if static else None
+    y = fake_quantize_activations(xs, input_scale) @ fake_quantize_weight(ws).t()
+    return ((y - ref) ** 2).sum().item()
+
+
+@torch.no_grad()
+def search_smoothing(x: torch.Tensor, weights: list[torch.Tensor], *, static: bool,
+                     alphas: list[float] | None = None) -> SmoothResult:
+    """The alpha (or no smoothing) minimising the W8A8 output error of linears reading x.
+
+    x: the inputs [..., K] (every row sets the channel maxima; SEARCH_ROWS rows
+    are scored). Static activations are scored with a min-max per-tensor scale
+    of the smoothed inputs; dynamic ones per row.
+    """
+    alphas = [i / 20 for i in range(21)] if alphas is None else alphas
+    act_absmax = channel_absmax(x)
+    rows = sample_rows(x)
+    w = torch.cat([t.float() for t in weights])
+    ref = rows @ w.t()
+    plain = w8a8_output_error(rows, w, ref, None, static, act_absmax)
+    best = (plain, None, None)
+    for a in alphas:
+        s = smoothing_factors(act_absmax, weights, a)
+        err = w8a8_output_error(rows, w, ref, s, static, act_absmax)
+        if err < best[0]:
+            best = (err, a, s)
+    return SmoothResult(scales=best[2], alpha=best[1], error=best[0], plain_error=plain)

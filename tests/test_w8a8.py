@@ -1,0 +1,219 @@
+"""W8A8: int8 weights and int8 activations, dynamic and static, on tiny models."""
+
+import json
+
+import pytest
+import torch
+
+import llmq
+from llmq import QuantConfig
+from llmq.cli import main
+from llmq.errors import LlmqError
+from llmq.kernels import int8_linear, quantize_activations
+from llmq.modules.qlinear import QuantLinear
+from llmq.modules.w8a8 import W8A8Linear
+from llmq.solvers.rtn import rtn_quantize
+from conftest import random_ids, tiny_model
+
+
+def _int8_problem(m, k, n, seed, outlier=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if outlier:
+        x[:, 3] *= 40  # an outlier channel, as real activations have
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, 1, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return x, w, ws, bias
+
+
+def _reference_codes(x, input_scale=None):
+    """Symmetric int8 codes and scales in float64, built without llmq."""
+    x = x.double()
+    if input_scale is None:
+        s = x.abs().amax(-1, keepdim=True) / 127
+    else:
+        s = input_scale.double().reshape(1, 1)
+    return torch.clamp(torch.round(x / s), -128, 127), s
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_activation_codes_match_a_float64_reference(static):
+    x, *_ = _int8_problem(37, 96, 8, seed=torch.seed() % 1000)
+    input_scale = torch.tensor([x.abs().max().item() / 127 * 0.5]) if static else None  # clips half the range
+    q, s = quantize_activations(x, input_scale)
+    ref_q, ref_s = _reference_codes(x, input_scale)
+    assert q.dtype == torch.int8
+    assert torch.allclose(s.double().expand_as(ref_s), ref_s, rtol=1e-6)
+    diff = (q.double() - ref_q).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # only exact .5 ties may round apart
+    if static:
+        assert q.min() == -128 or q.max() == 127  # the clipped values saturate
+
+
+@pytest.mark.parametrize("m", [1, 5, 33, 130])
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_cpu_is_exact_against_integer_products(m, static):
+    x, w, ws, bias = _int8_problem(m, 64, 48, seed=m)
+    input_scale = torch.tensor([x.abs().max().item() / 127]) if static else None
+    y = int8_linear(x, w, ws, input_scale, bias, path="intmm")
+    q, s = quantize_activations(x, input_scale)
+    acc = q.long() @ w.long().t()  # exact integers
+    expected = acc.double() * s.double() * ws.double().t() + bias.double()
+    assert y.dtype == torch.float32 and y.shape == (m, 48)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_linear_keeps_leading_dims_and_dtype():
+    x, w, ws, _ = _int8_problem(6, 64, 16, seed=3)
+    y = int8_linear(x.reshape(2, 3, 64).bfloat16(), w, ws)
+    assert y.shape == (2, 3, 16) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().reshape(6, 16), int8_linear(x.bfloat16(), w, ws).float())
+
+
+def test_int8_linear_refuses_bad_inputs():
+    x, w, ws, _ = _int8_problem(2, 64, 16, seed=4)
+    with pytest.raises(ValueError, match="int8"):
+        int8_linear(x, w.int(), ws)
+    with pytest.raises(ValueError, match="input features"):
+        int8_linear(x[:, :32], w, ws)
+    with pytest.raises(ValueError, match="one value"):
+        int8_linear(x, w, ws, torch.ones(2))
+
+
+def test_int8_linear_traces_under_torch_compile():
+    x, w, ws, bias = _int8_problem(8, 64, 16, seed=6)
+    f = torch.compile(lambda x: int8_linear(x, w, ws, None, bias), backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(x), int8_linear(x, w, ws, None, bias))
+
+
+def test_w8a8_linear_holds_the_solver_codes():
+    w = torch.randn(24, 64)
+    qw = rtn_quantize(w, 8, 64, True, torch.float32)
+    layer = W8A8Linear.from_quantized(qw, torch.randn(24), input_scale=0.05)
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (24, 1)
+    assert torch.equal(layer.weight.long(), qw.codes.long() - 128)
+    assert torch.equal(layer.dequantize_weight(), qw.dequantize())
+    assert layer.input_scale.item() == pytest.approx(0.05)
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "input_scale", "bias"}
+
+
+@pytest.fixture
+def calibration():
+    return random_ids(n=8, length=32, seed=5)
+
+
+def _linears(model, kind):
+    return {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(method="gptq"),
+    dict(act="static"),
+    dict(method="gptq", act="static"),
+])
+def test_w8a8_checkpoint_reloads_with_identical_logits(tmp_path, calibration, settings):
+    fp = tiny_model("llama")
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        ref = fp(ids).logits
+    model = llmq.quantize(fp, QuantConfig(scheme="w8a8", **settings), dataset=calibration, progress=False)
+    layers = _linears(model, W8A8Linear)
+    assert len(layers) == 14 and not _linears(model, QuantLinear)  # 7 linears x 2 layers, lm_head kept
+    assert all(m.static == (settings.get("act") == "static") for m in layers.values())
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert ((expected - ref).norm() / ref.norm()) < 0.05  # int8 everywhere stays close to fp
+    llmq.save(model, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["scheme"] == "w8a8" and cfg["act"] == settings.get("act", "dynamic") and cfg["bits"] == 8
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    for name, buf in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], buf), name
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, W8A8Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_w8a8_forward_equals_a_float64_simulation():
+    """Each layer computes round(x / s_x) . codes^T * s_x * s_w; rebuild the model's output from that."""
+    fp = tiny_model("llama")
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8"), progress=False)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in _linears(model, W8A8Linear).items()]
+    with torch.no_grad():
+        model(random_ids(seed=2))
+    for h in hooks:
+        h.remove()
+    for name, layer in _linears(model, W8A8Linear).items():
+        x = inputs[name].reshape(-1, layer.in_features)
+        q, s = _reference_codes(x)
+        expected = (q @ layer.weight.double().t()) * s * layer.weight_scale.double().t()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+        w = fp.get_submodule(name).weight.double()
+        assert (layer.dequantize_weight().double() - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 + 1e-6
+
+
+def test_static_scales_are_calibrated_per_input(calibration):
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8", act="static"), dataset=calibration,
+                          progress=False)
+    attn = model.model.layers[0].self_attn
+    # q/k/v read one input: one scale; o_proj reads another.
+    assert attn.q_proj.input_scale == attn.k_proj.input_scale == attn.v_proj.input_scale
+    assert attn.o_proj.input_scale != attn.q_proj.input_scale
+    assert all(m.input_scale.item() > 0 for m in _linears(model, W8A8Linear).values())
+
+
+def test_info_shows_the_scheme(tmp_path, calibration, capsys):
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8", act="static"), dataset=calibration,
+                          progress=False)
+    llmq.save(model, tmp_path / "q")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "q")]) == 0
+    text = capsys.readouterr().out
+    assert "w8a8" in text and "static per-tensor" in text and "14 input scales" in text and "14 linears" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheme", "w8a8", "--bits", "4"], "8 bits"),
+    (["--scheme", "w8a8", "--group-size", "64"], "one weight scale per output row"),
+    (["--scheme", "w8a8", "--act", "static"], "--act static"),
+    (["--scheme", "w8a8", "--format", "gptq"], "no activation scales"),
+    (["--scheme", "w8a8", "--method", "awq"], "--smooth"),
+    (["--scheme", "w8a8", "--asym"], "symmetric"),
+    (["--scheme", "w8a8", "--smooth", "2"], "out of range"),
+    (["--act", "static"], "--scheme w8a8"),
+])
+def test_bad_combinations_fail_before_any_work(tmp_path, capsys, argv, message):
+    # MODEL does not exist: the error must come from the settings, before the model is read.
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["quantize", str(tmp_path / "no-such-model"), str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("llmq: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_static_without_data_is_refused_in_python():
+    with pytest.raises(LlmqError, match="--act static"):
+        llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8", act="static"), progress=False)
+
+
+def test_cli_quantizes_w8a8(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), str(out), "--scheme", "w8a8", "--quiet"]) == 0
+    loaded = llmq.from_pretrained(out)
+    assert len(_linears(loaded, W8A8Linear)) == 14
+
+
+def test_w8a8_checkpoint_is_not_converted_to_weight_only_formats(tmp_path, capsys):
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8"), progress=False)
+    llmq.save(model, tmp_path / "q")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "g"), "--format", "gptq"]) == 2
+    assert "activation scales" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
