@@ -113,13 +113,16 @@ def _run_quantize(args) -> int:
     from .loading import load_model
     from .memory import gib, peak_host_memory
 
-    out = _quantize_rtn_shards(args, config) if config.method == "rtn" and args.stream is not False else None
+    # The shard path writes weight-only codes; W8A8 layers are built in memory.
+    shards = config.method == "rtn" and not config.quantizes_activations and args.stream is not False
+    out = _quantize_rtn_shards(args, config) if shards else None
     if out is not None:
         if not args.quiet:
             print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
         return 0
     if args.stream:
-        raise LlmqError(f"--stream is not available for --method {args.method} yet: drop --stream")
+        what = "--scheme w8a8" if config.quantizes_activations else f"--method {args.method}"
+        raise LlmqError(f"--stream is not available for {what} yet: drop --stream")
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
