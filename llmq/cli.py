@@ -88,10 +88,12 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args) -> int:
-    from .formats.native import check_output_dir, save
+    from .formats.native import save
+    from .outdir import check_output_dir, handle_stale_partials
     from .pipeline import quantize
 
-    check_output_dir(args.out, args.overwrite)  # fail before any expensive work
+    check_output_dir(args.out, args.overwrite, [args.model])  # fail before any expensive work
+    handle_stale_partials(args.out, args.overwrite)
     if args.act_order is None and args.format == "compressed-tensors":
         args.act_order = False
     if args.format == "compressed-tensors" and args.act_order and not args.static_groups:
@@ -126,12 +128,13 @@ def _run_quantize(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
+    # OUT was checked above; what appeared there since is judged at the final rename, keeping the work.
     if args.format == "llmq":
-        out = save(model, args.out, tokenizer, overwrite=args.overwrite)
+        out = save(model, args.out, tokenizer, overwrite=args.overwrite, sources=[args.model], check_first=False)
     else:
         from .formats.convert import export, print_report
 
-        rows = export(model, args.out, tokenizer, args.format, overwrite=args.overwrite)
+        rows = export(model, args.out, tokenizer, args.format, overwrite=args.overwrite, check_first=False)
         out = args.out
         if not args.quiet:
             print_report(args.format, rows)
@@ -191,20 +194,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet() -> None:
+    """No progress bars or info lines from transformers and huggingface_hub (loading, saving, downloads)."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .outdir import Terminated, cleanup_on_signals, restore_signals
+
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        _quiet()
+    previous = cleanup_on_signals()  # SIGTERM unwinds like Ctrl-C: partial folders and temp stores are removed
     try:
         return args.func(args)
     except LlmqError as e:
         print(f"llmq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmq: interrupted", file=sys.stderr)
+        print("llmq: interrupted; partial output removed", file=sys.stderr)
         return 130
+    except Terminated:
+        print("llmq: terminated; partial output removed", file=sys.stderr)
+        return 143
+    finally:
+        restore_signals(previous)
 
 
 if __name__ == "__main__":

@@ -149,8 +149,14 @@ def test_save_refuses_non_empty_output(tmp_path):
     with pytest.raises(LlmqError, match="not empty"):
         llmq.save(_quantized(), tmp_path / "q")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    # overwrite replaces checkpoint folders only: a folder of other files is refused, untouched
+    with pytest.raises(LlmqError, match="not a model or checkpoint folder.*keep.txt"):
+        llmq.save(_quantized(), tmp_path / "q", overwrite=True)
+    assert (tmp_path / "q" / "keep.txt").read_text() == "x"
+    (tmp_path / "q" / "keep.txt").unlink()
+    llmq.save(_quantized(), tmp_path / "q")
     llmq.save(_quantized(), tmp_path / "q", overwrite=True)
-    assert not (tmp_path / "q" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):

@@ -172,11 +172,12 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
 
 
 def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool,
-                 extra_json: dict[str, dict] | None = None, max_shard_size: str | int = "4GB") -> Path:
+                 extra_json: dict[str, dict] | None = None, max_shard_size: str | int = "4GB",
+                 sources=()) -> Path:
     """Write config.json, safetensors shards and src's other files to out, atomically."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources or [src]) as tmp:
         for f in src.iterdir():  # tokenizer, generation config, chat template ...
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
@@ -195,37 +196,48 @@ def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Te
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "llmq", *, overwrite: bool = False,
-            max_shard_size: str | int = "4GB") -> list[EngineSupport]:
-    """Convert the checkpoint at src to fmt at dst without requantizing; return engine support rows."""
+            max_shard_size: str | int = "4GB", sources=(), check_first: bool = True) -> list[EngineSupport]:
+    """Convert the checkpoint at src to fmt at dst without requantizing; return engine support rows.
+
+    dst may not be, hold or sit inside src (or any of `sources`); see llmq.outdir.
+    check_first: as for `save`.
+    """
     if fmt not in WRITE_FORMATS:
         raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
     src = Path(src)
-    if Path(dst).resolve() == src.resolve():
-        raise LlmqError("source and destination are the same folder: choose another destination")
-    check_output_dir(dst, overwrite)  # fail before reading anything
+    sources = [src, *sources]
+    check_output_dir(dst, overwrite, sources, contents=check_first)  # fail before reading anything
     ckpt = read_checkpoint(src)
     qcfg, tensors, rows = encode(ckpt, fmt)
     config = dict(ckpt.config)
     config["quantization_config"] = qcfg
     extra = {"quantize_config.json": qcfg} if fmt == gptq.QUANT_METHOD else None
     write_folder(Path(dst), src, config, tensors, overwrite=overwrite, extra_json=extra,
-                 max_shard_size=max_shard_size)
+                 max_shard_size=max_shard_size, sources=sources)
     return rows
 
 
 def export(model, out: str | os.PathLike, tokenizer=None, fmt: str = "llmq", *, overwrite: bool = False,
-           max_shard_size: str | int = "4GB") -> list[EngineSupport]:
-    """Save a quantized model (from llmq.quantize) in fmt; return engine support rows."""
+           max_shard_size: str | int = "4GB", check_first: bool = True) -> list[EngineSupport]:
+    """Save a quantized model (from llmq.quantize) in fmt; return engine support rows.
+
+    check_first: as for `save`.
+    """
+    from ..outdir import PARTIAL_TAG
     from .native import save
 
-    out = check_output_dir(out, overwrite)
+    sources = [getattr(model, "name_or_path", None) or None]
+    out = check_output_dir(out, overwrite, sources, contents=check_first)
     if fmt == "llmq":
-        save(model, out, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
+        save(model, out, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size, sources=sources,
+             check_first=check_first)
         return []
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.native-", dir=out.parent) as tmp:
-        native = save(model, Path(tmp) / "native", tokenizer)
-        return convert(native, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size)
+    # Named like a partial folder of OUT, so a killed run's copy is found as stale by the next run.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.{PARTIAL_TAG}-{os.getpid()}-native-", dir=out.parent) as tmp:
+        native = save(model, Path(tmp) / "native", tokenizer, sources=sources)
+        return convert(native, out, fmt, overwrite=overwrite, max_shard_size=max_shard_size, sources=sources,
+                       check_first=check_first)
 
 
 def load_foreign(path: str | os.PathLike, **hf_kwargs):
@@ -266,6 +278,10 @@ def print_report(fmt: str, rows: list[EngineSupport]) -> None:
 
 
 def run(args) -> int:
+    from ..outdir import handle_stale_partials
+
+    check_output_dir(args.dst, args.overwrite, [args.src])
+    handle_stale_partials(args.dst, args.overwrite)
     rows = convert(args.src, args.dst, args.format, overwrite=args.overwrite)
     if not args.quiet:
         print_report(args.format, rows)

@@ -9,11 +9,8 @@ being silently initialised at random.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,68 +18,33 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import LlmqError
+from ..outdir import atomic_folder, check_output_dir  # noqa: F401  (the rules for OUT live there)
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty OUT unless overwrite; return it as a Path."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LlmqError(f"output {out} exists and is not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LlmqError(f"output folder {out} is not empty: choose another path or pass --overwrite")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, overwrite: bool):
-    """Yield a temporary sibling folder of `out`; on success it replaces `out`.
-
-    An existing non-empty `out` is refused unless overwrite. On any error the
-    temporary folder is removed and `out` is left as it was, so an interrupted
-    write never leaves a folder that looks like a finished checkpoint.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        _apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
-         max_shard_size: str | int = "4GB") -> Path:
+         max_shard_size: str | int = "4GB", sources=None, check_first: bool = True) -> Path:
     """Write a quantized model (and its tokenizer) as an HF folder at `out`.
 
     The folder holds config.json (with quantization_config), generation config,
     tokenizer files and safetensors weights, sharded with an index past
-    max_shard_size.
+    max_shard_size. `out` may not be or touch the folder the model was loaded
+    from (sources: default, the model's name_or_path); see llmq.outdir.
+    check_first=False skips the check of what OUT holds before writing (for a
+    caller that checked before its own long work): an OUT that appeared since
+    is then found at the final rename, and the finished checkpoint is kept.
     """
-    check_output_dir(out, overwrite)
+    if sources is None:
+        sources = [getattr(model, "name_or_path", None) or None]
+    check_output_dir(out, overwrite, sources, contents=check_first)
     if not getattr(model.config, "quantization_config", None):
         raise LlmqError("this model carries no quantization_config: quantize it with llmq.quantize first")
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
-
-
-def _apply_umask(folder: Path) -> None:
-    # mkdtemp (and some writers) create private files; a checkpoint gets the
-    # permissions any other new file of this user would get.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 # safetensors' dtype names (as in a file's header) and the torch dtypes they hold.

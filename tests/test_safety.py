@@ -1,0 +1,378 @@
+"""Nothing lost, nothing silent: every way a user's files could be lost or a broken result hidden.
+
+Each case runs the real command (in process, or as a subprocess where a signal,
+another user's permissions or another working folder is needed) on tiny models
+in temporary folders, and asserts the exit status, the message and what is left
+on disk. Cases that would delete real files if the guard regressed (OUT = `/`,
+`~`, `.`, `..`) run inside a temporary HOME and working folder, or test the
+path rule itself; no command here can reach a file outside the test's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llmq
+from llmq import outdir
+from llmq.cli import main
+from llmq.errors import LlmqError
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANT = ["--group-size", "32", "--quiet"]
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+def _run(capsys, *argv):
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _cli(*argv, cwd=None, env=None, prefix=(), timeout=300):
+    """The command line in a fresh process (signals, permissions, another working folder)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    r = subprocess.run([*prefix, sys.executable, "-m", "llmq.cli", *map(str, argv)], cwd=cwd, env=full_env,
+                       capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _one_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("llmq: error:")]
+    assert len(lines) == 1, err
+    assert err.strip().splitlines()[-1] == lines[0], err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under folder: what is on disk, to compare before and after."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _bits(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]["bits"]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "m"
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def _checkpoint(model_dir, out, bits=8):
+    assert main(["quantize", str(model_dir), str(out), "--bits", str(bits), *QUANT]) == 0
+    return _tree(out)
+
+
+# ---- 1. OUT equal to, holding or inside the source ---------------------------------------------------------
+
+def test_out_is_the_source_with_overwrite(model_dir, capsys):
+    (model_dir / "README.md").write_text("notes")
+    before = _tree(model_dir)
+    code, _, err = _run(capsys, "quantize", model_dir, model_dir, "--overwrite", *QUANT)
+    _one_error(code, err, "is the source")
+    assert _tree(model_dir) == before
+
+
+def test_out_holds_the_source_with_overwrite(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    tiny_model("llama").save_pretrained(proj / "m")
+    (proj / "data.csv").write_text("1,2")
+    before = _tree(proj)
+    code, _, err = _run(capsys, "quantize", proj / "m", proj, "--overwrite", *QUANT)
+    _one_error(code, err, "holds the source")
+    assert _tree(proj) == before
+
+
+def test_out_inside_the_source(model_dir, capsys):
+    before = _tree(model_dir)
+    code, _, err = _run(capsys, "quantize", model_dir, model_dir / "q", *QUANT)
+    _one_error(code, err, "inside the source")
+    assert _tree(model_dir) == before and not (model_dir / "q").exists()
+
+
+def test_convert_into_a_folder_holding_its_source(tmp_path, model_dir, capsys):
+    _checkpoint(model_dir, tmp_path / "x" / "q4", bits=4)
+    before = _tree(tmp_path / "x")
+    code, _, err = _run(capsys, "convert", tmp_path / "x" / "q4", tmp_path / "x", "--overwrite")
+    _one_error(code, err, "holds the source")
+    assert _tree(tmp_path / "x") == before
+
+
+def test_convert_onto_itself_and_into_itself(tmp_path, model_dir, capsys):
+    before = _checkpoint(model_dir, tmp_path / "q")
+    for dst in (tmp_path / "q", tmp_path / "q" / "sub"):
+        code, _, err = _run(capsys, "convert", tmp_path / "q", dst, "--overwrite")
+        _one_error(code, err, "source")
+    assert _tree(tmp_path / "q") == before
+
+
+def test_save_api_refuses_the_source_folder(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    model = llmq.quantize(str(tmp_path / "m"), llmq.QuantConfig(group_size=32))
+    before = _tree(tmp_path / "m")
+    with pytest.raises(LlmqError, match="is the source"):
+        llmq.save(model, tmp_path / "m", overwrite=True)
+    assert _tree(tmp_path / "m") == before
+
+
+# ---- 2. OUT ".", "..", "~", "/": run inside a temporary HOME and working folder -----------------------------
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A temporary HOME holding the working folder w (with a file) and the model; nothing real is reachable."""
+    home = tmp_path / "home"
+    work = home / "w"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (home / "diary.txt").write_text("also mine")
+    tiny_model("llama").save_pretrained(home / "tiny")
+    return home, work
+
+
+@pytest.mark.parametrize("out, why", [(".", "is the current folder"), ("..", "is the home folder"),
+                                      ("~", "is the home folder")])
+def test_out_dot_dotdot_home(sandbox, out, why):
+    home, work = sandbox
+    before = _tree(home)
+    target = str(home) if out == "~" else out  # the shell expands ~ before llmq sees it
+    code, _, err = _cli("quantize", "../tiny", target, "--overwrite", *QUANT, cwd=work, env={"HOME": str(home)})
+    _one_error(code, err, why)
+    assert _tree(home) == before
+
+
+def test_unsafe_paths_rule_itself(tmp_path):
+    """The path rule for OUT = / and for folders holding HOME or the working folder; no command runs."""
+    home, cwd = tmp_path / "h", tmp_path / "h" / "w" / "x"
+    cwd.mkdir(parents=True)
+    reason = lambda p, src=(): outdir.unsafe_reason(outdir.resolve(p), src, cwd=cwd, home=home)  # noqa: E731
+    assert "root folder" in reason("/")
+    assert "holds the home folder" in reason(tmp_path)
+    assert "is the home folder" in reason(home)
+    assert "holds the current folder" in reason(home / "w")
+    assert "is the current folder" in reason(cwd)
+    assert "is the current folder" in reason(cwd / "sub" / "..")
+    assert reason(cwd / "out") is None and reason(tmp_path / "elsewhere") is None
+    (tmp_path / "src").mkdir()
+    assert "is the source" in reason(tmp_path / "src", [tmp_path / "src"])
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "src")
+    assert "is the source" in reason(link, [tmp_path / "src"])  # symlinks resolved first
+
+
+# ---- 3. OUT spelled through itself, or a symlink -------------------------------------------------------------
+
+def test_out_spelled_through_itself_is_resolved(tmp_path, model_dir, capsys):
+    _checkpoint(model_dir, tmp_path / "out", bits=8)
+    code, _, err = _run(capsys, "quantize", model_dir, f"{tmp_path}/out/../out", "--bits", "4", "--overwrite", *QUANT)
+    assert code == 0, err
+    assert _bits(tmp_path / "out") == 4
+    assert _hidden(tmp_path) == []
+    llmq.from_pretrained(tmp_path / "out")
+
+
+def test_out_symlink_with_overwrite_replaces_its_target(tmp_path, model_dir, capsys):
+    _checkpoint(model_dir, tmp_path / "real", bits=8)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "link", "--bits", "4", "--overwrite", *QUANT)
+    assert code == 0, err
+    assert (tmp_path / "link").is_symlink() and _bits(tmp_path / "real") == 4
+    assert _hidden(tmp_path) == []
+
+
+# ---- --overwrite replaces only checkpoint folders ----------------------------------------------------------
+
+def test_overwrite_refuses_a_folder_of_other_files(tmp_path, model_dir, capsys):
+    out = tmp_path / "out"
+    (out / "photos").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "thesis.docx").write_text("years of work")
+    before = _tree(out)
+    code, _, err = _run(capsys, "quantize", model_dir, out, "--overwrite", *QUANT)
+    _one_error(code, err, "not a model or checkpoint folder", "photos/", "thesis.docx")
+    assert _tree(out) == before
+
+
+def test_overwrite_refuses_a_folder_without_config(tmp_path, model_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("x")
+    code, _, err = _run(capsys, "convert", model_dir, out, "--overwrite")
+    _one_error(code, err, "no config.json")
+    assert (out / "model.safetensors").read_text() == "x"
+
+
+def test_overwrite_replaces_a_checkpoint(tmp_path, model_dir, capsys):
+    _checkpoint(model_dir, tmp_path / "q", bits=8)
+    code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "q", "--bits", "4", "--overwrite", *QUANT)
+    assert code == 0, err
+    assert _bits(tmp_path / "q") == 4 and _hidden(tmp_path) == []
+
+
+# ---- 4. an OUT that appears during the run -----------------------------------------------------------------
+
+def _appear_during_quantize(monkeypatch, make):
+    import llmq.pipeline
+
+    real = llmq.pipeline.quantize
+
+    def quantize_then_appear(*a, **k):
+        model = real(*a, **k)
+        make()
+        return model
+
+    monkeypatch.setattr(llmq.pipeline, "quantize", quantize_then_appear)
+
+
+def test_out_appearing_during_the_run_is_kept(tmp_path, model_dir, capsys, monkeypatch):
+    out = tmp_path / "q"
+
+    def other_run():
+        out.mkdir()
+        (out / "other.txt").write_text("another run's work")
+
+    _appear_during_quantize(monkeypatch, other_run)
+    code, _, err = _run(capsys, "quantize", model_dir, out, *QUANT)
+    _one_error(code, err, "appeared while llmq was running", f"{out}.new")
+    assert (out / "other.txt").read_text() == "another run's work"
+    assert _hidden(tmp_path) == []
+    llmq.from_pretrained(f"{out}.new")  # the finished work, where the message says
+
+
+def test_checkpoint_appearing_during_two_runs_is_kept(tmp_path, model_dir, capsys, monkeypatch):
+    """Two runs writing the same OUT without --overwrite: the second never replaces the first."""
+    out = tmp_path / "q"
+    _appear_during_quantize(monkeypatch, lambda: llmq.save(llmq.quantize(str(model_dir),
+                                                                         llmq.QuantConfig(bits=8, group_size=32)), out))
+    first = None
+    code, _, err = _run(capsys, "quantize", model_dir, out, *QUANT)
+    _one_error(code, err, "appeared while llmq was running")
+    first = _bits(out)
+    assert first == 8 and _bits(Path(f"{out}.new")) == 4
+
+
+def test_overwrite_refuses_other_files_that_appeared(tmp_path, model_dir, capsys, monkeypatch):
+    out = tmp_path / "q"
+    _checkpoint(model_dir, out)
+
+    def replaced_by_user():
+        for f in out.iterdir():
+            f.unlink()
+        (out / "mine.txt").write_text("keep")
+
+    _appear_during_quantize(monkeypatch, replaced_by_user)
+    code, _, err = _run(capsys, "quantize", model_dir, out, "--overwrite", *QUANT)
+    _one_error(code, err, "not a checkpoint", "mine.txt", f"{out}.new")
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+# ---- 5 and 12: kills and signals at fixed points of the save -----------------------------------------------
+
+def _killed_at(point, model_dir, out, *extra, sig="SIGKILL", env=None):
+    return _cli("quantize", model_dir, out, *extra, *QUANT,
+                env={"LLMQ_TEST_SIGNAL_AT": f"{point}:{sig}", **(env or {})})
+
+
+def test_sigkill_before_rename_keeps_old_out_and_next_run_reports_it(tmp_path, model_dir):
+    out = tmp_path / "q"
+    old = _checkpoint(model_dir, out, bits=8)
+    code, _, _ = _killed_at("written", model_dir, out, "--bits", "4", "--overwrite")
+    assert code == -9
+    assert _tree(out) == old  # the old checkpoint is untouched
+    stale = _hidden(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".q.partial-")
+    assert [p.name for p in outdir.stale_partials(out)] == stale
+    assert outdir.stale_partials(tmp_path / "q2") == []  # another OUT's folders are not its business
+    # the next run reports it (and leaves it) without --overwrite, and removes it with --overwrite
+    (tmp_path / "q").rename(tmp_path / "q-kept")
+    code, _, err = _cli("quantize", model_dir, out, *QUANT)
+    assert code == 0 and "left by an interrupted run" in err and "--overwrite to remove" in err
+    assert _hidden(tmp_path) == stale
+    code, _, err = _cli("quantize", model_dir, out, "--overwrite", *QUANT)
+    assert code == 0 and "removed 1 folder(s) left by an interrupted run" in err
+    assert _hidden(tmp_path) == []
+
+
+def test_sigkill_after_swap_leaves_new_out(tmp_path, model_dir):
+    out = tmp_path / "q"
+    _checkpoint(model_dir, out, bits=8)
+    code, _, _ = _killed_at("swapped", model_dir, out, "--bits", "4", "--overwrite")
+    assert code == -9
+    assert _bits(out) == 4  # the new checkpoint is in place
+    llmq.from_pretrained(out)
+    stale = outdir.stale_partials(out)
+    assert len(stale) == 1 and _bits(stale[0]) == 8  # the old one, not yet removed, found as stale
+
+
+def test_sigkill_between_two_renames_fallback(tmp_path, model_dir):
+    """Where the kernel cannot swap two folders atomically: the old OUT is renamed aside first."""
+    out = tmp_path / "q"
+    _checkpoint(model_dir, out, bits=8)
+    code = subprocess.run(
+        [sys.executable, "-c", "import sys, llmq.outdir as o, llmq.cli as c; o._exchange = lambda a, b: False; "
+                               "sys.exit(c.main(sys.argv[1:]))",
+         "quantize", str(model_dir), str(out), "--bits", "4", "--overwrite", *QUANT],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "LLMQ_TEST_SIGNAL_AT": "aside:SIGTERM"},
+        capture_output=True, text=True).returncode
+    assert code == 143
+    assert _bits(out) == 8 and _hidden(tmp_path) == []  # SIGTERM there puts the old one back
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_sigterm_and_sigint_remove_the_partial_folder(tmp_path, model_dir, sig, code, word):
+    out = tmp_path / "q"
+    old = _checkpoint(model_dir, out, bits=8)
+    rc, _, err = _killed_at("written", model_dir, out, "--bits", "4", "--overwrite", sig=sig)
+    assert rc == code and word in err and "Traceback" not in err
+    assert _tree(out) == old and _hidden(tmp_path) == []
+
+
+def test_sigterm_during_gptq_export_leaves_nothing(tmp_path, model_dir):
+    rc, _, err = _killed_at("written", model_dir, tmp_path / "g", "--format", "gptq", sig="SIGTERM")
+    assert rc == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# ---- writability, checked before any work -------------------------------------------------------------------
+
+# Root ignores permission bits; without CAP_DAC_OVERRIDE it obeys them as any user does.
+NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+def _have_setpriv() -> bool:
+    try:
+        return subprocess.run([*NO_DAC, "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_setpriv() and os.geteuid() == 0, reason="needs setpriv to drop root's override")
+def test_read_only_parent_fails_before_any_work(tmp_path, model_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    prefix = NO_DAC if os.geteuid() == 0 else ()
+    code, _, err = _cli("quantize", model_dir, ro / "q", "--method", "gptq", "--dataset", "self", *QUANT,
+                        prefix=prefix, env={"LLMQ_TEST_SIGNAL_AT": ""})
+    _one_error(code, err, "cannot write to", str(ro))
+    assert list(ro.iterdir()) == []
+    ro.chmod(0o755)
