@@ -48,7 +48,7 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
     meta_sd = model.state_dict()
     sdtype = job.scale_dtype
     shards = skeleton.shards
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, [skeleton.source]) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for key in tqdm(skeleton.expected_keys(), desc="rtn", unit="tensor", disable=not progress):
             module_name, _, leaf = key.rpartition(".")

@@ -231,16 +231,16 @@ def test_overwrite_replaces_a_checkpoint(tmp_path, model_dir, capsys):
 # ---- 4. an OUT that appears during the run -----------------------------------------------------------------
 
 def _appear_during_quantize(monkeypatch, make):
-    import llmq.pipeline
+    """Run make() once the new checkpoint is written, just before it is renamed into place."""
+    real = outdir.publish
+    pending = [make]
 
-    real = llmq.pipeline.quantize
+    def appear_then_publish(*a, **k):
+        if pending:
+            pending.pop()()
+        return real(*a, **k)
 
-    def quantize_then_appear(*a, **k):
-        model = real(*a, **k)
-        make()
-        return model
-
-    monkeypatch.setattr(llmq.pipeline, "quantize", quantize_then_appear)
+    monkeypatch.setattr(outdir, "publish", appear_then_publish)
 
 
 def test_out_appearing_during_the_run_is_kept(tmp_path, model_dir, capsys, monkeypatch):
