@@ -79,9 +79,11 @@ def _add_quantize(sub) -> None:
                    help="checkpoint format: llmq (native), gptq (vLLM/SGLang/TGI/transformers), "
                         "compressed-tensors (vLLM's native format, transformers)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="read the model tensor by tensor from its safetensors shards instead of loading it "
-                        "whole; rtn then goes straight from the input shards to the output shards (default: "
-                        "on for rtn where the model allows it, with a note saying why when it does not)")
+                   help="read the model from its safetensors shards instead of loading it whole: rtn goes "
+                        "straight from the input shards to the output shards, calibrated methods load one "
+                        "decoder layer at a time and write it out at once (default: on for rtn where the model "
+                        "allows it; for the others when the model would take more than half the available "
+                        "host memory)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_quantize)
@@ -115,16 +117,11 @@ def _run_quantize(args) -> int:
     from .loading import load_model
     from .memory import gib, peak_host_memory
 
-    # The shard path writes weight-only codes; W8A8 layers are built in memory.
-    shards = config.method == "rtn" and not config.quantizes_activations and args.stream is not False
-    out = _quantize_rtn_shards(args, config) if shards else None
+    out = _quantize_from_shards(args, config) if args.stream is not False else None
     if out is not None:
         if not args.quiet:
             print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
         return 0
-    if args.stream:
-        what = "--scheme w8a8" if config.quantizes_activations else f"--method {args.method}"
-        raise LlmqError(f"--stream is not available for {what} yet: drop --stream")
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
@@ -143,24 +140,30 @@ def _run_quantize(args) -> int:
     return 0
 
 
-def _quantize_rtn_shards(args, config: QuantConfig):
-    """RTN from the input shards straight to the output shards; None (with a note) where it cannot run."""
+def _quantize_from_shards(args, config: QuantConfig):
+    """Quantize reading the model from its shards (rtn: shard by shard; others: streamed layer by
+    layer) when that is asked for or needed; None (with a note where it matters) to quantize in memory."""
     from .loading import load_tokenizer
-    from .shard_rtn import quantize_rtn_shards
     from .skeleton import build_skeleton
+    from .stream import choose_route
 
     skeleton = build_skeleton(args.model, args.dtype)
-    reason = skeleton.blocker
-    if reason is None and args.format != "llmq":
-        reason = f"--format {args.format} is written from a model in memory"
-    if reason is not None:
-        if args.stream:
-            raise LlmqError(f"cannot stream {args.model}: {reason}; drop --stream to quantize it in memory")
-        if not args.quiet:
-            print(f"note: quantizing in memory, not shard by shard: {reason}", file=sys.stderr)
+    route, note = choose_route(skeleton, config, args.format, args.dataset, args.stream)
+    if note and not args.quiet:
+        print(f"note: {note}", file=sys.stderr)
+    if route == "memory":
         return None
-    return quantize_rtn_shards(skeleton, args.out, config, device=args.device, tokenizer=load_tokenizer(args.model),
-                               overwrite=args.overwrite, progress=not args.quiet)
+    tokenizer = load_tokenizer(args.model)
+    if route == "shards":
+        from .shard_rtn import quantize_rtn_shards
+
+        return quantize_rtn_shards(skeleton, args.out, config, device=args.device, tokenizer=tokenizer,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+    from .stream import quantize_streamed
+
+    return quantize_streamed(skeleton, args.out, config, dataset=args.dataset, tokenizer=tokenizer,
+                             device=args.device, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                             overwrite=args.overwrite, progress=not args.quiet)
 
 
 def _add_info(sub) -> None:

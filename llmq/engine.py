@@ -15,12 +15,15 @@
 Only one decoder layer is on the device at a time; embeddings and the head
 stay on the host. Between layers the calibration activations stay on the
 device when they fit (a few copies of them, for the layer's own
-intermediates, within the free device memory) and on the host otherwise,
-moved in for each layer's pass.
+intermediates, within the free device memory), on the host otherwise, moved
+in for each layer's pass, and in a memory-mapped file when the host cannot
+hold them (llmq.activations). With a streamer (llmq.stream) the layers
+themselves live on the meta device and are read from disk when reached.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arch
+from .activations import ActivationStore
 
 
 class _StopForward(Exception):
@@ -112,31 +116,43 @@ def activations_fit(hidden: torch.Tensor, device: torch.device) -> bool:
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
                progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None,
-               layers: nn.ModuleList | None = None) -> torch.Tensor:
+               layers: nn.ModuleList | None = None, streamer=None, activations: str | None = None) -> torch.Tensor:
     """Drive `step` over every decoder layer and return the last layer's output.
 
     step(index, layer, hidden, args, kwargs) runs the layer (already on device)
     on hidden and returns (output hidden states, a short status for the
     progress bar). keep_on_device: keep the activations on the device between
     layers (None: when they fit, see activations_fit) or on the host.
+    activations: "device", "host" or "disk" (a memory-mapped file) to force
+    where they wait between layers (None: chosen, see llmq.activations).
     layers: the model's decoder layers (None: looked up with arch.decoder_layers).
+    streamer: for a model whose layers are on the meta device (llmq.stream):
+    streamer.load(i) materialises layer i before its pass, streamer.release(i)
+    writes it out and frees it after.
     """
     model.eval()
     if layers is None:
         _, layers = arch.decoder_layers(model)
     hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
-    if keep_on_device is None:
-        keep_on_device = activations_fit(hidden, device)
-    store = device if keep_on_device else hidden.device
+    if activations is None and keep_on_device is not None:
+        activations = "device" if keep_on_device else "host"
+    store = ActivationStore(hidden, device, activations)
+    if progress:
+        print(store.describe(), file=sys.stderr)
+    hidden = store.put(hidden)
     bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
     for i in bar:
+        if streamer is not None:
+            streamer.load(i)
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         args, kwargs = to_device(per_layer[i], device)
         hidden, status = step(i, layer, hidden.to(device), args, kwargs)
-        hidden = hidden.to(store)
+        hidden = store.put(hidden)
         layer.to(home)
+        if streamer is not None:
+            streamer.release(i)
         per_layer[i] = None  # free this layer's masks as soon as possible
         if status:
             bar.set_postfix_str(status)
@@ -145,19 +161,24 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
 
 @torch.no_grad()
 def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, progress: bool = True,
-               desc: str = "layers", indices=None) -> None:
+               desc: str = "layers", indices=None, streamer=None) -> None:
     """Drive `step` over decoder layers without data (methods that need no calibration).
 
     step(index, layer, None, (), {}) runs with the layer on the device; the layer
     goes back where it was afterwards. indices: the layers to visit (None: all).
+    streamer: as for run_layers.
     """
     bar = tqdm(range(len(layers)) if indices is None else indices, desc=desc, unit="layer", disable=not progress)
     for i in bar:
+        if streamer is not None:
+            streamer.load(i)
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         _, status = step(i, layer, None, (), {})
         layer.to(home)
+        if streamer is not None:
+            streamer.release(i)
         if status:
             bar.set_postfix_str(status)
 

@@ -72,24 +72,24 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
             del tensor
         shards.close()
         writer.finish()
-        _write_config(skeleton, config, tmp)
+        model.config.quantization_config = config.to_dict()
+        write_config(skeleton.source, model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
 
 
-def _write_config(skeleton: Skeleton, config: QuantConfig, folder: Path) -> None:
-    # What model.save_pretrained writes for the model loaded and quantized in memory.
+def write_config(source: str, model, folder: Path) -> None:
+    """config.json and generation_config.json as model.save_pretrained writes them for the loaded model
+    (model.config.quantization_config set by the caller)."""
     from transformers import GenerationConfig
 
-    model = skeleton.model
-    model.config.quantization_config = config.to_dict()
     model.config.dtype = str(next(model.parameters()).dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     if model.can_generate():
         try:
-            generation = GenerationConfig.from_pretrained(skeleton.source)
+            generation = GenerationConfig.from_pretrained(source)
         except OSError:
             generation = model.generation_config
         generation.save_pretrained(folder)

@@ -41,6 +41,11 @@ class Skeleton:
         """Tensors tied to another one: from_pretrained fills them from their source, saves skip them."""
         return set(getattr(self.model, "all_tied_weights_keys", {}) or {})
 
+    def model_bytes(self) -> int:
+        """Host memory the model's tensors take once loaded (in the dtype from_pretrained picks)."""
+        sd = self.model.state_dict()
+        return sum(t.numel() * t.element_size() for k, t in sd.items() if k not in self.tied)
+
     def expected_keys(self) -> list[str]:
         """The model's state dict keys that a checkpoint holds, in module order."""
         tied = self.tied
@@ -53,7 +58,7 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
     Raises LlmqError for a source that is not a model (or is already quantized),
     exactly as loading it would.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.modeling_utils import _get_dtype
 
     source = str(source)
@@ -73,12 +78,25 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
         resolved = torch.float32 if resolved == "auto" else resolved
     else:
         config, resolved = _get_dtype(resolve_dtype(dtype), files, config, sharded, None, True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=resolved)
-    model.eval()
+    try:
+        model = _build_like_from_pretrained(config, resolved)
+    except (KeyError, ValueError) as e:  # not a causal LM transformers knows: from_pretrained will say why
+        return Skeleton(source, None, resolved, shards, f"transformers builds no causal LM from this config ({e})")
     skeleton = Skeleton(source, model, resolved, shards, None)
     skeleton.blocker = "the model folder holds no safetensors weights" if shards is None else _blocker(skeleton)
     return skeleton
+
+
+def _build_like_from_pretrained(config, dtype: torch.dtype) -> nn.Module:
+    # from_pretrained's own construction: its init contexts put parameters on the
+    # meta device with the dtype it would load them in.
+    from transformers.modeling_utils import ContextManagers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with ContextManagers(cls.get_init_context(dtype, False, False, None)):
+        model = cls(config)
+    return model.eval()
 
 
 def _blocker(sk: Skeleton) -> str | None:

@@ -1,0 +1,223 @@
+"""Calibrated quantization with the model streamed from its shards, one decoder layer at a time.
+
+The model is built the way `from_pretrained` builds it, on the meta device.
+Everything outside the decoder layers (embeddings, final norm, head, rotary
+buffers) is loaded once, by transformers' own loader (`convert_and_load_state_dict_in_model`
+given those keys, then its finalisation: non-persistent buffers, tied weights).
+When the engine reaches a decoder layer, the same loader materialises that
+layer from the source shards (its keys only); the method quantizes it; its
+tensors (packed codes, scales, folded norms) go to the output shards at once;
+the layer returns to the meta device. Host memory holds the outer tensors,
+one layer and the calibration activations, whatever the number of layers.
+
+The checkpoint is the one the in-memory path writes, tensor for tensor:
+same loader, same engine, same method steps, same tensors saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch
+from .config import QuantConfig
+from .formats.native import atomic_folder
+from .loading import resolve_device
+from .memory import available_host_memory
+from .pipeline import check_finite, plan
+from .shards import ShardWriter, _open
+from .skeleton import Skeleton
+
+# Streaming is the default for calibrated methods when the model's tensors
+# would take more than this fraction of the memory available to the process.
+STREAM_FRACTION = 0.5
+_SAMPLED_DATASETS = ("self", "model")
+
+
+def stream_blocker(skeleton: Skeleton, fmt: str = "llmq", dataset=None, config: QuantConfig | None = None) -> str | None:
+    """Why this model cannot be streamed (None: it can)."""
+    if skeleton.blocker:
+        return skeleton.blocker
+    if config is not None and config.quantizes_activations:
+        return "W8A8 layers are built in memory"
+    if fmt != "llmq":
+        return f"--format {fmt} is written from a model in memory"
+    if isinstance(dataset, str) and dataset in _SAMPLED_DATASETS:
+        return f"--dataset {dataset} samples text from the whole model"
+    return None
+
+
+def should_stream(skeleton: Skeleton) -> bool:
+    """The automatic choice: stream when the model would take too much of the available host memory."""
+    available = available_host_memory()
+    if available is None or skeleton.shards is None:
+        return False
+    return skeleton.model_bytes() > STREAM_FRACTION * available
+
+
+def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dataset=None,
+                 stream: bool | None = None) -> tuple[str, str | None]:
+    """("shards" | "stream" | "memory", a note for the user or None).
+
+    rtn goes shard by shard whenever it can; calibrated methods stream when
+    asked (stream=True) or, by default, when the model would not sit
+    comfortably in host memory (should_stream). stream=True on a model that
+    cannot be streamed is an error (LlmqError) naming the reason.
+    """
+    from .errors import LlmqError
+    from .memory import gib
+
+    if stream is False:
+        return "memory", None
+    reason = stream_blocker(skeleton, fmt, dataset, config)
+    if reason is not None:
+        if stream:
+            raise LlmqError(f"cannot stream {skeleton.source}: {reason}; drop --stream to quantize it in memory")
+        if config.method == "rtn":
+            return "memory", f"quantizing in memory, not shard by shard: {reason}"
+        return "memory", None
+    if config.method == "rtn":
+        return "shards", None
+    if stream:
+        return "stream", None
+    if should_stream(skeleton):
+        return "stream", (f"streaming the model layer by layer: its {gib(skeleton.model_bytes())} would take more "
+                          f"than {STREAM_FRACTION:.0%} of the {gib(available_host_memory())} of host memory available")
+    return "memory", None
+
+
+class LayerStreamer:
+    """Materialises decoder layers from the source shards and writes them out when done.
+
+    load(i): layer i's tensors, read by transformers' loader, on the host.
+    release(i): layer i's tensors (as the method left them) to the output
+    shards, and the layer back to the meta device.
+    """
+
+    def __init__(self, model: nn.Module, skeleton: Skeleton, writer: ShardWriter):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        self.model = model
+        self.skeleton = skeleton
+        self.writer = writer
+        self.prefix, self.layers = arch.decoder_layers(model)
+        self.load_config = LoadStateDictConfig(
+            dtype=skeleton.dtype, dtype_plan=model._get_dtype_plan(skeleton.dtype),
+            weight_mapping=get_model_conversion_mapping(model), device_map={"": "cpu"})
+        self._handles: dict[str, object] = {}
+        self._params = {name for name, _ in model.named_parameters()}
+
+    def _slices(self, keys: list[str]) -> dict:
+        out = {}
+        for key in keys:
+            path = self.skeleton.shards.file_of[key]
+            if path not in self._handles:
+                self._handles[path] = _open(path).__enter__()
+            out[key] = self._handles[path].get_slice(key)
+        return out
+
+    def _load(self, keys: list[str]) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+        convert_and_load_state_dict_in_model(self.model, self._slices(keys), self.load_config)
+        for key in keys:
+            if key in self._params:
+                check_finite(key, self.model.get_parameter(key))
+
+    def layer_keys(self, index: int) -> list[str]:
+        head = f"{self.prefix}.{index}."
+        return [k for k in self.skeleton.shards.keys() if k.startswith(head)]
+
+    def load_outer(self) -> None:
+        """Everything but the decoder layers, as from_pretrained loads it."""
+        head = f"{self.prefix}."
+        self._load([k for k in self.skeleton.shards.keys() if not k.startswith(head)])
+        # transformers' own finalisation: non-persistent buffers (rotary tables) off
+        # the meta device and initialised, tied weights tied.
+        self.model._move_missing_keys_from_meta_to_device(set(), None, None, None)
+        self.model._initialize_missing_keys(False)
+        self.model.tie_weights()
+
+    def load(self, index: int) -> None:
+        self._load(self.layer_keys(index))
+
+    def release(self, index: int) -> None:
+        layer = self.layers[index]
+        for name, tensor in layer.state_dict().items():
+            self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
+        layer.to("meta")
+
+    def write_outer(self) -> None:
+        head = f"{self.prefix}."
+        tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+        for name, tensor in self.model.state_dict().items():
+            if not name.startswith(head) and name not in tied:
+                self.writer.add(name, tensor)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantConfig, *, dataset=None,
+                      tokenizer=None, device: str | torch.device = "auto", nsamples: int = 128, seqlen: int = 512,
+                      seed: int = 0, overwrite: bool = False, progress: bool = True,
+                      max_shard_size: int = 4 * 10**9, report: dict | None = None) -> Path:
+    """Quantize the model at skeleton.source with a calibrated method and write it to out, layer by layer."""
+    from .engine import each_layer, run_layers
+    from .methods import registry
+    from .pipeline import _calibration
+    from .shard_rtn import write_config
+
+    reason = stream_blocker(skeleton, dataset=dataset, config=config)
+    if reason:
+        raise ValueError(f"cannot stream {skeleton.source}: {reason}")
+    t_start = time.perf_counter()
+    report = {} if report is None else report
+    device = resolve_device(device)
+    model = skeleton.model
+    method = registry.get(config.method)
+    with atomic_folder(out, overwrite, [skeleton.source]) as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        streamer = LayerStreamer(model, skeleton, writer)
+        try:
+            streamer.load_outer()
+            job = plan(model, config, device, check_finite=False)
+            method.check(job)
+            calibration: dict = {}
+            if method.needs_calibration:
+                t0 = time.perf_counter()
+                windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
+                report["calibration_data"] = time.perf_counter() - t0
+            plans = {i: method.plan_layer(job, i, job.layers[i], names) for i, names in job.targets.items()}
+            step = method.layer_step(job, plans)
+            t1 = time.perf_counter()
+            if method.needs_calibration:
+                run_layers(model, windows, step, device=device, progress=progress, desc=method.name,
+                           layers=job.layers, streamer=streamer)
+            else:
+                each_layer(job.layers, step, device=device, progress=progress, desc=method.name,
+                           streamer=streamer)  # every layer: those without targets are written too
+            report.update(layers=time.perf_counter() - t1, **step.timings)
+            streamer.write_outer()
+        finally:
+            streamer.close()
+        if step.damp_raised:
+            warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
+                          stacklevel=2)
+        recorded = dataclasses.replace(config, calibration=calibration) if method.needs_calibration else config
+        writer.finish()
+        model.config.quantization_config = recorded.to_dict()
+        write_config(skeleton.source, model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    report["total"] = time.perf_counter() - t_start
+    return Path(out)

@@ -1,0 +1,174 @@
+"""Streaming calibrated quantization: layers read from the shards when reached, written out at once."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import llmq
+from llmq import engine, stream
+from llmq.activations import ActivationStore
+from llmq.cli import main
+from llmq.engine import layer_output, run_layers
+from llmq.shards import ShardWriter
+from llmq.skeleton import build_skeleton
+from conftest import TINY_CONFIGS, random_ids, tiny_model
+
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _assert_same_checkpoint(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and any(k.endswith(".qweight") for k in ta)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+def _model_folder(path, arch="llama", dtype=torch.float32):
+    """A tiny model with a word-level tokenizer and a text file to calibrate on."""
+    tiny_model(arch, seed=2, dtype=dtype).save_pretrained(path, max_shard_size="60KB")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                              unk_token="<unk>").save_pretrained(path)
+    rng = random.Random(5)
+    text = path.parent / "calib.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)))
+    return text
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_streamed_layer_equals_the_layer_from_pretrained(tmp_path, arch):
+    src = tmp_path / "m"
+    tiny_model(arch, seed=6, dtype=torch.bfloat16).save_pretrained(src, max_shard_size="50KB")
+    reference = T.AutoModelForCausalLM.from_pretrained(src)
+    skeleton = build_skeleton(src)
+    assert skeleton.blocker is None
+    streamer = stream.LayerStreamer(skeleton.model, skeleton, ShardWriter(tmp_path))
+    try:
+        streamer.load_outer()
+        ref_state = dict(reference.named_parameters()) | dict(reference.named_buffers())
+        got_state = dict(skeleton.model.named_parameters()) | dict(skeleton.model.named_buffers())
+        assert got_state.keys() == ref_state.keys()
+        prefix = streamer.prefix + "."
+        outer = [k for k in ref_state if not k.startswith(prefix)]
+        assert any("rotary" in k or "embed_positions" in k for k in outer)  # buffers built, not read
+        for k in outer:
+            assert got_state[k].device.type == "cpu" and got_state[k].dtype == ref_state[k].dtype, k
+            assert torch.equal(got_state[k], ref_state[k]), k
+        for i in range(len(streamer.layers)):
+            assert all(p.device.type == "meta" for p in streamer.layers[i].parameters())
+            streamer.load(i)
+            got = streamer.layers[i].state_dict()
+            ref = streamer_ref = {k[len(f"{prefix}{i}."):]: v for k, v in ref_state.items()
+                                  if k.startswith(f"{prefix}{i}.")}
+            assert got.keys() <= streamer_ref.keys() and len(got) > 4
+            for k, v in got.items():
+                assert v.dtype == ref[k].dtype and torch.equal(v, ref[k]), (i, k)
+            streamer.release(i)
+            assert all(p.device.type == "meta" for p in streamer.layers[i].parameters())
+    finally:
+        streamer.close()
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("gemma3", "gptq"), ("opt", "gptq"), ("mistral", "awq"),
+                                         ("phi3", "awq+gptq")])
+def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method):
+    src = tmp_path / "m"
+    text = _model_folder(src, arch)
+    common = ["--method", method, "--bits", "4", "--group-size", "32", "--asym", "--dataset", str(text),
+              "--nsamples", "6", "--seqlen", "24", "--seed", "3", "--quiet"]
+    assert main(["quantize", str(src), str(tmp_path / "mem"), "--no-stream", *common]) == 0
+    assert main(["quantize", str(src), str(tmp_path / "stream"), "--stream", *common]) == 0
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    assert (tmp_path / "stream" / "tokenizer.json").is_file()
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "stream")(ids).logits)
+
+
+def test_streamed_rtn_equals_in_memory_rtn_and_frees_every_layer(tmp_path):
+    src = tmp_path / "m"
+    tiny_model("qwen3", seed=4, dtype=torch.bfloat16).save_pretrained(src)
+    config = llmq.QuantConfig(method="rtn", bits=8, group_size=16)
+    model, _ = llmq.loading.load_model(str(src))
+    llmq.save(llmq.quantize(model, config, progress=False), tmp_path / "mem")
+    skeleton = build_skeleton(src)
+    stream.quantize_streamed(skeleton, tmp_path / "stream", config, progress=False)
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    _, layers = llmq.arch.decoder_layers(skeleton.model)
+    assert all(t.device.type == "meta" for layer in layers for t in layer.state_dict().values())
+
+
+def test_automatic_streaming_when_host_memory_is_short(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "m"
+    text = _model_folder(src)
+    skeleton = build_skeleton(src)
+    gptq = llmq.QuantConfig(method="gptq", group_size=32)
+    monkeypatch.setattr(stream, "available_host_memory", lambda: 100 * 2**30)
+    assert stream.choose_route(skeleton, gptq) == ("memory", None)
+    monkeypatch.setattr(stream, "available_host_memory", lambda: skeleton.model_bytes())
+    route, note = stream.choose_route(skeleton, gptq)
+    assert route == "stream" and "streaming the model layer by layer" in note
+    assert stream.choose_route(skeleton, gptq, stream=False) == ("memory", None)
+    assert stream.choose_route(skeleton, llmq.QuantConfig(method="rtn"))[0] == "shards"
+    code = main(["quantize", str(src), str(tmp_path / "q"), "--method", "gptq", "--group-size", "32",
+                 "--dataset", str(text), "--nsamples", "4", "--seqlen", "16"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "note: streaming the model layer by layer" in err and "calibration activations:" in err
+
+
+def test_stream_refused_where_it_cannot_work(tmp_path, capsys):
+    src = tmp_path / "m"
+    _model_folder(src)
+    code = main(["quantize", str(src), str(tmp_path / "q"), "--method", "gptq", "--dataset", "self", "--stream",
+                 "--quiet"])
+    assert code == 2 and not (tmp_path / "q").exists()
+    assert "samples text from the whole model" in capsys.readouterr().err
+
+
+def test_activations_on_disk_give_the_same_output_and_leave_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model = tiny_model("llama")
+    ids = random_ids(n=3, length=10)
+
+    def plain(i, layer, hidden, args, kwargs):
+        return layer_output(layer(hidden, *args, **kwargs)), ""
+
+    on_host = run_layers(model, ids, plain, device=torch.device("cpu"), progress=False, activations="host")
+    on_disk = run_layers(model, ids, plain, device=torch.device("cpu"), progress=False, activations="disk")
+    assert torch.equal(on_host, on_disk)
+    assert os.listdir(tmp_path) == []
+    store = ActivationStore(torch.zeros(2, 3, 4), torch.device("cpu"), "disk", folder=tmp_path)
+    assert "memory-mapped file" in store.describe() and os.listdir(tmp_path) == []
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(store.put(x), x)
+
+
+def test_activations_go_to_disk_when_the_host_cannot_hold_them(monkeypatch):
+    from llmq import activations
+
+    monkeypatch.setattr(activations, "available_host_memory", lambda: 1000)
+    store = ActivationStore(torch.zeros(100, 10), torch.device("cpu"))
+    assert store.where == "disk"
+    monkeypatch.setattr(activations, "available_host_memory", lambda: 10**9)
+    assert ActivationStore(torch.zeros(100, 10), torch.device("cpu")).where == "host"
+    assert engine.activations_fit(torch.zeros(4, 4), torch.device("cpu"))
