@@ -72,6 +72,14 @@ def _add_quantize(sub) -> None:
                         "each group's quantization error")
     p.add_argument("--skip", action="append", default=None, metavar="NAME",
                    help="module name (or suffix) to keep in full precision; repeatable (default: lm_head)")
+    p.add_argument("--moe-calibration", choices=["routed", "all"], default="routed",
+                   help="mixture-of-experts, gptq/awq: each expert calibrates on the tokens routed to it, or on "
+                        "every calibration token (only the routed outputs flow on)")
+    p.add_argument("--moe-min-tokens", type=int, default=16,
+                   help="experts routed fewer calibration tokens than this are quantized by round-to-nearest "
+                        "(reported per layer)")
+    p.add_argument("--quantize-routers", dest="keep_routers", action="store_false",
+                   help="also quantize MoE routers that are linear layers (kept in full precision by default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype to load the model in")
@@ -106,6 +114,7 @@ def _run_quantize(args) -> int:
         desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp, clip_search=args.clip_search,
         modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
         scheme=args.scheme, act=args.act, smooth=args.smooth, act_observer=args.act_observer,
+        keep_routers=args.keep_routers, moe_calibration=args.moe_calibration, moe_min_tokens=args.moe_min_tokens,
     )
     if config.quantizes_activations:
         from .methods.w8a8 import check_w8a8_data
@@ -123,8 +132,14 @@ def _run_quantize(args) -> int:
             print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
         return 0
     model, tokenizer = load_model(args.model, args.dtype)
+    report: dict = {}
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
-                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet)
+                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet,
+                     report=report)
+    if not args.quiet:
+        from .census import model_census
+
+        print("\n".join(model_census(model, config.bits).lines() + report.get("experts", [])))
     # OUT was checked above; what appeared there since is judged at the final rename, keeping the work.
     if args.format == "llmq":
         out = save(model, args.out, tokenizer, overwrite=args.overwrite, sources=[args.model], check_first=False)

@@ -18,6 +18,7 @@ W8A8_METHODS = ("rtn", "gptq")
 ACT_MODES = ("dynamic", "static")
 ACT_OBSERVERS = ("minmax", "percentile", "mse")
 DEFAULT_ACT_OBSERVER = "minmax"
+MOE_CALIBRATION = ("routed", "all")
 FORMAT_VERSION = 1
 W8A8_FORMAT_VERSION = 2
 QUANT_METHOD = "llmq"
@@ -55,6 +56,13 @@ class QuantConfig:
             search per scale group) or None (off).
         act_observer: w8a8 static only: how calibration fixes each input's scale
             ("minmax", "percentile" or "mse").
+        keep_routers: mixture-of-experts routers (and shared-expert gates) stay in full
+            precision: llmq.quantize adds their names to modules_to_not_convert.
+        moe_calibration: how GPTQ/AWQ calibrate experts: "routed" (each expert sees the
+            tokens its router sends it) or "all" (every calibration token goes through
+            every expert; only the routed outputs flow on).
+        moe_min_tokens: an expert that receives fewer calibration tokens than this is
+            quantized by round-to-nearest instead (reported per layer).
     """
 
     method: str = "rtn"
@@ -71,6 +79,9 @@ class QuantConfig:
     act: str | None = None
     smooth: float | str | None = None
     act_observer: str | None = None
+    keep_routers: bool = True
+    moe_calibration: str = "routed"
+    moe_min_tokens: int = 16
 
     def __post_init__(self):
         if self.method not in registry.names():
@@ -91,6 +102,11 @@ class QuantConfig:
         if self.static_groups and not self.desc_act:
             self.static_groups = False  # static groups only change anything under act-order
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise LlmqError(f"unknown MoE calibration {self.moe_calibration!r}: choose one of "
+                            f"{', '.join(MOE_CALIBRATION)}")
+        if not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
+            raise LlmqError(f"moe_min_tokens {self.moe_min_tokens!r} is invalid: use a count >= 0")
 
     def _check_scheme(self) -> None:
         """Resolve the scheme's defaults and refuse settings it cannot hold."""

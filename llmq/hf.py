@@ -18,7 +18,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
+from .experts import empty_quant_experts, experts_layout, find_experts
 from .formats.native import check_against_model, quantized_module_names, read_header, w8a8_module_names
+from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module
 from .modules.w8a8 import W8A8Linear
@@ -91,6 +93,71 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return linear
 
 
+def names_in_model(model: nn.Module, header: dict, quantizer=None) -> dict:
+    """The header keyed by the names the tensors get in the model.
+
+    Some architectures name tensors differently on disk and in memory (Mixtral's
+    `block_sparse_moe` is `mlp` in transformers 5); transformers' own conversion
+    mapping renames them on load, and is applied here the same way. Keys that a
+    converter merges (per-expert full-precision weights stacked into one 3D
+    parameter) get the shape None: their stored shape is not the parameter's.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - transformers without conversion mappings
+        return header
+    conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    if not conversions:
+        return header
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict().keys(), True)
+    renamed = {}
+    for key, (shape, dtype) in header.items():
+        name, converted = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
+                                            meta)
+        renamed[name] = (None if converted is not None else shape, dtype)
+    return renamed
+
+
+def _inside_quant_experts(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), QuantExperts)
+               for i in range(1, len(parts)) if _has_submodule(model, ".".join(parts[:i])))
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype: torch.dtype) -> None:
+    """Replace each experts module whose projections the checkpoint quantizes by an empty QuantExperts."""
+    for name, experts in find_experts(model).items():
+        if not any(k.startswith(name + ".") and k.endswith(".qweight") for k in header):
+            continue  # kept in full precision: transformers' own conversion loads it
+        layout = experts_layout(experts, name, model)
+
+        def make_linear(k, n, bias, _name=name):
+            gs = qc.group_size_for(k)
+            if k % gs:
+                raise LlmqError(f"group size {qc.group_size} does not divide the {k} input features of the "
+                                f"experts in {_name}: the checkpoint config is inconsistent")
+            first = f"{_name}.0.{layout.down_name}.scales"
+            stored = _SAFETENSORS_FLOATS.get(header.get(first, (None, "F16"))[1], torch.float16)
+            scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else stored
+            return QuantLinear(k, n, bits=qc.bits, group_size=gs, bias=bias, desc_act=qc.desc_act,
+                               dtype=scale_dtype)
+
+        with torch.device("meta"):
+            q = empty_quant_experts(experts, layout, make_linear)
+        replace_module(model, name, q)
+
+
 class LlmqHfQuantizer(HfQuantizer):
     requires_calibration = True  # checkpoints are quantized by `llmq quantize`, never on load
 
@@ -105,6 +172,7 @@ class LlmqHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise LlmqError("an llmq checkpoint must be loaded from its safetensors files")
         header = read_header(checkpoint_files)
+        header = names_in_model(model, header, self)
         if qc.scheme == "w8a8":
             names = w8a8_module_names(header)
             if not names:
@@ -113,11 +181,13 @@ class LlmqHfQuantizer(HfQuantizer):
             swap_in_w8a8_linears(model, names, qc, dtype or torch.get_default_dtype())
             check_against_model(model, header)
             return model
-        names = quantized_module_names(header)
-        if not names:
+        if not quantized_module_names(header):
             raise LlmqError("config.json says llmq-quantized but the checkpoint holds no '.qweight' tensors: "
                             "it is damaged; re-create it with `llmq quantize`")
-        swap_in_quant_linears(model, names, qc, dtype or torch.get_default_dtype(), header)
+        dtype = dtype or torch.get_default_dtype()
+        swap_in_quant_experts(model, header, qc, dtype)
+        names = [n for n in quantized_module_names(header) if not _inside_quant_experts(model, n)]
+        swap_in_quant_linears(model, names, qc, dtype, header)
         check_against_model(model, header)
         return model
 

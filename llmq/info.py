@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from .census import census
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
@@ -67,7 +68,9 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
             for d in shape:
                 numel *= d
             original += numel * _BYTES.get(dt, 4) if dt in ("I32", "I64") else numel * fp_bytes
+    counts = census({k: shape for k, (shape, _) in header.items()}, qc.bits)
     return {
+        "census": counts,
         "path": str(folder),
         "format": fmt,
         "architecture": (config.get("architectures") or ["?"])[0],
@@ -112,9 +115,14 @@ def format_info(info: dict) -> str:
         act = ("dynamic per-token scales" if info["act"] == "dynamic" else
                f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
         lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")
+        lines += [
+            f"quantized layers  {info['quantized_layers']} linears, {info['quantized_params'] / 1e6:.1f} M weights",
+            f"kept full prec.   {', '.join(info['modules_to_not_convert']) or '-'}, embeddings, norms",
+        ]
+    else:
+        lines += info["census"].lines()
     lines += [
-        f"quantized layers  {info['quantized_layers']} linears, {info['quantized_params'] / 1e6:.1f} M weights",
-        f"kept full prec.   {', '.join(info['modules_to_not_convert']) or '-'}, embeddings, norms",
+        f"not converted     {', '.join(info['modules_to_not_convert']) or '-'} (modules_to_not_convert)",
         f"size on disk      {_human(info['size_on_disk'])} in {len(info['files'])} file(s)",
         f"full precision    {_human(info['size_full_precision'])} ({info['dtype']}), {ratio:.2f}x larger",
     ]

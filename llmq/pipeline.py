@@ -30,8 +30,14 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     check_finite=False for a skeleton on the meta device, whose weights are
     checked as they are read.
     """
+    from .moe import prepare_experts
+
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
+    # Mixture-of-experts blocks first: each experts module becomes a QuantExperts of
+    # per-expert nn.Linear views, planned and quantized as linears; the routers join
+    # modules_to_not_convert, in a copy of the config (the caller's stays as given).
+    config = prepare_experts(model, prefix, layers, config)
     targets: dict[int, dict[str, str]] = {}
     shapes: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layers):
@@ -111,11 +117,13 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     else:
         each_layer(job.layers, step, device=device, progress=progress, desc=method.name, indices=sorted(plans))
     report.update(layers=time.perf_counter() - t1, **step.timings)
+    if getattr(step, "expert_tokens", None) is not None:
+        report["experts"] = step.expert_tokens.summary()
     if step.damp_raised:
         warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
                       stacklevel=2)
     # What the model was calibrated on goes into the checkpoint; the caller's config stays as given.
-    recorded = dataclasses.replace(config, calibration=calibration) if calibrates else config
+    recorded = dataclasses.replace(job.config, calibration=calibration) if calibrates else job.config
     model.config.quantization_config = recorded.to_dict()
     report["total"] = time.perf_counter() - t_start
     return model

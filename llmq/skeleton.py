@@ -104,6 +104,11 @@ def _blocker(sk: Skeleton) -> str | None:
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
     model = sk.model
+    from .experts import find_experts
+
+    if find_experts(model):
+        # Experts become per-expert linears (llmq.moe) on a model in memory.
+        return "its mixture-of-experts experts are quantized on a model in memory"
     if model._get_dtype_plan(sk.dtype):
         return f"transformers keeps some of {type(model).__name__}'s modules in float32"
     meta_sd = model.state_dict()

@@ -29,15 +29,34 @@ TINY_CONFIGS = {
                                word_embed_proj_dim=64, **_COMMON),
 }
 
+# Mixture-of-experts models (4 experts, top-2): their experts are 3D parameters of one module.
+_MOE = dict(num_experts_per_tok=2, **_ATTN, **_COMMON)
+TINY_MOE_CONFIGS = {
+    "mixtral": lambda: T.MixtralConfig(num_local_experts=4, **_MOE),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32,  # with a gated shared expert
+                                          shared_expert_intermediate_size=64, **_MOE),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=16, **_MOE),
+    "deepseek_v3": lambda: T.DeepseekV3Config(  # MLA attention, a dense first layer, shared experts
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **_COMMON),
+    "gpt_oss": lambda: T.GptOssConfig(  # transposed, interleaved gate/up, expert biases
+        num_local_experts=4, head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        **_MOE),
+    "olmoe": lambda: T.OlmoeConfig(num_experts=4, **_MOE),
+}
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), dtype=dtype)
+    config = (TINY_CONFIGS.get(arch) or TINY_MOE_CONFIGS[arch])()
+    model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives tiny weights in some architectures; spread them so that
     # quantization error is visible and outputs depend on every layer.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3D: the experts of MoE models
                 p.normal_(0, 0.05)
     return model.eval()
 

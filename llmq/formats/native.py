@@ -121,6 +121,6 @@ def check_against_model(model: nn.Module, header: dict) -> None:
             raise LlmqError(f"checkpoint is missing tensor {name!r}: it is damaged or was written for another "
                             "model; re-create it with `llmq quantize`")
         shape = header[name][0]
-        if list(tensor.shape) != shape:
+        if shape is not None and list(tensor.shape) != shape:
             raise LlmqError(f"checkpoint tensor {name!r} has shape {shape}, the model expects "
                             f"{list(tensor.shape)}: the checkpoint does not match its config.json")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
+from ..moe import ExpertTokens, expert_tokens
 
 from ..qweight import QuantizedWeight
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
@@ -36,9 +37,10 @@ class GPTQLayerStep(LayerStep):
     """
 
     def __init__(self, config: QuantConfig, plans: dict[int, list[list[tuple[str, str]]]],
-                 scale_dtype: torch.dtype):
+                 scale_dtype: torch.dtype, expert_tokens: ExpertTokens | None = None):
         super().__init__()
         self.config = config
+        self.expert_tokens = expert_tokens
         self.plans = plans
         self.scale_dtype = scale_dtype
         self.timings = {"hessian": 0.0, "solve": 0.0}
@@ -47,17 +49,24 @@ class GPTQLayerStep(LayerStep):
         groups = self.plans.get(index, [])
         solved: dict[str, QuantizedWeight] = {}
         errors: list[float] = []
-        hooks = [(local, self._hook(layer, group, solved, errors)) for group in groups for local, _ in group]
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        hooks = [(local, self._hook(layer, group, solved, errors, experts)) for group in groups
+                 for local, _ in group]
         out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
+        if experts is not None:  # experts no calibration token reached: round-to-nearest
+            experts.finish_layer(index, layer, [t for group in groups for t in group], solved,
+                                 self.config, self.scale_dtype)
         swap_in_quantized(layer, [t for group in groups for t in group], solved)
         worst = max(errors) if errors else 0.0
         return out, f"out_mse={worst:.3g}"
 
-    def _hook(self, layer: nn.Module, group: list[tuple[str, str]], solved: dict, errors: list):
+    def _hook(self, layer: nn.Module, group: list[tuple[str, str]], solved: dict, errors: list, experts=None):
         def hook(module: nn.Linear, args):
             if any(local in solved for local, _ in group):
                 return  # solved with the first linear of its group
             x = args[0]
+            if experts is not None and experts.fall_back(group, x, layer, solved, self.config, self.scale_dtype):
+                return  # an expert routed too few calibration tokens: round-to-nearest
             t0 = time.perf_counter()
             acc = HessianAccumulator(module.in_features, device=x.device)
             acc.add_batch(x)
@@ -83,7 +92,7 @@ class GPTQ(Method):
     name = "gptq"
 
     def layer_step(self, job: Job, plans) -> LayerStep:
-        return GPTQLayerStep(job.config, plans, job.scale_dtype)
+        return GPTQLayerStep(job.config, plans, job.scale_dtype, expert_tokens=expert_tokens(job))
 
 
 METHOD = GPTQ()

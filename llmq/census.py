@@ -1,0 +1,87 @@
+"""What a quantized model holds, by kind: the numbers `llmq quantize` and `llmq info` print.
+
+Both read (tensor name, shape) pairs: a model's state dict or a checkpoint's
+safetensors headers, so the two reports agree. Quantized modules are those
+with a `.qweight`; a module under `experts.<e>.` is an expert projection.
+Every other tensor is counted as kept in full precision under one kind:
+routers (2D weights beside quantized experts in an MoE block), embeddings and
+head, norms and biases (1D), and other weights, which are also named, so
+nothing is left in full precision silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass
+class Census:
+    linears: int = 0
+    linear_params: int = 0
+    expert_linears: int = 0
+    expert_params: int = 0
+    experts_modules: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # kind -> parameters
+    other: list[str] = field(default_factory=list)  # names of the "other" kept weights
+
+    @property
+    def quantized_params(self) -> int:
+        return self.linear_params + self.expert_params
+
+    def lines(self) -> list[str]:
+        q = f"{self.linears} linears ({self.linear_params / 1e6:.2f} M weights)"
+        if self.expert_linears:
+            q += (f", {self.expert_linears} expert linears in {self.experts_modules} experts modules "
+                  f"({self.expert_params / 1e6:.2f} M weights)")
+        kept = ", ".join(f"{kind} {n / 1e6:.3f} M" for kind, n in self.kept.items() if n) or "-"
+        out = [f"quantized         {q}", f"kept full prec.   {kept}"]
+        if self.other:
+            shown = ", ".join(self.other[:8]) + (f" and {len(self.other) - 8} more" if len(self.other) > 8 else "")
+            out.append(f"other kept        {shown}")
+        return out
+
+
+def census(shapes: dict[str, list[int]], bits: int) -> Census:
+    """Count quantized and kept parameters from {tensor name: shape}."""
+    c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})
+    quantized = {k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")}
+    expert_parents = set()
+    for name in sorted(quantized):
+        k_packed, n = shapes[f"{name}.qweight"]
+        params = k_packed * 32 // bits * n
+        match = _EXPERT.search(name)
+        if match:
+            c.expert_linears += 1
+            c.expert_params += params
+            expert_parents.add(name[: match.start()])  # the MoE block holding the experts
+        else:
+            c.linears += 1
+            c.linear_params += params
+    c.experts_modules = len(expert_parents)
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if module in quantized and leaf in _QUANT_SUFFIXES:
+            continue
+        numel = 1
+        for d in shape:
+            numel *= d
+        if len(shape) <= 1:
+            kind = "norms and biases"
+        elif module.rpartition(".")[0] in expert_parents:
+            kind = "routers"
+        elif any(word in key for word in ("embed", "lm_head", "wte", "wpe")):
+            kind = "embeddings and head"
+        else:
+            kind = "other"
+            c.other.append(key)
+        c.kept[kind] += numel
+    return c
+
+
+def model_census(model, bits: int) -> Census:
+    """The census of a model in memory (its state dict)."""
+    return census({k: list(v.shape) for k, v in model.state_dict().items()}, bits)

@@ -1,0 +1,255 @@
+"""Mixture-of-experts blocks: finding the experts modules and turning them into QuantExperts.
+
+An experts module is recognised by what it is, not by its name: a module
+carrying the flags transformers' `@use_experts_implementation` decorator sets
+(has_gate, has_bias, is_transposed, is_concatenated) and 3D weights
+`gate_up_proj` (or `up_proj` without a gate) and `down_proj`, one slice per
+expert. Its layout comes from those flags: transposed storage ([E, in, out],
+gpt-oss), interleaved gate/up rows (gpt-oss; its own `_apply_gate` splits
+them), expert biases (`<param>_bias [E, out]`).
+
+Per-expert names are those of the architecture's checkpoints on disk, read
+from transformers' own checkpoint conversion mapping (the WeightConverter
+that merges `experts.*.w1.weight` and `experts.*.w3.weight` into
+`experts.gate_up_proj`, and so on): Mixtral's experts become `<e>.w1`,
+`<e>.w3`, `<e>.w2`, Qwen-style ones `<e>.gate_proj`, `<e>.up_proj`,
+`<e>.down_proj`. Where no such plain merge exists (gpt-oss stores its experts
+fused on disk too), each expert keeps the fused names `<e>.gate_up_proj` and
+`<e>.down_proj`, with the original row order (interleaved stays interleaved).
+
+Routers (the modules beside the experts in an MoE block that score the
+experts: a weight of one row per expert, or one row for a shared-expert
+gate) are found the same way and kept in full precision by default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import LlmqError
+from .modules.qexperts import ExpertProjections, QuantExperts, weightless_copy
+
+_DECORATOR_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one experts module stores its weights, and the per-expert names llmq gives them."""
+
+    up_param: str  # "gate_up_proj" or "up_proj" (no gate)
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int  # per projection of the up side (I)
+    transposed: bool  # parameters stored [E, in, out]
+    has_bias: bool
+    has_gate: bool
+    up_names: tuple[str, ...]  # per-expert names whose outputs concatenate to the up side
+    down_name: str
+
+    @property
+    def up_outputs(self) -> int:
+        return self.intermediate_size * (2 if self.has_gate else 1)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers experts module: the decorator's flags and 3D expert weights."""
+    if isinstance(module, QuantExperts):
+        return False
+    if not all(hasattr(module, f) for f in _DECORATOR_FLAGS):
+        return False
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    params = module._parameters
+    return all(isinstance(params.get(n), torch.Tensor) and params[n].dim() == 3 for n in (up, "down_proj"))
+
+
+def find_experts(root: nn.Module) -> dict[str, nn.Module]:
+    """{dotted name: module} of every experts module under root."""
+    return {name: m for name, m in root.named_modules() if is_experts_module(m)}
+
+
+def unsupported_expert_weights(root: nn.Module, handled: set[str]) -> list[str]:
+    """Names of 3D (or larger) weights under root that no handled experts module owns and no
+    convolution holds: expert weights llmq cannot run."""
+    bad = []
+    for owner_name, owner in root.named_modules():
+        if owner_name in handled or isinstance(owner, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in owner._parameters.items():
+            if p is not None and p.dim() >= 3:
+                bad.append(f"{owner_name}.{pname}" if owner_name else pname)
+    return bad
+
+
+def refuse_unsupported(model: nn.Module, experts: dict[str, nn.Module], within: str = "",
+                       kept: set[str] = frozenset()) -> None:
+    """Raise LlmqError for experts llmq cannot quantize, naming them.
+
+    experts: {full name: module} found by find_experts; within: the dotted path
+    (the decoder layers) searched for stray 3D weights; kept: experts left in
+    full precision, which need not be quantizable.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    for name, m in experts.items():
+        if name in kept:
+            continue
+        problem = None
+        if getattr(m, "has_post_expert_norm", False):
+            problem = "a norm after each expert"
+        elif any(True for child in m.children() for _ in child.parameters()):
+            problem = "submodules with weights"
+        extra = [n for n in m._parameters if n not in _known_params(m)]
+        if extra and problem is None:
+            problem = f"extra weights {extra}"
+        if problem:
+            raise LlmqError(f"architecture {model_type!r}: the experts module {name} ({type(m).__name__}) has "
+                            f"{problem}, which llmq cannot quantize yet; keep it in full precision by adding its "
+                            "name to modules_to_not_convert (--skip)")
+    root = model.get_submodule(within) if within else model
+    rel = {n[len(within) + 1:] if within else n for n in experts}
+    bad = unsupported_expert_weights(root, rel)
+    if bad:
+        owner = bad[0].rpartition(".")[0]
+        cls = type(root.get_submodule(owner)).__name__ if owner else type(root).__name__
+        where = f"{within}.{bad[0]}" if within else bad[0]
+        raise LlmqError(f"architecture {model_type!r} stores weights in {len(bad)} tensor(s) of 3 or more "
+                        f"dimensions that llmq does not recognise as experts ({where} in {cls}); llmq cannot "
+                        "quantize them: add an experts layout to llmq.experts or use a supported architecture")
+
+
+def _known_params(m: nn.Module) -> set[str]:
+    up = "gate_up_proj" if m.has_gate else "up_proj"
+    known = {up, "down_proj"}
+    if m.has_bias:
+        known |= {f"{up}_bias", "down_proj_bias"}
+    return known
+
+
+def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: int) -> tuple[str, ...] | None:
+    """Per-expert checkpoint names for `param` from transformers' conversion mapping, or None."""
+    if model is None:
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    try:
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # a model that is not a PreTrainedModel (tests of single modules)
+        return None
+    full = f"{experts_name}.{param}"
+    for conv in conversions:
+        if not isinstance(conv, WeightConverter):
+            continue
+        targets = list(conv._original_target_patterns if hasattr(conv, "_original_target_patterns")
+                       else conv.target_patterns)
+        sources = list(conv._original_source_patterns if hasattr(conv, "_original_source_patterns")
+                       else conv.source_patterns)
+        if len(targets) != 1 or not full.endswith(targets[0].lstrip(".").lstrip("^")):
+            continue
+        ops = [type(op) for op in conv.operations]
+        plain = (ops == [MergeModulelist] and len(sources) == 1 and conv.operations[0].dim == 0) or (
+            ops == [MergeModulelist, Concatenate] and conv.operations[0].dim == 0
+            and conv.operations[1].dim == 1)
+        names = []
+        for s in sources:
+            match = re.search(r"experts\.\*\.(\w+)\.weight$", s)
+            if match is None:
+                return None
+            names.append(match.group(1))
+        if plain and len(names) == parts:
+            return tuple(names)
+        return None
+    return None
+
+
+def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
+    """The layout of one experts module (see the module doc)."""
+    up_param = "gate_up_proj" if experts.has_gate else "up_proj"
+    up, down = experts._parameters[up_param], experts._parameters["down_proj"]
+    e = up.shape[0]
+    if experts.is_transposed:
+        hidden, up_out = up.shape[1], up.shape[2]
+    else:
+        up_out, hidden = up.shape[1], up.shape[2]
+    inter = up_out // 2 if experts.has_gate else up_out
+    split = 2 if experts.has_gate and experts.is_concatenated else 1
+    names = _disk_names(model, experts_name, up_param, split) if split == 2 or not experts.has_gate else None
+    down_names = _disk_names(model, experts_name, "down_proj", 1)
+    if names is None or down_names is None:
+        names, down_names = (up_param,), ("down_proj",)
+    return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
+                         transposed=bool(experts.is_transposed), has_bias=bool(experts.has_bias),
+                         has_gate=bool(experts.has_gate), up_names=names, down_name=down_names[0])
+
+
+def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:
+    w = param[e]
+    return w.t() if transposed else w  # [out, in]
+
+
+def _linear_view(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear whose weight (and bias) are views of the given tensors, without copying."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
+    """A QuantExperts of nn.Linear views of the module's 3D weights: the same function, per-expert linears."""
+    up, down = experts._parameters[layout.up_param].data, experts._parameters["down_proj"].data
+    up_bias = experts._parameters.get(f"{layout.up_param}_bias") if layout.has_bias else None
+    down_bias = experts._parameters.get("down_proj_bias") if layout.has_bias else None
+    per_expert = []
+    for e in range(layout.num_experts):
+        w_up = _expert_matrix(up, e, layout.transposed)
+        b_up = None if up_bias is None else up_bias.data[e]
+        parts = len(layout.up_names)
+        rows = w_up.shape[0] // parts
+        linears = {name: _linear_view(w_up[i * rows:(i + 1) * rows],
+                                      None if b_up is None else b_up[i * rows:(i + 1) * rows])
+                   for i, name in enumerate(layout.up_names)}
+        linears[layout.down_name] = _linear_view(_expert_matrix(down, e, layout.transposed),
+                                                 None if down_bias is None else down_bias.data[e])
+        per_expert.append(ExpertProjections(linears))
+    return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
+
+
+def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) -> QuantExperts:
+    """A QuantExperts of linears built by make_linear(in_features, out_features, has_bias) (loading)."""
+    parts = len(layout.up_names)
+    per_expert = []
+    for _ in range(layout.num_experts):
+        linears = {name: make_linear(layout.hidden_size, layout.up_outputs // parts, layout.has_bias)
+                   for name in layout.up_names}
+        linears[layout.down_name] = make_linear(layout.intermediate_size, layout.hidden_size, layout.has_bias)
+        per_expert.append(ExpertProjections(linears))
+    return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
+
+
+def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
+    """Names (relative to root) of the modules that route tokens to the given experts.
+
+    A router sits beside the experts in their MoE block and holds a 2D weight
+    with one row per expert (the top-k gate) or a single row (the gate of a
+    shared expert, Qwen2-MoE).
+    """
+    routers = []
+    for name, m in experts.items():
+        parent_name = name.rpartition(".")[0]
+        parent = root.get_submodule(parent_name) if parent_name else root
+        n_experts = m._parameters["gate_up_proj" if m.has_gate else "up_proj"].shape[0]
+        for child_name, child in parent.named_children():
+            if child is m:
+                continue
+            w = child._parameters.get("weight")
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
+                routers.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return sorted(set(routers))

@@ -1,0 +1,126 @@
+"""QuantExperts: the experts of one mixture-of-experts block, one linear per expert projection.
+
+transformers 5 stores the experts of an MoE block as 3D parameters of one
+module (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, classes decorated
+with `@use_experts_implementation`), and runs them through fused kernels
+(grouped_mm, batched_mm) that never call nn.Linear. llmq replaces such a
+module by a QuantExperts holding, for expert e, the submodule `e` with one
+linear per projection, named as the architecture's checkpoints name them on
+disk (Mixtral: `w1`, `w3`, `w2`; Qwen-style: `gate_proj`, `up_proj`,
+`down_proj`; no per-expert names known, as for gpt-oss: the fused
+`gate_up_proj` and `down_proj` of each expert). So the state dict reads
+`<block>.experts.<e>.<proj>.qweight`, the names vLLM and other tools use.
+
+The linears are nn.Linear while the model is being calibrated (views of the
+original 3D weights, so nothing is copied) and QuantLinear once quantized.
+The forward is the eager experts forward of transformers: tokens grouped by
+expert, gate/up projection, the original class's gate (`_apply_gate`:
+chunked or interleaved halves, gpt-oss's clamped GLU ...) or activation,
+down projection, weighted by the routing weights and summed per token.
+The original module's weightless attributes (config, act_fn, alpha ...) are
+kept in a shallow copy with its parameters removed, so that its own gate
+function runs unchanged.
+
+Calibration: `record_tokens` counts the tokens each expert receives, and
+`calibrate_all` sends every token through every expert (the hooks on the
+expert linears then see all tokens) while only the routed outputs flow on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def weightless_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of module without its own parameters and buffers (its gate function's `self`)."""
+    template = copy.copy(module)
+    template.__dict__["_parameters"] = {}
+    template.__dict__["_buffers"] = {}
+    template.__dict__["_modules"] = dict(module._modules)
+    return template
+
+
+class ExpertProjections(nn.Module):
+    """The linears of one expert, registered under their checkpoint names."""
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        super().__init__()
+        for name, linear in linears.items():
+            self.add_module(name, linear)
+
+
+class QuantExperts(nn.Module):
+    """One MoE block's experts as per-expert linears (see the module doc).
+
+    Args:
+        template: the original experts module, weightless (see weightless_copy);
+            its `_apply_gate` (or `act_fn` when it has no gate) is applied
+            between the two projections.
+        experts: one ExpertProjections per expert.
+        up_names: the projections whose outputs, concatenated in this order,
+            form the original gate_up (or up) projection's output.
+        down_name: the down projection.
+        has_gate: whether the template gates (gate_up) or only activates (up).
+    """
+
+    def __init__(self, template: nn.Module, experts: list[ExpertProjections], up_names: tuple[str, ...],
+                 down_name: str, has_gate: bool = True):
+        super().__init__()
+        self.__dict__["template"] = template  # not a submodule: no weights, not in the state dict
+        for e, projections in enumerate(experts):
+            self.add_module(str(e), projections)
+        self.num_experts = len(experts)
+        self.up_names = tuple(up_names)
+        self.down_name = down_name
+        self.has_gate = has_gate
+        self.calibrate_all = False
+        self.record_tokens = False
+        self.token_counts = torch.zeros(self.num_experts, dtype=torch.long)
+
+    def expert(self, e: int) -> ExpertProjections:
+        return self._modules[str(e)]
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.template
+        return type(t)._apply_gate(t, h) if self.has_gate else t.act_fn(h)
+
+    def _expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        ex = self.expert(e)
+        ups = [ex._modules[n](x) for n in self.up_names]
+        h = ups[0] if len(ups) == 1 else torch.cat(ups, dim=-1)
+        return ex._modules[self.down_name](self._activate(h))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args, **kwargs) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        # One host sync for all experts; indices past num_experts (expert-parallel sentinels) are dropped.
+        counts = torch.bincount(flat.clamp(0, self.num_experts), minlength=self.num_experts + 1).tolist()
+        if self.record_tokens:
+            self.token_counts += torch.tensor(counts[: self.num_experts])
+        weights = top_k_weights.reshape(-1)
+        start = 0
+        for e in range(self.num_experts):
+            end = start + counts[e]
+            if end == start and not self.calibrate_all:
+                continue
+            slots = order[start:end]
+            tokens = slots // top_k
+            if self.calibrate_all:
+                # Every token through the expert (its linears' hooks see them all); routed rows flow on.
+                out = self._expert_forward(e, hidden_states)[tokens]
+            else:
+                out = self._expert_forward(e, hidden_states[tokens])
+            out = out * weights[slots, None]
+            final.index_add_(0, tokens, out.to(final.dtype))
+            start = end
+        return final
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, projections={self.up_names + (self.down_name,)}, "
+                f"gate={type(self.template).__name__ if self.has_gate else 'none'}")

@@ -1,0 +1,184 @@
+"""Mixture-of-experts models in the quantization pipeline.
+
+`prepare_experts` runs at planning time: every experts module of the decoder
+layers (llmq.experts.find_experts) is refused when llmq cannot run it, or
+replaced by a QuantExperts of per-expert nn.Linear views of its weights. From
+then on the experts' projections are ordinary linears to every method: RTN
+quantizes them, GPTQ and AWQ see each expert's own inputs through their
+forward pre-hooks (the QuantExperts forward calls each expert's linears on
+the tokens routed to it, or on every token with `--moe-calibration all`),
+and they are swapped for QuantLinear like any other linear. The routers are
+added to modules_to_not_convert (unless keep_routers is off).
+
+Experts that receive fewer calibration tokens than `moe_min_tokens` (or none
+at all) are quantized by round-to-nearest instead of the calibrated solve;
+`ExpertTokens` records the counts and the experts that fell back, per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .errors import LlmqError
+from .experts import experts_layout, find_experts, find_routers, refuse_unsupported, unroll
+from .modules.qexperts import QuantExperts
+from .modules.replace import replace_module
+
+
+def prepare_experts(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
+    """Unroll the experts modules of the decoder layers (see the module doc).
+
+    Returns the config to quantize with: the given one, or, with routers to
+    keep, a copy whose modules_to_not_convert also names them.
+    """
+    found = {f"{prefix}.{i}.{local}": m for i, layer in enumerate(layers) for local, m in find_experts(layer).items()}
+    refuse_unsupported(model, found, within=prefix, kept={n for n in found if config.skips(n)})
+    if not found:
+        return config
+    if config.keep_routers:
+        keep = list(config.modules_to_not_convert)
+        for name in find_routers(model, found):
+            local = name[len(prefix) + 1:].partition(".")[2]  # relative to its decoder layer
+            if local and local not in keep:
+                keep.append(local)
+        config = dataclasses.replace(config, modules_to_not_convert=keep)
+    unrolled = []
+    for name, m in found.items():
+        if config.skips(name):
+            continue  # kept whole in full precision
+        q = unroll(m, experts_layout(m, name, model))
+        replace_module(model, name, q)
+        unrolled.append(name)
+    for name in unrolled:
+        _check_whole(model.get_submodule(name), name, config)
+    return config
+
+
+def _check_whole(q: QuantExperts, name: str, config: QuantConfig) -> None:
+    # An experts module is quantized or kept as a whole: its forward and its checkpoint
+    # names assume one kind of linear for every expert.
+    skipped = [f"{name}.{local}" for local, m in q.named_modules()
+               if isinstance(m, nn.Linear) and config.skips(f"{name}.{local}")]
+    if skipped:
+        raise LlmqError(f"modules_to_not_convert keeps {skipped[0]} in full precision, which is one projection "
+                        f"of the experts module {name}: llmq quantizes or keeps an experts module whole; name "
+                        f"the experts module itself (e.g. --skip {name.rpartition('.')[0].rpartition('.')[2]}."
+                        f"{name.rpartition('.')[2]}) to keep all of its experts")
+
+
+def quant_experts(model: nn.Module) -> dict[str, QuantExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+
+
+def expert_linear_names(layer: nn.Module) -> set[str]:
+    """Names (relative to layer) of the linears inside the QuantExperts of a decoder layer."""
+    names = set()
+    for qname, q in layer.named_modules():
+        if isinstance(q, QuantExperts):
+            names |= {f"{qname}.{local}" for local, m in q.named_modules()
+                      if isinstance(m, nn.Linear) and "." in local}
+    return names
+
+
+@dataclass
+class ExpertTokens:
+    """Calibration tokens per expert and the experts quantized by the fallback rule, per layer.
+
+    A calibrated method calls start_layer before a layer's forward; the object
+    it returns (None for a layer without experts) decides, inside the forward
+    pre-hooks, which expert linears fall back to round-to-nearest (fewer
+    routed tokens than min_tokens), and after the forward quantizes the expert
+    linears the forward never reached (no tokens at all) the same way.
+    """
+
+    min_tokens: int
+    mode: str = "routed"
+    counts: dict[str, list[int]] = field(default_factory=dict)  # experts module (in its layer) -> tokens
+    fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears (RTN)
+
+    def start_layer(self, index: int, layer: nn.Module) -> "LayerExperts | None":
+        blocks = {name: q for name, q in layer.named_modules() if isinstance(q, QuantExperts)}
+        if not blocks:
+            return None
+        for q in blocks.values():
+            q.token_counts.zero_()
+            q.record_tokens = True
+            q.calibrate_all = self.mode == "all"
+        return LayerExperts(self, index, blocks)
+
+    def falls_back(self, rows: int) -> bool:
+        """Whether an expert linear that saw `rows` calibration tokens is quantized by RTN."""
+        return rows < self.min_tokens
+
+    def summary(self) -> list[str]:
+        """One line per experts module: tokens per expert; one per layer with fallbacks."""
+        lines = []
+        for name, counts in self.counts.items():
+            s = sorted(counts)
+            lines.append(f"{name}: {len(counts)} experts, routed tokens per expert min {s[0]} median "
+                         f"{s[len(s) // 2]} max {s[-1]}: {counts}")
+        for index, names in sorted(self.fallback.items()):
+            lines.append(f"layer {index}: {len(names)} expert linear(s) saw fewer than {self.min_tokens} "
+                         f"calibration tokens and were quantized by round-to-nearest: {', '.join(names)}")
+        return lines
+
+
+class LayerExperts:
+    """ExpertTokens' view of one decoder layer (see ExpertTokens)."""
+
+    def __init__(self, tokens: ExpertTokens, index: int, blocks: dict[str, QuantExperts]):
+        self.tokens = tokens
+        self.index = index
+        self.blocks = blocks
+        self.names = {f"{qname}.{local}" for qname, q in blocks.items() for local, m in q.named_modules()
+                      if isinstance(m, nn.Linear) and "." in local}
+
+    def fall_back(self, group, x: torch.Tensor, layer: nn.Module, solved: dict, config: QuantConfig,
+                  scale_dtype: torch.dtype) -> bool:
+        """In a pre-hook: quantize the group by RTN when it is an expert's with too few tokens."""
+        if not all(local in self.names for local, _ in group):
+            return False
+        rows = x.numel() // x.shape[-1]
+        if self.tokens.mode == "all" or not self.tokens.falls_back(rows):
+            return False
+        for local, _ in group:
+            self._rtn(layer, local, solved, config, scale_dtype)
+        return True
+
+    def _rtn(self, layer, local, solved, config, scale_dtype):
+        linear = layer.get_submodule(local)
+        qw = to_rtn(linear, config, scale_dtype)
+        linear.weight.data = qw.dequantize(linear.weight.dtype)
+        solved[local] = qw
+        self.tokens.fallback.setdefault(self.index, []).append(local)
+
+    def finish_layer(self, index: int, layer: nn.Module, targets, solved: dict, config: QuantConfig,
+                     scale_dtype: torch.dtype) -> None:
+        """After the forward: RTN for expert linears no token reached; record the token counts."""
+        for local, _ in targets:
+            if local not in solved and local in self.names:
+                self._rtn(layer, local, solved, config, scale_dtype)
+        for qname, q in self.blocks.items():
+            self.tokens.counts[f"layer {index} {qname}"] = q.token_counts.tolist()
+            q.record_tokens = False
+            q.calibrate_all = False
+
+
+def expert_tokens(job) -> ExpertTokens | None:
+    """Per-expert calibration bookkeeping for a job whose model has QuantExperts, else None."""
+    if not any(isinstance(m, QuantExperts) for m in job.layers.modules()):
+        return None
+    return ExpertTokens(job.config.moe_min_tokens, job.config.moe_calibration)
+
+
+def to_rtn(linear: nn.Linear, config: QuantConfig, scale_dtype: torch.dtype):
+    """The round-to-nearest QuantizedWeight of a linear (the fallback for experts without enough tokens)."""
+    from .solvers.rtn import rtn_quantize
+
+    w = linear.weight.detach()
+    return rtn_quantize(w, config.bits, config.group_size_for(w.shape[1]), config.sym, scale_dtype)

@@ -1,0 +1,237 @@
+"""Mixture-of-experts models: every expert quantized, routers kept, checkpoints that load.
+
+The reference for a saved checkpoint is built independently of llmq's
+modules: the stored codes are unpacked here with plain shifts, dequantized in
+float64, written back into the architecture's own 3D expert parameters (in
+its layout: concatenated or interleaved, transposed or not) and linears, and
+the original transformers model runs in float64.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llmq
+from llmq import LlmqError, QuantConfig, QuantLinear, pipeline
+from llmq.modules.qexperts import QuantExperts
+from conftest import TINY_MOE_CONFIGS, random_ids, tiny_model
+
+# Per architecture, as its checkpoints store experts on disk: the MoE block's name,
+# the per-expert projections that concatenate to gate_up_proj, the down projection,
+# whether the 3D parameters are stored [E, in, out], and the router's name.
+DISK = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3"), "w2", False, "gate"),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj", False, "gate"),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj", False, "gate"),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj"), "down_proj", False, "gate"),
+    "gpt_oss": ("mlp", ("gate_up_proj",), "down_proj", True, "router"),
+    "olmoe": ("mlp", ("gate_proj", "up_proj"), "down_proj", False, "gate"),
+}
+GROUP = 16  # divides every input width of these tiny models (DeepSeek's kv_b_proj reads 16)
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Codes packed LSB first along dim (0: rows of qweight, 1: columns of qzeros)."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == 0:
+        codes = (words.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)
+        return codes.reshape(-1, words.shape[1])
+    codes = (words.unsqueeze(2) >> shifts.view(1, 1, per)) & (2**bits - 1)
+    return codes.reshape(words.shape[0], -1)
+
+
+def _dequant64(t: dict, name: str, bits: int, group_size: int) -> torch.Tensor:
+    """[N, K] float64 weight of the quantized module `name` in tensors t."""
+    q = _unpack_codes(t[f"{name}.qweight"], bits, 0).double()  # [K, N]
+    z = _unpack_codes(t[f"{name}.qzeros"], bits, 1).double()  # [G, N]
+    s = t[f"{name}.scales"].double()
+    g = t[f"{name}.g_idx"].long() if f"{name}.g_idx" in t else torch.arange(q.shape[0]) // group_size
+    return ((q - z[g]) * s[g]).t()
+
+
+def _reference(fp_model, folder, arch, bits, group_size):
+    """The fp model in float64 with every quantized weight replaced by its dequantized codes."""
+    block, up_names, down_name, transposed, _ = DISK[arch]
+    ref = copy.deepcopy(fp_model).double()
+    ref.set_experts_implementation("eager")  # transformers' own per-expert loop: grouped_mm has no float64
+    t = load_file(str(folder / "model.safetensors"))
+    names = sorted({k[: -len(".qweight")] for k in t if k.endswith(".qweight")})
+    done = set()
+    for name in names:
+        if ".experts." not in name:
+            linear = ref.get_submodule(name)
+            linear.weight.data = _dequant64(t, name, bits, group_size)
+            if f"{name}.bias" in t:
+                linear.bias.data = t[f"{name}.bias"].double()
+            continue
+        experts_name = name[: name.index(".experts.") + len(".experts")]
+        if experts_name in done:
+            continue
+        done.add(experts_name)
+        experts = ref.get_submodule(experts_name.replace(f".{block}.", ".mlp."))
+        for e in range(experts.gate_up_proj.shape[0]):
+            up = torch.cat([_dequant64(t, f"{experts_name}.{e}.{n}", bits, group_size) for n in up_names])
+            down = _dequant64(t, f"{experts_name}.{e}.{down_name}", bits, group_size)
+            experts.gate_up_proj.data[e] = up.t() if transposed else up
+            experts.down_proj.data[e] = down.t() if transposed else down
+            if experts.has_bias:
+                experts.gate_up_proj_bias.data[e] = torch.cat(
+                    [t[f"{experts_name}.{e}.{n}.bias"].double() for n in up_names])
+                experts.down_proj_bias.data[e] = t[f"{experts_name}.{e}.{down_name}.bias"].double()
+    return ref
+
+
+def _experts_modules(model):
+    return {n: m for n, m in model.named_modules() if hasattr(m, "gate_up_proj") and hasattr(m, "has_gate")}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+def test_rtn_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
+    block, up_names, down_name, _, router = DISK[arch]
+    fp = tiny_model(arch)
+    original = copy.deepcopy(fp)
+    fp_experts = _experts_modules(fp)
+    n_experts = {n: m.gate_up_proj.shape[0] for n, m in fp_experts.items()}
+    routers = {n.rpartition(".")[0] + f".{router}": fp.get_submodule(n.rpartition(".")[0] + f".{router}").weight.clone()
+               for n in fp_experts}
+    model = llmq.quantize(fp, QuantConfig(group_size=GROUP, sym=False), progress=False)
+
+    # Every expert's projections are quantized, in every MoE block, and no 3D weight is left.
+    qexperts = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
+    assert sorted(qexperts) == sorted(fp_experts)
+    for name, q in qexperts.items():
+        linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
+        assert len(linears) == n_experts[name] * (len(up_names) + 1)
+        assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert not [n for n, p in model.named_parameters() if p.dim() >= 3]
+    # Routers untouched and recorded as kept.
+    cfg = model.config.quantization_config
+    assert f"mlp.{router}" in cfg["modules_to_not_convert"]
+    for name, w in routers.items():
+        assert torch.equal(model.get_submodule(name).weight, w)
+
+    ids = random_ids(seed=7)
+    with torch.no_grad():
+        q_logits = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    # On disk: the architecture's own per-expert names (what vLLM and transformers expect).
+    keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
+    for name in fp_experts:
+        disk = name.replace(".mlp.", f".{block}.")
+        for e in range(n_experts[name]):
+            for proj in up_names + (down_name,):
+                assert f"{disk}.{e}.{proj}.qweight" in keys
+    assert not any(k.endswith("gate_up_proj") for k in keys)
+
+    import transformers
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert sum(isinstance(m, QuantExperts) for m in loaded.modules()) == len(fp_experts)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q_logits)  # reloaded == in memory
+        ref = _reference(original, tmp_path / "q", arch, 4, GROUP)(ids).logits
+    torch.testing.assert_close(q_logits.double(), ref, atol=2e-4, rtol=1e-4)
+    for name, w in routers.items():
+        assert torch.equal(loaded.get_submodule(name).weight, w)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+def test_unrolled_experts_compute_the_original_forward(arch):
+    fp = tiny_model(arch)
+    ids = random_ids(seed=3)
+    with torch.no_grad():
+        expected = fp(ids).logits
+        pipeline.plan(fp, QuantConfig(group_size=GROUP))
+        assert any(isinstance(m, QuantExperts) for m in fp.modules())
+        torch.testing.assert_close(fp(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def calibration(monkeypatch):
+    windows = random_ids(n=8, length=32, seed=5)
+
+    def fake_calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed):
+        config.calibration = {"dataset": "test windows"}
+        return windows
+
+    monkeypatch.setattr(pipeline, "_calibration", fake_calibration)
+    return windows
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_gptq_checkpoint_reloads(tmp_path, calibration, arch):
+    report = {}
+    model = llmq.quantize(tiny_model(arch), QuantConfig(method="gptq", group_size=GROUP), progress=False,
+                          report=report)
+    assert report["experts"] and "routed tokens per expert" in report["experts"][0]
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_info_counts_experts_and_routers(tmp_path):
+    from llmq.info import checkpoint_info, format_info
+
+    model = llmq.quantize(tiny_model("qwen2_moe"), QuantConfig(group_size=GROUP), progress=False)
+    llmq.save(model, tmp_path / "q")
+    info = checkpoint_info(tmp_path / "q")
+    c = info["census"]
+    # 2 layers x 4 experts x 3 projections; q/k/v/o and the shared expert's 3 linears per layer.
+    assert c.expert_linears == 24 and c.experts_modules == 2 and c.linears == 14
+    assert c.expert_params == 2 * 4 * 3 * 64 * 32
+    # Routers: 4 x 64 top-k gate and the 1 x 64 shared-expert gate per layer.
+    assert c.kept["routers"] == 2 * (4 * 64 + 64) and not c.other
+    text = format_info(info)
+    assert "24 expert linears in 2 experts modules" in text and "routers" in text
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert {"mlp.gate", "mlp.shared_expert_gate"} <= set(cfg["modules_to_not_convert"])
+
+
+def test_skipped_experts_stay_whole_and_load(tmp_path):
+    fp = tiny_model("mixtral")
+    model = llmq.quantize(fp, QuantConfig(group_size=GROUP, modules_to_not_convert=["lm_head", "layers.0.mlp.experts"]),
+                          progress=False)
+    assert not isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    assert isinstance(model.model.layers[1].mlp.experts, QuantExperts)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_skipping_one_projection_of_the_experts_is_refused():
+    with pytest.raises(LlmqError, match="experts module"):
+        llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=GROUP, modules_to_not_convert=["w2"]),
+                      progress=False)
+
+
+def test_unrecognised_3d_weights_are_refused():
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.register_parameter("stacked", torch.nn.Parameter(torch.zeros(4, 8, 8)))
+    with pytest.raises(LlmqError, match="llama.*3 or more dimensions.*layers.0.mlp.stacked"):
+        llmq.quantize(model, QuantConfig(group_size=32), progress=False)
+
+
+def test_cli_reports_experts_by_kind(tmp_path, capsys):
+    from llmq.cli import main
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "fp")
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q"), "--group-size", "16"]) == 0
+    out = capsys.readouterr().out
+    # 2 layers x 4 experts x (gate, up, down); q/k/v/o per layer.
+    assert "8 linears" in out and "24 expert linears in 2 experts modules" in out and "routers" in out
+    assert main(["info", str(tmp_path / "q")]) == 0
+    assert "24 expert linears in 2 experts modules" in capsys.readouterr().out
