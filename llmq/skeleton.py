@@ -104,11 +104,6 @@ def _blocker(sk: Skeleton) -> str | None:
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
     model = sk.model
-    from .experts import find_experts
-
-    if find_experts(model):
-        # Experts become per-expert linears (llmq.moe) on a model in memory.
-        return "its mixture-of-experts experts are quantized on a model in memory"
     if model._get_dtype_plan(sk.dtype):
         return f"transformers keeps some of {type(model).__name__}'s modules in float32"
     meta_sd = model.state_dict()
@@ -134,4 +129,8 @@ def _blocker(sk: Skeleton) -> str | None:
     for key in on_disk & expected:
         if sk.shards.header[key][0] != list(meta_sd[key].shape):
             return f"tensor {key} has shape {sk.shards.header[key][0]}, the model expects {list(meta_sd[key].shape)}"
+    from .experts import find_experts
+
+    if find_experts(model):  # stored fused on disk too (gpt-oss): unrolled per expert in memory (llmq.moe)
+        return "its mixture-of-experts experts are quantized on a model in memory"
     return None

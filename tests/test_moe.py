@@ -146,28 +146,19 @@ def test_unrolled_experts_compute_the_original_forward(arch):
     ids = random_ids(seed=3)
     with torch.no_grad():
         expected = fp(ids).logits
-        pipeline.plan(fp, QuantConfig(group_size=GROUP))
+        pipeline.plan(fp, QuantConfig(group_size=GROUP), torch.device("cpu"))
         assert any(isinstance(m, QuantExperts) for m in fp.modules())
         torch.testing.assert_close(fp(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def calibration(monkeypatch):
-    windows = random_ids(n=8, length=32, seed=5)
-
-    def fake_calibration(model, tokenizer, config, dataset, nsamples, seqlen, seed):
-        config.calibration = {"dataset": "test windows"}
-        return windows
-
-    monkeypatch.setattr(pipeline, "_calibration", fake_calibration)
-    return windows
+CALIBRATION = random_ids(n=8, length=32, seed=5)  # token windows, as llmq.quantize accepts them
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
-def test_gptq_checkpoint_reloads(tmp_path, calibration, arch):
+def test_gptq_checkpoint_reloads(tmp_path, arch):
     report = {}
-    model = llmq.quantize(tiny_model(arch), QuantConfig(method="gptq", group_size=GROUP), progress=False,
-                          report=report)
+    model = llmq.quantize(tiny_model(arch), QuantConfig(method="gptq", group_size=GROUP), dataset=CALIBRATION,
+                          progress=False, report=report)
     assert report["experts"] and "routed tokens per expert" in report["experts"][0]
     ids = random_ids(seed=9)
     with torch.no_grad():
