@@ -11,6 +11,8 @@ safetensors headers first.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -33,6 +35,17 @@ class LlmqConfig(QuantizationConfigMixin):
         kwargs["quant_method"] = QUANT_METHOD
         QuantConfig.from_dict(kwargs)  # validates; raises LlmqError on a bad config
         self.__dict__.update(kwargs)
+
+    @property
+    def foreign(self):
+        """The gptq / awq / compressed-tensors folder being loaded through this config, or None (native)."""
+        from .formats.inflight import in_flight
+
+        return in_flight(self.__dict__.get("_foreign"))
+
+    def to_dict(self) -> dict:
+        # Private keys ("_foreign") belong to one load and are never written to a checkpoint.
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -171,8 +184,15 @@ class LlmqHfQuantizer(HfQuantizer):
         qc = self.quantization_config.quant_config
         if not checkpoint_files:
             raise LlmqError("an llmq checkpoint must be loaded from its safetensors files")
-        header = read_header(checkpoint_files)
-        header = names_in_model(model, header, self)
+        foreign = self.quantization_config.foreign
+        if foreign is not None:
+            # A gptq / awq / compressed-tensors folder: its tensors are converted as they are read
+            # (get_weight_conversions), so the model is built from their native names and shapes.
+            header = names_in_model(model, foreign.header)
+            model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
+                                                        | set(foreign.unexpected))
+        else:
+            header = names_in_model(model, read_header(checkpoint_files), self)
         if qc.scheme == "w8a8":
             names = w8a8_module_names(header)
             if not names:
@@ -190,6 +210,10 @@ class LlmqHfQuantizer(HfQuantizer):
         swap_in_quant_linears(model, names, qc, dtype, header)
         check_against_model(model, header)
         return model
+
+    def get_weight_conversions(self):
+        foreign = self.quantization_config.foreign
+        return list(foreign.converters) if foreign is not None else []
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():

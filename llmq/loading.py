@@ -121,10 +121,11 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
             raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
                             "load it with transformers directly, or quantize it with `llmq quantize`")
         if qc.get("quant_method") in ("gptq", "awq", "compressed-tensors"):
-            # Foreign layouts are converted to llmq's (codes bit-exact) and run on llmq's kernels.
-            from .formats.convert import load_foreign
+            # Foreign layouts are converted to llmq's as transformers reads them (codes bit-exact, no copy on
+            # disk) and run on llmq's kernels.
+            from .formats.inflight import load
 
-            return load_foreign(source, **hf_kwargs)
+            return load(source, **hf_kwargs)
         if qc.get("quant_method") != "llmq":
             raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
                             "(it reads llmq, gptq, awq and compressed-tensors)")

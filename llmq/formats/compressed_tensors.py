@@ -153,6 +153,17 @@ def _weights_scheme(cfg: dict) -> dict:
     return {"bits": bits, "sym": sym, "group_size": -1 if strategy == "channel" else int(group_size)}
 
 
+def implied_zeros(n: int, groups: int, bits: int) -> torch.Tensor:
+    """llmq's qzeros [G, N*b/32] of a symmetric layer: every zero point at 2^(b-1)."""
+    mid = torch.full((n, groups), 1 << (bits - 1), dtype=torch.int64)
+    return pack_rows(mid, bits).t().contiguous()
+
+
+def native_scale_dtype(cfg: dict) -> torch.dtype | None:
+    """The dtype llmq's own scales had before its export widened them (None: keep the stored dtype)."""
+    return _NATIVE_SCALE_DTYPES.get((cfg.get("llmq") or {}).get("scale_dtype"))
+
+
 def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
     """compressed-tensors tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
     if cfg.get("quantization_status", "compressed") != "compressed":
@@ -163,7 +174,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         raise LlmqError("config.json says compressed-tensors but no '.weight_packed' tensors are stored")
     per = 32 // s["bits"]
     meta = cfg.get("llmq") or {}
-    native_scales = _NATIVE_SCALE_DTYPES.get(meta.get("scale_dtype"))  # widened by llmq's export: narrow back
+    native_scales = native_scale_dtype(cfg)
     out = {k: v for k, v in tensors.items() if not any(k.endswith("." + x) for x in _SUFFIXES)}
     for name in names:
         packed = tensors[f"{name}.weight_packed"]
@@ -176,8 +187,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         out[f"{name}.qweight"] = packed.t().contiguous()
         out[f"{name}.scales"] = scale.t().to(native_scales or scale.dtype).contiguous()
         if s["sym"]:
-            mid = torch.full((n, groups), 1 << (s["bits"] - 1), dtype=torch.int64)
-            out[f"{name}.qzeros"] = pack_rows(mid, s["bits"]).t().contiguous()
+            out[f"{name}.qzeros"] = implied_zeros(n, groups, s["bits"])
         else:
             out[f"{name}.qzeros"] = tensors[f"{name}.weight_zero_point"].t().contiguous()
     method = meta.get("method") if meta.get("method") in registry.names() else "rtn"

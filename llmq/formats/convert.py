@@ -240,23 +240,6 @@ def export(model, out: str | os.PathLike, tokenizer=None, fmt: str = "llmq", *, 
                        check_first=check_first)
 
 
-def load_foreign(path: str | os.PathLike, **hf_kwargs):
-    """Load a gptq / awq / compressed-tensors checkpoint as an llmq model (QuantLinear layers).
-
-    The checkpoint is converted to a temporary native folder (as large as the
-    checkpoint, under the system temp dir) that is removed once loaded.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if hf_kwargs.get("offload_folder"):
-        raise LlmqError("disk offload of a non-llmq checkpoint is not supported: convert it first with "
-                        "`llmq convert SRC DST` and load DST")
-    with tempfile.TemporaryDirectory(prefix="llmq-import-") as tmp:
-        native = Path(tmp) / "native"
-        convert(path, native, "llmq")
-        return AutoModelForCausalLM.from_pretrained(native, **hf_kwargs)
-
-
 # ---- `llmq convert` --------------------------------------------------------------------------------------
 
 HELP = "convert a quantized checkpoint between llmq, gptq, awq (read) and compressed-tensors"

@@ -35,10 +35,15 @@ def _modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
 
 
-def _shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+def shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
     """Add delta to every packed zero point, modulo 2^bits (int32 [G, N*b/32])."""
     z = unpack_cols(qzeros, bits).to(torch.int64)
     return pack_cols((z + delta) % (1 << bits), bits)
+
+
+def stored_format(cfg: dict) -> str:
+    """The checkpoint_format of a gptq quantization_config: "gptq" (v1, zeros stored minus one) or another."""
+    return str(cfg.get("checkpoint_format") or cfg.get("format") or "gptq").lower()
 
 
 def checkpoint_format(qc: QuantConfig) -> str:
@@ -54,7 +59,7 @@ def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[st
     out = dict(tensors)
     for name in _modules(tensors):
         if checkpoint_format(qc) == "gptq":
-            out[f"{name}.qzeros"] = _shift_zeros(tensors[f"{name}.qzeros"], qc.bits, -1)
+            out[f"{name}.qzeros"] = shift_zeros(tensors[f"{name}.qzeros"], qc.bits, -1)
         if f"{name}.g_idx" not in tensors:
             k = tensors[f"{name}.qweight"].shape[0] * 32 // qc.bits
             out[f"{name}.g_idx"] = (torch.arange(k) // qc.group_size_for(k)).to(torch.int32)
@@ -89,7 +94,7 @@ def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
 
 def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
     """gptq tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
-    fmt = str(cfg.get("checkpoint_format") or cfg.get("format") or "gptq").lower()
+    fmt = stored_format(cfg)
     if fmt not in ("gptq", "gptq_v2"):
         raise LlmqError(f"GPTQ checkpoint_format {fmt!r} is not readable by llmq (it reads 'gptq' and 'gptq_v2'): "
                         "convert it to one of those with GPTQModel first")
@@ -111,7 +116,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         if fmt == "gptq":
             stored = unpack_cols(tensors[f"{name}.qzeros"], bits)
             wrapped += int((stored == (1 << bits) - 1).sum())
-            out[f"{name}.qzeros"] = _shift_zeros(tensors[f"{name}.qzeros"], bits, 1)
+            out[f"{name}.qzeros"] = shift_zeros(tensors[f"{name}.qzeros"], bits, 1)
         g = tensors.get(f"{name}.g_idx")
         gs = k if group_size == -1 else group_size
         if g is not None and not torch.equal(g.long(), torch.arange(k) // gs):
