@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize
+from .layout import codes_per_word, group_width
 
 DECODE_MAX_M = 16
 GEMM_MAX_M = 128
@@ -63,7 +64,7 @@ def check_inputs(x, qweight, qzeros, scales, *, bits, group_size, g_idx=None, bi
     """Validate shapes, dtypes and devices; return the group size with -1 resolved to K."""
     if bits not in (4, 8):
         raise ValueError(f"dequant_matmul supports bits 4 and 8, got {bits}")
-    per = 32 // bits
+    per = codes_per_word(bits)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"qweight must be a 2-D int32 tensor [K*{bits}/32, N], got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
@@ -73,7 +74,7 @@ def check_inputs(x, qweight, qzeros, scales, *, bits, group_size, g_idx=None, bi
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features but qweight packs {k} "
                          f"({qweight.shape[0]} rows of {per} {bits}-bit codes)")
-    gs = k if group_size == -1 else group_size
+    gs = group_width(group_size, k)
     if gs <= 0 or k % gs:
         raise ValueError(f"group size {group_size} does not divide {k} input features")
     groups = k // gs

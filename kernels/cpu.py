@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dequant import dequantize, sort_by_group, unpack_qweight, unpack_qzeros
+from .dequant import dequantize, sort_by_group
+from .layout import codes_per_word, group_width, unpack_qweight, unpack_qzeros
 
 BACKENDS = ("auto", "int4pack", "int8pack", "dense")
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
@@ -105,8 +106,8 @@ def prepare_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if bits not in (4, 8):
         raise ValueError(f"the CPU path supports bits 4 and 8, got {bits}")
-    k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
-    gs = k if group_size == -1 else group_size
+    k, n = qweight.shape[0] * codes_per_word(bits), qweight.shape[1]
+    gs = group_width(group_size, k)
     if gs <= 0 or k % gs:
         raise ValueError(f"group size {group_size} does not divide {k} input features")
     groups = k // gs

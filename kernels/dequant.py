@@ -1,4 +1,4 @@
-"""Pure-torch unpacking, dequantization and act-order re-layout of the native packed layout.
+"""Pure-torch dequantization and act-order re-layout of the native packed layout (kernels/layout.py).
 
 Used by the CPU path (at load), by `dequant_matmul` on devices where no
 Triton kernel runs, and by callers that re-lay out an act-order layer once
@@ -9,30 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.packing import pack_rows
-
-
-def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [K*b/32, N] -> uint8 [K, N] codes (input k = row k // P, offset b*(k % P))."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32).view(1, per, 1)
-    codes = (qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1, qweight.shape[1]).to(torch.uint8)
-
-
-def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [G, N*b/32] -> uint8 [G, N] zero points (column n = word n // P, offset b*(n % P))."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, device=qzeros.device, dtype=torch.int32).view(1, 1, per)
-    zeros = (qzeros.unsqueeze(2) >> shifts) & ((1 << bits) - 1)
-    return zeros.reshape(qzeros.shape[0], -1).to(torch.uint8)
-
-
-def group_index(k: int, group_size: int, g_idx: torch.Tensor | None, device) -> torch.Tensor:
-    """int64 [K]: the group of each input feature."""
-    if g_idx is not None:
-        return g_idx.to(device=device, dtype=torch.long)
-    return torch.arange(k, device=device) // group_size
+from .layout import codes_per_word, group_index, group_width, pack_rows, unpack_qweight, unpack_qzeros
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int,
@@ -46,8 +23,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     """
     codes = unpack_qweight(qweight, bits)  # [K, N]
     k = codes.shape[0]
-    gs = k if group_size == -1 else group_size
-    g = group_index(k, gs, g_idx, qweight.device)
+    g = group_index(k, group_size, g_idx, qweight.device)
     zeros = unpack_qzeros(qzeros, bits).float()[g]  # [K, N]
     w = (codes.float() - zeros) * scales.float()[g]
     return w.t().contiguous().to(dtype)
@@ -84,8 +60,8 @@ def reorder_act_order(qweight: torch.Tensor, g_idx: torch.Tensor | None, *, bits
     order. Returns None when the groups are not full contiguous runs once
     sorted (see `sort_by_group`): such a layer keeps its g_idx.
     """
-    k = qweight.shape[0] * (32 // bits)
-    fits, perm = sort_by_group(g_idx, k, k if group_size == -1 else group_size)
+    k = qweight.shape[0] * codes_per_word(bits)
+    fits, perm = sort_by_group(g_idx, k, group_width(group_size, k))
     if not fits:
         return None
     if perm is None:

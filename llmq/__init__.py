@@ -9,8 +9,7 @@ Importing llmq registers the "llmq" quantization method with transformers and
 does nothing else: no GPU probe, no global flags.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import QuantConfig  # noqa: E402
 from .errors import LlmqError  # noqa: E402
 from .formats.native import save  # noqa: E402

@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .kernels.layout import codes_per_word
+from .qweight import PACKED_TENSORS, quantized_module_names
+
 _EXPERT = re.compile(r"\.experts\.\d+\.")
-_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass
@@ -48,11 +50,11 @@ class Census:
 def census(shapes: dict[str, list[int]], bits: int) -> Census:
     """Count quantized and kept parameters from {tensor name: shape}."""
     c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})
-    quantized = {k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")}
+    quantized = set(quantized_module_names(shapes))
     expert_parents = set()
     for name in sorted(quantized):
         k_packed, n = shapes[f"{name}.qweight"]
-        params = k_packed * 32 // bits * n
+        params = k_packed * codes_per_word(bits) * n
         match = _EXPERT.search(name)
         if match:
             c.expert_linears += 1
@@ -64,7 +66,7 @@ def census(shapes: dict[str, list[int]], bits: int) -> Census:
     c.experts_modules = len(expert_parents)
     for key, shape in shapes.items():
         module, _, leaf = key.rpartition(".")
-        if module in quantized and leaf in _QUANT_SUFFIXES:
+        if module in quantized and leaf in PACKED_TENSORS:
             continue
         numel = 1
         for d in shape:

@@ -16,6 +16,7 @@ import sys
 from .config import ACT_MODES, ACT_OBSERVERS, METHODS, SCHEMES, QuantConfig
 from .methods import registry
 from .errors import LlmqError
+from ._version import __version__
 
 # Further subcommands live beside the code they drive: module -> (name, help).
 # Each module provides add_arguments(parser) and run(args) -> int.
@@ -197,7 +198,6 @@ def _run_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
 
     parser = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of Hugging Face LMs.")
     parser.add_argument("--version", action="version", version=f"llmq {__version__}")

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LlmqError
+from .kernels.layout import codes_per_word, group_width
 from .methods import registry
+from ._version import __version__
 
 METHODS = registry.names()
 SUPPORTED_BITS = (4, 8)
@@ -92,8 +94,8 @@ class QuantConfig:
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise LlmqError(f"group size {self.group_size!r} is invalid: use a positive divisor of the layers' "
                             "input size (e.g. 32, 64, 128) or -1 for one group per row")
-        if self.group_size != -1 and self.group_size % (32 // self.bits) != 0:
-            raise LlmqError(f"group size {self.group_size} is not a multiple of {32 // self.bits}, "
+        if self.group_size != -1 and self.group_size % codes_per_word(self.bits) != 0:
+            raise LlmqError(f"group size {self.group_size} is not a multiple of {codes_per_word(self.bits)}, "
                             f"the number of {self.bits}-bit codes in one int32 word")
         if not 0 <= self.damp < 1:
             raise LlmqError(f"damping {self.damp} is out of range: use a fraction such as 0.01")
@@ -154,7 +156,7 @@ class QuantConfig:
 
     def group_size_for(self, in_features: int) -> int:
         """The number of input features per group for a layer of this width."""
-        return in_features if self.group_size == -1 else self.group_size
+        return group_width(self.group_size, in_features)
 
     def skips(self, module_name: str) -> bool:
         """True when module_name is left in full precision."""
@@ -162,7 +164,6 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` entry of config.json."""
-        from . import __version__
 
         # W8A8 checkpoints hold tensors that format version 1 readers would not recognise.
         version = W8A8_FORMAT_VERSION if self.scheme == "w8a8" else FORMAT_VERSION

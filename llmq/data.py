@@ -266,6 +266,23 @@ def wants_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+def window_bos(tokenizer) -> int | None:
+    """The token every window starts with: the BOS id when `wants_bos`, else None."""
+    return tokenizer.bos_token_id if wants_bos(tokenizer) else None
+
+
+def text_span(seqlen: int, bos: int | None) -> int:
+    """Text tokens in a window of seqlen tokens: one fewer when it starts with BOS."""
+    return seqlen - 1 if bos is not None else seqlen
+
+
+def start_with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Windows [n, span] of text -> [n, span + 1] with BOS first; unchanged when bos is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=torch.long), windows], dim=1)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one token stream, without special tokens.
 
@@ -311,8 +328,8 @@ def calibration_windows(
     """
     if nsamples < 1 or seqlen < 2:
         raise LlmqError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
-    bos = wants_bos(tokenizer)
-    span = seqlen - 1 if bos else seqlen  # text tokens per window
+    bos = window_bos(tokenizer)
+    span = text_span(seqlen, bos)
     if spec in _SELF:
         if model is None:
             raise LlmqError(f"calibration spec `{spec}` samples text from the model, so it needs the model")
@@ -333,10 +350,7 @@ def calibration_windows(
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - span + 1, (nsamples,), generator=generator)
-    windows = torch.stack([stream[s : s + span] for s in starts.tolist()])
-    if bos:
-        windows = torch.cat([torch.full((nsamples, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
-    return windows
+    return start_with_bos(torch.stack([stream[s : s + span] for s in starts.tolist()]), bos)
 
 
 def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int = 32, max_new_tokens: int = 128) -> torch.Tensor:
@@ -356,7 +370,7 @@ def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int 
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
+    bos = [] if window_bos(tokenizer) is None else [tokenizer.bos_token_id]
     # A row ends at the first special token it samples (EOS, or BOS, chat
     # markers and document ends, which plain text does not contain).
     stops = set(tokenizer.all_special_ids)

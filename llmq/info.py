@@ -9,9 +9,11 @@ from pathlib import Path
 from .census import census
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
+from .kernels.layout import codes_per_word
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
-from .formats.native import (SAFETENSORS_DTYPES, checkpoint_files, quantized_module_names, read_header,
-                             w8a8_module_names)
+from .formats.native import SAFETENSORS_DTYPES, checkpoint_files, read_header, w8a8_module_names
+from .units import human_bytes
+from .qweight import PACKED_TENSORS, quantized_module_names
 
 _BYTES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -57,10 +59,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
             n, k = header[f"{name}.weight"][0]
         else:
             k_packed, n = header[f"{name}.qweight"][0]
-            k = k_packed * 32 // qc.bits
+            k = k_packed * codes_per_word(qc.bits)
         quantized_params += k * n
         original += k * n * fp_bytes
-    suffixes = ("weight", "weight_scale", "input_scale") if w8a8 else ("qweight", "qzeros", "scales", "g_idx")
+    suffixes = ("weight", "weight_scale", "input_scale") if w8a8 else PACKED_TENSORS
     quant_keys = {f"{n}.{s}" for n in names for s in suffixes}
     for key, (shape, dt) in header.items():
         if key not in quant_keys:
@@ -123,16 +125,9 @@ def format_info(info: dict) -> str:
         lines += info["census"].lines()
     lines += [
         f"not converted     {', '.join(info['modules_to_not_convert']) or '-'} (modules_to_not_convert)",
-        f"size on disk      {_human(info['size_on_disk'])} in {len(info['files'])} file(s)",
-        f"full precision    {_human(info['size_full_precision'])} ({info['dtype']}), {ratio:.2f}x larger",
+        f"size on disk      {human_bytes(info['size_on_disk'])} in {len(info['files'])} file(s)",
+        f"full precision    {human_bytes(info['size_full_precision'])} ({info['dtype']}), {ratio:.2f}x larger",
     ]
     if info["calibration"]:
         lines.append(f"calibration       {json.dumps(info['calibration'])}")
     return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024

@@ -14,7 +14,7 @@ from torch import nn
 from . import arch
 from .config import QuantConfig
 from .errors import LlmqError
-from .formats.packing import codes_per_word
+from .kernels.layout import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
 from .methods.base import Job
 
@@ -158,9 +158,7 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:
         if n % per or k % per:
             raise LlmqError(f"layer {name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
                             f"to be multiples of {per}: add it to modules_to_not_convert")
-    if config.group_size == -1:
-        return
-    bad = [name for name, m in targets.items() if m.in_features % config.group_size]
+    bad = [name for name, m in targets.items() if m.in_features % config.group_size_for(m.in_features)]
     if bad:
         widths = sorted({m.in_features for m in targets.values()})
         common = math.gcd(*widths)

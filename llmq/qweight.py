@@ -9,10 +9,20 @@ group g_idx[k] assigns to input k under act-order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from .formats.packing import pack_cols, pack_rows
+from .kernels.layout import group_index, pack_cols, pack_rows
+
+
+# The tensors a quantized linear `name` holds in a native checkpoint: `name.qweight` ...
+PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantized_module_names(tensor_names: Iterable[str]) -> list[str]:
+    """The quantized linears among checkpoint tensor names: those with a `.qweight`, sorted."""
+    return sorted(k[: -len(".qweight")] for k in tensor_names if k.endswith(".qweight"))
 
 
 @dataclass
@@ -29,10 +39,7 @@ class QuantizedWeight:
         return tuple(self.codes.shape)
 
     def group_index(self) -> torch.Tensor:
-        if self.g_idx is not None:
-            return self.g_idx.long()
-        k = self.codes.shape[1]
-        return torch.arange(k, device=self.codes.device) // self.group_size
+        return group_index(self.codes.shape[1], self.group_size, self.g_idx, self.codes.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] weights in `dtype`, computed in float32."""
@@ -42,7 +49,7 @@ class QuantizedWeight:
         return ((self.codes.float() - z) * s).to(dtype)
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """Tensors named and laid out as in the checkpoint (see DESIGN: native format)."""
+        """Tensors named and laid out as in the checkpoint (README: Checkpoint format)."""
         out = {
             "qweight": pack_rows(self.codes.t(), self.bits),
             "qzeros": pack_cols(self.zeros.t(), self.bits),

@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 
 def random_layer(n, k, bits, group_size, act_order, dtype, device):
-    from llmq.formats.packing import pack_cols, pack_rows
+    from llmq.kernels.layout import pack_cols, pack_rows
 
     gs = k if group_size == -1 else group_size
     groups = k // gs

@@ -65,7 +65,7 @@ def layer_for(n, k, bits, gs, act_order, sym, dtype, device, seed):
     torch.manual_seed(seed)
     layer, w64 = random_layer(n, k, bits, gs, act_order, dtype, device)
     if sym:  # symmetric checkpoints store the mid-point zero 2^(bits-1)
-        from llmq.formats.packing import pack_cols, unpack_cols, unpack_rows
+        from llmq.kernels.layout import pack_cols, unpack_cols, unpack_rows
 
         codes = unpack_rows(layer["qweight"], bits)
         zeros = unpack_cols(layer["qzeros"], bits)

@@ -38,7 +38,7 @@ def _native(tmp_path, sym, bits, group_size, act_order=False, dtype=torch.float3
 
 def _awq_folder(native, out):
     """An AutoAWQ GEMM folder holding the native folder's codes (4-bit, no act-order)."""
-    from llmq.formats.packing import unpack_cols, unpack_rows
+    from llmq.kernels.layout import unpack_cols, unpack_rows
 
     sd = load_file(native / "model.safetensors")
     for k in [k for k in sd if k.endswith(".qweight")]:

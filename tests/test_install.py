@@ -44,6 +44,10 @@ def test_wheel_holds_every_package(wheel):
     assert _packages_in_source() <= in_wheel, sorted(_packages_in_source() - in_wheel)
     assert "llmq/kernels/triton_qmm.py" in names
     assert not any(n.startswith(("kernels/", "tests/", "scripts/")) for n in names)
+    # The version is read from llmq/_version.py, its one owner.
+    from llmq._version import __version__
+
+    assert wheel.name.startswith(f"llmq-{__version__}-")
 
 
 def test_installed_wheel_runs(wheel, tmp_path):

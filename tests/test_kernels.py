@@ -1,8 +1,9 @@
 """Dequantize-matmul kernels and the CPU path against a float64 reference.
 
 Every case draws random integer codes, zero points and scales, packs them with
-llmq.formats.packing (independent of the kernels' own unpacking), and compares
-with (codes - zeros[g]) * scales[g] computed in float64 from those same codes.
+llmq.kernels.layout (whose bit layout tests/test_packing.py checks against words
+built from plain Python integers), and compares with (codes - zeros[g]) *
+scales[g] computed in float64 from those same codes, not from any unpacker.
 
 The Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
 before the kernel module is imported (or it is reloaded if another module
@@ -23,7 +24,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llmq.formats.packing import pack_cols, pack_rows  # noqa: E402
+from llmq.kernels.layout import pack_cols, pack_rows  # noqa: E402
 from llmq.kernels import (CpuState, cpu_matmul, dequant_matmul, dequantize, prepare_cpu,  # noqa: E402
                           reorder_act_order, uses_triton)
 from llmq.kernels import api  # noqa: E402

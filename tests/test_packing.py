@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from llmq.formats.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from llmq.kernels.layout import (group_index, group_width, pack_cols, pack_rows, unpack_cols, unpack_qweight,
+                                 unpack_qzeros, unpack_rows)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -49,3 +50,28 @@ def test_high_bit_codes_survive():
 def test_rows_must_fill_words():
     with pytest.raises(ValueError):
         pack_rows(torch.zeros(6, 2, dtype=torch.int64), 4)
+
+
+def test_checkpoint_unpackers_give_uint8_codes():
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 16, (64, 24), generator=g)
+    zeros = torch.randint(0, 16, (2, 24), generator=g)
+    q, z = unpack_qweight(pack_rows(codes, 4), 4), unpack_qzeros(pack_cols(zeros, 4), 4)
+    assert q.dtype == z.dtype == torch.uint8
+    assert torch.equal(q.long(), codes) and torch.equal(z.long(), zeros)
+
+
+def test_group_index_and_the_minus_one_rule():
+    assert group_width(-1, 96) == 96 and group_width(32, 96) == 32
+    assert group_index(96, 32).tolist() == [k // 32 for k in range(96)]
+    assert group_index(96, -1).tolist() == [0] * 96
+    g_idx = torch.randperm(96, generator=torch.Generator().manual_seed(3)).int() // 32
+    got = group_index(96, 32, g_idx)
+    assert got.dtype == torch.long and torch.equal(got, g_idx.long())
+
+
+def test_byte_formatter():
+    from llmq.units import human_bytes
+
+    assert [human_bytes(n) for n in (None, 0, 1023, 1024, 1536, 5 * 2**30)] == [
+        "-", "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmq.formats.packing import pack_cols, pack_rows
+from llmq.kernels.layout import pack_cols, pack_rows
 from llmq.modules import QuantLinear
 from llmq.solvers.rtn import rtn_quantize
 

@@ -10,13 +10,14 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
-from ..data import tokenize, wants_bos
+from ..data import text_span, tokenize, window_bos
 from ..errors import LlmqError
 from ..loading import read_config, resolve_device
 from .metrics import auto_batch_size, perplexity, vocab_size
 from .models import describe, load_any, load_tokenizer, size_on_disk
 from .refstore import STORE_DTYPES, RefStore
 from .windows import cut_windows, eval_split, eval_text
+from .._version import __version__
 
 ModelEntry = Union[str, os.PathLike, nn.Module, Callable[[], nn.Module]]
 KL_QUANTILE = 0.99
@@ -86,7 +87,7 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
                     if len(tok) > ref_vocab:
                         raise LlmqError(f"the tokenizer has {len(tok)} tokens but {name} has {ref_vocab} logits: "
                                         "pass the model's own tokenizer")
-                    bos = tok.bos_token_id if wants_bos(tok) else None
+                    bos = window_bos(tok)
                     stream = tokenize(tok, text)
                     windows = cut_windows(stream, seqlen, bos, max_windows)
                     bs = batch_size or auto_batch_size(seqlen, ref_vocab)
@@ -190,7 +191,7 @@ def _row(name, entry, model, stats, *, reference: bool, kl: bool) -> dict:
 def _protocol(dataset, split, seqlen, max_windows, text_tokens, windows, bos, tok, ref_name, batch_size,
               device, store, kl_dtype) -> dict:
     n = windows.shape[0]
-    span = seqlen - 1 if bos is not None else seqlen
+    span = text_span(seqlen, bos)
     return {
         "dataset": dataset,
         "split": eval_split(dataset, split),
@@ -220,7 +221,6 @@ def _protocol(dataset, split, seqlen, max_windows, text_tokens, windows, bos, to
 def versions() -> dict:
     import transformers
 
-    from .. import __version__
 
     return {"llmq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import LlmqError
+from ..units import MIB, human_bytes
 
 
 def protocol_line(protocol: dict) -> str:
@@ -17,15 +18,6 @@ def protocol_line(protocol: dict) -> str:
             f"(non-overlapping, tail dropped), {protocol['tokens_scored']} tokens scored, "
             f"{protocol['bos_rule']}; ppl = exp(total NLL / tokens scored)")
 
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return "-"
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -41,7 +33,7 @@ def format_table(result: dict) -> str:
     for r in rows:
         delta = "ref" if r["reference"] else f"{r['perplexity'] - ref_ppl:+.3f}"
         top1 = None if r["top1_agreement"] is None else 100 * r["top1_agreement"]
-        body.append([r["model"], r["label"], _size(r["size_bytes"]), f"{r['perplexity']:.3f}", delta,
+        body.append([r["model"], r["label"], human_bytes(r["size_bytes"]), f"{r['perplexity']:.3f}", delta,
                      _num(r["kl_mean"], ".5f"), _num(r["kl_p99"], ".4f"),
                      "-" if top1 is None else f"{top1:.2f}%"])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
@@ -89,12 +81,12 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     ax_ppl.set_yticks(ypos, labels, fontsize=8)
     ax_ppl.set_xlabel("perplexity (lower is better)")
     ax_ppl.set_xlim(0, max(r["perplexity"] for r in rows) * 1.35)
-    mb = [s / 1e6 for s in sizes]
-    ax_size.barh(ypos, mb, color=colors)
-    for y, v in zip(ypos, mb):
-        ax_size.text(v, y, f" {v:.1f} MB", va="center", fontsize=8)
-    ax_size.set_xlabel(f"{size_kind}, MB")
-    ax_size.set_xlim(0, max(mb) * 1.3)
+    mib = [s / MIB for s in sizes]
+    ax_size.barh(ypos, mib, color=colors)
+    for y, v in zip(ypos, mib):
+        ax_size.text(v, y, f" {v:.1f} MiB", va="center", fontsize=8)
+    ax_size.set_xlabel(f"{size_kind}, MiB")
+    ax_size.set_xlim(0, max(mib) * 1.3)
     p = result["protocol"]
     fig.suptitle(f"{p['dataset']}, seqlen {p['seqlen']}, {p['windows']} windows, {p['tokens_scored']} tokens, "
                  f"{'BOS' if p['bos'] else 'no BOS'}", fontsize=9)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import load_text, tokenize, wants_bos
+from ..data import load_text, start_with_bos, text_span, tokenize, window_bos
 from ..errors import LlmqError
 
 # Hub datasets are evaluated on their test split (GPTQ protocol: WikiText-2 raw test).
-HUB_SPECS = ("wikitext2", "c4", "pileval")
 _HUB_EVAL_SPLIT = {"wikitext2": "test", "c4": "validation", "pileval": "validation"}
 
 
@@ -47,8 +46,7 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     Returns:
         LongTensor [n_windows, seqlen] on the CPU.
     """
-    bos = tokenizer.bos_token_id if wants_bos(tokenizer) else None
-    return cut_windows(tokenize(tokenizer, text), seqlen, bos, max_windows)
+    return cut_windows(tokenize(tokenizer, text), seqlen, window_bos(tokenizer), max_windows)
 
 
 def cut_windows(stream: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None = None) -> torch.Tensor:
@@ -58,14 +56,11 @@ def cut_windows(stream: torch.Tensor, seqlen: int, bos: int | None, max_windows:
         raise LlmqError(f"seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise LlmqError(f"max_windows must be at least 1, got {max_windows}")
-    span = seqlen - 1 if bos is not None else seqlen  # text tokens per window
+    span = text_span(seqlen, bos)
     n = stream.numel() // span
     if n == 0:
         raise LlmqError(f"the text has {stream.numel()} tokens, fewer than one window of {seqlen}: "
                         "give more text or lower --seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
-    windows = stream[: n * span].view(n, span)
-    if bos is not None:
-        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
-    return windows
+    return start_with_bos(stream[: n * span].view(n, span), bos)

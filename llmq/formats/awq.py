@@ -20,7 +20,8 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import LlmqError
-from .packing import pack_cols, pack_rows, unpack_cols
+from ..kernels.layout import group_width, pack_cols, pack_rows, unpack_cols
+from ..qweight import quantized_module_names
 
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i]
@@ -48,7 +49,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     if not cfg.get("zero_point", True):
         raise LlmqError("this AWQ checkpoint has no zero points (zero_point=false), which llmq does not read")
     group_size = int(cfg.get("group_size", cfg.get("q_group_size", 128)))
-    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    names = quantized_module_names(tensors)
     if not names:
         raise LlmqError("config.json says AWQ but the checkpoint holds no '.qweight' tensors: it is damaged")
     out = dict(tensors)
@@ -56,7 +57,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         codes = unpack_awq(tensors[f"{name}.qweight"])  # [K, N]
         zeros = unpack_awq(tensors[f"{name}.qzeros"])  # [G, N]
         k, n = codes.shape
-        gs = k if group_size == -1 else group_size
+        gs = group_width(group_size, k)
         if k % gs or zeros.shape[0] != k // gs or tuple(tensors[f"{name}.scales"].shape) != (k // gs, n):
             raise LlmqError(f"AWQ tensors of {name} do not fit group size {group_size}: the checkpoint is damaged")
         out[f"{name}.qweight"] = pack_rows(codes, 4)

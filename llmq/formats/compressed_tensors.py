@@ -32,17 +32,15 @@ import torch
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..methods import registry
+from ..qweight import quantized_module_names
 from .engines import EngineSupport, marlin_problem
-from .packing import pack_rows
+from ..kernels.layout import codes_per_word, pack_rows
+from .._version import __version__
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 _NATIVE_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-
-
-def _native_modules(tensors):
-    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
 
 
 def _check_g_idx(name: str, g_idx: torch.Tensor, group_size: int) -> None:
@@ -70,11 +68,11 @@ def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig,
     Raises LlmqError when a layer's g_idx is not the plain k // group_size.
     """
     out = dict(tensors)
-    for name in _native_modules(tensors):
+    for name in quantized_module_names(tensors):
         qweight = out.pop(f"{name}.qweight")
         qzeros = out.pop(f"{name}.qzeros")
         scales = out.pop(f"{name}.scales")
-        k = qweight.shape[0] * 32 // qc.bits
+        k = qweight.shape[0] * codes_per_word(qc.bits)
         g_idx = out.pop(f"{name}.g_idx", None)
         if g_idx is not None:
             _check_g_idx(name, g_idx, qc.group_size_for(k))
@@ -93,7 +91,6 @@ def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.
     dtype llmq's own scales had when export_tensors widened them, recorded so
     that an import restores them bit for bit.
     """
-    from .. import __version__
 
     weights = {
         "num_bits": qc.bits,
@@ -172,7 +169,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
     if not names:
         raise LlmqError("config.json says compressed-tensors but no '.weight_packed' tensors are stored")
-    per = 32 // s["bits"]
+    per = codes_per_word(s["bits"])
     meta = cfg.get("llmq") or {}
     native_scales = native_scale_dtype(cfg)
     out = {k: v for k, v in tensors.items() if not any(k.endswith("." + x) for x in _SUFFIXES)}

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
+from ..kernels.layout import codes_per_word
+from ..qweight import quantized_module_names
 from . import awq, compressed_tensors, gptq
 from .engines import EngineSupport, format_report
 from .native import (SAFETENSORS_DTYPES, atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
@@ -52,8 +54,8 @@ class Checkpoint:
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         """{quantized linear: (out_features, in_features)}."""
         bits = self.quant_config.bits
-        return {k[: -len(".qweight")]: (v.shape[1], v.shape[0] * 32 // bits)
-                for k, v in self.tensors.items() if k.endswith(".qweight")}
+        packed = {name: self.tensors[f"{name}.qweight"] for name in quantized_module_names(self.tensors)}
+        return {name: (q.shape[1], q.shape[0] * codes_per_word(bits)) for name, q in packed.items()}
 
 
 def detect_format(config: dict) -> str:

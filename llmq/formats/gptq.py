@@ -25,14 +25,12 @@ import torch
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..methods import registry
-from .packing import pack_cols, unpack_cols
+from ..kernels.layout import codes_per_word, group_index, pack_cols, unpack_cols
+from ..qweight import quantized_module_names
 from .engines import EngineSupport, marlin_problem
+from .._version import __version__
 
 QUANT_METHOD = "gptq"
-
-
-def _modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
 
 
 def shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
@@ -57,11 +55,11 @@ def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[st
     which is what AutoGPTQ writes and what loaders that always read g_idx expect.
     """
     out = dict(tensors)
-    for name in _modules(tensors):
+    for name in quantized_module_names(tensors):
         if checkpoint_format(qc) == "gptq":
             out[f"{name}.qzeros"] = shift_zeros(tensors[f"{name}.qzeros"], qc.bits, -1)
         if f"{name}.g_idx" not in tensors:
-            k = tensors[f"{name}.qweight"].shape[0] * 32 // qc.bits
+            k = tensors[f"{name}.qweight"].shape[0] * codes_per_word(qc.bits)
             out[f"{name}.g_idx"] = (torch.arange(k) // qc.group_size_for(k)).to(torch.int32)
     return out
 
@@ -72,7 +70,6 @@ def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
     skipped_linears: linears inside the decoder layers left in full precision;
     they are listed as GPTQModel "dynamic" negative rules, which vLLM honours.
     """
-    from .. import __version__
 
     cfg = {
         "quant_method": QUANT_METHOD,
@@ -105,21 +102,20 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         raise LlmqError("this GPTQ checkpoint overrides bits or group size per module ('dynamic'), "
                         "which llmq does not support: it needs one setting for every layer")
     group_size = int(cfg.get("group_size", 128))
-    names = _modules(tensors)
+    names = quantized_module_names(tensors)
     if not names:
         raise LlmqError("config.json says GPTQ but the checkpoint holds no '.qweight' tensors: it is damaged")
     out = dict(tensors)
     trivial = True
     wrapped = 0
     for name in names:
-        k = tensors[f"{name}.qweight"].shape[0] * 32 // bits
+        k = tensors[f"{name}.qweight"].shape[0] * codes_per_word(bits)
         if fmt == "gptq":
             stored = unpack_cols(tensors[f"{name}.qzeros"], bits)
             wrapped += int((stored == (1 << bits) - 1).sum())
             out[f"{name}.qzeros"] = shift_zeros(tensors[f"{name}.qzeros"], bits, 1)
         g = tensors.get(f"{name}.g_idx")
-        gs = k if group_size == -1 else group_size
-        if g is not None and not torch.equal(g.long(), torch.arange(k) // gs):
+        if g is not None and not torch.equal(g.long(), group_index(k, group_size)):
             trivial = False
     if wrapped:
         warnings.warn(f"{wrapped} zero points of this v1 GPTQ checkpoint are stored as {(1 << bits) - 1} (a wrapped "

@@ -26,7 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from ..config import QuantConfig
 from . import awq, compressed_tensors, gptq
 from .native import SAFETENSORS_DTYPES
-from .packing import pack_cols, pack_rows
+from ..kernels.layout import codes_per_word, group_width, pack_cols, pack_rows
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -91,8 +91,8 @@ class CtPacked(_Relayout):
     def native(self, tensor):
         out = {"qweight": tensor.t().contiguous()}
         if self.sym:
-            n, k = tensor.shape[0], tensor.shape[1] * 32 // self.bits
-            groups = k // (k if self.group_size == -1 else self.group_size)
+            n, k = tensor.shape[0], tensor.shape[1] * codes_per_word(self.bits)
+            groups = k // group_width(self.group_size, k)
             out["qzeros"] = compressed_tensors.implied_zeros(n, groups, self.bits)
         return out
 

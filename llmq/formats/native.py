@@ -20,7 +20,6 @@ from torch import nn
 from ..errors import LlmqError
 from ..outdir import atomic_folder, check_output_dir  # noqa: F401  (the rules for OUT live there)
 
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
@@ -99,10 +98,6 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     if single.is_file():
         return [single]
     raise LlmqError(f"no model.safetensors (or index) in {folder}: not a complete checkpoint")
-
-
-def quantized_module_names(header: dict) -> list[str]:
-    return sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
 
 
 def w8a8_module_names(header: dict) -> list[str]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.packing import codes_per_word, pack_rows, unpack_cols, unpack_rows
+from ..kernels.layout import codes_per_word, group_width, pack_rows, unpack_cols, unpack_rows
 from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu, reorder_act_order
 from ..qweight import QuantizedWeight
 
@@ -46,7 +46,7 @@ class QuantLinear(nn.Module):
                  device=None):
         super().__init__()
         per = codes_per_word(bits)
-        gs = in_features if group_size == -1 else group_size
+        gs = group_width(group_size, in_features)
         if in_features % gs or in_features % per or out_features % per:
             raise ValueError(f"a {bits}-bit layer of shape {out_features}x{in_features} with group size "
                              f"{group_size} cannot be packed")
