@@ -22,8 +22,8 @@ from conftest import random_ids, tiny_model
 from test_interop import awq_pack
 
 
-def _native(tmp_path, sym, bits, group_size, act_order=False, dtype=torch.float32):
-    model = llmq.quantize(tiny_model(dtype=dtype), QuantConfig(bits=bits, group_size=group_size, sym=sym),
+def _native(tmp_path, sym, bits, group_size, act_order=False, dtype=torch.float32, arch="llama"):
+    model = llmq.quantize(tiny_model(arch, dtype=dtype), QuantConfig(bits=bits, group_size=group_size, sym=sym),
                           progress=False)
     if act_order:  # a permuted g_idx on every layer, as GPTQ's act-order writes
         g = torch.Generator().manual_seed(5)
@@ -63,6 +63,8 @@ CASES = {
     "ct-asym-channel": dict(fmt="compressed-tensors", sym=False, bits=8, group_size=-1),
     "ct-asym-bf16": dict(fmt="compressed-tensors", sym=False, bits=4, group_size=64, dtype=torch.bfloat16),
     "awq": dict(fmt="awq", sym=False, bits=4, group_size=32),
+    "moe-gptq": dict(fmt="gptq", sym=False, bits=4, group_size=32, arch="mixtral"),  # experts as 3D tensors
+    "moe-ct": dict(fmt="compressed-tensors", sym=True, bits=4, group_size=32, arch="qwen3_moe"),
 }
 
 
