@@ -93,6 +93,9 @@ def _add_quantize(sub) -> None:
                         "decoder layer at a time and write it out at once (default: on for rtn where the model "
                         "allows it; for the others when the model would take more than half the available "
                         "host memory)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted streamed run of the same model, data and options into OUT "
+                        "from its first unfinished layer (implies --stream)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_quantize)
@@ -104,7 +107,10 @@ def _run_quantize(args) -> int:
     from .pipeline import quantize
 
     check_output_dir(args.out, args.overwrite, [args.model])  # fail before any expensive work
-    handle_stale_partials(args.out, args.overwrite)
+    if args.resume and args.stream is False:
+        raise LlmqError("--resume continues a streamed run: drop --no-stream")
+    if not args.resume:  # --resume picks its folder among them itself
+        handle_stale_partials(args.out, args.overwrite)
     if args.act_order is None and args.format == "compressed-tensors":
         args.act_order = False
     if args.format == "compressed-tensors" and args.act_order and not args.static_groups:
@@ -164,7 +170,7 @@ def _quantize_from_shards(args, config: QuantConfig):
     from .stream import choose_route
 
     skeleton = build_skeleton(args.model, args.dtype)
-    route, note = choose_route(skeleton, config, args.format, args.dataset, args.stream)
+    route, note = choose_route(skeleton, config, args.format, args.dataset, args.stream, args.resume)
     if note and not args.quiet:
         print(f"note: {note}", file=sys.stderr)
     if route == "memory":
@@ -179,7 +185,7 @@ def _quantize_from_shards(args, config: QuantConfig):
 
     return quantize_streamed(skeleton, args.out, config, dataset=args.dataset, tokenizer=tokenizer,
                              device=args.device, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                             overwrite=args.overwrite, progress=not args.quiet)
+                             overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
 
 
 def _add_info(sub) -> None:

@@ -127,8 +127,9 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     where they wait between layers (None: chosen, see llmq.activations).
     layers: the model's decoder layers (None: looked up with arch.decoder_layers).
     streamer: for a model whose layers are on the meta device (llmq.stream):
-    streamer.load(i) materialises layer i before its pass, streamer.release(i)
-    writes it out and frees it after.
+    streamer.load(i) materialises layer i before its pass, streamer.release(i,
+    output) writes it out and frees it after; streamer.resume_point() gives
+    (first layer to run, its input hidden states or None) for a resumed run.
     """
     model.eval()
     if layers is None:
@@ -136,11 +137,17 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
     if activations is None and keep_on_device is not None:
         activations = "device" if keep_on_device else "host"
+    first = 0
+    if streamer is not None:
+        first, resumed = streamer.resume_point()
+        if resumed is not None:
+            hidden = resumed  # the outputs of the layers finished before an interruption
     store = ActivationStore(hidden, device, activations)
     if progress:
         print(store.describe(), file=sys.stderr)
     hidden = store.put(hidden)
-    bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
+    bar = tqdm(range(first, len(layers)), desc=desc, unit="layer", disable=not progress, initial=first,
+               total=len(layers))
     for i in bar:
         if streamer is not None:
             streamer.load(i)
@@ -152,7 +159,7 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         hidden = store.put(hidden)
         layer.to(home)
         if streamer is not None:
-            streamer.release(i)
+            streamer.release(i, hidden)
         per_layer[i] = None  # free this layer's masks as soon as possible
         if status:
             bar.set_postfix_str(status)
@@ -168,7 +175,10 @@ def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, 
     goes back where it was afterwards. indices: the layers to visit (None: all).
     streamer: as for run_layers.
     """
-    bar = tqdm(range(len(layers)) if indices is None else indices, desc=desc, unit="layer", disable=not progress)
+    if indices is None:
+        first = streamer.resume_point()[0] if streamer is not None else 0
+        indices = range(first, len(layers))
+    bar = tqdm(indices, desc=desc, unit="layer", disable=not progress)
     for i in bar:
         if streamer is not None:
             streamer.load(i)
@@ -178,7 +188,7 @@ def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, 
         _, status = step(i, layer, None, (), {})
         layer.to(home)
         if streamer is not None:
-            streamer.release(i)
+            streamer.release(i, None)
         if status:
             bar.set_postfix_str(status)
 

@@ -302,23 +302,32 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, overwrite: bool, sources=()):
+def atomic_folder(out: str | os.PathLike, overwrite: bool, sources=(), *, adopt: Path | None = None,
+                  keep_if=None):
     """Yield a hidden partial sibling folder of OUT; on success it becomes OUT.
 
     OUT is checked first (`check_output_dir`; what OUT holds is judged at the
     final rename, so work done meanwhile is never thrown away); on any error or
     interruption (SIGINT, SIGTERM once `cleanup_on_signals` is active) the
     partial folder is removed and OUT is left as it was.
+
+    adopt: a stale partial folder of OUT to continue in (a resumed run); it is
+    renamed to carry this process's pid. keep_if(folder, exc): True keeps the
+    partial folder on that error (resumable work; the caller says so).
     """
     out = check_output_dir(out, overwrite, sources, contents=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, PARTIAL_TAG)
+    if adopt is not None:
+        os.rmdir(tmp)
+        os.rename(adopt, tmp)
     try:
         yield tmp
         _apply_umask(tmp)
         test_point("written")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if keep_if is None or not keep_if(tmp, exc):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
         publish(tmp, out, overwrite)

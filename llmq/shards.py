@@ -125,6 +125,32 @@ class ShardWriter:
         part["size"] += nbytes
         self._names.add(name)
 
+    def state(self) -> dict:
+        """What resume() needs to continue: the parts so far, their bytes flushed to disk."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"max_shard_size": self.max_shard_size,
+                "parts": [{"data": p["data"].name, "size": p["size"],
+                           "entries": {k: list(v) for k, v in p["entries"].items()}} for p in self.parts]}
+
+    @classmethod
+    def resume(cls, folder: str | os.PathLike, state: dict) -> "ShardWriter":
+        """A writer that continues from state(): bytes written after it (an unfinished layer) are cut off."""
+        writer = cls(folder, state["max_shard_size"])
+        for part in state["parts"]:
+            path = writer.folder / part["data"]
+            if not path.is_file() or path.stat().st_size < part["size"]:
+                raise ValueError(f"{path} is shorter than the resume state records")
+            entries = {k: (v[0], v[1], v[2], v[3]) for k, v in part["entries"].items()}
+            writer.parts.append({"data": path, "entries": entries, "size": part["size"]})
+            writer._names.update(entries)
+        for part in writer.parts:
+            os.truncate(part["data"], part["size"])
+        if writer.parts:
+            writer._file = open(writer.parts[-1]["data"], "ab")
+        return writer
+
     def finish(self, metadata: dict[str, str] | None = None) -> list[Path]:
         """Write the safetensors files (and the index when there are several); return their paths."""
         if self._file is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -62,12 +63,13 @@ def should_stream(skeleton: Skeleton) -> bool:
 
 
 def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dataset=None,
-                 stream: bool | None = None) -> tuple[str, str | None]:
+                 stream: bool | None = None, resume: bool = False) -> tuple[str, str | None]:
     """("shards" | "stream" | "memory", a note for the user or None).
 
     rtn goes shard by shard whenever it can; calibrated methods stream when
     asked (stream=True) or, by default, when the model would not sit
-    comfortably in host memory (should_stream). stream=True on a model that
+    comfortably in host memory (should_stream). resume=True streams (only a
+    streamed run can be resumed). stream=True or resume=True on a model that
     cannot be streamed is an error (LlmqError) naming the reason.
     """
     from .errors import LlmqError
@@ -77,15 +79,15 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
         return "memory", None
     reason = stream_blocker(skeleton, fmt, dataset, config)
     if reason is not None:
-        if stream:
+        if stream or resume:
             raise LlmqError(f"cannot stream {skeleton.source}: {reason}; drop --stream to quantize it in memory")
         if config.method == "rtn":
             return "memory", f"quantizing in memory, not shard by shard: {reason}"
         return "memory", None
+    if stream or resume:
+        return "stream", None
     if config.method == "rtn":
         return "shards", None
-    if stream:
-        return "stream", None
     if should_stream(skeleton):
         return "stream", (f"streaming the model layer by layer: its {gib(skeleton.model_bytes())} would take more "
                           f"than {STREAM_FRACTION:.0%} of the {gib(available_host_memory())} of host memory available")
@@ -100,7 +102,8 @@ class LayerStreamer:
     shards, and the layer back to the meta device.
     """
 
-    def __init__(self, model: nn.Module, skeleton: Skeleton, writer: ShardWriter):
+    def __init__(self, model: nn.Module, skeleton: Skeleton, writer: ShardWriter, *, checkpoint: dict | None = None,
+                 resume_from: tuple[int, torch.Tensor | None] = (0, None)):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -113,6 +116,13 @@ class LayerStreamer:
             weight_mapping=get_model_conversion_mapping(model), device_map={"": "cpu"})
         self._handles: dict[str, object] = {}
         self._params = {name for name, _ in model.named_parameters()}
+        # {"folder": partial folder, "fingerprint": ...}: record each finished layer for --resume.
+        self.checkpoint = checkpoint
+        self._resume_from = resume_from
+
+    def resume_point(self) -> tuple[int, torch.Tensor | None]:
+        """(first layer to run, the hidden states entering it, or None to start from the captured ones)."""
+        return self._resume_from
 
     def _slices(self, keys: list[str]) -> dict:
         out = {}
@@ -148,11 +158,18 @@ class LayerStreamer:
     def load(self, index: int) -> None:
         self._load(self.layer_keys(index))
 
-    def release(self, index: int) -> None:
+    def release(self, index: int, hidden: torch.Tensor | None = None) -> None:
+        from . import resume
+        from .outdir import test_point
+
         layer = self.layers[index]
         for name, tensor in layer.state_dict().items():
             self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
         layer.to("meta")
+        if self.checkpoint is not None:
+            resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1, self.writer.state(),
+                        hidden)
+        test_point(f"layer-{index}")  # lets the tests kill the run here
 
     def write_outer(self) -> None:
         head = f"{self.prefix}."
@@ -169,9 +186,15 @@ class LayerStreamer:
 
 def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantConfig, *, dataset=None,
                       tokenizer=None, device: str | torch.device = "auto", nsamples: int = 128, seqlen: int = 512,
-                      seed: int = 0, overwrite: bool = False, progress: bool = True,
+                      seed: int = 0, overwrite: bool = False, progress: bool = True, resume: bool = False,
                       max_shard_size: int = 4 * 10**9, report: dict | None = None) -> Path:
-    """Quantize the model at skeleton.source with a calibrated method and write it to out, layer by layer."""
+    """Quantize the model at skeleton.source and write it to out, layer by layer.
+
+    Each finished layer is recorded in the partial folder (llmq.resume), which
+    is kept when the run fails; resume=True continues the interrupted run of
+    the same model, data and options from its first unfinished layer.
+    """
+    from . import resume as resuming
     from .engine import each_layer, run_layers
     from .methods import registry
     from .pipeline import _calibration
@@ -185,18 +208,29 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     device = resolve_device(device)
     model = skeleton.model
     method = registry.get(config.method)
-    with atomic_folder(out, overwrite, [skeleton.source]) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
-        streamer = LayerStreamer(model, skeleton, writer)
+    windows, calibration = None, {}
+    if method.needs_calibration:
+        t0 = time.perf_counter()
+        windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
+        report["calibration_data"] = time.perf_counter() - t0
+    fingerprint = resuming.fingerprint(skeleton.source, config, device, skeleton.dtype, windows, dataset)
+    found = resuming.find(out, fingerprint) if resume else None  # refuses a mismatch before touching anything
+    adopt, state = found if found else (None, None)
+    with atomic_folder(out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable) as tmp:
+        if state:
+            writer = ShardWriter.resume(tmp, state["writer"])
+            resume_from = (state["layers_done"], resuming.load_hidden(tmp))
+            if progress:
+                print(f"resuming from layer {state['layers_done']} in {tmp}", file=sys.stderr)
+        else:
+            writer = ShardWriter(tmp, max_shard_size)
+            resume_from = (0, None)
+        streamer = LayerStreamer(model, skeleton, writer, checkpoint={"folder": tmp, "fingerprint": fingerprint},
+                                 resume_from=resume_from)
         try:
             streamer.load_outer()
             job = plan(model, config, device, check_finite=False)
             method.check(job)
-            calibration: dict = {}
-            if method.needs_calibration:
-                t0 = time.perf_counter()
-                windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
-                report["calibration_data"] = time.perf_counter() - t0
             plans = {i: method.plan_layer(job, i, job.layers[i], names) for i, names in job.targets.items()}
             step = method.layer_step(job, plans)
             t1 = time.perf_counter()
@@ -208,6 +242,11 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                            streamer=streamer)  # every layer: those without targets are written too
             report.update(layers=time.perf_counter() - t1, **step.timings)
             streamer.write_outer()
+        except BaseException as exc:
+            if progress and resuming.resumable(tmp, exc):
+                print(f"llmq: note: the finished layers are kept in {tmp}: rerun with --resume to continue",
+                      file=sys.stderr)
+            raise
         finally:
             streamer.close()
         if step.damp_raised:
@@ -215,6 +254,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                           stacklevel=2)
         recorded = dataclasses.replace(config, calibration=calibration) if method.needs_calibration else config
         writer.finish()
+        resuming.clear(tmp)
         model.config.quantization_config = recorded.to_dict()
         write_config(skeleton.source, model, tmp)
         if tokenizer is not None:

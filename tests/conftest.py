@@ -71,3 +71,25 @@ def tiny_llama_dir(tmp_path):
 def random_ids(n: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 256, (n, length), generator=g)
+
+
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def model_folder_with_text(path, arch: str = "llama", seed: int = 2, dtype=torch.float32):
+    """A tiny model saved in several shards with a word-level tokenizer, and a text file to calibrate on
+    (returned), for command-line runs of the calibrated methods."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tiny_model(arch, seed=seed, dtype=dtype).save_pretrained(path, max_shard_size="60KB")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                              unk_token="<unk>").save_pretrained(path)
+    rng = random.Random(5)
+    text = path.parent / f"{path.name}-calib.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)))
+    return text

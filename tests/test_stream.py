@@ -2,13 +2,11 @@
 
 import json
 import os
-import random
 
 import pytest
 import torch
 import transformers as T
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 import llmq
 from llmq import engine, stream
@@ -17,9 +15,7 @@ from llmq.cli import main
 from llmq.engine import layer_output, run_layers
 from llmq.shards import ShardWriter
 from llmq.skeleton import build_skeleton
-from conftest import TINY_CONFIGS, random_ids, tiny_model
-
-WORDS = [f"w{i}" for i in range(200)]
+from conftest import TINY_CONFIGS, model_folder_with_text, random_ids, tiny_model
 
 
 def _tensors(folder):
@@ -37,20 +33,6 @@ def _assert_same_checkpoint(a, b):
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
-
-
-def _model_folder(path, arch="llama", dtype=torch.float32):
-    """A tiny model with a word-level tokenizer and a text file to calibrate on."""
-    tiny_model(arch, seed=2, dtype=dtype).save_pretrained(path, max_shard_size="60KB")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                              unk_token="<unk>").save_pretrained(path)
-    rng = random.Random(5)
-    text = path.parent / "calib.txt"
-    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)))
-    return text
 
 
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
@@ -91,7 +73,7 @@ def test_streamed_layer_equals_the_layer_from_pretrained(tmp_path, arch):
                                          ("phi3", "awq+gptq")])
 def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method):
     src = tmp_path / "m"
-    text = _model_folder(src, arch)
+    text = model_folder_with_text(src, arch)
     common = ["--method", method, "--bits", "4", "--group-size", "32", "--asym", "--dataset", str(text),
               "--nsamples", "6", "--seqlen", "24", "--seed", "3", "--quiet"]
     assert main(["quantize", str(src), str(tmp_path / "mem"), "--no-stream", *common]) == 0
@@ -119,7 +101,7 @@ def test_streamed_rtn_equals_in_memory_rtn_and_frees_every_layer(tmp_path):
 
 def test_automatic_streaming_when_host_memory_is_short(tmp_path, monkeypatch, capsys):
     src = tmp_path / "m"
-    text = _model_folder(src)
+    text = model_folder_with_text(src)
     skeleton = build_skeleton(src)
     gptq = llmq.QuantConfig(method="gptq", group_size=32)
     monkeypatch.setattr(stream, "available_host_memory", lambda: 100 * 2**30)
@@ -138,7 +120,7 @@ def test_automatic_streaming_when_host_memory_is_short(tmp_path, monkeypatch, ca
 
 def test_stream_refused_where_it_cannot_work(tmp_path, capsys):
     src = tmp_path / "m"
-    _model_folder(src)
+    model_folder_with_text(src)
     code = main(["quantize", str(src), str(tmp_path / "q"), "--method", "gptq", "--dataset", "self", "--stream",
                  "--quiet"])
     assert code == 2 and not (tmp_path / "q").exists()

@@ -1,0 +1,115 @@
+"""Resuming a streamed quantization after a crash or `kill -9`.
+
+While a streamed run goes, its partial folder (`.OUT.partial-<pid>-*`, see
+llmq.outdir) holds, next to the output shard parts of the finished layers:
+
+- resume.json: the run's fingerprint, the number of finished layers and the
+  shard writer's state (which bytes of which part belong to which tensor),
+  replaced atomically after each layer;
+- resume-hidden.safetensors: the hidden states entering the first
+  unfinished layer (the finished layers' outputs), written before resume.json
+  names the layer as finished.
+
+The fingerprint is everything the result depends on: llmq's version, the
+quantization options, the source folder and the size and modification time
+of each of its files, the device type, and a hash of the calibration token
+windows (so a changed dataset file is noticed, whatever its name). A resumed
+run continues only a folder whose fingerprint equals its own; it recaptures
+the layers' keyword arguments (a forward through the embeddings only) and
+starts at the first unfinished layer, so the checkpoint equals an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import QuantConfig
+from .errors import LlmqError
+from .outdir import resolve, stale_partials
+
+STATE_FILE = "resume.json"
+HIDDEN_FILE = "resume-hidden.safetensors"
+
+
+def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, windows: torch.Tensor | None,
+                dataset=None) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    from . import __version__
+
+    folder = resolve(source)
+    files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+             if f.is_file() and (f.suffix in (".safetensors", ".json"))}
+    digest = None
+    if windows is not None:
+        digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+        digest += f":{list(windows.shape)}"
+    return {"llmq": __version__, "config": config.to_dict(), "source": str(folder), "files": files,
+            "device": device.type, "dtype": str(dtype), "dataset": dataset if isinstance(dataset, str) else None,
+            "windows": digest}
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
+    """The stale partial folder of OUT to continue, with its state; None when there is none.
+
+    Raises LlmqError, touching nothing, when interrupted runs of OUT exist but
+    none was made with the same model, data and options.
+    """
+    candidates = []
+    for folder in stale_partials(out):
+        state_file = folder / STATE_FILE
+        if not state_file.is_file():
+            continue
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        candidates.append((folder, state))
+    if not candidates:
+        return None
+    matching = [(f, s) for f, s in candidates if s.get("fingerprint") == fp]
+    if not matching:
+        folder, state = candidates[-1]
+        diff = ", ".join(_differences(state.get("fingerprint", {}), fp))
+        raise LlmqError(f"the interrupted run in {folder} was made with a different {diff}: resume with the same "
+                        "model, data and options, or run without --resume (add --overwrite to remove it)")
+    return max(matching, key=lambda fs: fs[1]["layers_done"])
+
+
+def save(folder: Path, fp: dict, layers_done: int, writer_state: dict, hidden: torch.Tensor | None) -> None:
+    """Record that layers_done layers are finished (their tensors in writer_state)."""
+    if hidden is not None:
+        tmp = folder / (HIDDEN_FILE + ".tmp")
+        save_file({"hidden": hidden.detach().to("cpu").contiguous()}, str(tmp))
+        os.replace(tmp, folder / HIDDEN_FILE)
+    tmp = folder / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fp, "layers_done": layers_done, "writer": writer_state}))
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def load_hidden(folder: Path) -> torch.Tensor | None:
+    path = folder / HIDDEN_FILE
+    return load_file(str(path))["hidden"] if path.is_file() else None
+
+
+def clear(folder: Path) -> None:
+    """Remove the resume files from a finished checkpoint."""
+    for name in (STATE_FILE, HIDDEN_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
+def resumable(folder: Path, exc: BaseException) -> bool:
+    """Whether to keep a partial folder after exc: it records finished layers and exc is not a refusal."""
+    return not isinstance(exc, LlmqError) and (folder / STATE_FILE).is_file()

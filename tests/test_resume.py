@@ -1,0 +1,101 @@
+"""Resuming a streamed run killed with SIGKILL: the checkpoint equals an uninterrupted run's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+
+import llmq
+from llmq.cli import main
+from llmq.outdir import stale_partials
+from conftest import model_folder_with_text, random_ids
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _run_killed(argv, layer):
+    """Run `llmq quantize` in a process that SIGKILLs itself once layer `layer` is finished."""
+    env = dict(os.environ, LLMQ_TEST_SIGNAL_AT=f"layer-{layer}:SIGKILL", PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *argv], env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    return r
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _args(src, out, text, *extra):
+    return [str(src), str(out), "--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text),
+            "--nsamples", "6", "--seqlen", "24", "--seed", "1", "--stream", "--quiet", *extra]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "qwen3")
+    assert main(["quantize", *_args(src, tmp_path / "ref", text)]) == 0
+    out = tmp_path / "q"
+    _run_killed(_args(src, out, text), layer=0)
+    assert not out.exists()
+    [partial] = stale_partials(out)
+    state = json.loads((partial / "resume.json").read_text())
+    assert state["layers_done"] == 1 and (partial / "resume-hidden.safetensors").is_file()
+    before = _snapshot(partial)
+
+    # Different options, or a different dataset: refused with exit 2, nothing touched.
+    capsys.readouterr()
+    assert main(["quantize", *_args(src, out, text, "--resume", "--damp", "0.05")]) == 2
+    assert "different config" in capsys.readouterr().err
+    original = text.read_text()
+    text.write_text(" ".join(reversed(original.split())))  # same file name, other text
+    assert main(["quantize", *_args(src, out, text, "--resume")]) == 2
+    err = capsys.readouterr().err
+    assert "different windows" in err and "--resume" in err
+    text.write_text(original)
+    assert stale_partials(out) == [partial] and _snapshot(partial) == before and not out.exists()
+
+    assert main(["quantize", *_args(src, out, text, "--resume")]) == 0
+    assert stale_partials(out) == [] and not (out / "resume.json").exists()
+    ref, got = _tensors(tmp_path / "ref"), _tensors(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "ref" / "config.json").read_text())
+    ids = random_ids(seed=4)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(out)(ids).logits, llmq.from_pretrained(tmp_path / "ref")(ids).logits)
+
+
+def test_without_resume_a_stale_folder_is_reported_and_left_alone(tmp_path, capsys):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src)
+    out = tmp_path / "q"
+    _run_killed(_args(src, out, text), layer=0)
+    [partial] = stale_partials(out)
+    before = _snapshot(partial)
+    capsys.readouterr()
+    assert main(["quantize", *_args(src, out, text)[:-1]]) == 0  # without --quiet or --resume
+    err = capsys.readouterr().err
+    assert "left by an interrupted run" in err and partial.name in err
+    assert stale_partials(out) == [partial] and _snapshot(partial) == before
+    assert (out / "config.json").is_file()
+
+
+def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src)
+    assert main(["quantize", *_args(src, tmp_path / "a", text, "--resume")]) == 0
+    assert main(["quantize", *_args(src, tmp_path / "b", text)]) == 0
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["quantize", *_args(src, tmp_path / "c", text, "--resume", "--no-stream")]) == 2
