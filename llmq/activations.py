@@ -1,6 +1,6 @@
 """Where the calibration activations wait between decoder layers.
 
-On the device when they fit there (engine.activations_fit), in host memory
+On the device when they fit there (activations_fit), in host memory
 otherwise, and in a memory-mapped file on disk when the host cannot hold
 them either. The file is unlinked as soon as it is mapped, so nothing is left
 behind, even by a killed process.
@@ -13,12 +13,26 @@ import tempfile
 
 import torch
 
-from .memory import available_host_memory, gib
+from .memory import available_host_memory
+from .units import human_bytes
 
 # A layer's pass on the host needs its input, its output and intermediates:
 # activations stay in host memory when this many times their size is available.
 HOST_HEADROOM = 4
 WHERE = ("device", "host", "disk")
+
+
+# Activations kept on the device between layers need this many times their own
+# size free: the input and output of a layer plus its intermediates.
+_ACTIVATION_HEADROOM = 8
+
+
+def activations_fit(hidden: torch.Tensor, device: torch.device) -> bool:
+    """Whether the calibration activations can stay on device between layers."""
+    if device.type != "cuda":
+        return True  # CPU: the device is the host
+    free, _ = torch.cuda.mem_get_info(device)
+    return hidden.numel() * hidden.element_size() * _ACTIVATION_HEADROOM <= free
 
 
 def host_fits(nbytes: int) -> bool:
@@ -36,8 +50,6 @@ class ActivationStore:
 
     def __init__(self, like: torch.Tensor, device: torch.device, where: str | None = None,
                  folder: str | os.PathLike | None = None):
-        from .engine import activations_fit
-
         self.nbytes = like.numel() * like.element_size()
         if where is None:
             if device.type != "cpu" and activations_fit(like, device):
@@ -61,7 +73,7 @@ class ActivationStore:
     def describe(self) -> str:
         place = {"device": f"on {self.device}", "host": "in host memory",
                  "disk": "in a memory-mapped file on disk (host memory is too small)"}[self.where]
-        return f"calibration activations: {gib(self.nbytes)} {place}"
+        return f"calibration activations: {human_bytes(self.nbytes)} {place}"
 
     def put(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.where == "device":

@@ -131,12 +131,13 @@ def _run_quantize(args) -> int:
                             "--format llmq")
         check_w8a8_data(config, args.dataset)
     from .loading import load_model
-    from .memory import gib, peak_host_memory
+    from .memory import peak_host_memory
+    from .units import human_bytes
 
     out = _quantize_from_shards(args, config) if args.stream is not False else None
     if out is not None:
         if not args.quiet:
-            print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
+            print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
         return 0
     model, tokenizer = load_model(args.model, args.dtype)
     report: dict = {}
@@ -158,7 +159,7 @@ def _run_quantize(args) -> int:
         if not args.quiet:
             print_report(args.format, rows)
     if not args.quiet:
-        print(f"wrote {out} (peak host memory {gib(peak_host_memory())})")
+        print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
     return 0
 
 

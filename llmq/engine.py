@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arch
-from .activations import ActivationStore
+from .activations import ActivationStore, activations_fit  # noqa: F401  (activations_fit: part of the engine's face)
 
 
 class _StopForward(Exception):
@@ -98,19 +98,6 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor,
 
 
 LayerStep = Callable[[int, nn.Module, torch.Tensor, tuple, dict], tuple[torch.Tensor, str]]
-
-
-# Activations kept on the device between layers need this many times their own
-# size free: the input and output of a layer plus its intermediates.
-_ACTIVATION_HEADROOM = 8
-
-
-def activations_fit(hidden: torch.Tensor, device: torch.device) -> bool:
-    """Whether the calibration activations can stay on device between layers."""
-    if device.type != "cuda":
-        return True  # CPU: the device is the host
-    free, _ = torch.cuda.mem_get_info(device)
-    return hidden.numel() * hidden.element_size() * _ACTIVATION_HEADROOM <= free
 
 
 @torch.no_grad()

@@ -29,7 +29,3 @@ def available_host_memory() -> int | None:
     except OSError:
         return None
     return None
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._version import __version__
 from .config import QuantConfig
 from .errors import LlmqError
 from .outdir import resolve, stale_partials
@@ -41,8 +42,6 @@ HIDDEN_FILE = "resume-hidden.safetensors"
 def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, windows: torch.Tensor | None,
                 dataset=None) -> dict:
     """What a resumed run must share with the interrupted one."""
-    from . import __version__
-
     folder = resolve(source)
     files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
              if f.is_file() and (f.suffix in (".safetensors", ".json"))}

@@ -41,7 +41,8 @@ STREAM_FRACTION = 0.5
 _SAMPLED_DATASETS = ("self", "model")
 
 
-def stream_blocker(skeleton: Skeleton, fmt: str = "llmq", dataset=None, config: QuantConfig | None = None) -> str | None:
+def stream_blocker(skeleton: Skeleton, fmt: str = "llmq", dataset=None,
+                   config: QuantConfig | None = None) -> str | None:
     """Why this model cannot be streamed (None: it can)."""
     if skeleton.blocker:
         return skeleton.blocker
@@ -73,7 +74,7 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
     cannot be streamed is an error (LlmqError) naming the reason.
     """
     from .errors import LlmqError
-    from .memory import gib
+    from .units import human_bytes
 
     if stream is False:
         return "memory", None
@@ -89,8 +90,9 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
     if config.method == "rtn":
         return "shards", None
     if should_stream(skeleton):
-        return "stream", (f"streaming the model layer by layer: its {gib(skeleton.model_bytes())} would take more "
-                          f"than {STREAM_FRACTION:.0%} of the {gib(available_host_memory())} of host memory available")
+        return "stream", (f"streaming the model layer by layer: its {human_bytes(skeleton.model_bytes())} would take "
+                          f"more than {STREAM_FRACTION:.0%} of the {human_bytes(available_host_memory())} of host "
+                          "memory available")
     return "memory", None
 
 
