@@ -9,12 +9,13 @@ Activations are quantized here, symmetric int8:
 q_x = clamp(round(x / s_x), -128, 127), as vLLM's int8 kernels do. The int8
 product is accumulated exactly in int32 and rescaled in fp32.
 
-Devices:
+Devices (path "auto"):
 - CPU: `torch._int_mm` (oneDNN's int8 GEMM, exact) and an in-place fp32 rescale.
 - CUDA: the Triton kernels of `triton_int8` (per-token quantization fused into
-  the GEMM's prologue, scales in its epilogue; a split-K path for M <= 16).
-  CPU tensors run those kernels under the interpreter when TRITON_INTERPRET=1
-  was set before triton was imported (the tests do this).
+  the GEMM's tile loads, scales in its epilogue; a split-K path for M <= 16).
+  Forcing path "splitk" or "gemm" runs them on CPU tensors under the
+  interpreter when TRITON_INTERPRET=1 was set before triton was imported (the
+  kernel tests do this).
 - Anything else: the integer reference (int64 matmul), exact and slow.
 
 Registered as the custom op `llmq::int8_linear` with a fake implementation,
@@ -30,7 +31,7 @@ import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT8_DECODE_MAX_M = 16
-PATHS = ("auto", "intmm", "triton", "reference")
+PATHS = ("auto", "intmm", "triton", "splitk", "gemm", "reference")
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None):
@@ -90,12 +91,15 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
     if path == "auto":
-        path = "triton" if uses_triton(x.device) else "intmm" if x.device.type == "cpu" else "reference"
-    if path == "triton":
+        path = "triton" if x.device.type == "cuda" else "intmm" if x.device.type == "cpu" else "reference"
+    if path in ("triton", "splitk", "gemm"):
         tq = _triton_module()
         if tq is None:
             raise RuntimeError("int8_linear on CUDA needs triton: pip install triton")
-        y = tq.int8_matmul(x2.contiguous(), weight, weight_scale, input_scale, bias)
+        if not uses_triton(x.device):
+            raise RuntimeError("the Triton int8 kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 set "
+                               "before triton is imported")
+        y = tq.int8_matmul(x2, weight, weight_scale, input_scale, bias, "auto" if path == "triton" else path)
     elif path == "intmm":
         y = _intmm(x2, weight, weight_scale, input_scale, bias, x.dtype)
     else:
@@ -128,7 +132,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         weight_scale: float32 [N, 1] (or [N]): w = weight * weight_scale.
         input_scale: None (dynamic per-token scales) or float32 [1] (static).
         bias: float [N] or None.
-        path: "auto", or force "intmm" (CPU), "triton", "reference" (tests, benchmarks).
+        path: "auto" (Triton on CUDA, split-K for M <= 16; torch._int_mm on CPU), or force
+            "intmm" (CPU), "triton" (split-K or GEMM by M), "splitk" / "gemm", "reference".
 
     Returns [..., N] in x's dtype.
     """

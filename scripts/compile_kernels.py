@@ -10,7 +10,8 @@ instructions used.
 
 Specializations: every autotune config of each path (split-K decode, tiled
 GEMM, dequantize), for each bit width, act-order or not, activation dtype, and
-bias or not; `--quick` compiles every config once and every specialization
+bias or not; the same for the W8A8 int8 kernels (split-K, GEMM, per-token
+scales), static activations or dynamic; `--quick` compiles every config once and every specialization
 with one config (what the test suite runs).
 
     python scripts/compile_kernels.py --arch 90 80
@@ -78,6 +79,63 @@ def kernel_source(tq, spec: Spec, config):
     return ASTSource(fn, sig, constexprs)
 
 
+@dataclass
+class Int8Spec:
+    """One specialization of the W8A8 kernel (llmq.kernels.triton_int8)."""
+
+    path: str  # int8-splitk | int8-gemm | int8-rowscale | int8-quantize
+    dtype: str
+    static: bool
+    bias: bool
+
+    def label(self) -> str:
+        return f"{self.path} {DTYPES[self.dtype]}{' static' if self.static else ''}{' bias' if self.bias else ''}"
+
+
+def int8_kernel_source(ti, spec: Int8Spec, config):
+    from triton.compiler import ASTSource
+
+    t = DTYPES[spec.dtype]
+    if spec.path == "int8-rowscale":
+        fn = ti._row_scale_kernel
+        sig = {"x_ptr": f"*{t}", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32"}
+        const = dict(config.kwargs)
+    elif spec.path == "int8-quantize":
+        fn = ti._quantize_rows_kernel
+        sig = {"x_ptr": f"*{t}", "q_ptr": "*i8", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+               "stride_xk": "i32"}
+        const = dict(STATIC=spec.static, **config.kwargs)
+    else:
+        fn = ti._int8_mm_kernel
+        splitk = spec.path == "int8-splitk"
+        out = "fp32" if splitk else t
+        sig = {"x_ptr": f"*{t}" if splitk else "*i8", "w_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+               "out_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
+               "M_BUCKET": "i32"}
+        const = dict(STATIC=spec.static, HAS_BIAS=spec.bias, ATOMIC=splitk, X_INT8=not splitk, **config.kwargs)
+    sig.update({name: "constexpr" for name in const})
+    missing = set(fn.arg_names) - set(sig)
+    if missing:
+        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
+    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
+    return ASTSource(fn, sig, constexprs)
+
+
+def int8_plan(ti, quick: bool):
+    import triton
+
+    configs = {"int8-splitk": ti._decode_configs(), "int8-gemm": ti._gemm_configs(),
+               "int8-rowscale": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)],
+               "int8-quantize": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)]}
+    specs = [Int8Spec(path, dtype, static, bias)
+             for path, dtype, static, bias in itertools.product(configs, DTYPES, (False, True), (True, False))
+             if not (path == "int8-rowscale" and (static or bias)) and not (path == "int8-quantize" and bias)]
+    if not quick:
+        return [(s, c) for s in specs for c in configs[s.path]]
+    every_config = [(Int8Spec(path, "float16", False, True), c) for path in configs for c in configs[path]]
+    return every_config + [(s, configs[s.path][0]) for s in specs]
+
+
 def _torch_dtype(name):
     import torch
 
@@ -96,11 +154,12 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text.split("Function", 1)[-1])}
 
 
-def compile_one(tq, spec: Spec, config, arch: int) -> dict:
+def compile_one(tq, spec, config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile
 
-    kernel = compile(kernel_source(tq, spec, config), target=GPUTarget("cuda", arch, 32),
+    source = int8_kernel_source(tq, spec, config) if isinstance(spec, Int8Spec) else kernel_source(tq, spec, config)
+    kernel = compile(source, target=GPUTarget("cuda", arch, 32),
                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     usage = resource_usage(kernel.asm["cubin"])
     mma = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", kernel.asm["ptx"])))
@@ -138,6 +197,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import llmq.kernels.triton_int8 as ti
     import llmq.kernels.triton_qmm as tq
 
     if tq.INTERPRET:
@@ -149,11 +209,13 @@ def main(argv=None) -> int:
         fits: dict[str, int] = {}
         print(f"sm_{arch} (shared memory limit {limit} bytes)")
         print(f"  {'kernel':<34} {'config':<44} {'regs':>4} {'stack':>5} {'spill':>5} {'shared':>7}  mma")
-        for spec, config in plan(tq, args.quick):
+        jobs = [(tq, spec, config) for spec, config in plan(tq, args.quick)]
+        jobs += [(ti, spec, config) for spec, config in int8_plan(ti, args.quick)]
+        for module, spec, config in jobs:
             meta = " ".join(f"{k}={v}" for k, v in config.kwargs.items() if k != "GROUP_M")
             meta += f" w{config.num_warps} s{config.num_stages}"
             try:
-                r = compile_one(tq, spec, config, arch)
+                r = compile_one(module, spec, config, arch)
             except Exception as e:  # report every failure, then exit 1
                 failures += 1
                 print(f"  {spec.label():<34} {meta:<44} FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")

@@ -40,3 +40,6 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # Every specialization reports registers and, for fp16/bf16 dots, tensor-core instructions.
     rows = [line for line in run.stdout.splitlines() if line.startswith("  splitk") or line.startswith("  gemm")]
     assert rows and all("mma" in line for line in rows if "fp16" in line or "bf16" in line)
+    # The W8A8 kernels' int8 dots run on tensor cores (int8 mma) for every activation dtype.
+    int8_rows = [line for line in run.stdout.splitlines() if line.startswith(("  int8-gemm", "  int8-splitk"))]
+    assert int8_rows and all("mma" in line for line in int8_rows)
