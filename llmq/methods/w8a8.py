@@ -3,9 +3,10 @@
 Without calibration (round-to-nearest weights, dynamic activations, no
 smoothing) each linear is converted on its own. Otherwise the layer-by-layer
 engine runs every decoder layer once on the calibration batch. A layer's
-linears are split into units of linears reading one input (methods.awq's
-units: the architecture's scale groups when smoothing, else the sequential
-groups). A forward pre-hook on each linear of a unit, the first time it fires
+linears are split into units of linears reading one input (the
+architecture's scale groups when smoothing, including grouped-query
+attention's v -> o with factors tied across the query heads that share a
+value head; else the sequential groups). A forward pre-hook on each linear of a unit, the first time it fires
 with the unit's input x:
 
 1. smoothing (config.smooth): factors s from x and the unit's weights
@@ -25,6 +26,7 @@ After the forward the targets are swapped for W8A8Linear.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,7 +41,8 @@ from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
 from ..solvers.rtn import rtn_quantize
 from ..solvers.smoothquant import (channel_absmax, fake_quantize_activations, search_smoothing, smoothing_factors,
                                    static_scale)
-from .awq import Unit, build_units, fold_into_prev
+from ..arch import ScaleGroup
+from .awq import fold_into_prev
 from .base import Job, LayerStep, Method
 from .common import forward_with_pre_hooks
 
@@ -56,7 +59,7 @@ def check_w8a8_data(config: QuantConfig, dataset) -> None:
 class RTNDynamicStep(LayerStep):
     """Round-to-nearest int8 weights and dynamic activations: each linear on its own, no data."""
 
-    def __init__(self, plans: dict[int, list[Unit]]):
+    def __init__(self, plans: dict[int, list[W8A8Unit]]):
         super().__init__()
         self.plans = plans
 
@@ -73,18 +76,127 @@ class RTNDynamicStep(LayerStep):
         return hidden, f"rel_err={max(errs):.4f}" if errs else ""
 
 
+@dataclass
+class W8A8Unit:
+    """Linears reading one input inside a layer, and how that input may be smoothed.
+
+    linears: every linear reading the input (local names), in forward order.
+    targets: local name -> full name of those being quantized.
+    group: the scale group whose previous operation takes 1/s, or None.
+    kv_repeat, head_dim: grouped-query attention's v -> o: each of v_proj's
+        outputs feeds kv_repeat heads' channels of o_proj's input, so s is tied
+        across those copies (1: one input channel per previous output).
+    """
+
+    linears: list[str]
+    targets: dict[str, str]
+    group: ScaleGroup | None = None
+    kv_repeat: int = 1
+    head_dim: int = 0
+
+    def tie(self, v: torch.Tensor) -> torch.Tensor:
+        """v [K] with each channel replaced by the max over the channels tied to it."""
+        if self.kv_repeat == 1:
+            return v
+        k = v.shape[0]
+        g = v.reshape(k // (self.kv_repeat * self.head_dim), self.kv_repeat, self.head_dim)
+        return g.amax(1, keepdim=True).expand_as(g).reshape(k)
+
+    def prev_factors(self, s: torch.Tensor) -> torch.Tensor:
+        """The factors of the previous operation's outputs for s [K] over this unit's input."""
+        if self.kv_repeat == 1:
+            return s
+        k = s.shape[0]
+        return s.reshape(k // (self.kv_repeat * self.head_dim), self.kv_repeat, self.head_dim)[:, 0].reshape(-1)
+
+
+def _fold_shape(layer: nn.Module, g: ScaleGroup, linears: list[str], model_config) -> tuple[int, int] | None:
+    """(kv_repeat, head_dim) when 1/s can be folded into g.prev for these linears, else None."""
+    prev = _get(layer, g.prev)
+    if prev is None or not linears:
+        return None
+    ks = {layer.get_submodule(n).in_features for n in linears}
+    if len(ks) != 1:
+        return None
+    (k,) = ks
+    if g.kind == "norm":
+        norms_feed = getattr(model_config, "do_layer_norm_before", True) is not False  # OPT-350m: post-norm
+        weight = getattr(prev, "weight", None)
+        ok = norms_feed and isinstance(weight, torch.Tensor) and weight.shape == (k,)
+        return (1, 0) if ok else None
+    if not isinstance(prev, nn.Linear):
+        return None
+    if prev.out_features == k:
+        return 1, 0
+    # Grouped-query attention: o_proj reads each of v_proj's outputs once per query head of its group.
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or (k // heads if heads else None)
+    if not (heads and kv_heads and head_dim) or heads % kv_heads:
+        return None
+    rep = heads // kv_heads
+    if prev.out_features * rep == k == heads * head_dim:
+        return rep, head_dim
+    return None
+
+
+def _get(layer: nn.Module, name: str):
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def build_w8a8_units(spec: arch.ArchSpec, layer: nn.Module, targets: dict[str, str], model_config,
-                     smooth) -> list[Unit]:
+                     smooth) -> list[W8A8Unit]:
+    """The architecture's scale groups that can take smoothing here (when smoothing), then the
+    remaining targets grouped by shared input (arch.sequential_groups)."""
+    units: list[W8A8Unit] = []
+    covered: set[str] = set()
     if smooth is not None:
-        return build_units(spec, layer, targets, model_config)
-    return [Unit(names, {n: targets[n] for n in names})
-            for names in arch.sequential_groups(spec, layer, list(targets))]
+        for g in spec.awq:
+            present = [n for n in g.linears if _get(layer, n) is not None]
+            wanted = {n: targets[n] for n in present if n in targets}
+            shape = _fold_shape(layer, g, present, model_config) if wanted else None
+            if shape is None:
+                continue
+            units.append(W8A8Unit(present, wanted, g, *shape))
+            covered.update(present)
+    rest = [n for n in targets if n not in covered]
+    for names in arch.sequential_groups(spec, layer, rest):
+        units.append(W8A8Unit(names, {n: targets[n] for n in names}))
+    return units
+
+
+@torch.no_grad()
+def fold_smoothing(layer: nn.Module, unit: W8A8Unit, s: torch.Tensor, solved: dict | None = None) -> None:
+    """Divide the unit's input by s (folded into the previous operation) and multiply the
+    linears' input columns by s: the full-precision function is unchanged.
+
+    A previous linear already quantized (in `solved`) has its per-row weight scales
+    divided instead: codes unchanged, exactly what quantizing the divided rows gives.
+    """
+    group = unit.group
+    prev = layer.get_submodule(group.prev)
+    if group.kind == "linear":
+        sp = unit.prev_factors(s)
+        if solved is not None and group.prev in solved:
+            qw = solved[group.prev]
+            qw.scales = (qw.scales.float() / sp[:, None]).to(qw.scales.dtype)
+        prev.weight.data = (prev.weight.float() / sp[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data = (prev.bias.float() / sp).to(prev.bias.dtype)
+    else:
+        fold_into_prev(prev, group, s)
+    for name in unit.linears:
+        m = layer.get_submodule(name)
+        m.weight.data = (m.weight.float() * s).to(m.weight.dtype)
 
 
 class W8A8LayerStep(LayerStep):
     """The calibrated W8A8 layer step for engine.run_layers (see the module doc)."""
 
-    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[Unit]]):
+    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[W8A8Unit]]):
         super().__init__()
         self.config = config
         self.units_by_layer = units_by_layer
@@ -117,7 +229,7 @@ class W8A8LayerStep(LayerStep):
         self.layer_errors.append(worst)
         return out, f"rel_err={worst:.3g}"
 
-    def _hook(self, layer, u: int, unit: Unit, solved: dict, transforms: dict, alphas: list, errors: list):
+    def _hook(self, layer, u: int, unit: W8A8Unit, solved: dict, transforms: dict, alphas: list, errors: list):
         def hook(module: nn.Linear, args):
             x = args[0]
             if u not in transforms:
@@ -129,7 +241,7 @@ class W8A8LayerStep(LayerStep):
         return hook
 
     @torch.no_grad()
-    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list):
+    def _solve_unit(self, layer, unit: W8A8Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list):
         c = self.config
         t0 = time.perf_counter()
         linears = {n: layer.get_submodule(n) for n in unit.linears}
@@ -137,15 +249,13 @@ class W8A8LayerStep(LayerStep):
         s = None
         if unit.group is not None and c.smooth is not None:
             if c.smooth == "auto":
-                res = search_smoothing(x, weights, static=c.act == "static")
+                res = search_smoothing(x, weights, static=c.act == "static", tie=unit.tie)
                 s, alpha = res.scales, res.alpha
             else:
-                s, alpha = smoothing_factors(channel_absmax(x), weights, c.smooth), c.smooth
+                s, alpha = smoothing_factors(channel_absmax(x), weights, c.smooth, tie=unit.tie), c.smooth
             alphas.append(alpha)
             if s is not None:
-                self._fold_prev(layer, unit, s, solved)
-                for m in linears.values():
-                    m.weight.data = (m.weight.float() * s).to(m.weight.dtype)
+                fold_smoothing(layer, unit, s, solved)
         xs = x if s is None else (x.float() / s)
         t1 = time.perf_counter()
         input_scale = None
@@ -182,20 +292,6 @@ class W8A8LayerStep(LayerStep):
         self.timings["quantize"] += t3 - t2
         return s, input_scale
 
-    @staticmethod
-    def _fold_prev(layer, unit: Unit, s: torch.Tensor, solved: dict) -> None:
-        group = unit.group
-        prev = layer.get_submodule(group.prev)
-        if group.kind == "linear" and group.prev in solved:
-            # Already quantized per row: dividing row i by s_i divides its scale, codes unchanged.
-            qw = solved[group.prev]
-            qw.scales = (qw.scales.float() / s[:, None]).to(qw.scales.dtype)
-            prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
-            if prev.bias is not None:
-                prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
-        else:
-            fold_into_prev(prev, group, s)
-
 
 class W8A8(Method):
     """Runs --scheme w8a8; config.method (rtn or gptq) says how the weights are solved."""
@@ -211,7 +307,7 @@ class W8A8(Method):
                             f"llmq knows none for architecture {getattr(job.model.config, 'model_type', '?')!r}: "
                             "add `awq` scale groups to its ArchSpec in llmq.arch.ARCHITECTURES, or pass --smooth off")
 
-    def plan_layer(self, job: Job, index: int, layer: nn.Module, targets: dict[str, str]) -> list[Unit]:
+    def plan_layer(self, job: Job, index: int, layer: nn.Module, targets: dict[str, str]) -> list[W8A8Unit]:
         return build_w8a8_units(job.spec, layer, targets, job.model.config, job.config.smooth)
 
     def layer_step(self, job: Job, plans) -> LayerStep:
