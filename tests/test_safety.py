@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,11 @@ def _run(capsys, *argv):
 def _cli(*argv, cwd=None, env=None, prefix=(), timeout=300):
     """The command line in a fresh process (signals, permissions, another working folder)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # A shell that starts the test runner as a background job leaves SIGINT ignored, and the child
+    # would inherit that; give it the default disposition, as a terminal user's process has.
     r = subprocess.run([*prefix, sys.executable, "-m", "llmq.cli", *map(str, argv)], cwd=cwd, env=full_env,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return r.returncode, r.stdout, r.stderr
 
 
