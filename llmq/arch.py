@@ -84,6 +84,39 @@ _GEMMA_AWQ = _llama_awq("post_attention_layernorm", norm_offset=1.0)
 _GEMMA2_AWQ = _llama_awq("pre_feedforward_layernorm", norm_offset=1.0)
 _LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAMA_AWQ)
 
+# Mixture-of-experts blocks. "*" in a name stands for each expert of the QuantExperts
+# before it (llmq.moe): a group whose prev holds "*" is one group per expert (each
+# expert's up projection feeds its own down projection, on the tokens routed to it);
+# "*" only in the linears puts every expert into one group. The post-attention norm
+# feeds the router and every expert, so they share one scale vector, searched on
+# the statistics of all tokens (the router's input, listed first so that its
+# forward pre-hook sees the whole batch); the router stays in full precision and
+# its input columns are multiplied by the scales (compensated), so routing does
+# not change.
+
+
+def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
+             shared: tuple[tuple[str, ...], str] | None = None, attention=None, dense: bool = False):
+    groups = list(attention if attention is not None else _llama_awq("post_attention_layernorm")[:2])
+    shared_up = shared[0] if shared else ()
+    experts = tuple(f"mlp.experts.*.{n}" for n in up)
+    groups.append(ScaleGroup("post_attention_layernorm", router + experts + shared_up))
+    if down is not None:  # the up projection (of a gated pair, the second) feeds down through a product
+        groups.append(ScaleGroup(f"mlp.experts.*.{up[-1]}", (f"mlp.experts.*.{down}",), kind="linear"))
+    if shared:
+        groups.append(ScaleGroup(shared_up[-1], (shared[1],), kind="linear"))
+    if dense:  # dense layers between MoE layers (DeepSeek's first layers)
+        groups += list(_llama_awq("post_attention_layernorm")[2:])
+    return tuple(groups)
+
+
+_QWEN_EXPERTS = ("gate_proj", "up_proj")
+_MLA = (  # DeepSeek's multi-head latent attention: the low-rank projections and their norms
+    ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_proj")),
+    ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -102,6 +135,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
     ),
+    "mixtral": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), ("w1", "w3"), "w2")),
+    "qwen2_moe": ArchSpec(layers="model.layers", awq=_moe_awq(
+        ("mlp.gate", "mlp.shared_expert_gate"), _QWEN_EXPERTS, "down_proj",
+        shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp.shared_expert.down_proj"))),
+    "qwen3_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
+    "olmoe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
+    "deepseek_v3": ArchSpec(layers="model.layers", awq=_moe_awq(
+        ("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA, dense=True,
+        shared=(("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj"))),
+    # gpt-oss: (up + 1) * clamped GLU between the projections: no up -> down group.
+    "gpt_oss": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.router",), ("gate_up_proj",), None)),
     "opt": ArchSpec(
         layers="model.decoder.layers",
         sequential=(

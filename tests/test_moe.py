@@ -226,3 +226,86 @@ def test_cli_reports_experts_by_kind(tmp_path, capsys):
     assert "8 linears" in out and "24 expert linears in 2 experts modules" in out and "routers" in out
     assert main(["info", str(tmp_path / "q")]) == 0
     assert "24 expert linears in 2 experts modules" in capsys.readouterr().out
+
+
+def _router_logits(layer, h):
+    mlp = layer.mlp
+    router = mlp.gate if hasattr(mlp, "gate") else mlp.router
+    with torch.no_grad():
+        out = router(layer.post_attention_layernorm(h))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_awq_scales_experts_and_keeps_routing(tmp_path, arch, mode):
+    fp = tiny_model(arch)
+    original = copy.deepcopy(fp)
+    model = llmq.quantize(fp, QuantConfig(method="awq", group_size=GROUP, moe_calibration=mode),
+                          dataset=CALIBRATION, progress=False)
+    layer, before = model.model.layers[-1], original.model.layers[-1]
+    # The post-attention norm feeds router and experts: AWQ folded its scales into the norm ...
+    assert not torch.allclose(layer.post_attention_layernorm.weight, before.post_attention_layernorm.weight)
+    # ... and compensated the router (kept in full precision), so routing is unchanged.
+    h = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_router_logits(layer, h), _router_logits(before, h), atol=1e-5, rtol=1e-5)
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_awq_gives_one_scale_group_over_router_and_all_experts():
+    from llmq.arch import arch_spec
+    from llmq.methods.awq import build_units
+
+    model = tiny_model("qwen2_moe")
+    job = pipeline.plan(model, QuantConfig(method="awq", group_size=GROUP), torch.device("cpu"))
+    units = build_units(job.spec, job.layers[0], job.targets[0], model.config)
+    pooled = [u for u in units if u.group is not None and u.group.prev == "post_attention_layernorm"]
+    assert len(pooled) == 1
+    u = pooled[0]
+    assert u.linears[:2] == ["mlp.gate", "mlp.shared_expert_gate"]  # routers first: their hook sees all tokens
+    assert {f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj")} <= set(u.targets)
+    assert "mlp.gate" not in u.targets  # kept, only compensated
+    per_expert = [u for u in units if u.group is not None and u.group.kind == "linear" and "experts" in u.group.prev]
+    assert sorted(u.group.prev for u in per_expert) == [f"mlp.experts.{e}.up_proj" for e in range(4)]
+    assert arch_spec(model).awq is not None
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_experts_with_too_few_tokens_fall_back_to_rtn(method):
+    from llmq.solvers.rtn import rtn_quantize
+
+    fp = tiny_model("mixtral")
+    original = copy.deepcopy(fp)
+    report = {}
+    model = llmq.quantize(fp, QuantConfig(method=method, group_size=GROUP, moe_min_tokens=10**6),
+                          dataset=CALIBRATION, progress=False, report=report)
+    assert any("round-to-nearest" in line and "layer 1" in line for line in report["experts"])
+    # The down projections (never scaled by AWQ: their group fell back) are plain RTN of the original.
+    for e in range(4):
+        w = original.model.layers[1].mlp.experts.down_proj[e]
+        ref = rtn_quantize(w, 4, GROUP, True, torch.float16).dequantize()
+        got = model.model.layers[1].mlp.experts.get_submodule(f"{e}.w2").dequantize_weight(torch.float32)
+        assert torch.equal(got, ref)
+
+
+def test_all_mode_calibrates_every_expert_on_every_token():
+    fp = tiny_model("mixtral")
+    report = {}
+    routed = llmq.quantize(copy.deepcopy(fp), QuantConfig(method="gptq", group_size=GROUP, moe_min_tokens=10**6),
+                           dataset=CALIBRATION, progress=False, report=report)
+    assert any("round-to-nearest" in line for line in report["experts"])
+    report = {}
+    all_mode = llmq.quantize(fp, QuantConfig(method="gptq", group_size=GROUP, moe_min_tokens=10**6,
+                                             moe_calibration="all"), dataset=CALIBRATION, progress=False,
+                             report=report)
+    # Every expert saw all 256 calibration tokens: none fell back, whatever the threshold.
+    assert not any("round-to-nearest" in line for line in report["experts"])
+    a = routed.model.layers[1].mlp.experts.get_submodule("0.w1").qweight
+    b = all_mode.model.layers[1].mlp.experts.get_submodule("0.w1").qweight
+    assert not torch.equal(a, b)

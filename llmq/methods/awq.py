@@ -28,6 +28,7 @@ column scaling, after the forward.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from torch import nn
 from ..arch import ArchSpec, ScaleGroup, sequential_groups
 from ..config import QuantConfig
 from ..errors import LlmqError
+from ..moe import ExpertTokens, expert_tokens
 from ..qweight import QuantizedWeight
 from ..solvers.awq import InputStats, input_stats, scale_gram, search_clip, search_scales
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
@@ -73,7 +75,7 @@ def build_units(spec: ArchSpec, layer: nn.Module, targets: dict[str, str], model
     norms_feed = getattr(model_config, "do_layer_norm_before", True) is not False  # OPT-350m: post-norm
     units: list[Unit] = []
     covered: set[str] = set()
-    for g in spec.awq:
+    for g in expand_expert_groups(spec.awq, layer):
         present = [n for n in g.linears if _get(layer, n) is not None]
         wanted = {n: targets[n] for n in present if n in targets}
         if not wanted or not _foldable(layer, g, present, norms_feed):
@@ -84,6 +86,32 @@ def build_units(spec: ArchSpec, layer: nn.Module, targets: dict[str, str], model
     for names in sequential_groups(spec, layer, rest):
         units.append(Unit(names, {n: targets[n] for n in names}))
     return units
+
+
+def expand_expert_groups(groups, layer: nn.Module) -> list[ScaleGroup]:
+    """Scale groups with "*" (each expert, see llmq.arch) written out for this layer's experts."""
+    out = []
+    for g in groups:
+        names = (g.prev,) + g.linears
+        starred = [n for n in names if "*" in n]
+        if not starred:
+            out.append(g)
+            continue
+        experts = _get(layer, starred[0].partition(".*")[0])
+        count = getattr(experts, "num_experts", 0) if experts is not None else 0
+        if not isinstance(count, int) or not count:
+            continue  # no experts here (a dense layer of an MoE model)
+        if "*" in g.prev:  # one group per expert
+            out += [dataclasses.replace(g, prev=g.prev.replace("*", str(e)),
+                                        linears=tuple(n.replace("*", str(e)) for n in g.linears))
+                    for e in range(count)]
+        else:  # every expert in the one group, expert by expert
+            linears = [n for n in g.linears if "*" not in n]
+            pos = next(i for i, n in enumerate(g.linears) if "*" in n)
+            expert_names = [n.replace("*", str(e)) for e in range(count) for n in g.linears if "*" in n]
+            linears[pos:pos] = expert_names
+            out.append(dataclasses.replace(g, linears=tuple(linears)))
+    return out
 
 
 def require_scale_groups(spec: ArchSpec, model_config=None) -> None:
@@ -106,7 +134,8 @@ def _foldable(layer: nn.Module, g: ScaleGroup, linears: list[str], norms_feed: b
     prev = _get(layer, g.prev)
     if prev is None or not linears:
         return False
-    k = {layer.get_submodule(n).in_features for n in linears}
+    # Routers are not nn.Linear but hold a [experts, in] weight all the same.
+    k = {layer.get_submodule(n).weight.shape[1] for n in linears}
     if len(k) != 1:
         return False
     (k,) = k
@@ -155,9 +184,10 @@ class AWQLayerStep(LayerStep):
     """
 
     def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[Unit]], scale_dtype: torch.dtype,
-                 use_gptq: bool = False):
+                 use_gptq: bool = False, expert_tokens: ExpertTokens | None = None):
         super().__init__()
         self.config = config
+        self.expert_tokens = expert_tokens
         self.units_by_layer = units_by_layer
         self.scale_dtype = scale_dtype
         self.use_gptq = use_gptq
@@ -169,20 +199,27 @@ class AWQLayerStep(LayerStep):
         after: list = []  # column scalings of unquantized group members, applied after the forward
         errors: list[float] = []
         hooks = []
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
         for unit in units:
-            hook = self._hook(layer, unit, solved, after, errors)
+            hook = self._hook(layer, unit, solved, after, errors, experts)
             hooks += [(n, hook) for n in unit.linears]
         out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
         for fn in after:
             fn()
+        if experts is not None:  # experts no calibration token reached: round-to-nearest
+            experts.finish_layer(index, layer, [t for unit in units for t in unit.targets.items()], solved,
+                                 self.config, self.scale_dtype)
         swap_in_quantized(layer, [t for unit in units for t in unit.targets.items()], solved)
         worst = max(errors) if errors else 0.0
         return out, f"rel_err={worst:.3g}"
 
-    def _hook(self, layer, unit: Unit, solved: dict, after: list, errors: list):
+    def _hook(self, layer, unit: Unit, solved: dict, after: list, errors: list, experts=None):
         def hook(module: nn.Linear, args):
             if any(n in solved for n in unit.targets):
                 return  # the unit was done when its first linear ran
+            if experts is not None and experts.fall_back(list(unit.targets.items()), args[0], layer, solved,
+                                                         self.config, self.scale_dtype):
+                return  # an expert routed too few calibration tokens: round-to-nearest, unscaled
             self._solve_unit(layer, unit, args[0], solved, after, errors)
         return hook
 
@@ -286,7 +323,8 @@ class AWQ(Method):
         return build_units(job.spec, layer, targets, job.model.config)
 
     def layer_step(self, job: Job, plans) -> LayerStep:
-        return AWQLayerStep(job.config, plans, job.scale_dtype, use_gptq=self.use_gptq)
+        return AWQLayerStep(job.config, plans, job.scale_dtype, use_gptq=self.use_gptq,
+                            expert_tokens=expert_tokens(job))
 
 
 METHOD = AWQ()
