@@ -40,6 +40,12 @@ def prepare_experts(model: nn.Module, prefix: str, layers: nn.ModuleList, config
     refuse_unsupported(model, found, within=prefix, kept={n for n in found if config.skips(n)})
     if not found:
         return config
+    quantized = [n for n in found if not config.skips(n)]
+    if quantized and getattr(config, "quantizes_activations", False):
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise LlmqError(f"--scheme w8a8 does not quantize mixture-of-experts experts yet ({model_type!r}: "
+                        f"{quantized[0]} and {len(quantized) - 1} more): use the weight-only scheme, or keep the "
+                        "experts in full precision with --skip mlp.experts")
     if config.keep_routers:
         keep = list(config.modules_to_not_convert)
         for name in find_routers(model, found):

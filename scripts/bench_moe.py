@@ -10,19 +10,20 @@ dense MLP plus 2% gaussian noise, random router, seed 0); built into
 ~/.cache/llmq/smollm2-moe-8x2 when --model is not given and it is missing.
 
 Protocol (BENCHMARKS): calibration on --nsamples windows of 512 tokens of
-emma.txt (seed 0), evaluation on the first 40 windows of 512 tokens of
-prideprejudice.txt; every model scored on the same windows by
-llmq.eval.evaluate, the fp model first (KL and top-1 against it).
+emma.txt (seed 0), evaluation on the first --eval-windows (40) windows of 512
+tokens of prideprejudice.txt; every model scored on the same windows by
+llmq.eval.metrics.perplexity, in one run, each as soon as it is quantized.
 Each --quantize is METHOD:BITS:GROUP:sym|asym:routed|all; the time printed is
 the whole llmq.quantize call. Tokens per expert and the experts that fell
 back to round-to-nearest are printed per layer. Decode speed: greedy
 generation of --decode-tokens tokens after a 16-token prompt, batch 1, fp32
-MoE against the first int4 model, best of 3.
+MoE against the first int4 model, best of 3. --json is rewritten after each model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -98,7 +99,8 @@ def _run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmq.census import model_census
-    from llmq.eval import evaluate
+    from llmq.eval.metrics import perplexity
+    from llmq.eval.windows import eval_text, eval_windows
     from llmq.pipeline import quantize
     from llmq.realmodel import texts_dir
 
@@ -109,62 +111,57 @@ def _run(args) -> int:
     model_path = moe_model(args.model)
     calib = str(texts / "emma.txt")
     specs = args.quantize or DEFAULT
-    rows: dict[str, dict] = {}
-    kept: dict[str, torch.nn.Module] = {}
-
-    def factory(spec):
-        def make():
-            config = parse(spec)
-            report: dict = {}
-            t = time.perf_counter()
-            model = quantize(model_path, config, dataset=calib, device="cpu", dtype=torch.float32,
-                             nsamples=args.nsamples, seqlen=args.seqlen, seed=0, progress=False, report=report)
-            seconds = time.perf_counter() - t
-            c = model_census(model, config.bits)
-            rows[spec] = {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "experts": report.get("experts", []),
-                          "expert_linears": c.expert_linears, "linears": c.linears, "kept": c.kept,
-                          "other_kept": c.other}
-            print(f"{spec}: quantized in {seconds:.1f} s, peak RSS so far {peak_rss_mib():.0f} MiB; "
-                  + "; ".join(c.lines()), flush=True)
-            for line in report.get("experts", []):
-                print("  " + line, flush=True)
-            if args.decode_tokens and config.bits == 4 and "int4" not in kept:
-                kept["int4"] = model
-            return model
-        return make
-
-    result = evaluate([model_path] + [factory(s) for s in specs], dataset=str(texts / "prideprejudice.txt"),
-                      seqlen=args.seqlen, max_windows=args.eval_windows, device="cpu", dtype=torch.float32,
-                      names=["fp32"] + specs, progress=False)
-    fp = result["models"][0]["perplexity"]
-    rtn = {spec.split(":", 1)[1].rsplit(":", 1)[0]: row["perplexity"]
-           for spec, row in zip(specs, result["models"][1:]) if spec.startswith("rtn:")}
-    print(f"\nmodel {model_path}; calibration: {args.nsamples} x {args.seqlen} tokens of emma.txt (seed 0); "
-          f"evaluation: first {args.eval_windows} windows of {args.seqlen} tokens of prideprejudice.txt; "
-          f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs")
-    print(f"{'model':26s} {'ppl':>8s} {'gap closed':>10s} {'KL':>8s} {'top1':>6s} {'time s':>7s}")
-    for name, row in zip(["fp32"] + specs, result["models"]):
-        key = name.split(":", 1)[1].rsplit(":", 1)[0] if ":" in name else None
-        base = rtn.get(key)
-        closed = "" if base is None or name.startswith("rtn:") else f"{(base - row['perplexity']) / (base - fp):.0%}"
-        kl, top1 = row.get("kl_mean"), row.get("top1_agreement")
-        secs = rows.get(name, {}).get("seconds", float("nan"))
-        print(f"{name:26s} {row['perplexity']:8.3f} {closed:>10s} {'' if kl is None else f'{kl:.4f}':>8s} "
-              f"{'' if top1 is None else f'{top1:.3f}':>6s} {secs:7.1f}")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    windows = eval_windows(tok, eval_text(str(texts / "prideprejudice.txt")), args.seqlen, args.eval_windows)
+    print(f"model {model_path}; calibration: {args.nsamples} x {args.seqlen} tokens of emma.txt (seed 0); "
+          f"evaluation: first {windows.shape[0]} windows of {args.seqlen} tokens of prideprejudice.txt; "
+          f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs", flush=True)
+    # Each model is scored as soon as it exists, so a long run reports as it goes.
+    fp_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    t = time.perf_counter()
+    fp = perplexity(fp_model, windows).perplexity
+    rows: dict[str, dict] = {"fp32": {"perplexity": fp, "eval_seconds": time.perf_counter() - t}}
+    print(f"fp32: perplexity {fp:.3f}", flush=True)
     speed = {}
-    if args.decode_tokens and "int4" in kept:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        fp_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    if args.decode_tokens:
         speed["fp32"] = decode_tokens_per_s(fp_model, tok, args.decode_tokens)
-        del fp_model
-        speed["int4"] = decode_tokens_per_s(kept["int4"], tok, args.decode_tokens)
-        print(f"CPU decode, batch 1, {args.decode_tokens} new tokens, best of 3: fp32 {speed['fp32']:.2f} tok/s, "
-              f"int4 {speed['int4']:.2f} tok/s ({speed['int4'] / speed['fp32']:.2f}x)")
+        print(f"fp32: CPU decode {speed['fp32']:.2f} tok/s", flush=True)
+    rtn: dict[str, float] = {}
+    for spec in specs:
+        config = parse(spec)
+        report: dict = {}
+        t = time.perf_counter()
+        # A copy of the loaded model (loading converts per-expert tensors: minutes on a busy machine);
+        # the time is llmq.quantize's alone, as in the dense model's benchmark.
+        model = copy.deepcopy(fp_model)
+        t = time.perf_counter()
+        model = quantize(model, config, dataset=calib, tokenizer=tok, device="cpu", nsamples=args.nsamples,
+                         seqlen=args.seqlen, seed=0, progress=False, report=report)
+        seconds = time.perf_counter() - t
+        c = model_census(model, config.bits)
+        ppl = perplexity(model, windows).perplexity
+        key = spec.split(":", 1)[1].rsplit(":", 1)[0]
+        if config.method == "rtn":
+            rtn[key] = ppl
+        base = rtn.get(key)
+        closed = None if base is None or config.method == "rtn" else (base - ppl) / (base - fp)
+        rows[spec] = {"perplexity": ppl, "gap_closed": closed, "seconds": seconds, "peak_rss_mib": peak_rss_mib(),
+                      "experts": report.get("experts", []), "expert_linears": c.expert_linears,
+                      "linears": c.linears, "kept": c.kept, "other_kept": c.other}
+        print(f"{spec}: perplexity {ppl:.3f}"
+              + ("" if closed is None else f", closes {closed:.0%} of RTN's gap")
+              + f"; quantized in {seconds:.1f} s; peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
+        for line in c.lines() + report.get("experts", []):
+            print("  " + line, flush=True)
+        if args.decode_tokens and config.bits == 4 and "int4" not in speed:
+            speed["int4"] = decode_tokens_per_s(model, tok, args.decode_tokens)
+            print(f"{spec}: CPU decode {speed['int4']:.2f} tok/s ({speed['int4'] / speed['fp32']:.2f}x fp32)",
+                  flush=True)
+        del model
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "decode_tokens_per_s": speed}, f, indent=2, default=str)
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
-    if args.json:
-        result.update(quantize=rows, decode_tokens_per_s=speed, peak_rss_mib=peak_rss_mib())
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
     return 0
 
 

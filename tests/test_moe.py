@@ -309,3 +309,8 @@ def test_all_mode_calibrates_every_expert_on_every_token():
     a = routed.model.layers[1].mlp.experts.get_submodule("0.w1").qweight
     b = all_mode.model.layers[1].mlp.experts.get_submodule("0.w1").qweight
     assert not torch.equal(a, b)
+
+
+def test_w8a8_refuses_experts_by_name():
+    with pytest.raises(LlmqError, match="w8a8 does not quantize mixture-of-experts.*mixtral.*layers.0.mlp.experts"):
+        llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8"), progress=False)
