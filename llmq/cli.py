@@ -126,9 +126,9 @@ def _run_quantize(args) -> int:
     if config.quantizes_activations:
         from .methods.w8a8 import check_w8a8_data
 
-        if args.format != "llmq":
-            raise LlmqError(f"--format {args.format} has no activation scales: write --scheme w8a8 with "
-                            "--format llmq")
+        if args.format == "gptq":
+            raise LlmqError("--format gptq has no activation scales: write --scheme w8a8 with --format llmq "
+                            "or compressed-tensors")
         check_w8a8_data(config, args.dataset)
     from .loading import load_model
     from .memory import peak_host_memory

@@ -149,8 +149,7 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
     if fmt == "llmq":
         return qc.to_dict(), ckpt.tensors, []
     if qc.scheme == "w8a8":
-        raise LlmqError(f"a W8A8 checkpoint has activation scales, which format {fmt!r} cannot hold: "
-                        "keep it in the llmq format")
+        return _encode_w8a8(ckpt, fmt)
     quantized = set(ckpt.layer_shapes())
     inside, outside = linear_names(ckpt.folder)
     if fmt == gptq.QUANT_METHOD:
@@ -171,6 +170,19 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
         return (compressed_tensors.export_config(qc, ignore, widened), tensors,
                 compressed_tensors.engine_support(qc, ckpt.layer_shapes()))
     raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
+
+
+def _encode_w8a8(ckpt: Checkpoint, fmt: str):
+    from . import compressed_tensors_w8a8 as ct_w8a8
+
+    if fmt != compressed_tensors.QUANT_METHOD:
+        raise LlmqError(f"a W8A8 checkpoint has activation scales, which format {fmt!r} cannot hold: "
+                        "write --format compressed-tensors or keep the llmq format")
+    quantized = set(ct_w8a8.w8a8_names(ckpt.tensors))
+    inside, outside = linear_names(ckpt.folder)
+    ignore = [n for n in inside + outside if n not in quantized]
+    return (ct_w8a8.export_config(ckpt.quant_config, ignore), ct_w8a8.export_tensors(ckpt.tensors),
+            ct_w8a8.engine_support(ckpt.quant_config))
 
 
 def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool,
