@@ -106,10 +106,15 @@ def _run_quantize(args) -> int:
     from .outdir import check_output_dir, handle_stale_partials
     from .pipeline import quantize
 
+    from . import distributed
+
+    args.device = distributed.setup(args.device)  # under torchrun: join the process group
+    if not distributed.is_writer():
+        args.quiet = True  # rank 0 speaks for all
     check_output_dir(args.out, args.overwrite, [args.model])  # fail before any expensive work
     if args.resume and args.stream is False:
         raise LlmqError("--resume continues a streamed run: drop --no-stream")
-    if not args.resume:  # --resume picks its folder among them itself
+    if not args.resume and distributed.is_writer():  # --resume picks its folder among them itself
         handle_stale_partials(args.out, args.overwrite)
     if args.act_order is None and args.format == "compressed-tensors":
         args.act_order = False
@@ -134,6 +139,10 @@ def _run_quantize(args) -> int:
     from .memory import peak_host_memory
     from .units import human_bytes
 
+    if distributed.active():
+        _check_distributed(args, config)
+        if config.method == "rtn" and not distributed.is_writer():
+            return 0  # round-to-nearest has nothing to share: rank 0 does it
     out = _quantize_from_shards(args, config) if args.stream is not False else None
     if out is not None:
         if not args.quiet:
@@ -148,6 +157,8 @@ def _run_quantize(args) -> int:
         from .census import model_census
 
         print("\n".join(model_census(model, config.bits).lines() + report.get("experts", [])))
+    if not distributed.is_writer():
+        return 0  # rank 0 writes
     # OUT was checked above; what appeared there since is judged at the final rename, keeping the work.
     if args.format == "llmq":
         out = save(model, args.out, tokenizer, overwrite=args.overwrite, sources=[args.model], check_first=False)
@@ -161,6 +172,19 @@ def _run_quantize(args) -> int:
     if not args.quiet:
         print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
     return 0
+
+
+def _check_distributed(args, config: QuantConfig) -> None:
+    """What several processes can do together (llmq.distributed); the rest is refused up front."""
+    from . import distributed
+
+    if config.method not in ("gptq", "rtn") or config.quantizes_activations:
+        raise LlmqError(f"{'--scheme w8a8' if config.quantizes_activations else '--method ' + config.method} "
+                        f"does not share its statistics across processes yet: run it without torchrun "
+                        f"(this run has {distributed.world()} processes)")
+    if args.resume:
+        raise LlmqError("--resume is for single-process runs: the next layer's inputs of a run with several "
+                        "processes are split among them; run without torchrun")
 
 
 def _quantize_from_shards(args, config: QuantConfig):
@@ -249,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         restore_signals(previous)
+        from .distributed import teardown
+
+        teardown()
 
 
 if __name__ == "__main__":

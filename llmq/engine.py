@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import arch
+from . import arch, distributed
 from .activations import ActivationStore, activations_fit  # noqa: F401  (activations_fit: part of the engine's face)
 
 
@@ -121,6 +121,7 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     model.eval()
     if layers is None:
         _, layers = arch.decoder_layers(model)
+    input_ids = distributed.my_windows(input_ids)  # several processes: each runs its share
     hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
     if activations is None and keep_on_device is not None:
         activations = "device" if keep_on_device else "host"

@@ -16,6 +16,7 @@ same loader, same engine, same method steps, same tensors saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, distributed
 from .config import QuantConfig
 from .formats.native import atomic_folder
 from .loading import resolve_device
@@ -137,8 +138,15 @@ class LayerStreamer:
 
     def _load(self, keys: list[str]) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.utils import logging as hf_logging
 
-        convert_and_load_state_dict_in_model(self.model, self._slices(keys), self.load_config)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one bar per layer would bury the engine's own
+        try:
+            convert_and_load_state_dict_in_model(self.model, self._slices(keys), self.load_config)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         for key in keys:
             if key in self._params:
                 check_finite(key, self.model.get_parameter(key))
@@ -165,8 +173,9 @@ class LayerStreamer:
         from .outdir import test_point
 
         layer = self.layers[index]
-        for name, tensor in layer.state_dict().items():
-            self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
+        if self.writer is not None:
+            for name, tensor in layer.state_dict().items():
+                self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
         layer.to("meta")
         if self.checkpoint is not None:
             resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1, self.writer.state(),
@@ -174,6 +183,8 @@ class LayerStreamer:
         test_point(f"layer-{index}")  # lets the tests kill the run here
 
     def write_outer(self) -> None:
+        if self.writer is None:
+            return
         head = f"{self.prefix}."
         tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
         for name, tensor in self.model.state_dict().items():
@@ -218,8 +229,13 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     fingerprint = resuming.fingerprint(skeleton.source, config, device, skeleton.dtype, windows, dataset)
     found = resuming.find(out, fingerprint) if resume else None  # refuses a mismatch before touching anything
     adopt, state = found if found else (None, None)
-    with atomic_folder(out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable) as tmp:
-        if state:
+    writing = distributed.is_writer()  # with several processes, rank 0 writes
+    folder = (atomic_folder(out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable)
+              if writing else contextlib.nullcontext(None))
+    with folder as tmp:
+        if not writing:
+            writer, resume_from = None, (0, None)
+        elif state:
             writer = ShardWriter.resume(tmp, state["writer"])
             resume_from = (state["layers_done"], resuming.load_hidden(tmp))
             if progress:
@@ -227,8 +243,9 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         else:
             writer = ShardWriter(tmp, max_shard_size)
             resume_from = (0, None)
-        streamer = LayerStreamer(model, skeleton, writer, checkpoint={"folder": tmp, "fingerprint": fingerprint},
-                                 resume_from=resume_from)
+        # A run of several processes cannot be resumed: each holds its own share of the activations.
+        checkpoint = {"folder": tmp, "fingerprint": fingerprint} if writing and not distributed.active() else None
+        streamer = LayerStreamer(model, skeleton, writer, checkpoint=checkpoint, resume_from=resume_from)
         try:
             streamer.load_outer()
             job = plan(model, config, device, check_finite=False)
@@ -245,7 +262,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             report.update(layers=time.perf_counter() - t1, **step.timings)
             streamer.write_outer()
         except BaseException as exc:
-            if progress and resuming.resumable(tmp, exc):
+            if progress and tmp is not None and resuming.resumable(tmp, exc):
                 print(f"llmq: note: the finished layers are kept in {tmp}: rerun with --resume to continue",
                       file=sys.stderr)
             raise
@@ -254,6 +271,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         if step.damp_raised:
             warnings.warn("GPTQ raised the damping to factorise the Hessian of: " + ", ".join(step.damp_raised),
                           stacklevel=2)
+        if not writing:
+            return Path(out)
         recorded = dataclasses.replace(config, calibration=calibration) if method.needs_calibration else config
         writer.finish()
         resuming.clear(tmp)

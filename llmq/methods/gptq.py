@@ -17,7 +17,9 @@ import time
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import QuantConfig
+from ..errors import LlmqError
 from ..moe import ExpertTokens, expert_tokens
 
 from ..qweight import QuantizedWeight
@@ -65,18 +67,24 @@ class GPTQLayerStep(LayerStep):
             if any(local in solved for local, _ in group):
                 return  # solved with the first linear of its group
             x = args[0]
+            if experts is not None and distributed.active():
+                raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run "
+                                "without torchrun")
             if experts is not None and experts.fall_back(group, x, layer, solved, self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest
             t0 = time.perf_counter()
             acc = HessianAccumulator(module.in_features, device=x.device)
             acc.add_batch(x)
+            distributed.all_reduce_hessian(acc)  # several processes: the mean over every rank's rows
             t1 = time.perf_counter()
             c = self.config
             linears = [layer.get_submodule(local) for local, _ in group]
-            results = gptq_quantize_many(
-                [m.weight.data for m in linears], acc.hessian, bits=c.bits,
+            # Several processes solve the group's linears in parallel and share the results.
+            results = distributed.solve_shared(lambda idx: gptq_quantize_many(
+                [linears[i].weight.data for i in idx], acc.hessian, bits=c.bits,
                 group_size=c.group_size_for(module.in_features), sym=c.sym, scale_dtype=self.scale_dtype,
-                damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups, clip_search=c.clip_search)
+                damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups, clip_search=c.clip_search),
+                len(linears))
             self.timings["hessian"] += t1 - t0
             self.timings["solve"] += time.perf_counter() - t1
             for (local, full), m, (qw, stats) in zip(group, linears, results):

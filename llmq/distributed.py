@@ -1,0 +1,143 @@
+"""Several processes quantizing one model with torch.distributed (torchrun).
+
+    torchrun --nproc-per-node N -m llmq quantize MODEL OUT --method gptq ...
+
+When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
+`llmq quantize` joins the process group (NCCL on CUDA, gloo on CPU) and:
+
+- each rank takes its share of the calibration windows (rank r: windows
+  r, r + N, ...), runs the layers on it, and keeps its share of the next
+  layer's inputs;
+- GPTQ Hessians are reduced across ranks as sums with their row counts, so
+  the reduced Hessian is the mean over every window, as in one process (up
+  to floating-point summation order);
+- the linears of a solve group (q/k/v, gate/up) are solved on different ranks
+  at the same time and the results broadcast, so every rank continues with
+  the same quantized weights;
+- only rank 0 writes the checkpoint.
+
+Every collective has a timeout (LLMQ_DIST_TIMEOUT seconds, 600 by default):
+a rank that dies makes the others stop with a message naming the failure
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Callable
+
+import torch
+
+from .errors import LlmqError
+
+_TIMEOUT_ENV = "LLMQ_DIST_TIMEOUT"
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun) asked for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world() > 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_writer() -> bool:
+    """Rank 0 (or the only process) writes the checkpoint and prints."""
+    return rank() == 0
+
+
+def setup(device: str) -> str:
+    """Join the process group the launcher described; return the device this rank uses.
+
+    device "auto"/"cuda": rank r takes cuda:LOCAL_RANK and NCCL; "cpu": gloo.
+    """
+    if not launched() or torch.distributed.is_initialized():
+        return device
+    if not torch.distributed.is_available():
+        raise LlmqError("this torch build has no torch.distributed: run llmq without torchrun")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmqError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")
+    timeout = datetime.timedelta(seconds=float(os.environ.get(_TIMEOUT_ENV, "600")))
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return device if use_cuda else "cpu"
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def my_windows(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the calibration windows."""
+    if not active():
+        return windows
+    if windows.shape[0] < world():
+        raise LlmqError(f"{windows.shape[0]} calibration windows cannot be shared by {world()} processes: "
+                        "raise --nsamples or use fewer processes")
+    return windows[rank()::world()]
+
+
+def _collective(what: str, fn: Callable):
+    try:
+        return fn()
+    except (RuntimeError, torch.distributed.DistBackendError) as e:
+        raise LlmqError(f"rank {rank()} of {world()}: {what} failed, another process probably died or hung "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); see its output, and rerun "
+                        f"(the collective timeout is {_TIMEOUT_ENV}, in seconds)") from e
+
+
+def all_reduce_hessian(acc) -> None:
+    """Turn a rank's HessianAccumulator (mean over its rows) into the mean over every rank's rows."""
+    if not active():
+        return
+    H = acc.hessian
+    count = torch.tensor([float(acc.nsamples)], dtype=torch.float64, device=H.device)
+    H.mul_(acc.nsamples)  # the sum over this rank's rows
+    _collective("reducing a Hessian", lambda: torch.distributed.all_reduce(H))
+    _collective("reducing a row count", lambda: torch.distributed.all_reduce(count))
+    total = int(count.item())
+    if total:
+        H.div_(total)
+    acc.nsamples = total
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of t over the ranks, in place."""
+    if active():
+        _collective("reducing statistics", lambda: torch.distributed.all_reduce(t))
+    return t
+
+
+def solve_shared(solve: Callable[[list[int]], list], n: int) -> list:
+    """Results of solve(indices) for indices 0..n-1, each computed on one rank and broadcast.
+
+    solve(indices) returns one result per index, in order. Item i is solved
+    on rank i % world; every rank gets every result.
+    """
+    if not active():
+        return solve(list(range(n)))
+    mine = [i for i in range(n) if i % world() == rank()]
+    local = dict(zip(mine, solve(mine))) if mine else {}
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    results = []
+    for i in range(n):
+        box = [local.get(i)]
+        _collective("sharing a solved layer",
+                    lambda: torch.distributed.broadcast_object_list(box, src=i % world(), device=device))
+        results.append(box[0])
+    return results

@@ -1,0 +1,124 @@
+"""torch.distributed: two gloo processes calibrate one model; the result matches one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+import llmq
+from llmq import distributed
+from llmq.cli import _check_distributed, build_parser
+from llmq.errors import LlmqError
+from llmq.kernels.layout import unpack_rows
+from llmq.solvers.gptq import HessianAccumulator, gptq_quantize_many
+from conftest import model_folder_with_text, random_ids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, rows, weights, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    distributed.setup("cpu")
+    try:
+        acc = HessianAccumulator(rows[0].shape[-1])
+        for batch in rows[rank::world]:  # this rank's share, in batches of different sizes
+            acc.add_batch(batch)
+        distributed.all_reduce_hessian(acc)
+        solved = distributed.solve_shared(
+            lambda idx: [("rank", rank, i, gptq_quantize_many([weights[i]], acc.hessian, bits=4, group_size=8,
+                                                              sym=True, scale_dtype=torch.float16)[0][0])
+                         for i in idx], 3)
+        out.put((rank, acc.hessian, acc.nsamples, [(r, i, qw.codes) for _, r, i, qw in solved]))
+    finally:
+        distributed.teardown()
+
+
+def test_hessians_reduce_to_the_mean_over_every_rank_and_solves_are_shared():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 16, generator=g) for n in (5, 9, 3, 7, 4)]
+    weights = [torch.randn(8, 16, generator=g) for _ in range(3)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, rows, weights, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    x = torch.cat(rows).double()
+    reference = 2 * x.T @ x / x.shape[0]  # float64, every row once
+    for rank, H, n, solved in results:
+        assert n == x.shape[0]
+        torch.testing.assert_close(H.double(), reference, rtol=1e-5, atol=1e-6)
+        # Linear i was solved on rank i % 2 and every rank holds all three results.
+        assert [(r, i) for r, i, _ in solved] == [(0, 0), (1, 1), (0, 2)]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(results[0][3], results[1][3]))
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _ppl(model, ids):
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+    return torch.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_two_gloo_ranks_match_one_process(tmp_path, stream):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
+            "--seqlen", "24", "--device", "cpu", "--quiet", stream]
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
+                        *args], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    same = total = 0
+    for k in one:
+        if k.endswith(".qweight"):
+            a, b = unpack_rows(one[k], 4), unpack_rows(two[k], 4)
+            same += (a == b).sum().item()
+            total += a.numel()
+        elif not k.endswith((".scales", ".qzeros", ".g_idx")):
+            assert torch.equal(one[k], two[k]), k  # untouched tensors are copied exactly
+    assert total and same / total > 0.95
+    ids = random_ids(n=4, length=20, seed=3)
+    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
+    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
+    assert abs(p2 / p1 - 1) < 1e-3
+
+
+def test_what_cannot_be_shared_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    parser = build_parser()
+    args = parser.parse_args(["quantize", "m", "q", "--method", "awq"])
+    with pytest.raises(LlmqError, match="does not share its statistics across processes"):
+        _check_distributed(args, llmq.QuantConfig(method="awq"))
+    args = parser.parse_args(["quantize", "m", "q", "--method", "gptq", "--resume"])
+    with pytest.raises(LlmqError, match="--resume is for single-process runs"):
+        _check_distributed(args, llmq.QuantConfig(method="gptq"))
+    with pytest.raises(LlmqError, match="cannot be shared by 2 processes"):
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        distributed.my_windows(torch.zeros(1, 4, dtype=torch.long))
