@@ -210,3 +210,127 @@ def test_cli_quantizes_w8a8(tmp_path, tiny_llama_dir, capsys):
     assert len(_linears(loaded, W8A8Linear)) == 14
 
 
+# --- SmoothQuant ---------------------------------------------------------------------------------------
+
+from llmq import arch  # noqa: E402
+from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing  # noqa: E402
+from llmq.solvers.smoothquant import search_smoothing, smoothing_factors, static_scale  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "opt"])
+def test_folding_smoothing_factors_leaves_the_fp_function_unchanged(name):
+    model = tiny_model(name)
+    ids = random_ids(seed=4)
+    with torch.no_grad():
+        ref = model(ids).logits
+    spec = arch.arch_spec(model)
+    _, layers = arch.decoder_layers(model)
+    g = torch.Generator().manual_seed(1)
+    groups = 0
+    for layer in layers:
+        targets = {n: n for n in arch.layer_linears(layer)}
+        for unit in build_w8a8_units(spec, layer, targets, model.config, smooth=0.5):
+            if unit.group is None:
+                continue
+            k = layer.get_submodule(unit.linears[0]).in_features
+            s = unit.tie(torch.rand(k, generator=g) * 4 + 0.25)  # factors far from 1
+            fold_smoothing(layer, unit, s)
+            groups += 1
+    with torch.no_grad():
+        out = model(ids).logits
+    assert groups >= 2 * len(layers)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_query_attention_smooths_v_to_o_with_tied_factors():
+    model = tiny_model("llama")  # 4 query heads, 2 key-value heads
+    layer = arch.decoder_layers(model)[1][0]
+    units = build_w8a8_units(arch.arch_spec(model), layer, {n: n for n in arch.layer_linears(layer)},
+                             model.config, smooth=0.5)
+    vo = next(u for u in units if u.linears == ["self_attn.o_proj"])
+    assert vo.group.prev == "self_attn.v_proj" and vo.kv_repeat == 2 and vo.head_dim == 16
+    v = torch.arange(64.0)
+    tied = vo.tie(v).reshape(2, 2, 16)  # [kv head, query head of the group, channel]
+    assert torch.equal(tied[:, 0], tied[:, 1]) and torch.equal(tied[0, 0], torch.arange(16.0) + 16)
+
+
+def test_smoothing_factors_follow_the_formula():
+    g = torch.Generator().manual_seed(2)
+    act = torch.rand(32, generator=g) * 10
+    ws = [torch.randn(8, 32, generator=g), torch.randn(4, 32, generator=g)]
+    s = smoothing_factors(act, ws, 0.3)
+    wmax = torch.cat(ws).abs().amax(0)
+    torch.testing.assert_close(s, act.pow(0.3) / wmax.pow(0.7))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_smoothing_search_never_scores_worse_than_no_smoothing(static):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=g)
+    x[:, [5, 17]] *= 60  # outlier channels
+    w = [torch.randn(48, 64, generator=g)]
+    res = search_smoothing(x, w, static=static)
+    assert res.error <= res.plain_error
+    assert res.alpha is not None and res.error < 0.5 * res.plain_error  # outliers: smoothing pays
+
+
+def _outlier_model():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:  # activation outliers on a few channels, as real LLMs have
+            layer.input_layernorm.weight[[3, 40]] *= 25
+            layer.post_attention_layernorm.weight[[7]] *= 25
+    return model
+
+
+def test_smoothquant_reduces_w8a8_error_on_outlier_channels(calibration):
+    ids = random_ids(seed=8, n=4, length=32)
+    with torch.no_grad():
+        ref = _outlier_model()(ids).logits
+    errs = {}
+    for smooth in (None, 0.5, "auto"):
+        q = llmq.quantize(_outlier_model(), QuantConfig(scheme="w8a8", act="static", smooth=smooth),
+                          dataset=calibration, progress=False)
+        with torch.no_grad():
+            errs[smooth] = ((q(ids).logits - ref).norm() / ref.norm()).item()
+    assert errs[0.5] < errs[None] and errs["auto"] < errs[None], errs
+
+
+def test_smoothed_gptq_checkpoint_reloads(tmp_path, calibration):
+    model = llmq.quantize(_outlier_model(), QuantConfig(scheme="w8a8", smooth="auto", method="gptq"),
+                          dataset=calibration, progress=False)
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["smooth"] == "auto"
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, expected)
+
+
+def test_smoothing_needs_scale_groups(calibration):
+    model = tiny_model("llama")
+    model.config.model_type = "unknown-arch"  # discovered layers, no scale groups
+    with pytest.raises(LlmqError, match="--smooth off"):
+        llmq.quantize(model, QuantConfig(scheme="w8a8", smooth=0.5), dataset=calibration, progress=False)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_static_observers(observer):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4096, 32, generator=g)
+    x[0, 0] = 400.0  # one extreme value
+    w = [torch.randn(16, 32, generator=g)]
+    scale = static_scale(x, observer, w)
+    if observer == "minmax":
+        assert scale.item() == pytest.approx(400.0 / 127)
+    elif observer == "percentile":
+        assert scale.item() < 400.0 / 127 / 4  # the lone outlier is clipped
+    else:
+        from llmq.solvers.smoothquant import fake_quantize_activations
+
+        def out_err(sc):
+            return ((fake_quantize_activations(x, sc) - x) @ w[0].t()).pow(2).sum()
+
+        minmax = torch.tensor([400.0 / 127])
+        assert scale.item() < minmax.item() and out_err(scale) < out_err(minmax)
