@@ -85,6 +85,10 @@ def _run(args) -> int:
         top1 = row.get("top1_agreement")
         print(f"{name:24s} {row['perplexity']:8.3f} {closed:>10s} {'' if kl is None else f'{kl:.4f}':>8s} "
               f"{'' if top1 is None else f'{top1:.3f}':>6s} {seconds.get(name, float('nan')):7.1f}")
+    from llmq.memory import peak_host_memory
+
+    result["peak_host_mib"] = round(peak_host_memory() / 2**20)  # max RSS of the whole run
+    print(f"peak host memory (max RSS of the run): {result['peak_host_mib']} MiB")
     if args.json:
         result["quantize_seconds"] = seconds
         with open(args.json, "w") as f:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 
 import torch
 
 import llmq
 from llmq.loading import load_model
+from llmq.memory import peak_host_memory
 from llmq.realmodel import smollm2_path, texts_dir
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         "calibration_data_s": round(report.get("calibration_data", 0.0), 1),
         "forward_and_rest_s": round(forward, 1), "hessian_s": round(report.get("hessian", 0.0), 1),
         "solve_s": round(report.get("solve", 0.0), 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": round(peak_host_memory() / 2**20),
         "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
     }

@@ -122,3 +122,31 @@ def test_what_cannot_be_shared_is_refused(monkeypatch):
     with pytest.raises(LlmqError, match="cannot be shared by 2 processes"):
         monkeypatch.setattr(distributed, "active", lambda: True)
         distributed.my_windows(torch.zeros(1, 4, dtype=torch.long))
+
+
+def _dying_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LLMQ_DIST_TIMEOUT="20")
+    distributed.setup("cpu")
+    if rank == 1:
+        os._exit(9)  # dies without a word, as a killed process does
+    acc = HessianAccumulator(4)
+    acc.add_batch(torch.ones(3, 4))
+    try:
+        distributed.all_reduce_hessian(acc)
+        out.put("no error")
+    except LlmqError as e:
+        out.put(str(e))
+
+
+def test_a_dead_rank_makes_the_others_stop_with_a_message():
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    message = out.get(timeout=180)
+    for p in procs:
+        p.join(60)
+    assert "rank 0 of 2: reducing a Hessian failed, another process probably died" in message
