@@ -91,7 +91,6 @@ def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.
     dtype llmq's own scales had when export_tensors widened them, recorded so
     that an import restores them bit for bit.
     """
-
     weights = {
         "num_bits": qc.bits,
         "type": "int",

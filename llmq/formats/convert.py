@@ -164,9 +164,10 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
         ignore = [n for n in inside + outside if n not in quantized]
         model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
         tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
-        native = {v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales")}
-        written = {v.dtype for k, v in tensors.items() if k.endswith(".weight_scale")}
-        widened = native.pop() if written != native and len(native) == 1 else None
+        # The compressor writes scales in the model dtype; where that widened llmq's, the config records
+        # llmq's dtype so that an import narrows them back bit for bit.
+        stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
+        widened = stored if compressed_tensors.scale_dtype_for(model_dtype, stored) != stored else None
         return (compressed_tensors.export_config(qc, ignore, widened), tensors,
                 compressed_tensors.engine_support(qc, ckpt.layer_shapes()))
     raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
