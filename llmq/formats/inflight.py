@@ -15,6 +15,7 @@ by a native load, bit for bit.
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -163,7 +164,8 @@ def load(path: str | os.PathLike, **hf_kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     foreign = foreign_checkpoint(path)
-    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    given = hf_kwargs.pop("config", None)
+    config = copy.deepcopy(given) if given is not None else AutoConfig.from_pretrained(path)  # never the caller's
     key = uuid.uuid4().hex
     config.quantization_config = {**foreign.quant_config.to_dict(), "_foreign": key}
     _IN_FLIGHT[key] = foreign
