@@ -47,6 +47,24 @@ class Census:
         return out
 
 
+def expert_blocks(shapes: dict[str, list[int]]) -> set[str]:
+    """The MoE blocks (module names) holding quantized experts, from tensor names."""
+    blocks = set()
+    for key in shapes:
+        match = _EXPERT.search(key)
+        if match and key.endswith(".qweight"):
+            blocks.add(key[: match.start()])
+    return blocks
+
+
+def router_names(shapes: dict[str, list[int]]) -> list[str]:
+    """Modules kept in full precision beside quantized experts (routers, shared-expert gates):
+    a 2D weight directly under an MoE block."""
+    blocks = expert_blocks(shapes)
+    return sorted(key[: -len(".weight")] for key, shape in shapes.items()
+                  if key.endswith(".weight") and len(shape) == 2 and key[: -len(".weight")].rpartition(".")[0] in blocks)
+
+
 def census(shapes: dict[str, list[int]], bits: int) -> Census:
     """Count quantized and kept parameters from {tensor name: shape}."""
     c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})

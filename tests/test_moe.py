@@ -314,3 +314,41 @@ def test_all_mode_calibrates_every_expert_on_every_token():
 def test_w8a8_refuses_experts_by_name():
     with pytest.raises(LlmqError, match="w8a8 does not quantize mixture-of-experts.*mixtral.*layers.0.mlp.experts"):
         llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8"), progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_exports_use_the_per_expert_names_vllm_reads(tmp_path, fmt, arch):
+    from llmq.formats.convert import export
+
+    block, up_names, down_name, _, router = DISK[arch]
+    model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=GROUP, sym=True, desc_act=False), progress=False)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    rows = export(model, tmp_path / "x", None, fmt)
+    keys = set(load_file(str(tmp_path / "x" / "model.safetensors")))
+    # vLLM's FusedMoE.make_expert_params_mapping reads `experts.<e>.<ckpt proj name>.` + the format's suffixes.
+    weight = "qweight" if fmt == "gptq" else "weight_packed"
+    for layer in range(2):
+        for e in range(4):
+            for proj in up_names + (down_name,):
+                assert f"model.layers.{layer}.{block}.experts.{e}.{proj}.{weight}" in keys
+    assert f"model.layers.0.{block}.{router}.weight" in keys  # the router, in full precision
+    cfg = json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]
+    if fmt == "compressed-tensors":
+        assert f"model.layers.0.{block}.{router}" in cfg["ignore"]
+    moe_rows = [r for r in rows if "MoE" in r.engine]
+    assert len(moe_rows) == 1 and moe_rows[0].loads
+    loaded = llmq.from_pretrained(tmp_path / "x")  # read back through llmq's converter: the same codes
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_asymmetric_compressed_tensors_moe_names_the_vllm_version():
+    from llmq.formats.engines import moe_engine_support
+
+    shapes = {"model.layers.0.mlp.experts.0.gate_proj": (32, 64)}
+    (row,) = moe_engine_support("compressed-tensors", QuantConfig(sym=False), shapes)
+    assert not row.loads and "44025" in row.why and "0.19.0" in row.why
+    assert moe_engine_support("compressed-tensors", QuantConfig(), {"model.layers.0.mlp.up_proj": (32, 64)}) == []

@@ -31,7 +31,8 @@ from ..errors import LlmqError
 from ..kernels.layout import codes_per_word
 from ..qweight import quantized_module_names
 from . import awq, compressed_tensors, gptq
-from .engines import EngineSupport, format_report
+from ..census import router_names
+from .engines import EngineSupport, format_report, moe_engine_support
 from .native import (SAFETENSORS_DTYPES, atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
                      read_header)
 
@@ -159,9 +160,11 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
                             "a linear outside them: export with --format compressed-tensors")
         skipped = [n for n in inside if n not in quantized]
         return (gptq.export_config(qc, skipped), gptq.export_tensors(ckpt.tensors, qc),
-                gptq.engine_support(qc, ckpt.layer_shapes()))
+                gptq.engine_support(qc, ckpt.layer_shapes()) + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
     if fmt == compressed_tensors.QUANT_METHOD:
         ignore = [n for n in inside + outside if n not in quantized]
+        # MoE routers are kept in full precision (vLLM builds them as linears too).
+        ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
         model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
         tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
         # The compressor writes scales in the model dtype; where that widened llmq's, the config records
@@ -169,7 +172,8 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
         stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
         widened = stored if compressed_tensors.scale_dtype_for(model_dtype, stored) != stored else None
         return (compressed_tensors.export_config(qc, ignore, widened), tensors,
-                compressed_tensors.engine_support(qc, ckpt.layer_shapes()))
+                compressed_tensors.engine_support(qc, ckpt.layer_shapes())
+                + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
     raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
 
 

@@ -55,3 +55,27 @@ def format_report(title: str, rows: list[EngineSupport]) -> str:
     lines = [f"{title} (from the engines' published loader rules; not run here):"]
     lines += [r.line() for r in rows]
     return "\n".join(lines)
+
+
+def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
+    """Rows for mixture-of-experts experts (names `<block>.experts.<e>.<proj>.*`), or none.
+
+    vLLM reads each expert's tensors by the checkpoint's per-expert names
+    (FusedMoE.make_expert_params_mapping: Mixtral w1/w3/w2, others
+    gate_proj/up_proj/down_proj) into its fused MoE layer.
+    """
+    if not any(".experts." in name for name in shapes):
+        return []
+    engine = "vLLM MoE experts (FusedMoE)"
+    if fmt == "compressed-tensors":
+        if qc.sym:
+            return [EngineSupport(engine, True, "symmetric WNA16 experts (Marlin MoE or the moe_wna16 kernel)")]
+        return [EngineSupport(engine, False, "asymmetric experts load only in vLLM releases with PR #44025 (merged "
+                                             "2026-05-29); vLLM 0.19.0 stops with 'Only symmetric quantization is "
+                                             "supported for MoE': export with --sym for older vLLM")]
+    if qc.sym:
+        return [EngineSupport(engine, True, "symmetric GPTQ experts: gptq_marlin MoE, or moe_wna16 where Marlin "
+                                            "refuses the layer")]
+    return [EngineSupport(engine, True, "asymmetric GPTQ experts: not on Marlin; vLLM falls back to the moe_wna16 "
+                                        "kernel, which reads zero points (from vLLM's gptq configs; the first release "
+                                        "doing so not checked here)")]
