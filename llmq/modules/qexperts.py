@@ -21,6 +21,12 @@ The original module's weightless attributes (config, act_fn, alpha ...) are
 kept in a shallow copy with its parameters removed, so that its own gate
 function runs unchanged.
 
+On CUDA, a block whose projections are all QuantLinear without act-order
+runs through one grouped Triton dequantize-matmul per side (llmq.kernels.moe:
+tokens sorted by expert, every expert in one launch, a small tile for decode
+steps) instead of a loop over experts. On CPU the loop calls each expert's
+QuantLinear, which runs torch's int4/int8 weight-only kernels.
+
 Calibration: `record_tokens` counts the tokens each expert receives, and
 `calibrate_all` sends every token through every expert (the hooks on the
 expert linears then see all tokens) while only the routed outputs flow on.
@@ -93,8 +99,71 @@ class QuantExperts(nn.Module):
         h = ups[0] if len(ups) == 1 else torch.cat(ups, dim=-1)
         return ex._modules[self.down_name](self._activate(h))
 
+    def grouped_ready(self) -> bool:
+        """Whether every projection is a QuantLinear the grouped kernel runs (same bits and groups, no act-order)."""
+        from .qlinear import QuantLinear
+
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear) or isinstance(m, QuantLinear)]
+        return (bool(linears) and all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
+                and len({(m.bits, m.group_size) for m in linears}) == 1)
+
+    def _grouped_form(self):
+        """Each side's weights stacked over experts ([E, ...] per packed tensor), built once per device.
+
+        The gate and up projections of an expert are concatenated along the outputs, which keeps
+        the packing (codes along K, zero points along N in whole words). A copy: while it is
+        cached, the experts take twice their memory on the device.
+        """
+        key = (self.expert(0)._modules[self.down_name].qweight.data_ptr(), self.expert(0)._modules[self.down_name]
+               .qweight.device)
+        if getattr(self, "_grouped_key", None) == key:
+            return self._grouped
+        sides = []
+        for names in (self.up_names, (self.down_name,)):
+            per = [[self.expert(e)._modules[n] for n in names] for e in range(self.num_experts)]
+            stacked = {name: torch.stack([torch.cat([getattr(m, name) for m in ms], dim=1 if name != "bias" else 0)
+                                          for ms in per])
+                       for name in ("qweight", "qzeros", "scales")}
+            first = per[0][0]
+            stacked["bias"] = (torch.stack([torch.cat([m.bias for m in ms]) for ms in per])
+                               if first.bias is not None else None)
+            stacked["bits"], stacked["group_size"] = first.bits, first.group_size
+            sides.append(stacked)
+        self.__dict__["_grouped"] = sides
+        self.__dict__["_grouped_key"] = key
+        return sides
+
+    def grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The forward through the grouped Triton kernel: all experts of the block in one launch per side."""
+        from ..kernels.moe import grouped_dequant_matmul
+
+        up, down = self._grouped_form()
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp(0, self.num_experts), minlength=self.num_experts + 1).tolist()
+        counts = counts[: self.num_experts]  # expert-parallel sentinels sort last and are dropped
+        order = order[: sum(counts)]
+        slots = order // top_k
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        h = grouped_dequant_matmul(x, slots, counts, up["qweight"], up["qzeros"], up["scales"].to(x.dtype),
+                                   bits=up["bits"], group_size=up["group_size"],
+                                   bias=None if up["bias"] is None else up["bias"].to(x.dtype))
+        h = self._activate(h)
+        seq = torch.arange(h.shape[0], device=h.device)
+        out = grouped_dequant_matmul(h, seq, counts, down["qweight"], down["qzeros"], down["scales"].to(h.dtype),
+                                     bits=down["bits"], group_size=down["group_size"],
+                                     bias=None if down["bias"] is None else down["bias"].to(h.dtype))
+        out = out * top_k_weights.reshape(-1)[order, None]
+        final = torch.zeros_like(hidden_states)
+        final.index_add_(0, slots, out.to(final.dtype))
+        return final
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args, **kwargs) -> torch.Tensor:
+        if hidden_states.device.type == "cuda" and not self.record_tokens and self.grouped_ready():
+            return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)

@@ -1,0 +1,114 @@
+"""Grouped dequantize-matmul for mixture-of-experts: every expert of a layer in one launch.
+
+Imported lazily by `llmq.kernels.moe` (this module imports triton at the top).
+Experts' weights are stacked in the native packed layout, one slice per
+expert (E experts, K inputs, N outputs, b bits, P = 32 / b, G groups):
+
+    qweight int32 [E, K/P, N]    qzeros int32 [E, G, N/P]    scales float [E, G, N]
+
+The rows of x are visited in expert order: `slots` lists, expert after
+expert, the row of x each output slot reads (tokens sorted by expert, as
+transformers' grouped_mm forward sorts them). The host cuts each expert's
+run of slots into tiles of BLOCK_M rows (`block_expert`, `block_start`,
+`block_end`); one program computes one tile x BLOCK_N columns against its
+expert's weights, dequantized tile by tile in registers (`_dequant_tile` of
+the linear kernels). A decode step (a few tokens, so one short tile per
+routed expert) uses BLOCK_M = 16, the smallest tl.dot tile; larger batches
+use 64. Experts without tokens cost nothing: they own no tile.
+
+Output: [S, N] in slot order (S = number of slots), in x's dtype, fp32
+accumulation. No act-order (g_idx) here: QuantExperts uses this kernel only
+for experts without one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_qmm import INTERPRET, _dequant_tile
+
+
+@triton.jit
+def _grouped_qmm_kernel(x_ptr, slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+                        qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_xm,
+                        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    start = tl.load(block_start_ptr + pid_m)
+    end = tl.load(block_end_ptr + pid_m)
+    offs_s = start + tl.arange(0, BLOCK_M)
+    s_mask = offs_s < end
+    rows = tl.load(slots_ptr + offs_s, mask=s_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    PER: tl.constexpr = 32 // BITS
+    groups = K // GROUP_SIZE
+    qw_e = qw_ptr + e * (K // PER) * N
+    qz_e = qz_ptr + e * groups * (N // PER)
+    sc_e = s_ptr + e * groups * N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                    mask=s_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_e, qz_e, sc_e, qw_e, k0, offs_k, offs_n, K, N,
+                          BITS, GROUP_SIZE, False, BLOCK_K, BLOCK_N)
+        w = w.to(x.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    out_ptrs = out_ptr + offs_s[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
+
+
+# Rows per tile: a decode step gives each routed expert a handful of rows.
+DECODE_BLOCK_M = 16
+PREFILL_BLOCK_M = 64
+
+
+def tiles(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert, first slot, end slot) of each tile over per-expert slot counts."""
+    expert, start, end = [], [], []
+    offset = 0
+    for e, c in enumerate(counts):
+        for s in range(offset, offset + c, block_m):
+            expert.append(e)
+            start.append(s)
+            end.append(min(s + block_m, offset + c))
+        offset += c
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return as_tensor(expert), as_tensor(start), as_tensor(end)
+
+
+def grouped_dequant_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], qweight: torch.Tensor,
+                           qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int, group_size: int,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = x[slots[s]] @ dequant(W_e)^T (+ bias_e) for the expert e owning slot s (see module doc)."""
+    e, k_words, n = qweight.shape
+    k = k_words * (32 // bits)
+    block_m = DECODE_BLOCK_M if max(counts, default=0) <= DECODE_BLOCK_M else PREFILL_BLOCK_M
+    block_expert, block_start, block_end = tiles(counts, block_m, x.device)
+    out = torch.empty(slots.numel(), n, dtype=x.dtype, device=x.device)
+    if block_expert.numel() == 0:
+        return out
+    x = x.contiguous()
+    block_n = 32 if INTERPRET else 64
+    block_k = max(32, min(128, group_size)) if group_size % 32 == 0 else 32
+    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    _grouped_qmm_kernel[grid](
+        x, slots.to(torch.int32).contiguous(), block_expert, block_start, block_end,
+        qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
+        bias.contiguous() if bias is not None else scales, out, n, k, x.stride(0),
+        BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+        UPCAST_DOT=INTERPRET or x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
