@@ -198,3 +198,27 @@ def parse_smooth(value) -> float | str | None:
     if not 0 <= alpha <= 1:
         raise LlmqError(f"--smooth {alpha} is out of range: use a migration strength in [0, 1], auto or off")
     return alpha
+
+
+# Trailing flags of a short config spec -> the QuantConfig field they switch on.
+_SPEC_FLAGS = {"act": "desc_act", "static": "static_groups"}
+
+
+def parse_config_spec(spec: str) -> QuantConfig:
+    """'rtn:4:64:asym' -> QuantConfig(method='rtn', bits=4, group_size=64, sym=False).
+
+    Optional trailing flags: ':act' (GPTQ act-order), ':static' (static groups).
+    The short form the benchmark scripts take for the configs they compare.
+    """
+    parts = spec.split(":")
+    flags = parts[4:]
+    if (len(parts) < 4 or parts[0] not in registry.names() or parts[3] not in ("sym", "asym")
+            or any(f not in _SPEC_FLAGS for f in flags)):
+        raise LlmqError(f"bad config spec {spec!r}: write METHOD:BITS:GROUP:sym|asym[:act][:static] with METHOD "
+                        f"one of {', '.join(registry.names())}, e.g. rtn:4:64:asym")
+    try:
+        bits, group = int(parts[1]), int(parts[2])
+    except ValueError as e:
+        raise LlmqError(f"bad config spec {spec!r}: bits and group size must be integers") from e
+    return QuantConfig(method=parts[0], bits=bits, group_size=group, sym=parts[3] == "sym",
+                       **{_SPEC_FLAGS[f]: True for f in flags})

@@ -175,9 +175,6 @@ def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype
 class LlmqHfQuantizer(HfQuantizer):
     requires_calibration = True  # checkpoints are quantized by `llmq quantize`, never on load
 
-    def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-
     def validate_environment(self, *args, **kwargs):
         return
 

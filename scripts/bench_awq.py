@@ -46,10 +46,10 @@ def _run(args) -> int:
     from llmq.eval import evaluate
     from llmq.pipeline import quantize
     from llmq.realmodel import smollm2_path, texts_dir
-    from perplexity import parse_quantize  # scripts/ is on sys.path when this file runs
+    from llmq.config import parse_config_spec
 
     torch.set_num_threads(args.threads)
-    texts = texts_dir()
+    texts = texts_dir(near=__file__)
     if texts is None:
         raise LlmqError("the texts folder is missing: set LLMQ_TEXTS to the folder holding emma.txt")
     model_path = str(smollm2_path())
@@ -59,7 +59,7 @@ def _run(args) -> int:
 
     def factory(spec):
         def make():
-            config = parse_quantize(spec)
+            config = parse_config_spec(spec)
             t = time.perf_counter()
             model = quantize(model_path, config, dataset=calib, device="cpu", dtype=torch.float32,
                              nsamples=args.nsamples, seqlen=args.seqlen, seed=0, progress=True)

@@ -1,6 +1,6 @@
 """Benchmark llmq's dequantize-matmul kernels against F.linear on CUDA.
 
-Protocol (docs/ANCHORS.md, "Benchmark protocol for kernels"): shapes (out x in)
+Protocol: shapes (out x in)
 4096x4096, 11008x4096, 4096x11008, 28672x4096, 4096x14336; rows M in 1, 2, 4,
 8, 16, 32, 64, 128, 256, 2048. Each point: random codes, zeros and scales
 (never zeros), the result checked against a float64 reference first, then
@@ -44,25 +44,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def random_layer(n, k, bits, group_size, act_order, dtype, device):
-    from llmq.kernels.layout import pack_cols, pack_rows
-
-    gs = k if group_size == -1 else group_size
-    groups = k // gs
-    codes = torch.randint(0, 2**bits, (k, n), device=device)
-    zeros = torch.randint(0, 2**bits, (groups, n), device=device)
-    scales = ((torch.rand(groups, n, device=device) + 0.5) * 0.01).to(dtype)
-    if act_order:
-        g = torch.argsort(torch.randperm(k, device=device)) // gs
-        g_idx = g.to(torch.int32)
-    else:
-        g = torch.arange(k, device=device) // gs
-        g_idx = None
-    w64 = ((codes.double() - zeros.double()[g]) * scales.double()[g]).t()  # [N, K]
-    layer = dict(qweight=pack_rows(codes, bits), qzeros=pack_cols(zeros, bits), scales=scales, g_idx=g_idx)
-    return layer, w64
-
-
 def reordered(layer, bits, group_size):
     """The layer after reorder_act_order, and the permutation x needs."""
     from llmq.kernels import reorder_act_order
@@ -95,6 +76,7 @@ def main(argv=None) -> int:
 
     from llmq.kernels import dequant_matmul
     from llmq.kernels.api import pick_path
+    from llmq.kernels.synthetic import random_layer
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -44,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    calib = args.calib or str(texts_dir() / "emma.txt")
+    calib = args.calib or str(texts_dir(near=__file__) / "emma.txt")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model or smollm2_path())
     load_s = time.perf_counter() - t0

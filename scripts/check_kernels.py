@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from bench_kernels import random_layer  # scripts/ is on sys.path when this file runs
+from llmq.kernels.synthetic import random_layer
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 ROWS = (1, 2, 3, 17, 64, 130, 2048)

@@ -16,31 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmq.config import METHODS, QuantConfig
+from llmq.config import parse_config_spec
 from llmq.errors import LlmqError
 from llmq.eval.command import add_arguments, run
-
-
-_FLAGS = {"act": "desc_act", "static": "static_groups"}
-
-
-def parse_quantize(spec: str) -> QuantConfig:
-    """'rtn:4:64:asym' -> QuantConfig(method='rtn', bits=4, group_size=64, sym=False).
-
-    Optional trailing flags: ':act' (GPTQ act-order), ':static' (static groups).
-    """
-    parts = spec.split(":")
-    flags = parts[4:]
-    if (len(parts) < 4 or parts[0] not in METHODS or parts[3] not in ("sym", "asym")
-            or any(f not in _FLAGS for f in flags)):
-        raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym[:act][:static] with METHOD "
-                        f"one of {', '.join(METHODS)}, e.g. rtn:4:64:asym")
-    try:
-        bits, group = int(parts[1]), int(parts[2])
-    except ValueError as e:
-        raise LlmqError(f"bad --quantize {spec!r}: bits and group size must be integers") from e
-    return QuantConfig(method=parts[0], bits=bits, group_size=group, sym=parts[3] == "sym",
-                       **{_FLAGS[f]: True for f in flags})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +41,7 @@ def _run(args) -> int:
 
     models, names = list(args.models), list(args.models)
     for spec in args.quantize:
-        config = parse_quantize(spec)
+        config = parse_config_spec(spec)
 
         def factory(config=config):
             return quantize(args.models[0], config, dataset=args.calib_dataset, device=args.device,

@@ -10,7 +10,7 @@ from llmq import arch
 from llmq.config import QuantConfig
 from llmq.engine import layer_output, run_layers
 from llmq.errors import LlmqError
-from llmq.methods.awq import AWQLayerStep, build_units, fold_scales
+from llmq.methods.awq import AWQLayerStep, build_units, fold_into_prev
 from llmq.solvers.awq import fake_quantize, input_stats, scale_gram, search_clip, search_scales
 from llmq.solvers.rtn import rtn_quantize
 from conftest import random_ids, tiny_model
@@ -26,6 +26,15 @@ def _spread_norms(model, seed=3):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+@torch.no_grad()
+def fold_scales(layer, group, linears, s):
+    """Divide the output of group.prev by s (the step's fold) and multiply the linears' input columns by s."""
+    fold_into_prev(layer.get_submodule(group.prev), group, s)
+    for name in linears:
+        w = layer.get_submodule(name).weight
+        w.data = (w.float() * s).to(w.dtype)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma3", "opt", "phi3"])

@@ -82,3 +82,15 @@ def test_a_registered_method_is_used_by_quantize(monkeypatch):
     assert [i for i, _ in seen] == [0, 1] and all(s == (2, 8, 64) for _, s in seen)
     assert sum(isinstance(m, llmq.QuantLinear) for m in model.modules()) == 14
     assert model.config.quantization_config["method"] == "toy"
+
+
+def test_short_config_spec_of_the_scripts():
+    from llmq.config import parse_config_spec
+
+    c = parse_config_spec("gptq:4:64:asym:act:static")
+    assert (c.method, c.bits, c.group_size, c.sym, c.desc_act, c.static_groups) == ("gptq", 4, 64, False, True, True)
+    c = parse_config_spec("awq+gptq:8:-1:sym")
+    assert (c.method, c.bits, c.group_size, c.sym) == ("awq+gptq", 8, -1, True)
+    for bad in ("gptq:4:64", "nope:4:64:sym", "rtn:4:64:sym:fast", "rtn:four:64:sym"):
+        with pytest.raises(LlmqError, match="bad config spec"):
+            parse_config_spec(bad)

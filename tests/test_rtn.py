@@ -49,11 +49,20 @@ def test_asymmetric_zero_is_exact_integer_and_zero_is_representable():
     w = torch.rand(16, 64) + 0.1  # all positive: zero point at the bottom
     qw = rtn_quantize(w, 4, 32, False, torch.float16)
     assert bool((qw.zeros == 0).all())
+    # Mixed signs, with exact zeros scattered through every group (as pruned or padded
+    # weights are): the integer zero point lies inside the code range, so every exact
+    # 0 is stored as the zero-point code and dequantizes to exactly 0.
     w2 = torch.randn(16, 64)
+    holes = torch.rand(16, 64) < 0.2
+    w2[holes] = 0.0
     qw2 = rtn_quantize(w2, 4, 32, False, torch.float16)
-    zero_value = (0 - qw2.zeros.double()) * 0  # code == zero point dequantizes to exactly 0
-    assert bool((zero_value == 0).all())
     assert qw2.zeros.dtype == torch.int32
+    assert qw2.zeros.min() >= 0 and qw2.zeros.max() <= 15
+    zeros_at = qw2.zeros.repeat_interleave(32, dim=1)
+    assert torch.equal(qw2.codes[holes].long(), zeros_at[holes].long())
+    deq = (qw2.codes.double() - zeros_at.double()) * qw2.scales.double().repeat_interleave(32, dim=1)
+    assert bool((deq[holes] == 0).all())
+    assert bool((qw2.dequantize()[holes] == 0).all())
 
 
 def test_all_zero_group_is_exact():

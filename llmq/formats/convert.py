@@ -261,9 +261,6 @@ def export(model, out: str | os.PathLike, tokenizer=None, fmt: str = "llmq", *, 
 
 # ---- `llmq convert` --------------------------------------------------------------------------------------
 
-HELP = "convert a quantized checkpoint between llmq, gptq, awq (read) and compressed-tensors"
-
-
 def add_arguments(p) -> None:
     p.add_argument("src", metavar="SRC", help="checkpoint folder: llmq, gptq, awq or compressed-tensors")
     p.add_argument("dst", metavar="DST", help="output folder (must be empty or absent unless --overwrite)")

@@ -147,18 +147,6 @@ def _foldable(layer: nn.Module, g: ScaleGroup, linears: list[str], norms_feed: b
 
 
 @torch.no_grad()
-def fold_scales(layer: nn.Module, group: ScaleGroup, linears: list[str], s: torch.Tensor) -> None:
-    """Divide the output of group.prev by s and multiply the linears' input columns by s.
-
-    The full-precision function of the layer is unchanged. s: [K] fp32.
-    """
-    fold_into_prev(layer.get_submodule(group.prev), group, s)
-    for name in linears:
-        w = layer.get_submodule(name).weight
-        w.data = (w.float() * s).to(w.dtype)
-
-
-@torch.no_grad()
 def fold_into_prev(prev: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     """Make prev's output x become x / s (prev in full precision)."""
     if group.kind == "linear":
