@@ -56,7 +56,8 @@ def _add_quantize(sub) -> None:
                      help="symmetric: zero point fixed at 2^(bits-1)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group")
     p.add_argument("--dataset", default=None,
-                   help="calibration data (gptq/awq): wikitext2, c4, pileval, hf:owner/name[:config][:split]"
+                   help="calibration data (gptq/awq): builtin (a public-domain novel excerpt shipped with "
+                        "llmq, works offline), wikitext2, c4, pileval, hf:owner/name[:config][:split]"
                         "[:column], a .txt/.jsonl/.json/.parquet file, a folder of text files, or 'self' "
                         "(text sampled from the model, works offline)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")

@@ -19,6 +19,10 @@ A *spec* names where the text comes from:
 ``file.parquet[:column]``          a Parquet table, same columns rule
 ``folder/``                        every ``*.txt`` in the folder, sorted by name, joined
                                    with "\\n\\n"
+``builtin``                        Volume I of Jane Austen's *Emma* (public domain, 269 KB,
+                                   about 60k tokens), shipped inside llmq: real text that
+                                   needs no network and no files (a local file of that
+                                   name is not looked up)
 ``self`` (or ``model``)            text sampled from the model being quantized: needs no
                                    network and no files, but is weaker calibration than
                                    real text (see `sample_tokens`)
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
@@ -56,8 +61,10 @@ _HUB = {
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation", None, "text"),
 }
 _SELF = ("self", "model")
+# Texts shipped with llmq (package data in llmq/texts/): spec -> file name.
+_BUILTIN = {"builtin": "emma-volume-1.txt"}
 _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_KNOWN = "wikitext2, c4, pileval, self, hf:owner/name[:config][:split][:column], a .txt/.jsonl/.json/.parquet file or a folder of .txt files"
+_KNOWN = "builtin, wikitext2, c4, pileval, self, hf:owner/name[:config][:split][:column], a .txt/.jsonl/.json/.parquet file or a folder of .txt files"
 _LOCAL_HINT = "pass a local text file instead (a .txt, .jsonl, .json or .parquet file, or a folder of .txt files), or use `self` to calibrate on text sampled from the model"
 
 # Openings for `self`: each row starts from the first token of one of these
@@ -91,7 +98,10 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
     """
     if spec in _SELF:
         raise LlmqError(f"`{spec}` samples text from the model; use calibration_windows(..., model=model)")
-    if spec in _HUB:
+    if spec in _BUILTIN:
+        text = resources.files("llmq").joinpath("texts", _BUILTIN[spec]).read_text(encoding="utf-8")
+        text = text if max_chars is None else text[:max_chars]
+    elif spec in _HUB:
         name, config, default_split, files, column = _HUB[spec]
         split = split or default_split
         data_files = None

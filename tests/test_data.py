@@ -50,6 +50,22 @@ def tok():
 # ---------------------------------------------------------------- local specs
 
 
+def test_builtin_text_ships_with_the_package(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import llmq
+
+    shipped = Path(llmq.__file__).parent / "texts" / "emma-volume-1.txt"
+    text = load_text("builtin")
+    assert text == shipped.read_text(encoding="utf-8")
+    assert text.startswith("EMMA\n\nBy Jane Austen") and "CHAPTER XVIII" in text and "VOLUME II" not in text
+    assert 200_000 < len(text.encode()) < 300_000
+    assert load_text("builtin", max_chars=1000) == text[:1000]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builtin").write_text("a local file of that name is not read")
+    assert load_text("builtin") == text
+
+
 def test_txt_file(tmp_path):
     text = random_text(50, seed=1) + "\nsecond line"
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")

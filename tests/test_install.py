@@ -43,6 +43,7 @@ def test_wheel_holds_every_package(wheel):
     in_wheel = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert _packages_in_source() <= in_wheel, sorted(_packages_in_source() - in_wheel)
     assert "llmq/kernels/triton_qmm.py" in names
+    assert "llmq/texts/emma-volume-1.txt" in names  # the text behind --dataset builtin
     assert not any(n.startswith(("kernels/", "tests/", "scripts/")) for n in names)
     # The version is read from llmq/_version.py, its one owner.
     from llmq._version import __version__
@@ -79,5 +80,7 @@ def test_installed_wheel_runs(wheel, tmp_path):
     llmq_exe = str(env_dir / "bin" / "llmq")
     assert "quantize" in run(llmq_exe, "--help")
     run(llmq_exe, "quantize", "tiny", "q", "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet")
+    # The shipped calibration text is read from the installed package.
+    run(str(py), "-c", "from llmq.data import load_text; assert load_text('builtin').startswith('EMMA')")
     info = run(llmq_exe, "info", "q")
     assert "4" in info and "32" in info
