@@ -204,12 +204,36 @@ def sequential_groups(spec: ArchSpec, layer: nn.Module, names: list[str]) -> lis
     projections) get a group each, so nothing is skipped.
     """
     if spec.sequential is None:
-        return [[n] for n in names]
+        return _join_expert_inputs(layer, [[n] for n in names])
     wanted = set(names)
     groups = [[n for n in group if n in wanted] for group in spec.sequential]
     groups = [g for g in groups if g]
     listed = {n for g in groups for n in g}
-    return groups + [[n] for n in names if n not in listed]
+    return _join_expert_inputs(layer, groups + [[n] for n in names if n not in listed])
+
+
+def _join_expert_inputs(layer: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """Put each expert's gate and up projections (one input) into one group, where the first stands."""
+    from .modules.qexperts import QuantExperts
+
+    join: dict[str, list[str]] = {}
+    for qname, q in layer.named_modules():
+        if isinstance(q, QuantExperts) and len(q.up_names) > 1:
+            for e in range(q.num_experts):
+                members = [f"{qname}.{e}.{n}" for n in q.up_names]
+                join.update({m: members for m in members})
+    if not join:
+        return groups
+    out, placed = [], set()
+    for g in groups:
+        if len(g) == 1 and g[0] in join:
+            members = [m for m in join[g[0]] if any(m in h for h in groups)]
+            if g[0] not in placed:
+                out.append(members)
+                placed.update(members)
+            continue
+        out.append(g)
+    return out
 
 
 def _get(root: nn.Module, path: str):

@@ -352,3 +352,13 @@ def test_asymmetric_compressed_tensors_moe_names_the_vllm_version():
     (row,) = moe_engine_support("compressed-tensors", QuantConfig(sym=False), shapes)
     assert not row.loads and "44025" in row.why and "0.19.0" in row.why
     assert moe_engine_support("compressed-tensors", QuantConfig(), {"model.layers.0.mlp.up_proj": (32, 64)}) == []
+
+
+def test_gptq_solves_each_experts_gate_and_up_together():
+    from llmq import arch
+
+    model = tiny_model("mixtral")
+    job = pipeline.plan(model, QuantConfig(method="gptq", group_size=GROUP), torch.device("cpu"))
+    groups = arch.sequential_groups(job.spec, job.layers[0], list(job.targets[0]))
+    assert ["mlp.experts.0.w1", "mlp.experts.0.w3"] in groups and ["mlp.experts.0.w2"] in groups
+    assert sorted(n for g in groups for n in g) == sorted(job.targets[0])  # every linear once
