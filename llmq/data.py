@@ -209,7 +209,10 @@ def _load_local(spec: str, max_chars: int | None) -> str:
     if not path.exists():
         raise LlmqError(f"no file or folder {str(path)!r}, and {spec!r} is not a known dataset; use one of: {_KNOWN}")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+        except OSError as err:
+            raise LlmqError(f"cannot list folder {str(path)!r} ({err.strerror or err}); check its permissions") from err
         if not files:
             raise LlmqError(f"folder {str(path)!r} holds no .txt files; put the text in .txt files or pass one file")
         return _join((_read_utf8(p) for p in files), max_chars)
@@ -229,6 +232,8 @@ def _read_utf8(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise LlmqError(f"{str(path)!r} is not UTF-8 text ({err}); convert it to UTF-8") from err
+    except OSError as err:  # unreadable: permissions, a folder named like a file, I/O error
+        raise LlmqError(f"cannot read {str(path)!r} ({err.strerror or err}); check its permissions") from err
 
 
 def _json_column(path: Path, column: str) -> list:

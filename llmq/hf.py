@@ -12,6 +12,7 @@ safetensors headers first.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .experts import empty_quant_experts, experts_layout, find_experts
+from .formats.checks import check_native_tensors, read_small_tensors
 from .formats.native import check_against_model, read_header, w8a8_module_names
 from .qweight import quantized_module_names
 from .modules.qexperts import QuantExperts
@@ -190,6 +192,8 @@ class LlmqHfQuantizer(HfQuantizer):
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                         | set(foreign.unexpected))
         else:
+            # dtypes, shapes, finite scales: a damaged tensor is named, never loaded into a layer
+            check_native_tensors(read_small_tensors(checkpoint_files), qc, Path(checkpoint_files[0]).parent)
             header = names_in_model(model, read_header(checkpoint_files), self)
         if qc.scheme == "w8a8":
             names = w8a8_module_names(header)

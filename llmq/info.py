@@ -34,7 +34,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     fmt = detect_format(config)
     files = checkpoint_files(folder)
     if fmt == QUANT_METHOD:
-        qc = QuantConfig.from_dict(config["quantization_config"])
+        qc = read_checkpoint(folder, shapes_only=True).quant_config  # checks dtypes, shapes and scales
         header = read_header(files)
     else:
         ckpt = read_checkpoint(folder, shapes_only=True)

@@ -51,50 +51,180 @@ def _check_source(source: str) -> None:
     if not path.exists() and not _HUB_ID.match(str(source)):
         raise LlmqError(f"model {source!r} not found: it is neither a local folder nor a hub id like "
                         "'owner/name'")
+    if not path.exists():
+        unreachable = hub_unreachable()
+        if unreachable:
+            hint = ""
+            if Path(source).parent.is_dir():
+                hint = f" (there is a local folder {Path(source).parent}: check the path if you meant a folder)"
+            raise LlmqError(f"model {source!r} is not a local folder; hub unreachable ({unreachable}){hint}: "
+                            "pass the path of a downloaded model folder")
+
+
+_hub_state: dict[str, str | None] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, or one failed connection), or None.
+
+    One quick request without retries, remembered for the process: a hub id
+    then fails in a second instead of after the hub client's retries.
+    """
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    if "reason" not in _hub_state:
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(hub.ENDPOINT, timeout=5)
+            _hub_state["reason"] = None
+        except Exception as e:  # the session's own error types (DNS, refused, timeout, proxy)
+            _hub_state["reason"] = f"cannot connect to {hub.ENDPOINT}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return _hub_state["reason"]
 
 
 def _from_hub_error(source: str, e: Exception) -> LlmqError:
     return LlmqError(f"could not load model {source!r}: it is not a local folder and the Hugging Face hub "
                      f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                     "check the id and your network, or download the model and pass its folder")
+                     "check the id and your network, or download the model and pass its folder "
+                     f"(llmq reads safetensors weights only: {BIN_FIX})")
+
+
+BIN_FIX = ("convert a pytorch_model.bin model once, in an environment you trust, with "
+           "`AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST)`, and pass DST")
+
+# Tensors and dtypes that only quantized checkpoints hold: what each says the folder is.
+_QUANTIZED_TENSORS = {".qweight": "GPTQ/AWQ", ".qzeros": "GPTQ/AWQ", ".weight_packed": "compressed-tensors",
+                      ".weight_scale": "compressed-tensors or FP8", ".SCB": "bitsandbytes int8",
+                      ".absmax": "bitsandbytes 4-bit", ".quant_state.bitsandbytes__nf4": "bitsandbytes 4-bit",
+                      ".quant_state.bitsandbytes__fp4": "bitsandbytes 4-bit"}
+_QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a full-precision model folder, with a clear error when it has none."""
+    from .formats.native import checkpoint_files
+
+    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise LlmqError(f"{folder} holds only pickled weights ({', '.join(pickled[:3])}), which llmq never "
+                            f"loads: {BIN_FIX}")
+        raise LlmqError(f"{folder} holds no model weights (no *.safetensors): pass a complete model folder")
+    return checkpoint_files(folder)
 
 
 def check_model_source(source: str) -> dict | None:
-    """Refuse a source that is neither a model folder nor a hub id, or is already quantized.
+    """Refuse a source that is neither a model folder nor a hub id, is already quantized (any known
+    format), or whose weight files are damaged, before anything is loaded.
 
     Returns the folder's config.json (None for a hub id).
     """
+    from .formats.native import read_header
+
     _check_source(source)
     config = read_config(source)
-    if config is not None and config.get("quantization_config"):
+    if config is None:
+        return None
+    if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
+    folder = Path(source)
+    if (folder / "quantize_config.json").is_file():
+        raise LlmqError(f"{source} is already quantized (an AutoGPTQ checkpoint: quantize_config.json): "
+                        "quantize the full-precision model instead")
+    header = read_header(_weight_files(folder))  # names a truncated, empty or hostile file
+    for key, (_, dtype) in header.items():
+        kind = next((k for suffix, k in _QUANTIZED_TENSORS.items() if key.endswith(suffix)), None)
+        if kind or dtype in _QUANTIZED_DTYPES:
+            raise LlmqError(f"{source} is already quantized ({kind or dtype} tensor {key}): quantize the "
+                            "full-precision model instead")
     return config
 
 
+def check_loading_info(source: str, info: dict) -> None:
+    """Refuse a model that transformers filled in at random: tensors missing from the checkpoint,
+    tensors the model does not use, or tensors of another shape."""
+    problems = []
+    for what, keys in (("missing", info.get("missing_keys")), ("not used by the model", info.get("unexpected_keys"))):
+        keys = sorted(keys or ())
+        if keys:
+            problems.append(f"{len(keys)} tensor(s) {what} (e.g. {keys[0]})")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        first = mismatched[0]
+        detail = (f"{first[0]}: {list(first[1])} in the file, {list(first[2])} in the model"
+                  if isinstance(first, tuple) and len(first) == 3 else str(first))
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape (e.g. {detail})")
+    if problems:
+        raise LlmqError(f"the weights of {source} do not match its config.json: {'; '.join(problems)}; llmq "
+                        "never quantizes randomly initialised weights: re-download or repair the model")
+
+
 def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **kwargs):
-    """(model, tokenizer or None) of a full-precision causal LM, on the CPU."""
+    """(model, tokenizer or None) of a full-precision causal LM, on the CPU.
+
+    Safetensors only (nothing is unpickled); every tensor the model has must
+    come from the checkpoint with its shape, or the load is refused.
+    """
     from transformers import AutoModelForCausalLM
 
     source = str(source)
     config = check_model_source(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True,
+            ignore_mismatched_sizes=True, **kwargs)  # mismatches come back in info, named, and are refused
     except (OSError, ValueError) as e:
         if config is None:
             raise _from_hub_error(source, e) from e
         raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
+    check_loading_info(source, info)
     return model, load_tokenizer(source)
 
 
+# Files that make a folder hold a tokenizer; a folder with none of them has no tokenizer (not an error).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json", "*.tiktoken")
+
+
+def has_tokenizer_files(source: str | os.PathLike) -> bool:
+    """Whether a local folder (or hub repo) holds tokenizer files."""
+    import fnmatch
+
+    path = Path(source)
+    if path.is_dir():
+        names = [p.name for p in path.iterdir()]
+    else:
+        from huggingface_hub import list_repo_files
+
+        names = list_repo_files(str(source))
+    return any(fnmatch.fnmatch(n, pattern) for n in names for pattern in TOKENIZER_FILES)
+
+
 def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer saved with a model, or None when the folder has none."""
+    """The tokenizer saved with a model, or None when the folder has no tokenizer files.
+
+    A tokenizer whose files are there but do not load is an error with its cause,
+    never a silent None (a checkpoint would ship without it).
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except Exception:  # a weights-only folder (tests, tools) has no tokenizer; RTN does not need one
+        present = has_tokenizer_files(source)
+    except Exception as e:  # hub listing failed: the load below reports it
+        present = True
+        del e
+    if not present:
         return None
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:  # tokenizers, sentencepiece, json and OS errors alike
+        raise LlmqError(f"the tokenizer of {source} does not load ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}): repair or re-download its tokenizer files, "
+                        "or remove them all to go without a tokenizer") from e
 
 
 def from_pretrained(path: str | os.PathLike, **hf_kwargs):
@@ -129,6 +259,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         if qc.get("quant_method") != "llmq":
             raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
                             "(it reads llmq, gptq, awq and compressed-tensors)")
+    hf_kwargs.setdefault("use_safetensors", True)  # never unpickle
     try:
         return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
     except OSError as e:

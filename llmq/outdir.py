@@ -156,7 +156,7 @@ def check_writable(out: Path, replacing: bool) -> None:
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>partial|old)-(?P<pid>\d+)-[^/]*$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,7 +178,7 @@ def stale_partials(out: str | os.PathLike) -> list[Path]:
     stale = []
     for entry in sorted(out.parent.iterdir()):
         m = _SIBLING.match(entry.name)
-        if m and m["name"] == out.name and entry.is_dir() and not _pid_alive(int(m["pid"])):
+        if m and m["name"] == out.name and entry.is_dir() and not pid_alive(int(m["pid"])):
             stale.append(entry)
     return stale
 

@@ -380,3 +380,319 @@ def test_read_only_parent_fails_before_any_work(tmp_path, model_dir):
     _one_error(code, err, "cannot write to", str(ro))
     assert list(ro.iterdir()) == []
     ro.chmod(0o755)
+
+
+# ---- 6. missing or unexpected weights; folders that hold a quantized checkpoint ----------------------------
+
+def _edit_weights(folder: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda t: t.pop(f"{Q_PROJ}.weight"), ["1 tensor(s) missing", f"{Q_PROJ}.weight", "randomly initialised"]),
+    (lambda t: t.__setitem__("model.layers.0.extra.weight", t[f"{Q_PROJ}.weight"].clone()),
+     ["not used by the model", "model.layers.0.extra.weight"]),
+    (lambda t: t.__setitem__(f"{Q_PROJ}.weight", t[f"{Q_PROJ}.weight"][:, :32].clone()),
+     ["wrong shape", f"{Q_PROJ}.weight: [64, 32] in the file, [64, 64] in the model"]),
+], ids=["missing", "unexpected", "wrong-shape"])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_weights_not_matching_the_config_are_refused(tmp_path, model_dir, capsys, edit, needles, method):
+    _edit_weights(model_dir, edit)
+    extra = ["--dataset", "self", "--nsamples", "2", "--seqlen", "8"] if method == "gptq" else []
+    code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "q", "--method", method, *extra, *QUANT)
+    _one_error(code, err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_autogptq_folder_is_refused(tmp_path, model_dir, capsys):
+    """An old AutoGPTQ folder: quantize_config.json, no quantization_config in config.json."""
+    _checkpoint(model_dir, tmp_path / "g", bits=4)
+    assert main(["convert", str(tmp_path / "g"), str(tmp_path / "old"), "--format", "gptq", "--quiet"]) == 0
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "quantize", tmp_path / "old", tmp_path / "q", *QUANT)
+    _one_error(code, err, "already quantized", "AutoGPTQ", "quantize_config.json")
+    (tmp_path / "old" / "quantize_config.json").unlink()  # and without it: the packed tensors give it away
+    code, _, err = _run(capsys, "quantize", tmp_path / "old", tmp_path / "q", *QUANT)
+    _one_error(code, err, "already quantized", ".qweight")
+    assert not (tmp_path / "q").exists()
+
+
+# ---- 7. tokenizers ------------------------------------------------------------------------------------------
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *[f"w{i}" for i in range(100)]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_broken_tokenizer_is_an_error_with_its_cause(tmp_path, model_dir, capsys):
+    _word_tokenizer().save_pretrained(model_dir)
+    (model_dir / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    for argv in (["quantize", model_dir, tmp_path / "q", *QUANT],
+                 ["eval", model_dir, "--dataset", tmp_path / "t.txt", "--seqlen", "8", "--quiet"]):
+        (tmp_path / "t.txt").write_text(" ".join(f"w{i % 100}" for i in range(200)))
+        code, _, err = _run(capsys, *argv)
+        _one_error(code, err, f"the tokenizer of {model_dir} does not load", "Error")
+    assert not (tmp_path / "q").exists()
+
+
+def test_tokenizer_shipped_and_no_tokenizer_is_quiet(tmp_path, model_dir, capsys):
+    code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "bare", *QUANT)
+    assert code == 0 and err == ""  # no tokenizer files: quiet, none shipped
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    _word_tokenizer().save_pretrained(model_dir)
+    for method in ("rtn", "gptq"):
+        extra = ["--dataset", "self", "--nsamples", "2", "--seqlen", "8"] if method == "gptq" else []
+        assert main(["quantize", str(model_dir), str(tmp_path / method), "--method", method, *extra, *QUANT]) == 0
+        assert (tmp_path / method / "tokenizer.json").is_file()
+
+
+# ---- 8. damaged quantized checkpoints: info, convert and loading name the damage ---------------------------
+
+def _nan_scale(t):
+    t[f"{Q_PROJ}.scales"][0, 0] = float("nan")
+
+
+def _inf_scale(t):
+    t[f"{Q_PROJ}.scales"][-1, -1] = float("inf")
+
+
+DAMAGE = {
+    "nan-scale": (_nan_scale, f"{Q_PROJ}.scales holds 1 NaN"),
+    "inf-scale": (_inf_scale, f"{Q_PROJ}.scales holds 1 NaN or infinite"),
+    "float-qweight": (lambda t: t.__setitem__(f"{Q_PROJ}.qweight", t[f"{Q_PROJ}.qweight"].float()),
+                      f"{Q_PROJ}.qweight is float32, not int32"),
+    "missing-qzeros": (lambda t: t.pop(f"{Q_PROJ}.qzeros"), f"{Q_PROJ}.qzeros"),
+    "extra-qweight": (lambda t: t.__setitem__("model.layers.0.extra.qweight", t[f"{Q_PROJ}.qweight"].clone()),
+                      "model.layers.0.extra"),
+    "scales-shape": (lambda t: t.__setitem__(f"{Q_PROJ}.scales", t[f"{Q_PROJ}.scales"][:1].clone()),
+                     f"{Q_PROJ}.scales has shape"),
+}
+
+
+def _truncate(folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _hostile_header(folder):
+    (folder / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+
+
+FILE_DAMAGE = {"truncated": (_truncate, "is damaged"), "hostile-header": (_hostile_header, "header too large")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    tiny_model("llama").save_pretrained(root / "m")
+    assert main(["quantize", str(root / "m"), str(root / "llmq"), "--bits", "4", *QUANT]) == 0
+    assert main(["convert", str(root / "llmq"), str(root / "gptq"), "--format", "gptq", "--quiet"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, *FILE_DAMAGE])
+@pytest.mark.parametrize("fmt", ["llmq", "gptq"])
+def test_damaged_checkpoint_is_named_by_info_convert_and_load(checkpoints, tmp_path, capsys, damage, fmt):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints / fmt, src)
+    if damage in DAMAGE:
+        edit, needle = DAMAGE[damage]
+        _edit_weights(src, edit)
+    else:
+        make, needle = FILE_DAMAGE[damage]
+        make(src)
+    code, _, err = _run(capsys, "info", src)
+    _one_error(code, err, needle)
+    code, _, err = _run(capsys, "convert", src, tmp_path / "dst", "--quiet")
+    _one_error(code, err, needle)
+    assert not (tmp_path / "dst").exists() and _hidden(tmp_path) == []
+    with pytest.raises(LlmqError, match=needle.replace("[", r"\[")):
+        llmq.from_pretrained(src)
+
+
+def test_convert_never_copies_stray_weights(checkpoints, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints / "gptq", src)
+    for stray in ("pytorch_model.bin", "optimizer.pt", "model.gguf", "old.safetensors.bak"):
+        (src / stray).write_bytes(b"not for copying")
+    (src / "tokenizer_config.json").write_text("{}")
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--quiet"]) == 0
+    names = sorted(p.name for p in (tmp_path / "dst").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+
+
+# ---- 9. pickle: never loaded --------------------------------------------------------------------------------
+
+def test_bin_only_model_is_refused_without_unpickling(tmp_path, capsys, monkeypatch):
+    import torch
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m", safe_serialization=False) if _saves_bin() else _fake_bin(tmp_path / "m")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    (tmp_path / "t.txt").write_text("text " * 100)
+    for argv in (["quantize", tmp_path / "m", tmp_path / "q", *QUANT],
+                 ["eval", tmp_path / "m", "--dataset", tmp_path / "t.txt", "--seqlen", "8", "--quiet"]):
+        code, _, err = _run(capsys, *argv)
+        _one_error(code, err, "pickled weights", "pytorch_model.bin", "save_pretrained(DST)")
+    assert not (tmp_path / "q").exists()
+
+
+def _saves_bin() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def _fake_bin(folder: Path) -> None:
+    """A model folder with config.json and a pytorch_model.bin (transformers 5 writes safetensors only)."""
+    tiny_model("llama").config.save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pickled bytes that must never be loaded")
+
+
+# ---- 10. damaged full-precision inputs: one line, exit 2, nothing left --------------------------------------
+
+def _truncated_fp(folder):
+    _truncate(folder)
+
+
+def _empty_fp(folder):
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+def _bad_index(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+
+
+def _config_not_object(folder):
+    (folder / "config.json").write_text("[1, 2, 3]")
+
+
+FP_DAMAGE = {"truncated": (_truncated_fp, "is damaged"), "empty": (_empty_fp, "header too small"),
+             "bad-index": (_bad_index, "model.safetensors.index.json is damaged"),
+             "config-list": (_config_not_object, "holds a JSON list, not an object")}
+
+
+@pytest.mark.parametrize("damage", FP_DAMAGE)
+def test_damaged_fp_model_quantize_and_eval(tmp_path, model_dir, capsys, damage):
+    make, needle = FP_DAMAGE[damage]
+    make(model_dir)
+    (tmp_path / "t.txt").write_text("text " * 100)
+    for argv in (["quantize", model_dir, tmp_path / "q", *QUANT],
+                 ["quantize", model_dir, tmp_path / "q", "--method", "gptq", "--dataset", "self", *QUANT],
+                 ["eval", model_dir, "--dataset", tmp_path / "t.txt", "--quiet"]):
+        code, _, err = _run(capsys, *argv)
+        _one_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "t.txt"]
+
+
+@pytest.mark.skipif(not _have_setpriv() and os.geteuid() == 0, reason="needs setpriv to drop root's override")
+def test_unreadable_calibration_file(tmp_path, model_dir):
+    _word_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 100}" for i in range(500)))
+    text.chmod(0o000)
+    prefix = NO_DAC if os.geteuid() == 0 else ()
+    code, _, err = _cli("quantize", model_dir, tmp_path / "q", "--method", "gptq", "--dataset", text,
+                        "--nsamples", "2", "--seqlen", "8", *QUANT, prefix=prefix)
+    _one_error(code, err, f"cannot read '{text}'", "Permission denied")
+    assert not (tmp_path / "q").exists() and _hidden(tmp_path) == []
+
+
+def test_eval_tmp_dir_missing(tmp_path, model_dir, capsys):
+    _word_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "t.txt").write_text("text " * 100)
+    code, _, err = _run(capsys, "eval", model_dir, model_dir, "--dataset", tmp_path / "t.txt", "--tmp-dir",
+                        tmp_path / "nope")
+    _one_error(code, err, f"--tmp-dir {tmp_path / 'nope'} is not an existing folder")
+
+
+# ---- 11. hub ids when the hub cannot be reached ------------------------------------------------------------
+
+@pytest.fixture
+def fresh_hub_state(monkeypatch):
+    import llmq.loading
+
+    monkeypatch.setattr(llmq.loading, "_hub_state", {})
+
+
+@pytest.mark.parametrize("how", ["offline-env", "refused"])
+def test_hub_id_fails_fast_when_unreachable(tmp_path, capsys, monkeypatch, fresh_hub_state, how):
+    import time
+
+    import huggingface_hub.constants
+
+    if how == "offline-env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # a port nothing listens on: the first connection fails at once
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    start = time.monotonic()
+    code, _, err = _run(capsys, "quantize", "someone/model", tmp_path / "q", *QUANT)
+    _one_error(code, err, "'someone/model' is not a local folder; hub unreachable")
+    (tmp_path / "t.txt").write_text("text " * 100)
+    code, _, err = _run(capsys, "eval", "models/tiny", "--dataset", "t.txt", "--quiet")  # a mistyped path
+    _one_error(code, err, "hub unreachable", "there is a local folder models")
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "q").exists()
+
+
+# ---- 12. eval's reference store: removed on SIGTERM, and after a kill by the next run ------------------------
+
+def test_eval_reference_store_cleaned_on_sigterm_and_after_sigkill(tmp_path, model_dir):
+    _word_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "t.txt").write_text(" ".join(f"w{i % 100}" for i in range(400)))
+    store = tmp_path / "store"
+    store.mkdir()
+    argv = ["eval", model_dir, model_dir, "--dataset", tmp_path / "t.txt", "--seqlen", "16", "--tmp-dir", store,
+            "--quiet"]
+    code, _, err = _cli(*argv, env={"LLMQ_TEST_SIGNAL_AT": "reference-scored:SIGTERM"})
+    assert code == 143 and "terminated" in err
+    assert list(store.iterdir()) == []
+    code, _, err = _cli(*argv, env={"LLMQ_TEST_SIGNAL_AT": "reference-scored:SIGKILL"})
+    assert code == -9
+    left = list(store.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("llmq-eval-ref-")
+    code, out, err = _cli(*argv)
+    assert code == 0, err
+    assert f"removed {left[0]}" in err and "interrupted eval" in err
+    assert list(store.iterdir()) == []
+
+
+# ---- 13. --quiet is quiet ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [[], ["--no-stream"], ["--format", "gptq"]])
+def test_quiet_prints_nothing(tmp_path, model_dir, extra):
+    code, out, err = _cli("quantize", model_dir, tmp_path / "q", *extra, *QUANT)
+    assert code == 0 and out == "" and err == ""
+    code, out, err = _cli("convert", tmp_path / "q", tmp_path / "c", "--format", "compressed-tensors", "--quiet")
+    assert code == 0 and out == "" and err == ""

@@ -13,9 +13,10 @@ from torch import nn
 from ..data import text_span, tokenize, window_bos
 from ..errors import LlmqError
 from ..loading import read_config, resolve_device
+from ..outdir import test_point
 from .metrics import auto_batch_size, perplexity, vocab_size
 from .models import describe, load_any, load_tokenizer, size_on_disk
-from .refstore import STORE_DTYPES, RefStore
+from .refstore import STORE_DTYPES, RefStore, check_store_dir
 from .windows import cut_windows, eval_split, eval_text
 from .._version import __version__
 
@@ -69,6 +70,8 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
         raise LlmqError(f"{len(names)} names for {len(models)} models")
     names = list(names) if names is not None else [_default_name(m, i) for i, m in enumerate(models)]
     device = resolve_device(device)
+    if kl and len(models) > 1:
+        check_store_dir(tmp_dir)  # before any model is loaded
     _check_vocab_configs(models, names)
     text = eval_text(dataset, split)  # before any model: a missing dataset fails at once
 
@@ -105,6 +108,7 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
                                    reference=store if i > 0 else None, record=store if i == 0 else None,
                                    progress=progress, desc=f"[{i + 1}/{len(models)}] {name}")
                 rows.append(_row(name, entry, model, stats, reference=(i == 0), kl=store is not None))
+                test_point("reference-scored" if i == 0 else "model-scored")
             finally:
                 del model
                 _free(device)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import LlmqError
-from ..loading import from_pretrained, load_model, read_config, resolve_dtype
+from ..loading import from_pretrained, load_model, load_tokenizer, read_config, resolve_dtype  # noqa: F401
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -35,22 +35,12 @@ def load_any(source: str | os.PathLike, dtype="auto"):
         model = from_pretrained(source, dtype=resolve_dtype(dtype))
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
         except (ImportError, OSError, ValueError) as e:
             raise LlmqError(f"transformers could not load the {method!r} checkpoint {source} "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): install the package "
                             "that format needs") from e
     return model.eval(), load_tokenizer(source)
-
-
-def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer saved with a model, or None when it has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except Exception:  # no tokenizer files: the caller decides whether that matters
-        return None
 
 
 def size_on_disk(source: str | os.PathLike) -> int | None:

@@ -19,7 +19,9 @@ error times the log-ratio of the two models), not of first order.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,38 @@ import torch
 from ..errors import LlmqError
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_PREFIX = "llmq-eval-ref-"
+_STORE = re.compile(rf"^{_PREFIX}(\d+)-")
+
+
+def check_store_dir(dir: str | os.PathLike | None) -> Path:
+    """The folder the store goes in (default: the system temp dir), checked to exist and be writable."""
+    parent = Path(dir) if dir is not None else Path(tempfile.gettempdir())
+    if not parent.is_dir():
+        raise LlmqError(f"--tmp-dir {parent} is not an existing folder: create it or point --tmp-dir elsewhere")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llmq-write-probe-", dir=parent))
+    except OSError as e:
+        raise LlmqError(f"cannot write the reference log-probs to {parent} ({e.strerror}): point --tmp-dir at a "
+                        "writable folder, or pass --no-kl") from e
+    return parent
+
+
+def remove_stale_stores(parent: Path) -> list[Path]:
+    """Remove the stores that killed runs (SIGKILL, power loss) left in parent, saying so on stderr."""
+    from ..outdir import pid_alive
+
+    removed = []
+    for entry in sorted(parent.iterdir()):
+        m = _STORE.match(entry.name)
+        if m and entry.is_dir() and not pid_alive(int(m[1])):
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+                print(f"llmq: note: removed {entry} ({size / 2**30:.2f} GiB), the reference log-probs of an "
+                      "interrupted eval", file=sys.stderr)
+    return removed
 _HEADROOM = 256 << 20  # leave this much of the disk free
 
 
@@ -47,14 +81,16 @@ class RefStore:
         self.dtype = dtype
         np_dtype = STORE_DTYPES[dtype]
         self.nbytes = windows * positions * vocab * np.dtype(np_dtype).itemsize
-        parent = Path(dir) if dir is not None else Path(tempfile.gettempdir())
+        parent = check_store_dir(dir)
+        remove_stale_stores(parent)
         free = shutil.disk_usage(parent).free
         if self.nbytes + _HEADROOM > free:
             raise LlmqError(
                 f"the reference log-probs for KL divergence need {self.nbytes / 2**30:.1f} GiB in {parent}, "
                 f"which has {free / 2**30:.1f} GiB free: point --tmp-dir at a larger disk, lower --max-windows, "
                 "or pass --no-kl")
-        self.folder = Path(tempfile.mkdtemp(prefix="llmq-eval-ref-", dir=parent))
+        # The pid in the name lets a later run tell a killed run's store from a live one.
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
         try:
             self._logprobs = np.memmap(self.folder / "logprobs.bin", dtype=np_dtype, mode="w+", shape=self.shape)
         except BaseException:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import QUANT_METHOD, QuantConfig
@@ -32,14 +31,18 @@ from ..kernels.layout import codes_per_word
 from ..qweight import quantized_module_names
 from . import awq, compressed_tensors, gptq
 from ..census import router_names
+from .checks import check_native_tensors, read_small_tensors
 from .engines import EngineSupport, format_report, moe_engine_support
-from .native import (SAFETENSORS_DTYPES, atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
+from .native import (atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
                      read_header)
 
 READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
+# The files of SRC a conversion copies: tokenizer, generation config, chat template, model card, custom
+# code. Stray weights (.bin, .pt, .gguf, old .safetensors) never travel into the new checkpoint.
+_COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md", ".py")
 
 
 @dataclass
@@ -72,11 +75,6 @@ def detect_format(config: dict) -> str:
     return method
 
 
-# The small tensors an import reads values from (zero points, act-order
-# indices, stored shapes); everything else it only reshapes.
-_READ_FOR_SHAPES = (".qzeros", ".g_idx", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
-
-
 def read_folder_quant_config(folder: Path) -> dict:
     """config.json, with the GPTQ settings of older AutoGPTQ folders (quantize_config.json) folded in."""
     config = read_folder_config(folder)
@@ -87,19 +85,15 @@ def read_folder_quant_config(folder: Path) -> dict:
 
 
 def _load_tensors(files: list[Path], shapes_only: bool) -> dict[str, torch.Tensor]:
-    if not shapes_only:
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            tensors.update(load_file(str(f)))  # safetensors only: never pickle
-        return tensors
-    header = read_header(files)  # names a damaged file clearly
-    tensors = {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
-               for k, (shape, dtype) in header.items()}
+    if shapes_only:
+        return read_small_tensors(files)
+    read_header(files)  # names a damaged or hostile file clearly
+    tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                if key.endswith(_READ_FOR_SHAPES):
-                    tensors[key] = sf.get_tensor(key)
+        try:
+            tensors.update(load_file(str(f)))  # safetensors only: never pickle
+        except Exception as e:  # safetensors' own error types
+            raise LlmqError(f"checkpoint file {f} is damaged ({e}): re-create or re-download it") from e
     return tensors
 
 
@@ -116,15 +110,39 @@ def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> 
     fmt = detect_format(config)
     tensors = _load_tensors(checkpoint_files(folder), shapes_only)
     qcfg = config["quantization_config"]
-    if fmt == "llmq":
-        qc = QuantConfig.from_dict(qcfg)
-    elif fmt == gptq.QUANT_METHOD:
-        tensors, qc = gptq.import_checkpoint(tensors, qcfg)
-    elif fmt == awq.QUANT_METHOD:
-        tensors, qc = awq.import_checkpoint(tensors, qcfg)
-    else:
-        tensors, qc = compressed_tensors.import_checkpoint(tensors, qcfg)
+    try:
+        if fmt == "llmq":
+            qc = QuantConfig.from_dict(qcfg)
+        elif fmt == gptq.QUANT_METHOD:
+            tensors, qc = gptq.import_checkpoint(tensors, qcfg)
+        elif fmt == awq.QUANT_METHOD:
+            tensors, qc = awq.import_checkpoint(tensors, qcfg)
+        else:
+            tensors, qc = compressed_tensors.import_checkpoint(tensors, qcfg)
+    except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a tensor missing, or of another dtype/shape
+        what = f"tensor {e.args[0]} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise LlmqError(f"{folder} is damaged: its {fmt} tensors do not read ({what}); re-create or "
+                        "re-download it") from e
+    check_native_tensors(tensors, qc, folder)
+    _check_modules_exist(folder, tensors)
     return Checkpoint(folder, config, tensors, qc, fmt)
+
+
+def _check_modules_exist(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every quantized module of the checkpoint is a module of the model its config.json describes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    modules = dict(model.named_modules())
+    for key in tensors:
+        name = key.rsplit(".", 1)[0]
+        if key.endswith(".qweight") and name not in modules:
+            raise LlmqError(f"{folder} is damaged: it quantizes {name!r}, which is not a module of the model "
+                            "its config.json describes; re-create or re-download it")
 
 
 def linear_names(folder: Path) -> tuple[list[str], list[str]]:
@@ -197,8 +215,8 @@ def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Te
     from huggingface_hub import split_torch_state_dict_into_shards
 
     with atomic_folder(out, overwrite, sources or [src]) as tmp:
-        for f in src.iterdir():  # tokenizer, generation config, chat template ...
-            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
+        for f in src.iterdir():  # tokenizer, generation config, chat template ..., never stray weights
+            if f.is_file() and f.name not in _WEIGHT_FILES and f.suffix in _COPIED_SUFFIXES:
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_json or {}).items():

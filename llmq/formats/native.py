@@ -78,9 +78,16 @@ def read_folder_config(folder: str | os.PathLike) -> dict:
     if not cfg.is_file():
         raise LlmqError(f"{folder} has no config.json: pass a Hugging Face model or checkpoint folder")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlmqError(f"{cfg} is not valid JSON ({e}): the folder is damaged") from e
+    except OSError as e:
+        raise LlmqError(f"cannot read {cfg} ({e.strerror})") from e
+    if not isinstance(config, dict):
+        raise LlmqError(f"{cfg} holds a JSON {type(config).__name__}, not an object: the folder is damaged")
+    if not isinstance(config.get("quantization_config", {}) or {}, dict):
+        raise LlmqError(f"{cfg}: quantization_config is not an object: the folder is damaged")
+    return config
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
@@ -88,7 +95,14 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LlmqError(f"{index} is damaged (not JSON with a weight_map of file names): re-create or "
+                            "re-download it") from e
+        bad = [n for n in names if not isinstance(n, str) or "/" in n or n.startswith(".")]
+        if bad:
+            raise LlmqError(f"{index} names {bad[0]!r}, which is not a file of the folder: it is damaged")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise LlmqError(f"checkpoint {folder} is incomplete: shard {missing[0]} named in "
