@@ -124,25 +124,7 @@ def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> 
         raise LlmqError(f"{folder} is damaged: its {fmt} tensors do not read ({what}); re-create or "
                         "re-download it") from e
     check_native_tensors(tensors, qc, folder)
-    _check_modules_exist(folder, tensors)
     return Checkpoint(folder, config, tensors, qc, fmt)
-
-
-def _check_modules_exist(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Every quantized module of the checkpoint is a module of the model its config.json describes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(folder)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    modules = dict(model.named_modules())
-    for key in tensors:
-        name = key.rsplit(".", 1)[0]
-        if key.endswith(".qweight") and name not in modules:
-            raise LlmqError(f"{folder} is damaged: it quantizes {name!r}, which is not a module of the model "
-                            "its config.json describes; re-create or re-download it")
 
 
 def linear_names(folder: Path) -> tuple[list[str], list[str]]:
