@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--diagnose", action="store_true", help="per-kind static activation sensitivity")
     p.add_argument("--json", default=None)
+    p.add_argument("--fp-ppl", type=float, default=None,
+                   help="skip scoring fp32 and compare against this fp32 perplexity (from an earlier run of "
+                        "the same protocol), to split the variants over several processes")
+    p.add_argument("--diagnose-windows", type=int, default=None, help="windows for --diagnose (default: all)")
     args = p.parse_args(argv)
     if args.model is None:
         from llmq.realmodel import smollm2_path
@@ -94,9 +98,9 @@ def main(argv=None) -> int:
     rows = []
     ref = None
 
-    def score(name, model, seconds):
+    def score(name, model, seconds, on=None):
         nonlocal ref
-        stats = perplexity(model, windows, progress=False)
+        stats = perplexity(model, windows if on is None else on, progress=False)
         ppl = stats.perplexity
         ref = ppl if ref is None else ref
         rows.append(dict(variant=name, perplexity=ppl, vs_fp=ppl / ref - 1, quantize_seconds=seconds))
@@ -105,7 +109,11 @@ def main(argv=None) -> int:
     names = [v for v in args.variants.split(",") if v]
     if "fp32" in names:
         names.remove("fp32")
-    names.insert(0, "fp32")  # the reference first
+    if args.fp_ppl is None:
+        names.insert(0, "fp32")  # the reference first
+    else:
+        ref = args.fp_ppl
+        print(f"fp32 perplexity given: {ref}", flush=True)
     for name in names:
         if name not in VARIANTS:
             print(f"unknown variant {name!r}", file=sys.stderr)
@@ -121,12 +129,18 @@ def main(argv=None) -> int:
         base = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static"),
                              dataset=args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                              progress=False)
+        few = windows if args.diagnose_windows is None else windows[: args.diagnose_windows]
+        if args.diagnose_windows is not None:
+            fp = perplexity(load_fp32(args.model), few, progress=False).perplexity
+            print(f"diagnosis on the first {few.shape[0]} windows: fp32 ppl {fp:.3f}", flush=True)
+            ref = fp
+            score("static everywhere", base, 0.0, few)
         for kind, suffixes in KINDS.items():
             model = copy.deepcopy(base)
             for n, m in model.named_modules():
                 if isinstance(m, W8A8Linear) and not n.endswith(suffixes):
                     m.input_scale = None  # per-token for every other linear
-            score(f"static only on {kind}", model, 0.0)
+            score(f"static only on {kind}", model, 0.0, few)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=args.model, windows=windows.shape[0], seqlen=args.seqlen,
                                                    rows=rows), indent=2) + "\n")

@@ -322,3 +322,19 @@ def test_perplexity_script_quantizes_in_memory(folders, tmp_path):
     assert in_memory["kl_mean"] == pytest.approx(saved["kl_mean"], rel=1e-5)
     assert in_memory["model"].endswith("[rtn:4:32:asym, in memory]")
     assert script.main([str(fp), "--quantize", "rtn:4"]) == 2
+
+
+def test_eval_compares_a_w8a8_checkpoint(folders, tmp_path, capsys):
+    fp, _, text, tok = folders
+    calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    q = llmq.quantize(tiny_model("llama"), llmq.QuantConfig(scheme="w8a8", act="static", smooth=0.5),
+                      dataset=calib, progress=False)
+    path = llmq.save(q, tmp_path / "w8a8", tok)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(fp), str(path), "--dataset", str(text), "--seqlen", "32", "--max-windows", "3",
+                 "--json", str(out), "--quiet"]) == 0
+    ref, quant = json.loads(out.read_text())["models"]
+    windows = eval_windows(tok, text.read_text(), 32, max_windows=3)
+    assert quant["perplexity"] == pytest.approx(perplexity(llmq.from_pretrained(path), windows).perplexity, rel=1e-6)
+    assert quant["label"] == "rtn w8 per-row sym a8 static smooth 0.5"
+    assert quant["kl_mean"] > 0 and 0 < quant["top1_agreement"] <= 1

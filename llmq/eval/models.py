@@ -71,4 +71,7 @@ def describe(model) -> str:
         parts.append("sym" if qc["sym"] else "asym")
     if qc.get("desc_act"):
         parts.append("act-order")
+    if qc.get("scheme") == "w8a8":
+        smooth = qc.get("smooth")
+        parts.append(f"a8 {qc.get('act')}" + ("" if smooth is None else f" smooth {smooth}"))
     return " ".join(str(p) for p in parts)

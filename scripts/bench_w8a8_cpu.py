@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""CPU speed of W8A8 (and weight-only int4) against fp32, in one run: prefill, decode, weight memory.
+
+    python scripts/bench_w8a8_cpu.py [--model FP_FOLDER] [--prefill-tokens 512] [--prompt-tokens 32]
+        [--new-tokens 32] [--repeats 5] [--threads N] [--int4] [--json PATH]
+
+The real offline SmolLM2-135M (llmq.realmodel) in fp32, and copies quantized in
+memory: W8A8 with dynamic per-token activations (round-to-nearest int8
+weights; the speed does not depend on how the weights were solved), W8A8 with
+static activations (scales from the first 128 tokens of the benchmark's own
+input: the speed does not depend on their values), and with --int4 RTN int4
+g64 asymmetric weight-only (llmq's default CPU backend).
+
+- prefill: one forward of a batch of 1 x prefill-tokens tokens, no cache
+  (median of --repeats, after one warm-up);
+- decode: transformers' greedy generate with the KV cache of new-tokens tokens
+  after a prompt of prompt-tokens tokens, decode tokens/s with the prefill
+  timed apart (median of --repeats);
+- weights: bytes of the linears' weights as the forward reads them, and of all
+  parameters and buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import llmq
+from llmq.loading import load_model
+from llmq.modules.qlinear import QuantLinear
+from llmq.modules.w8a8 import W8A8Linear
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of the decoder linears' weights as read by the forward, bytes of every parameter and buffer)."""
+    linear = []
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear):
+            linear += [m.weight, m.weight_scale, m.input_scale]
+        elif isinstance(m, QuantLinear):
+            state = m._cpu_state
+            linear += [state.weight, state.scales, state.dense_weight] if state is not None else [m.qweight, m.scales]
+        elif isinstance(m, torch.nn.Linear) and ".layers." in name:
+            linear.append(m.weight)
+    every = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m._cpu_state is not None:
+            every += [m._cpu_state.weight, m._cpu_state.scales, m._cpu_state.dense_weight]
+    return _bytes(linear), _bytes(every)
+
+
+@torch.inference_mode()
+def prefill_ms(model, ids, repeats) -> float:
+    model(ids, use_cache=False)  # warm-up (and the CPU kernels' one-time conversion)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_tps(model, prompt, new_tokens, repeats) -> tuple[float, torch.Tensor]:
+    kw = dict(do_sample=False, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    rates, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+        rates.append((new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+    return statistics.median(rates), out[0, prompt.shape[1]:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--int4", action="store_true", help="also RTN int4 g64 asymmetric weight-only")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from llmq.realmodel import smollm2_path
+
+        args.model = str(smollm2_path("float32"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (1, args.prefill_tokens), generator=g)
+    prompt = ids[:, : args.prompt_tokens]
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; prefill 1 x {args.prefill_tokens} tokens, decode {args.new_tokens} tokens after "
+          f"{args.prompt_tokens}, median of {args.repeats}", flush=True)
+
+    variants = [("fp32", lambda m: m),
+                ("w8a8 dynamic", lambda m: llmq.quantize(m, llmq.QuantConfig(scheme="w8a8"), progress=False)),
+                ("w8a8 static", lambda m: llmq.quantize(m, llmq.QuantConfig(scheme="w8a8", act="static"),
+                                                         dataset=ids[:, :128], progress=False))]
+    if args.int4:
+        variants.append(("int4 g64 weight-only", lambda m: llmq.quantize(
+            m, llmq.QuantConfig(bits=4, group_size=64, sym=False), progress=False)))
+    rows, base, ref_tokens = [], None, None
+    for name, make in variants:
+        model, _ = load_model(args.model, "float32")
+        model = make(model.eval())
+        pre = prefill_ms(model, ids, args.repeats)
+        tps, tokens = decode_tps(model, prompt, args.new_tokens, args.repeats)
+        lin, total = weight_bytes(model)
+        ref_tokens = tokens if ref_tokens is None else ref_tokens
+        base = base or (pre, tps)
+        row = dict(model=name, prefill_ms=pre, prefill_speedup=base[0] / pre, decode_tokens_per_s=tps,
+                   decode_speedup=tps / base[1], linear_weight_bytes=lin, all_bytes=total,
+                   same_tokens=int((tokens == ref_tokens).sum()))
+        rows.append(row)
+        print(f"{name:<22} prefill {pre:8.1f} ms ({row['prefill_speedup']:.2f}x)  decode {tps:7.1f} tok/s "
+              f"({row['decode_speedup']:.2f}x)  linear weights {lin / 2**20:6.1f} MiB, all {total / 2**20:6.1f} MiB"
+              f"  tokens equal to fp32 {row['same_tokens']}/{args.new_tokens}", flush=True)
+        del model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
