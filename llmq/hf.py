@@ -22,8 +22,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .experts import empty_quant_experts, experts_layout, find_experts
+from .folder_io import read_header
 from .formats.checks import check_native_tensors, read_small_tensors
-from .formats.native import check_against_model, read_header, w8a8_module_names
+from .formats.native import check_against_model, w8a8_module_names
 from .qweight import quantized_module_names
 from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear

@@ -11,7 +11,8 @@ from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
-from .formats.native import SAFETENSORS_DTYPES, checkpoint_files, read_header, w8a8_module_names
+from .folder_io import SAFETENSORS_DTYPES, checkpoint_files, read_header
+from .formats.native import w8a8_module_names
 from .units import human_bytes
 from .qweight import PACKED_TENSORS, quantized_module_names
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import LlmqError
-from .formats.native import read_folder_config
+from .folder_io import read_folder_config
 
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -105,7 +105,7 @@ _QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4")
 
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors weight files of a full-precision model folder, with a clear error when it has none."""
-    from .formats.native import checkpoint_files
+    from .folder_io import checkpoint_files
 
     if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -122,7 +122,7 @@ def check_model_source(source: str) -> dict | None:
 
     Returns the folder's config.json (None for a hub id).
     """
-    from .formats.native import read_header
+    from .folder_io import read_header
 
     _check_source(source)
     config = read_config(source)

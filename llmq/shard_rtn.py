@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .formats.native import atomic_folder
+from .outdir import atomic_folder
 from .loading import resolve_device
 from .pipeline import check_finite, plan
 from .shards import ShardWriter

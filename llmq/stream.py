@@ -29,7 +29,7 @@ from torch import nn
 
 from . import arch, distributed
 from .config import QuantConfig
-from .formats.native import atomic_folder
+from .outdir import atomic_folder
 from .loading import resolve_device
 from .memory import available_host_memory
 from .pipeline import check_finite, plan

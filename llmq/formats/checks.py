@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..config import QuantConfig
 from ..errors import LlmqError
-from .native import SAFETENSORS_DTYPES, read_header
+from ..folder_io import SAFETENSORS_DTYPES, read_header
 
 # Tensors whose values the checks (and the format imports) read; the rest come back as meta tensors.
 SMALL_TENSORS = (".qzeros", ".scales", ".g_idx", ".weight_shape", ".weight_scale", ".weight_zero_point",

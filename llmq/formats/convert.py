@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -33,11 +34,9 @@ from . import awq, compressed_tensors, gptq
 from ..census import router_names
 from .checks import check_native_tensors, read_small_tensors
 from .engines import EngineSupport, format_report, moe_engine_support
-from .native import (atomic_folder, check_output_dir, checkpoint_files, read_folder_config,
-                     read_header)
+from ..folder_io import checkpoint_files, read_folder_config, read_header
+from ..outdir import atomic_folder, check_output_dir
 
-READ_FORMATS = ("llmq", gptq.QUANT_METHOD, awq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
-WRITE_FORMATS = ("llmq", gptq.QUANT_METHOD, compressed_tensors.QUANT_METHOD)
 _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
 # The files of SRC a conversion copies: tokenizer, generation config, chat template, model card, custom
@@ -111,14 +110,7 @@ def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> 
     tensors = _load_tensors(checkpoint_files(folder), shapes_only)
     qcfg = config["quantization_config"]
     try:
-        if fmt == "llmq":
-            qc = QuantConfig.from_dict(qcfg)
-        elif fmt == gptq.QUANT_METHOD:
-            tensors, qc = gptq.import_checkpoint(tensors, qcfg)
-        elif fmt == awq.QUANT_METHOD:
-            tensors, qc = awq.import_checkpoint(tensors, qcfg)
-        else:
-            tensors, qc = compressed_tensors.import_checkpoint(tensors, qcfg)
+        tensors, qc = FORMATS[fmt].read(tensors, qcfg)
     except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a tensor missing, or of another dtype/shape
         what = f"tensor {e.args[0]} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise LlmqError(f"{folder} is damaged: its {fmt} tensors do not read ({what}); re-create or "
@@ -146,35 +138,53 @@ def linear_names(folder: Path) -> tuple[list[str], list[str]]:
 
 def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], list[EngineSupport]]:
     """(quantization_config, tensors, engine support) of ckpt written as fmt."""
-    qc = ckpt.quant_config
-    if fmt == "llmq":
-        return qc.to_dict(), ckpt.tensors, []
+    form = FORMATS.get(fmt)
+    if form is None or form.encode is None:
+        raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
+    return form.encode(ckpt)
+
+
+def _read_llmq(tensors: dict[str, torch.Tensor], qcfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
+    return tensors, QuantConfig.from_dict(qcfg)
+
+
+def _encode_llmq(ckpt: Checkpoint):
+    return ckpt.quant_config.to_dict(), ckpt.tensors, []
+
+
+def _encode_gptq(ckpt: Checkpoint):
+    qc, fmt = ckpt.quant_config, gptq.QUANT_METHOD
     if qc.scheme == "w8a8":
         return _encode_w8a8(ckpt, fmt)
     quantized = set(ckpt.layer_shapes())
     inside, outside = linear_names(ckpt.folder)
-    if fmt == gptq.QUANT_METHOD:
-        # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
-        if any(n in quantized for n in outside):
-            raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
-                            "a linear outside them: export with --format compressed-tensors")
-        skipped = [n for n in inside if n not in quantized]
-        return (gptq.export_config(qc, skipped), gptq.export_tensors(ckpt.tensors, qc),
-                gptq.engine_support(qc, ckpt.layer_shapes()) + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
-    if fmt == compressed_tensors.QUANT_METHOD:
-        ignore = [n for n in inside + outside if n not in quantized]
-        # MoE routers are kept in full precision (vLLM builds them as linears too).
-        ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
-        model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
-        tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
-        # The compressor writes scales in the model dtype; where that widened llmq's, the config records
-        # llmq's dtype so that an import narrows them back bit for bit.
-        stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
-        widened = stored if compressed_tensors.scale_dtype_for(model_dtype, stored) != stored else None
-        return (compressed_tensors.export_config(qc, ignore, widened), tensors,
-                compressed_tensors.engine_support(qc, ckpt.layer_shapes())
-                + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
-    raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
+    # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
+    if any(n in quantized for n in outside):
+        raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
+                        "a linear outside them: export with --format compressed-tensors")
+    skipped = [n for n in inside if n not in quantized]
+    return (gptq.export_config(qc, skipped), gptq.export_tensors(ckpt.tensors, qc),
+            gptq.engine_support(qc, ckpt.layer_shapes()) + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
+
+
+def _encode_compressed_tensors(ckpt: Checkpoint):
+    qc, fmt = ckpt.quant_config, compressed_tensors.QUANT_METHOD
+    if qc.scheme == "w8a8":
+        return _encode_w8a8(ckpt, fmt)
+    quantized = set(ckpt.layer_shapes())
+    inside, outside = linear_names(ckpt.folder)
+    ignore = [n for n in inside + outside if n not in quantized]
+    # MoE routers are kept in full precision (vLLM builds them as linears too).
+    ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
+    model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
+    tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
+    # The compressor writes scales in the model dtype; where that widened llmq's, the config records
+    # llmq's dtype so that an import narrows them back bit for bit.
+    stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
+    widened = stored if compressed_tensors.scale_dtype_for(model_dtype, stored) != stored else None
+    return (compressed_tensors.export_config(qc, ignore, widened), tensors,
+            compressed_tensors.engine_support(qc, ckpt.layer_shapes())
+            + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
 
 
 def _encode_w8a8(ckpt: Checkpoint, fmt: str):
@@ -188,6 +198,29 @@ def _encode_w8a8(ckpt: Checkpoint, fmt: str):
     ignore = [n for n in inside + outside if n not in quantized]
     return (ct_w8a8.export_config(ckpt.quant_config, ignore), ct_w8a8.export_tensors(ckpt.tensors),
             ct_w8a8.engine_support(ckpt.quant_config))
+
+
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint format llmq reads, and perhaps writes (each is a module of llmq.formats)."""
+
+    name: str  # the quant_method its config.json names
+    # (tensors, quantization_config) -> (tensors in llmq's native layout, QuantConfig), codes bit-exact
+    read: Callable[[dict, dict], tuple[dict, QuantConfig]]
+    # Checkpoint -> (quantization_config, tensors, engine support rows); None: read only
+    encode: Callable[[Checkpoint], tuple[dict, dict, list[EngineSupport]]] | None = None
+    extra_json: str | None = None  # a second file with the quantization_config that older loaders read
+
+
+# The formats, in the order they are listed to users; every read, write and help text derives from it.
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("llmq", _read_llmq, _encode_llmq),
+    Format(gptq.QUANT_METHOD, gptq.import_checkpoint, _encode_gptq, extra_json="quantize_config.json"),
+    Format(awq.QUANT_METHOD, awq.import_checkpoint),
+    Format(compressed_tensors.QUANT_METHOD, compressed_tensors.import_checkpoint, _encode_compressed_tensors),
+)}
+READ_FORMATS = tuple(FORMATS)
+WRITE_FORMATS = tuple(name for name, f in FORMATS.items() if f.encode is not None)
 
 
 def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool,
@@ -230,7 +263,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "llmq", *
     qcfg, tensors, rows = encode(ckpt, fmt)
     config = dict(ckpt.config)
     config["quantization_config"] = qcfg
-    extra = {"quantize_config.json": qcfg} if fmt == gptq.QUANT_METHOD else None
+    extra = {FORMATS[fmt].extra_json: qcfg} if FORMATS[fmt].extra_json else None
     write_folder(Path(dst), src, config, tensors, overwrite=overwrite, extra_json=extra,
                  max_shard_size=max_shard_size, sources=sources)
     return rows

@@ -26,7 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..config import QuantConfig
 from . import awq, compressed_tensors, gptq
-from .native import SAFETENSORS_DTYPES
+from ..folder_io import SAFETENSORS_DTYPES
 from ..kernels.layout import codes_per_word, group_width, pack_cols, pack_rows
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

@@ -1,0 +1,85 @@
+"""Reading Hugging Face model folders: config.json, the safetensors files, their headers.
+
+Generic folder I/O shared by loading, conversion, `llmq info` and the
+streaming paths; nothing here knows a quantization format. Only safetensors
+are read, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import LlmqError
+
+
+# safetensors' dtype names (as in a file's header) and the torch dtypes they hold.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], str]]:
+    """{tensor name: (shape, dtype string)} over all safetensors files, without reading data."""
+    header = {}
+    for f in files:
+        f = str(f)
+        if not f.endswith(".safetensors"):
+            raise LlmqError(f"{f} is not a safetensors file: llmq checkpoints are safetensors only")
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    sl = sf.get_slice(key)
+                    header[key] = (list(sl.get_shape()), sl.get_dtype())
+        except LlmqError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise LlmqError(f"checkpoint file {f} is damaged or not a safetensors file ({e}): "
+                            "re-create or re-download it") from e
+    return header
+
+
+def read_folder_config(folder: str | os.PathLike) -> dict:
+    """config.json of a local model or checkpoint folder, with a clear error when absent or damaged."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        raise LlmqError(f"{folder} has no config.json: pass a Hugging Face model or checkpoint folder")
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmqError(f"{cfg} is not valid JSON ({e}): the folder is damaged") from e
+    except OSError as e:
+        raise LlmqError(f"cannot read {cfg} ({e.strerror})") from e
+    if not isinstance(config, dict):
+        raise LlmqError(f"{cfg} holds a JSON {type(config).__name__}, not an object: the folder is damaged")
+    if not isinstance(config.get("quantization_config", {}) or {}, dict):
+        raise LlmqError(f"{cfg}: quantization_config is not an object: the folder is damaged")
+    return config
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a local HF folder (sharded or not)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LlmqError(f"{index} is damaged (not JSON with a weight_map of file names): re-create or "
+                            "re-download it") from e
+        bad = [n for n in names if not isinstance(n, str) or "/" in n or n.startswith(".")]
+        if bad:
+            raise LlmqError(f"{index} names {bad[0]!r}, which is not a file of the folder: it is damaged")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise LlmqError(f"checkpoint {folder} is incomplete: shard {missing[0]} named in "
+                            "model.safetensors.index.json is missing")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise LlmqError(f"no model.safetensors (or index) in {folder}: not a complete checkpoint")
