@@ -2,7 +2,11 @@
 """CPU speed of W8A8 (and weight-only int4) against fp32, in one run: prefill, decode, weight memory.
 
     python scripts/bench_w8a8_cpu.py [--model FP_FOLDER] [--prefill-tokens 512] [--prompt-tokens 32]
-        [--new-tokens 32] [--repeats 5] [--threads N] [--int4] [--json PATH]
+        [--new-tokens 32] [--repeats 5] [--threads N] [--int4] [--gemm-only] [--json PATH]
+
+First a single-linear table (the dev model's three linear shapes, M = 1, 16,
+512: fp32 F.linear against int8_linear, activation quantization and rescale
+included), then the whole models.
 
 The real offline SmolLM2-135M (llmq.realmodel) in fp32, and copies quantized in
 memory: W8A8 with dynamic per-token activations (round-to-nearest int8
@@ -89,6 +93,36 @@ def decode_tps(model, prompt, new_tokens, repeats) -> tuple[float, torch.Tensor]
     return statistics.median(rates), out[0, prompt.shape[1]:]
 
 
+def gemm_table(repeats: int) -> list[dict]:
+    """One linear of the dev model's shapes: fp32 F.linear against int8_linear (quantize x per token,
+    torch._int_mm, rescale) at M = 1, 16, 512; median ms of `repeats` after a warm-up."""
+    import torch.nn.functional as F
+
+    from llmq.kernels import int8_linear
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in ((1536, 576), (576, 1536), (576, 576)):
+        w = torch.randn(n, k, generator=g)
+        wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.rand(n, 1, generator=g)
+        for m in (1, 16, 512):
+            x = torch.randn(m, k, generator=g)
+            t = {}
+            for name, f in (("fp32", lambda: F.linear(x, w)), ("int8", lambda: int8_linear(x, wq, ws))):
+                f()
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    f()
+                    times.append(time.perf_counter() - t0)
+                t[name] = 1000 * statistics.median(times)
+            rows.append(dict(n=n, k=k, m=m, fp32_ms=t["fp32"], int8_ms=t["int8"], speedup=t["fp32"] / t["int8"]))
+            print(f"  linear {k:>5} -> {n:<5} M={m:<4} fp32 {t['fp32']:8.3f} ms  int8 {t['int8']:8.3f} ms  "
+                  f"{t['fp32'] / t['int8']:5.2f}x", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -99,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--int4", action="store_true", help="also RTN int4 g64 asymmetric weight-only")
     p.add_argument("--json", default=None)
+    p.add_argument("--gemm-only", action="store_true", help="only the single-linear table (seconds)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +148,12 @@ def main(argv=None) -> int:
           f"threads; prefill 1 x {args.prefill_tokens} tokens, decode {args.new_tokens} tokens after "
           f"{args.prompt_tokens}, median of {args.repeats}", flush=True)
 
+    gemm = gemm_table(max(args.repeats, 9))
+    if args.gemm_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(args=vars(args), gemm=gemm), f, indent=2)
+        return 0
     variants = [("fp32", lambda m: m),
                 ("w8a8 dynamic", lambda m: llmq.quantize(m, llmq.QuantConfig(scheme="w8a8"), progress=False)),
                 ("w8a8 static", lambda m: llmq.quantize(m, llmq.QuantConfig(scheme="w8a8", act="static"),
@@ -139,7 +180,7 @@ def main(argv=None) -> int:
         del model
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+            json.dump(dict(args=vars(args), gemm=gemm, rows=rows), f, indent=2)
     return 0
 
 
