@@ -254,9 +254,20 @@ def _quiet() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def _partial_fate() -> str:
+    from .outdir import KEPT
+
+    if KEPT:  # a streamed run's finished layers
+        return f"finished layers kept in {KEPT[-1]}: rerun with --resume to continue"
+    return "partial output removed"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outdir import Terminated, cleanup_on_signals, restore_signals
 
+    from .outdir import KEPT
+
+    KEPT.clear()  # what this run keeps, not an earlier call's
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         _quiet()
@@ -267,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmq: interrupted; partial output removed", file=sys.stderr)
+        print(f"llmq: interrupted; {_partial_fate()}", file=sys.stderr)
         return 130
     except Terminated:
-        print("llmq: terminated; partial output removed", file=sys.stderr)
+        print(f"llmq: terminated; {_partial_fate()}", file=sys.stderr)
         return 143
     finally:
         restore_signals(previous)

@@ -40,6 +40,7 @@ from .errors import LlmqError
 PARTIAL_TAG = "partial"  # .OUT.partial-<pid>-<random>: a checkpoint being written
 ASIDE_TAG = "old"  # .OUT.old-<pid>-<random>: the replaced checkpoint, until the new one is in place
 _TAGS = (PARTIAL_TAG, ASIDE_TAG)
+KEPT: list[Path] = []  # partial folders kept on an error because they hold resumable work (atomic_folder keep_if)
 
 # What a model or checkpoint folder holds (Hugging Face, llmq, gptq, awq,
 # compressed-tensors, hub downloads): an OUT made only of these may be replaced.
@@ -328,6 +329,8 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool, sources=(), *, adopt:
     except BaseException as exc:
         if keep_if is None or not keep_if(tmp, exc):
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            KEPT.append(tmp)
         raise
     try:
         publish(tmp, out, overwrite)

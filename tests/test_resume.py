@@ -99,3 +99,17 @@ def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path):
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["quantize", *_args(src, tmp_path / "c", text, "--resume", "--no-stream")]) == 2
+
+
+def test_sigterm_keeps_the_finished_layers_and_says_so(tmp_path):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src)
+    out = tmp_path / "q"
+    env = dict(os.environ, LLMQ_TEST_SIGNAL_AT="layer-0:SIGTERM", PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *_args(src, out, text)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 143, r.stderr
+    [partial] = stale_partials(out)
+    assert f"finished layers kept in {partial}" in r.stderr and "--resume" in r.stderr
+    assert json.loads((partial / "resume.json").read_text())["layers_done"] == 1
+    assert main(["quantize", *_args(src, out, text, "--resume")]) == 0 and (out / "config.json").is_file()
