@@ -156,3 +156,14 @@ def test_cli_writes_w8a8_as_compressed_tensors(tmp_path, tiny_llama_dir):
     assert cfg["format"] == "int-quantized" and cfg["config_groups"]["group_0"]["input_activations"]["dynamic"]
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.1.mlp.down_proj.weight"].dtype == torch.int8
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_llmq_reads_the_export_back_with_identical_logits(tmp_path, act, calibration):
+    model, ours = _export(tmp_path, act, calibration)
+    loaded = llmq.from_pretrained(ours)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, W8A8Linear)
+    assert loaded.config.quantization_config.quant_config.act == act
+    ids = random_ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

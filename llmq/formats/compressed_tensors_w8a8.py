@@ -79,3 +79,56 @@ def engine_support(qc: QuantConfig) -> list[EngineSupport]:
                       "CompressedTensorsW8A8Int8 scheme (vLLM itself is not run here)"),
         EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"),
     ]
+
+
+def is_w8a8(cfg: dict) -> bool:
+    """Whether a compressed-tensors quantization_config quantizes activations (read by import_checkpoint)."""
+    return any((g or {}).get("input_activations") for g in (cfg.get("config_groups") or {}).values())
+
+
+def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
+    """compressed-tensors int-quantized W8A8 -> (native tensors, QuantConfig); the tensors are used as stored."""
+    from ..errors import LlmqError
+
+    if cfg.get("quantization_status", "compressed") != "compressed":
+        raise LlmqError("this compressed-tensors checkpoint is not in compressed form: llmq reads int8 weights")
+    groups = list((cfg.get("config_groups") or {}).values())
+    acts = set()
+    for g in groups:
+        fmt = g.get("format") or cfg.get("format")
+        w, a = g.get("weights") or {}, g.get("input_activations") or {}
+        ok_w = (fmt == FORMAT and w.get("type", "int") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True)
+                and w.get("strategy") == "channel")
+        ok_a = (a.get("type", "int") == "int" and a.get("num_bits") == 8 and a.get("symmetric", True)
+                and (a.get("strategy"), bool(a.get("dynamic"))) in (("token", True), ("tensor", False)))
+        if not (ok_w and ok_a) or g.get("output_activations"):
+            raise LlmqError("llmq reads compressed-tensors activation quantization only as W8A8 int8: format "
+                            "int-quantized, 8-bit symmetric per-channel weights and 8-bit symmetric per-token "
+                            "dynamic or per-tensor static input activations")
+        acts.add("dynamic" if a.get("dynamic") else "static")
+    if len(acts) != 1:
+        raise LlmqError("this compressed-tensors checkpoint mixes dynamic and static activations across layers; "
+                        "llmq needs one activation mode for every layer")
+    out = dict(tensors)
+    names = w8a8_names(tensors)
+    if not names:
+        raise LlmqError("config.json says compressed-tensors W8A8 but no int8 '.weight' with a '.weight_scale' is "
+                        "stored")
+    act = acts.pop()
+    for name in names:
+        n = tensors[f"{name}.weight"].shape[0]
+        out[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"].float().reshape(n, 1)
+        if act == "static":
+            out[f"{name}.input_scale"] = tensors[f"{name}.input_scale"].float().reshape(1)
+        out.pop(f"{name}.weight_zero_point", None)  # symmetric: zero
+        if act == "dynamic":
+            out.pop(f"{name}.input_zero_point", None)
+            out.pop(f"{name}.input_scale", None)
+        else:
+            out.pop(f"{name}.input_zero_point", None)
+    meta = cfg.get("llmq") or {}
+    qc = QuantConfig(method=meta.get("method") if meta.get("method") in ("rtn", "gptq") else "rtn", scheme="w8a8",
+                     act=act, smooth=meta.get("smooth"), act_observer=meta.get("act_observer") if act == "static"
+                     else None, modules_to_not_convert=["lm_head"],
+                     calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})
+    return out, qc

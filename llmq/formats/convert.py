@@ -144,6 +144,14 @@ def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], l
     return form.encode(ckpt)
 
 
+def _read_compressed_tensors(tensors: dict[str, torch.Tensor], qcfg: dict):
+    from . import compressed_tensors_w8a8 as ct_w8a8
+
+    if ct_w8a8.is_w8a8(qcfg):
+        return ct_w8a8.import_checkpoint(tensors, qcfg)
+    return compressed_tensors.import_checkpoint(tensors, qcfg)
+
+
 def _read_llmq(tensors: dict[str, torch.Tensor], qcfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
     return tensors, QuantConfig.from_dict(qcfg)
 
@@ -217,7 +225,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("llmq", _read_llmq, _encode_llmq),
     Format(gptq.QUANT_METHOD, gptq.import_checkpoint, _encode_gptq, extra_json="quantize_config.json"),
     Format(awq.QUANT_METHOD, awq.import_checkpoint),
-    Format(compressed_tensors.QUANT_METHOD, compressed_tensors.import_checkpoint, _encode_compressed_tensors),
+    Format(compressed_tensors.QUANT_METHOD, _read_compressed_tensors, _encode_compressed_tensors),
 )}
 READ_FORMATS = tuple(FORMATS)
 WRITE_FORMATS = tuple(name for name, f in FORMATS.items() if f.encode is not None)
