@@ -115,7 +115,8 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     layers: the model's decoder layers (None: looked up with arch.decoder_layers).
     streamer: for a model whose layers are on the meta device (llmq.stream):
     streamer.load(i) materialises layer i before its pass, streamer.release(i,
-    output) writes it out and frees it after; streamer.resume_point() gives
+    output) writes it out and frees it after; streamer.captured() once the
+    layers' inputs are captured; streamer.resume_point() gives
     (first layer to run, its input hidden states or None) for a resumed run.
     """
     model.eval()
@@ -123,6 +124,8 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         _, layers = arch.decoder_layers(model)
     input_ids = distributed.my_windows(input_ids)  # several processes: each runs its share
     hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
+    if streamer is not None:
+        streamer.captured()  # the layers' inputs are known: the outer tensors can go
     if activations is None and keep_on_device is not None:
         activations = "device" if keep_on_device else "host"
     first = 0

@@ -182,6 +182,18 @@ class LayerStreamer:
                         hidden)
         test_point(f"layer-{index}")  # lets the tests kill the run here
 
+    def captured(self) -> None:
+        """The layers' inputs are captured: the outer tensors (embeddings, final norm, head) are no
+        longer needed. They go to the output now (unless a resumed run wrote them already) and
+        back to the meta device, so that they do not sit in memory beside every layer."""
+        if self._resume_from[0] == 0:
+            self.write_outer()
+        head = f"{self.prefix}."
+        for name, module in self.model.named_modules():
+            if name and not (name + ".").startswith(head) and not head.startswith(name + "."):
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, pname, nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+
     def write_outer(self) -> None:
         if self.writer is None:
             return
@@ -260,7 +272,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                 each_layer(job.layers, step, device=device, progress=progress, desc=method.name,
                            streamer=streamer)  # every layer: those without targets are written too
             report.update(layers=time.perf_counter() - t1, **step.timings)
-            streamer.write_outer()
+            if not method.needs_calibration:
+                streamer.write_outer()  # no capture: the outer tensors were never written
         except BaseException as exc:
             if progress and tmp is not None and resuming.resumable(tmp, exc):
                 print(f"llmq: note: the finished layers are kept in {tmp}: rerun with --resume to continue",

@@ -154,3 +154,14 @@ def test_activations_go_to_disk_when_the_host_cannot_hold_them(monkeypatch):
     monkeypatch.setattr(activations, "available_host_memory", lambda: 10**9)
     assert ActivationStore(torch.zeros(100, 10), torch.device("cpu")).where == "host"
     assert engine.activations_fit(torch.zeros(4, 4), torch.device("cpu"))
+
+
+def test_streamed_gptq_leaves_no_weight_in_memory(tmp_path):
+    # Outer tensors go once the layers' inputs are captured, each layer once it is written.
+    src = tmp_path / "m"
+    tiny_model("llama", seed=8).save_pretrained(src)
+    skeleton = build_skeleton(src)
+    stream.quantize_streamed(skeleton, tmp_path / "q", llmq.QuantConfig(method="gptq", group_size=32),
+                             dataset=random_ids(n=4, length=16), progress=False)
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    assert llmq.from_pretrained(tmp_path / "q") is not None
