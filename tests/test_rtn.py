@@ -98,3 +98,20 @@ def test_search_qparams_never_worse_than_min_max(sym):
     assert bool((s1 <= s0 * (1 + 1e-3)).all())  # ranges only ever shrink
     if sym:
         assert bool((z1 == 8).all())
+
+
+def test_search_qparams_in_row_chunks_equals_one_pass(monkeypatch):
+    # The range search goes over large weights in row chunks to bound its memory; rows
+    # are independent, so the result is the same as in one pass, bit for bit.
+    from llmq.solvers import rtn
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(37, 3, 16, generator=g) * torch.rand(37, 3, 1, generator=g)
+    one = rtn.search_qparams(w, 4, False, torch.float16)
+    monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 50 * 48 * 5)  # 5 rows per chunk
+    chunked = rtn.search_qparams(w, 4, False, torch.float16)
+    assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
+    monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 1)  # one row per chunk
+    single = rtn.search_qparams(w, 4, True, torch.float16)
+    monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 1 << 30)
+    assert all(torch.equal(a, b) for a, b in zip(single, rtn.search_qparams(w, 4, True, torch.float16)))

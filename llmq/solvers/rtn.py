@@ -48,6 +48,9 @@ def find_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
     return scale, zero
 
 
+SEARCH_CHUNK_ELEMENTS = 1 << 24  # elements per temporary of search_qparams (fp32: 64 MiB)
+
+
 def search_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, *, grid: int = 50,
                    min_shrink: float = 0.5, norm: float = 2.4):
     """Like find_qparams, but each group's range is shrunk by the factor in
@@ -57,6 +60,13 @@ def search_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dty
     which stays plain min-max.
     """
     w = w.float()
+    # The grid multiplies w's size by `grid` in each temporary; rows are independent,
+    # so large inputs go in row chunks that keep the temporaries near 64 MiB.
+    rows = max(1, SEARCH_CHUNK_ELEMENTS // (grid * max(1, w[0].numel()))) if w.dim() > 1 else w.shape[0] + 1
+    if w.shape[0] > rows:
+        parts = [search_qparams(c, bits, sym, scale_dtype, grid=grid, min_shrink=min_shrink, norm=norm)
+                 for c in w.split(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     shrink = torch.linspace(1.0, min_shrink, grid, device=w.device).view(-1, *([1] * w.dim()))
     scale, zero = find_qparams(w.unsqueeze(0) * shrink, bits, sym, scale_dtype)  # [P, ...]
     q = quantize(w.unsqueeze(0), scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
