@@ -68,13 +68,7 @@ def swap_in_quant_linears(model: nn.Module, names: list[str], qc: QuantConfig, d
     follow it, as the kernels read scales in the activation dtype.
     """
     for name in names:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
-            raise LlmqError(f"checkpoint quantizes {name!r}, which is not a linear layer of this model: "
-                            "the checkpoint does not match its config.json")
+        linear = _linear(model, name)
         gs = qc.group_size_for(linear.in_features)
         if linear.in_features % gs:
             raise LlmqError(f"group size {qc.group_size} does not divide {name}'s {linear.in_features} "

@@ -93,3 +93,16 @@ def model_folder_with_text(path, arch: str = "llama", seed: int = 2, dtype=torch
     text = path.parent / f"{path.name}-calib.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)))
     return text
+
+
+def checkpoint_tensors(folder) -> dict:
+    """Every tensor of a safetensors folder by name (a name in two shards is an error)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                assert k not in out, f"{k} in two shards"
+                out[k] = h.get_tensor(k)
+    return out

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors import safe_open
 
 import llmq
 from llmq import distributed
@@ -16,7 +15,7 @@ from llmq.cli import _check_distributed, build_parser
 from llmq.errors import LlmqError
 from llmq.kernels.layout import unpack_rows
 from llmq.solvers.gptq import HessianAccumulator, gptq_quantize_many
-from conftest import model_folder_with_text, random_ids
+from conftest import checkpoint_tensors, model_folder_with_text, random_ids
 
 
 def _free_port() -> int:
@@ -66,14 +65,6 @@ def test_hessians_reduce_to_the_mean_over_every_rank_and_solves_are_shared():
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(results[0][3], results[1][3]))
 
 
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
-
 
 def _ppl(model, ids):
     with torch.no_grad():
@@ -93,7 +84,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, stream):
                         "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
                         *args], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     same = total = 0
     for k in one:

@@ -6,21 +6,12 @@ import subprocess
 import sys
 
 import torch
-from safetensors import safe_open
 
 import llmq
 from llmq.cli import main
 from llmq.outdir import stale_partials
-from conftest import model_folder_with_text, random_ids
+from conftest import checkpoint_tensors, model_folder_with_text, random_ids
 
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _run_killed(argv, layer):
@@ -66,7 +57,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
 
     assert main(["quantize", *_args(src, out, text, "--resume")]) == 0
     assert stale_partials(out) == [] and not (out / "resume.json").exists()
-    ref, got = _tensors(tmp_path / "ref"), _tensors(out)
+    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
@@ -96,7 +87,7 @@ def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path):
     text = model_folder_with_text(src)
     assert main(["quantize", *_args(src, tmp_path / "a", text, "--resume")]) == 0
     assert main(["quantize", *_args(src, tmp_path / "b", text)]) == 0
-    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["quantize", *_args(src, tmp_path / "c", text, "--resume", "--no-stream")]) == 2
 

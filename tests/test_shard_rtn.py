@@ -14,17 +14,8 @@ from llmq.cli import main
 from llmq.loading import load_model
 from llmq.shards import ShardWriter, SourceShards
 from llmq.skeleton import build_skeleton
-from conftest import TINY_CONFIGS, random_ids, tiny_model
+from conftest import TINY_CONFIGS, checkpoint_tensors, random_ids, tiny_model
 
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                assert k not in out, f"{k} in two shards"
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _in_memory(src, out, config):
@@ -55,7 +46,7 @@ def test_shard_rtn_equals_in_memory_rtn(tmp_path, arch, dtype, sym, monkeypatch)
         code = main(["quantize", str(src), str(tmp_path / "shard"), "--bits", str(config.bits), "--group-size", "32",
                      "--sym" if sym else "--asym", "--quiet"])
     assert code == 0
-    mem, shard = _tensors(tmp_path / "mem"), _tensors(tmp_path / "shard")
+    mem, shard = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "shard")
     assert mem.keys() == shard.keys()
     assert any(k.endswith(".qweight") for k in shard)
     for k in mem:
@@ -83,7 +74,7 @@ def test_shard_rtn_writes_several_output_shards_that_load(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and all((tmp_path / "shard" / f).is_file() for f in files)
     assert not list((tmp_path / "shard").glob(".part-*"))
-    mem, shard = _tensors(tmp_path / "mem"), _tensors(tmp_path / "shard")
+    mem, shard = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "shard")
     assert set(index["weight_map"]) == shard.keys() == mem.keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in shard.values())
     ids = random_ids(seed=5)
@@ -107,7 +98,7 @@ def test_shard_writer_round_trip_against_safetensors_reader(tmp_path):
         writer.add(k, t)
     files = writer.finish()
     assert len(files) > 1
-    got = _tensors(tmp_path)
+    got = checkpoint_tensors(tmp_path)
     assert got.keys() == tensors.keys()
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
@@ -128,7 +119,7 @@ def test_moe_on_disk_names_fall_back_to_memory_with_reason(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q"), "--group-size", "32"]) == 0
     err = capsys.readouterr().err
     assert "quantizing in memory, not shard by shard" in err and "experts" in err
-    assert any(k.endswith(".qweight") for k in _tensors(tmp_path / "q"))  # written by the in-memory path
+    assert any(k.endswith(".qweight") for k in checkpoint_tensors(tmp_path / "q"))  # written by the in-memory path
     # --stream asks for the shard path explicitly: refused, nothing written.
     code = main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q2"), "--group-size", "32", "--stream", "--quiet"])
     assert code == 2 and not (tmp_path / "q2").exists()
@@ -157,4 +148,4 @@ def test_peak_host_memory_reported(tmp_path, tiny_llama_dir, capsys):
     assert shown >= 0.95 * rss
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q2"), "--group-size", "32", "--no-stream"]) == 0
     assert "peak host memory" in capsys.readouterr().out
-    assert _tensors(tmp_path / "q").keys() == _tensors(tmp_path / "q2").keys()
+    assert checkpoint_tensors(tmp_path / "q").keys() == checkpoint_tensors(tmp_path / "q2").keys()

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import transformers as T
-from safetensors import safe_open
 
 import llmq
 from llmq import engine, stream
@@ -15,20 +14,12 @@ from llmq.cli import main
 from llmq.engine import layer_output, run_layers
 from llmq.shards import ShardWriter
 from llmq.skeleton import build_skeleton
-from conftest import TINY_CONFIGS, model_folder_with_text, random_ids, tiny_model
+from conftest import TINY_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
 
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _assert_same_checkpoint(a, b):
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys() and any(k.endswith(".qweight") for k in ta)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
