@@ -103,12 +103,20 @@ def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.
     meta = {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__}
     if native_scale_dtype is not None:
         meta["scale_dtype"] = str(native_scale_dtype).removeprefix("torch.")
+    return config_envelope(FORMAT, weights, None, ignore, meta)
+
+
+def config_envelope(fmt: str, weights: dict, input_activations: dict | None, ignore: list[str],
+                    meta: dict) -> dict:
+    """The quantization_config compressed-tensors' compressor writes around one config group of
+    Linear targets (every key it writes, so that its readers find what they expect)."""
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": FORMAT}},
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": input_activations, "output_activations": None,
+                                      "format": fmt}},
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,

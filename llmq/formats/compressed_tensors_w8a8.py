@@ -22,9 +22,9 @@ import torch
 
 from .._version import __version__
 from ..config import QuantConfig
+from .compressed_tensors import QUANT_METHOD, config_envelope
 from .engines import EngineSupport
 
-QUANT_METHOD = "compressed-tensors"
 FORMAT = "int-quantized"
 
 
@@ -55,20 +55,7 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
               "observer": "minmax" if static else None}
     meta = {"method": qc.method, "scheme": qc.scheme, "act": qc.act, "smooth": qc.smooth,
             "act_observer": qc.act_observer, "calibration": qc.calibration, "llmq_version": __version__}
-    return {
-        "quant_method": QUANT_METHOD,
-        "format": FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
-                                      "output_activations": None, "format": FORMAT}},
-        "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "moe_sparsity_config": None,
-        "sparsity_config": {},
-        "transform_config": {},
-        "llmq": meta,
-    }
+    return config_envelope(FORMAT, weights, inputs, ignore, meta)
 
 
 def engine_support(qc: QuantConfig) -> list[EngineSupport]:
