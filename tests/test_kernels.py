@@ -435,6 +435,28 @@ def test_quantlinear_sorts_act_order_once_and_keeps_the_checkpoint_layout(tmp_pa
     assert_close(layer.kernel_forward(x), ref, TOL[torch.float32])
 
 
+def test_quantlinear_sorted_when_placed_on_its_device_and_after_an_offloading_hook():
+    """Moved to a new device the layer decides its kernel layout at the move (on CUDA: sorted
+    then; the interpreter's CPU runs sort on the first kernel call); buffers that accelerate's
+    set_module_tensor_to_device puts in (its offloading hooks, before each call) hold the
+    checkpoint layout of other weights and are sorted again."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    layer, p, w = _act_order_quantlinear(502)
+    assert layer.perm is None and torch.equal(layer.qweight, p["qweight"]), "sorted on CPU"
+    x = make_x((4,), 256, torch.float32, 502)
+    assert_close(layer.kernel_forward(x), reference(x, w, None), TOL[torch.float32])
+    assert layer.perm is not None
+    other, w_other = make_layer(64, 256, 4, 64, True, 503)
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        set_module_tensor_to_device(layer, name, "cpu", value=other[name].clone())
+    assert layer.perm is None, "the old sort order outlived its codes"
+    assert_close(layer.kernel_forward(x), reference(x, w_other, None), TOL[torch.float32])
+    assert layer.perm is not None
+    assert torch.equal(layer.state_dict()["qweight"], other["qweight"])
+    assert_close(layer(x), reference(x, w_other, None), CPU_KERNEL_TOL)
+
+
 def test_quantlinear_gather_mode_keeps_the_buffers():
     layer, p, w = _act_order_quantlinear(501, act_order="gather")
     x = make_x((5,), 256, torch.float16, 501)

@@ -63,3 +63,34 @@ def test_quant_experts_grouped_forward_matches_the_loop(arch):
         expected = q(hidden, index, weights)
         got = q.grouped_forward(hidden, index, weights)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quant_experts_grouped_form_follows_an_experts_buffers_put_in_by_a_hook():
+    """An expert's buffers put in by accelerate's set_module_tensor_to_device (its offloading hooks)
+    rebuild the stacked form the grouped kernel reads: the grouped forward still matches the loop."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from llmq.modules.qlinear import set_cpu_backend
+    from conftest import tiny_model
+
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=16, sym=False), progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    set_cpu_backend(q, "dense")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(9, 64, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=g)
+    with torch.no_grad():
+        q.grouped_forward(hidden, index, weights)  # the stacked form is built
+        last = q.expert(q.num_experts - 1)
+        donor = q.expert(0)
+        for proj in (q.up_names[0], q.down_name):
+            for name in ("qweight", "qzeros", "scales"):
+                set_module_tensor_to_device(last._modules[proj], name, "cpu",
+                                            value=getattr(donor._modules[proj], name).clone())
+        expected = q(hidden, index, weights)
+        got = q.grouped_forward(hidden, index, weights)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -77,3 +77,51 @@ def test_quantized_model_under_torch_compile_on_cpu():
     torch.testing.assert_close(compiled, eager)
     reasons = [reason for group in counters.values() for reason in group]
     assert not [r for r in reasons if "recompile limit" in str(r)], "a frame recompiled past dynamo's limit"
+
+
+def _layer_tensors(k, n, bits, gs, seed):
+    """Checkpoint tensors of a random act-order layer, and its float64 reference's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.randint(0, 2**bits, (n, k // gs), generator=g)
+    scales = torch.rand(n, k // gs, generator=g) * 0.02 + 0.001
+    g_idx = torch.randperm(k, generator=g) // gs
+    tensors = {"qweight": pack_rows(codes.t(), bits), "qzeros": pack_cols(zeros.t(), bits),
+               "scales": scales.t().contiguous(), "g_idx": g_idx.int()}
+    return tensors, (codes, zeros, scales, g_idx)
+
+
+def test_cpu_form_is_built_at_placement_and_follows_buffers_put_in_from_outside(monkeypatch):
+    """The CPU form is decided when the layer is placed (post_load, a move that gives new tensors),
+    not on its calls; buffers put in by accelerate's set_module_tensor_to_device (what its
+    offloading hooks do before each call) replace it."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    import llmq.modules.qlinear as qlinear_module
+
+    builds = []
+    real_prepare = qlinear_module.prepare_cpu
+    monkeypatch.setattr(qlinear_module, "prepare_cpu", lambda *a, **kw: builds.append(a) or real_prepare(*a, **kw))
+    k, n = 128, 32
+    first, first_ref = _layer_tensors(k, n, 4, 32, seed=11)
+    layer = QuantLinear(k, n, bits=4, group_size=32, desc_act=True, dtype=torch.float32)
+    layer.set_cpu_backend("dense")  # exact in float32: the reference is float64 from the codes
+    for name, tensor in first.items():
+        getattr(layer, name).copy_(tensor)
+    layer.post_load()
+    assert len(builds) == 1, "not built when placed"
+    x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(12))
+    for _ in range(2):
+        torch.testing.assert_close(layer(x).double(), _reference(x, *first_ref, None), rtol=1e-4, atol=1e-4)
+    assert len(builds) == 1, "built again on a call"
+    layer.to("cpu")  # same tensors: nothing to decide
+    assert len(builds) == 1
+    layer._apply(lambda t: t.clone())  # new tensors, as a move gives: decided again at the move
+    assert len(builds) == 2
+    torch.testing.assert_close(layer(x).double(), _reference(x, *first_ref, None), rtol=1e-4, atol=1e-4)
+    assert len(builds) == 2
+    second, second_ref = _layer_tensors(k, n, 4, 32, seed=13)
+    for name, tensor in second.items():
+        set_module_tensor_to_device(layer, name, "cpu", value=tensor)
+    torch.testing.assert_close(layer(x).double(), _reference(x, *second_ref, None), rtol=1e-4, atol=1e-4)
+    assert torch.equal(layer.state_dict()["qweight"], second["qweight"])

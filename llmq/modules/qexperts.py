@@ -107,16 +107,30 @@ class QuantExperts(nn.Module):
         return (bool(linears) and all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
                 and len({(m.bits, m.group_size) for m in linears}) == 1)
 
-    def _grouped_form(self):
-        """Each side's weights stacked over experts ([E, ...] per packed tensor), built once per device.
+    def _quant_linears(self) -> list:
+        return [self.expert(e)._modules[n] for e in range(self.num_experts) for n in self.up_names + (self.down_name,)]
 
+    def _apply(self, fn, recurse=True):
+        moved = super()._apply(fn, recurse)
+        # Placed on a CUDA device: the stacked form is built now, from the moved experts.
+        self.__dict__.pop("_grouped", None)
+        self.__dict__.pop("_grouped_key", None)
+        if self.grouped_ready() and self.expert(0)._modules[self.down_name].qweight.device.type == "cuda":
+            self._grouped_form()
+        return moved
+
+    def _grouped_form(self):
+        """Each side's weights stacked over experts ([E, ...] per packed tensor).
+
+        Built when the block is placed on a CUDA device, or on the first grouped call; built
+        again when an expert's buffers changed since (each QuantLinear's form version moves
+        when its buffers are loaded, put in by an offloading hook, or moved).
         The gate and up projections of an expert are concatenated along the outputs, which keeps
         the packing (codes along K, zero points along N in whole words). A copy: while it is
         cached, the experts take twice their memory on the device.
         """
-        key = (self.expert(0)._modules[self.down_name].qweight.data_ptr(), self.expert(0)._modules[self.down_name]
-               .qweight.device)
-        if getattr(self, "_grouped_key", None) == key:
+        key = tuple(m._form.version for m in self._quant_linears())
+        if self.__dict__.get("_grouped_key") == key:
             return self._grouped
         sides = []
         for names in (self.up_names, (self.down_name,)):

@@ -13,18 +13,29 @@ so `load_state_dict` / transformers' loader assign checkpoint tensors directly.
 
 Forward: on CUDA, llmq.kernels.dequant_matmul reads the packed buffers
 (Triton). An act-order layer whose groups are full runs of group_size inputs
-(what GPTQ writes) is re-laid out in place on its first CUDA call
+(what GPTQ writes) is re-laid out in place when it is placed on its CUDA device
 (`act_order = "reorder"`, the default): qweight's rows are sorted by group and
 x is permuted on each call, so the kernels take their plain grouped path
 instead of looking up every input's scale and zero point (`"gather"` keeps the
 checkpoint layout and does the lookup). The state dict, `quantized_weight()`
 and saving always give the checkpoint layout.
 
-On CPU the buffers are converted once, on the first call, into the form of
+On CPU the buffers are converted, when the layer is placed, into the form of
 the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8 weight-only
 kernels, or a dense weight), kept outside the state dict.
 `cpu_backend` picks it: "auto" (default), "int4pack", "int8pack", or "dense"
 (exact in the activation dtype; as much memory as the unquantized layer).
+
+When the runtime form is decided: a layer is placed once its buffers hold
+checkpoint values (`post_load()`, which `from_quantized` and llmq's
+transformers loader call; `load_state_dict` does the same) and again whenever `.to()`, `.cuda()`,
+`.half()` ... give it new tensors (`_apply`). A buffer put in from outside
+(transformers' loader, accelerate's `set_module_tensor_to_device` and
+offloading hooks, which write `module._buffers[name]` directly) drops the
+form built from the old tensor on the spot (`_WatchedBuffers`); the next call
+builds it again from the new one. So does the first call of a layer whose
+buffers were filled in place without `post_load()`. A dense CPU weight is
+kept in the activation dtype: an input of another dtype rebuilds it.
 """
 
 from __future__ import annotations
@@ -35,6 +46,68 @@ from torch import nn
 from ..kernels.layout import codes_per_word, group_width, pack_rows, unpack_cols, unpack_rows
 from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu, reorder_act_order
 from ..qweight import QuantizedWeight
+
+
+# The buffers a runtime form is built from.
+CHECKPOINT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class RuntimeForm:
+    """What a QuantLinear computes with beyond its checkpoint buffers, built from the present ones.
+
+    kernel_ready: the CUDA kernels' layout is decided for the present codes (act-order rows
+    sorted by group or not; the layer's `perm` is set exactly when they are sorted).
+    cpu: the CPU backend's form (llmq.kernels.CpuState), or None.
+    act_dtype: the activation dtype the CPU form was last built for.
+    version: bumped whenever the buffers change, for forms built from several layers
+    (QuantExperts' stacked experts).
+    """
+
+    def __init__(self):
+        self.kernel_ready = False
+        self.cpu = None
+        self.act_dtype = None
+        self.version = 0
+
+    def invalidate(self) -> None:
+        self.kernel_ready = False
+        self.cpu = None
+        self.version += 1
+
+
+class _WatchedBuffers(dict):
+    """A QuantLinear's buffer table (its `_buffers`).
+
+    A tensor put in from outside replaces checkpoint values: transformers' loader,
+    accelerate's set_module_tensor_to_device (used by its offloading hooks), which
+    write `module._buffers[name]` directly, setattr and register_buffer all come
+    through here. The runtime form built from the old tensor is dropped on the spot,
+    and a new qweight holds the checkpoint layout, so the old sort order goes too.
+    The layer's own moves write with `quiet` set: moved codes keep their layout.
+    """
+
+    def __init__(self, form: RuntimeForm):
+        super().__init__()
+        self.form = form
+        self.quiet = False
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value)
+        if not self.quiet and name in CHECKPOINT_BUFFERS:
+            self.form.invalidate()
+            if name == "qweight" and "perm" in self:
+                super().__setitem__("perm", None)
+
+    def __reduce__(self):
+        # A copy (deepcopy, pickle) is rebuilt without notifications: it shares the copied
+        # layer's form, which stays valid for the copied tensors.
+        return _watched_buffers, (self.form, dict(self))
+
+
+def _watched_buffers(form: RuntimeForm, items: dict) -> _WatchedBuffers:
+    table = _WatchedBuffers(form)
+    dict.update(table, items)
+    return table
 
 
 class QuantLinear(nn.Module):
@@ -50,6 +123,8 @@ class QuantLinear(nn.Module):
         if in_features % gs or in_features % per or out_features % per:
             raise ValueError(f"a {bits}-bit layer of shape {out_features}x{in_features} with group size "
                              f"{group_size} cannot be packed")
+        self._form = RuntimeForm()
+        self.__dict__["_buffers"] = _WatchedBuffers(self._form)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -69,18 +144,10 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self.cpu_backend = self.default_cpu_backend
         self.cpu_prefill_dense = False
-        self._cpu_state = None
-        self._cpu_key = None
         self.act_order = self.default_act_order
-        # Set once qweight's rows are sorted by group: x[..., perm] feeds the kernels.
+        # Set exactly while qweight's rows are sorted by group: x[..., perm] feeds the kernels.
         self.register_buffer("perm", None, persistent=False)
-        # qweight.data_ptr() when its kernel layout was prepared. Another pointer
-        # means the buffer was replaced (a loader or an offloading hook) and holds
-        # checkpoint-layout codes again; moves by .to() and copies keep the
-        # layout (_apply, __setstate__).
-        self._layout_ptr = None
         self.register_state_dict_post_hook(_checkpoint_layout_in_state_dict)
-        self.register_load_state_dict_pre_hook(_checkpoint_layout_loaded)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -120,59 +187,89 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype or self.scales.dtype)
 
     def post_load(self) -> None:
-        """Called once the buffers hold checkpoint values: drops every form prepared from earlier ones."""
-        self._drop_cpu_form()
+        """Called once the buffers hold checkpoint values: drops every form built from earlier ones
+        and decides the runtime form for the buffers' device (see the module doc)."""
         self.perm = None
-        self._layout_ptr = None
+        self._form.invalidate()
+        self._place()
 
-    def _drop_cpu_form(self) -> None:
-        self._cpu_state = None
-        self._cpu_key = None
+    def _place(self) -> None:
+        """Decide the runtime form for the device the buffers are on: on CUDA the kernels' layout,
+        on CPU the CPU backend's form; nothing on meta (an offloaded layer, whose buffers are put
+        in before each call)."""
+        form = self._form
+        form.cpu = None
+        form.version += 1
+        device = self.qweight.device
+        if device.type == "meta":
+            form.kernel_ready = False
+        elif device.type == "cpu":
+            form.cpu = self._prepare_cpu(form.act_dtype or self.scales.dtype)
+        else:
+            self._prepare_kernel_layout()
 
     def set_cpu_backend(self, backend: str = "auto", prefill_dense: bool = False) -> None:
         self.cpu_backend = backend
         self.cpu_prefill_dense = prefill_dense
-        self._drop_cpu_form()
+        if self._form.cpu is not None:  # placed on CPU: decided again for the new backend
+            self._form.cpu = self._prepare_cpu(self._form.cpu.dtype)
+
+    def _prepare_cpu(self, dtype: torch.dtype):
+        return prepare_cpu(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
+                           self.group_size, dtype, backend=self.cpu_backend, prefill_dense=self.cpu_prefill_dense)
 
     def _cpu_form(self, dtype: torch.dtype):
-        key = (self.qweight.data_ptr(), self.scales.data_ptr(), dtype, self.cpu_backend, self.cpu_prefill_dense)
-        if self._cpu_key != key:
-            self._cpu_state = prepare_cpu(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
-                                          self.group_size, dtype, backend=self.cpu_backend,
-                                          prefill_dense=self.cpu_prefill_dense)
-            self._cpu_key = key
-        return self._cpu_state
+        state = self._form.cpu
+        # None: buffers filled in place without post_load(), or put in since (an offloading
+        # hook); a dense weight is kept in the activation dtype.
+        if state is None or (state.backend == "dense" and state.dtype != dtype):
+            self._form.act_dtype = dtype
+            state = self._form.cpu = self._prepare_cpu(dtype)
+        return state
 
     def _prepare_kernel_layout(self) -> None:
-        """From checkpoint-layout codes: sort qweight's rows by group in place (act_order "reorder")."""
+        """Decide the kernels' layout: sort qweight's rows by group in place (act_order "reorder")
+        unless they are sorted already (perm set: moved codes keep their layout)."""
         if self.act_order not in ("reorder", "gather"):
             raise ValueError(f"act_order must be 'reorder' or 'gather', got {self.act_order!r}")
-        self.perm = None
-        if self.g_idx is not None and self.act_order == "reorder":
+        if self.perm is None and self.g_idx is not None and self.act_order == "reorder":
             sorted_form = reorder_act_order(self.qweight, self.g_idx, bits=self.bits, group_size=self.group_size)
             if sorted_form is not None and sorted_form[1] is not None:
                 self.qweight.copy_(sorted_form[0])
                 self.perm = sorted_form[1].to(torch.int32)
-        self._layout_ptr = self.qweight.data_ptr()
+        self._form.kernel_ready = True
 
     def _apply(self, fn, recurse=True):
-        moved = super()._apply(fn, recurse)
-        if self._layout_ptr is not None:  # the codes moved with their layout
-            self._layout_ptr = self.qweight.data_ptr()
+        before = [self._buffers.get(name) for name in CHECKPOINT_BUFFERS]
+        placed = self._form.kernel_ready or self._form.cpu is not None
+        self._buffers.quiet = True
+        try:
+            moved = super()._apply(fn, recurse)
+        finally:
+            self._buffers.quiet = False
+        if any(old is not self._buffers.get(name) for old, name in zip(before, CHECKPOINT_BUFFERS)):
+            # New tensors (moved, cast): the codes keep their layout; the form follows the device.
+            self._form.version += 1
+            if placed:
+                self._place()
         return moved
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if self._layout_ptr is not None:  # a copy (deepcopy, pickle) carries the layout with its codes
-            self._layout_ptr = self.qweight.data_ptr()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loading = any(prefix + name in state_dict for name in CHECKPOINT_BUFFERS)
+        if prefix + "qweight" in state_dict:
+            self.perm = None  # checkpoint-layout codes are copied over the sorted ones
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if loading:
+            self._form.invalidate()
+            self._place()
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through llmq.kernels.dequant_matmul (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
-        if torch.compiler.is_compiling():
-            if self._layout_ptr is None:  # first call: rewrite the buffers eagerly, outside the graph
+        if not self._form.kernel_ready:  # not placed on a CUDA device (the interpreter), or buffers put in since
+            if torch.compiler.is_compiling():  # rewrite the buffers eagerly, outside the graph
                 _kernel_layout_outside_graph(self)
-        elif self._layout_ptr != self.qweight.data_ptr():
-            self._prepare_kernel_layout()
+            else:
+                self._prepare_kernel_layout()
         g_idx = self.g_idx
         if self.perm is not None:
             x, g_idx = x.index_select(-1, self.perm), None
@@ -183,9 +280,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            # Under torch.compile the conversion runs eagerly: it caches by data
-            # pointer, which dynamo cannot trace, and tracing it would recompile
-            # for every layer shape.
+            # Under torch.compile the form is looked up eagerly: building it (when the buffers
+            # were put in since) cannot be traced, and tracing it would recompile for every
+            # layer shape.
             prepare = _cpu_form_outside_graph if torch.compiler.is_compiling() else QuantLinear._cpu_form
             return cpu_matmul(x, prepare(self, x.dtype), bias)
         return self.kernel_forward(x)
@@ -204,12 +301,6 @@ def _checkpoint_layout_in_state_dict(module, state_dict, prefix, local_metadata)
     # The state dict (and so every save) holds the checkpoint layout, never the sorted one.
     if module.perm is not None and prefix + "qweight" in state_dict:
         state_dict[prefix + "qweight"] = module.checkpoint_qweight()
-
-
-def _checkpoint_layout_loaded(module, state_dict, prefix, *args) -> None:
-    # Tensors loaded from a state dict are in the checkpoint layout.
-    if prefix + "qweight" in state_dict:
-        module.post_load()
 
 
 def set_cpu_backend(model: nn.Module, backend: str = "auto", prefill_dense: bool = False) -> None:
