@@ -19,6 +19,8 @@ from .kernels.layout import group_index, pack_cols, pack_rows
 # The tensors a quantized linear `name` holds in a native checkpoint: `name.qweight` ...
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at a time (float32 temporaries of 16 MiB)
+
 
 def quantized_module_names(tensor_names: Iterable[str]) -> list[str]:
     """The quantized linears among checkpoint tensor names: those with a `.qweight`, sorted."""
@@ -42,11 +44,18 @@ class QuantizedWeight:
         return group_index(self.codes.shape[1], self.group_size, self.g_idx, self.codes.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[N, K] weights in `dtype`, computed in float32."""
+        """[N, K] weights in `dtype`, computed in float32, a band of rows at a time
+        (the float32 temporaries of an 8192 x 3072 weight would be 96 MiB each)."""
         g = self.group_index()
-        s = self.scales.float()[:, g]
-        z = self.zeros.float()[:, g]
-        return ((self.codes.float() - z) * s).to(dtype)
+        n, k = self.codes.shape
+        out = torch.empty(n, k, dtype=dtype, device=self.codes.device)
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // max(k, 1))
+        for r0 in range(0, n, step):
+            r1 = min(r0 + step, n)
+            s = self.scales[r0:r1].float()[:, g]
+            z = self.zeros[r0:r1].float()[:, g]
+            out[r0:r1] = (self.codes[r0:r1].float() - z) * s
+        return out
 
     def packed(self) -> dict[str, torch.Tensor]:
         """Tensors named and laid out as in the checkpoint (README: Checkpoint format)."""

@@ -140,30 +140,81 @@ class GPTQStats:
     seconds: float
 
 
-def _factor_hessian(H: torch.Tensor, damp: float, perm: torch.Tensor | None):
+# Rows (or elements) copied at a time where a large matrix is permuted, reversed
+# or rescaled in place: temporaries stay near 16 MiB whatever the matrix size.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: int, width: int):
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(r0 + step, rows)
+
+
+def _reverse_storage(A: torch.Tensor) -> torch.Tensor:
+    """A.flip(0, 1) computed in place, for a dense 2-D tensor: turning a matrix by
+    half a turn reverses its storage, whatever its strides. Returns A."""
+    flat = A.as_strided((A.numel(),), (1,))
+    n = flat.numel()
+    half = n // 2
+    for a, b in _row_chunks(half, 1):
+        lo = flat[a:b].clone()
+        flat[a:b] = flat[n - b:n - a].flip(0)
+        flat[n - b:n - a] = lo.flip(0)
+    return A
+
+
+def _damp_ready(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None):
+    """(Hflip, mean of the diagonal): H with dead inputs' diagonal set to 1, put in
+    `perm` order, and turned by half a turn (the order _factor_hessian factorises
+    in), as a new matrix built without other full-size temporaries; the mean is
+    taken before the turn, as the diagonal of the permuted matrix (the order of a
+    float sum matters, and these are the numbers every earlier release produced)."""
+    if perm is None:
+        Hp = H.clone()
+        torch.diagonal(Hp)[dead] = 1.0
+    else:
+        k = H.shape[0]
+        Hp = torch.empty(k, k, dtype=H.dtype, device=H.device)
+        for r0, r1 in _row_chunks(k, k):
+            torch.index_select(H.index_select(0, perm[r0:r1]), 1, perm, out=Hp[r0:r1])
+        torch.diagonal(Hp)[dead[perm]] = 1.0
+    mean_diag = torch.diagonal(Hp).mean()
+    return _reverse_storage(Hp), mean_diag
+
+
+def _factor_hessian(H: torch.Tensor, dead: torch.Tensor, damp: float, perm: torch.Tensor | None):
     """Upper Cholesky factor U of (H + lambda I)^-1 (H^-1 = U^T U), in `perm` order.
 
-    H is a fixed-up copy (dead columns already set) and is not modified.
-    The reference computes chol(H), then H^-1, then chol(H^-1). With J the
-    order-reversing permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J),
-    and J L^-1 J is upper triangular with a positive diagonal, so it is U:
-    one Cholesky and one triangular inverse, about 2/3 of the work, and H^-1 is
-    never formed. Returns (U, damp_used, raised, lambda).
+    H is the caller's Hessian and is not modified; dead inputs (dead[i]: H[i, i]
+    is zero) take a diagonal of 1. The reference computes chol(H), then H^-1,
+    then chol(H^-1). With J the order-reversing permutation and J H J = L L^T,
+    H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a
+    positive diagonal, so it is U: one Cholesky and one triangular inverse,
+    about 2/3 of the work, and H^-1 is never formed.
+
+    Memory: at most about three K x K matrices besides H (the damped copy and its
+    factor, then the factor, the inverse and the solver's workspace); the
+    inverse is computed in place of an identity laid out as the solver returns
+    it, and turned in place. Returns (U, damp_used, raised, lambda).
     """
-    if perm is not None:
-        H = H[perm][:, perm]
     k = H.shape[0]
-    mean_diag = torch.diagonal(H).mean()
-    Hflip = H.flip(0, 1)
-    eye = torch.eye(k, dtype=H.dtype, device=H.device)
     frac = damp
     for attempt in range(_DAMP_TRIES):
-        Hd = Hflip.clone()
+        Hd, mean_diag = _damp_ready(H, dead, perm)  # rebuilt on a retry: the failed one was damped
         torch.diagonal(Hd).add_(frac * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            return Linv.flip(0, 1), frac, attempt > 0, float(frac * mean_diag)
+            # L^-1 in place of an identity in column-major layout (the layout
+            # solve_triangular gives its result: same numbers, no extra copy).
+            Linv = torch.empty(k, k, dtype=H.dtype, device=H.device).t()
+            Linv.zero_()
+            torch.diagonal(Linv).fill_(1.0)
+            torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
+            del L
+            return _reverse_storage(Linv), frac, attempt > 0, float(frac * mean_diag)
+        del L
         frac = frac * 10 if frac > 0 else _DAMP_FLOOR
     raise LlmqError(f"GPTQ could not factorise the {k}x{k} Hessian even with damp {frac / 10:g}; "
                     "check the calibration inputs for overflow or use more calibration samples")
@@ -188,9 +239,9 @@ def _block_end(i1: int, k: int, block_size: int, group_size: int, static: bool) 
 
 def _solve(Wt: torch.Tensor, U: torch.Tensor, *, bits: int, sym: bool, scale_dtype: torch.dtype,
            group_size: int, col_group: list[int], static_qparams, block_size: int, qparams=find_qparams):
-    """Blocked GPTQ on Wt [K, N] fp32 (modified in place), columns in processing order.
+    """Blocked GPTQ on Wt [K, N] fp32 (spent: it holds Qd on return), columns in processing order.
 
-    U: [K, K] upper Cholesky factor of H^-1 in the same order. col_group[i] is
+    U: [K, K] upper Cholesky factor of H^-1 in the same order (spent: divided in place). col_group[i] is
     the group of processing position i. static_qparams: None, or (scale, zero)
     each [G, N] fp32 indexed by group.
     Returns codes [K, N] (float), Qd [K, N] (dequantized), scale [G, N], zero [G, N],
@@ -210,10 +261,11 @@ def _solve(Wt: torch.Tensor, U: torch.Tensor, *, bits: int, sym: bool, scale_dty
     else:
         scales, zeros = static_qparams
     lo_all, hi_all = -zeros, maxq - zeros  # only read for static groups
-    d = torch.diagonal(U)
+    d = torch.diagonal(U).clone()
     # Rows of U divided by their diagonal: the update of column i's error e = w - q
-    # is then W[j] -= Us[i, j] * e, the reference's (e / d) * U[i, j].
-    Us = U / d.unsqueeze(1)
+    # is then W[j] -= Us[i, j] * e, the reference's (e / d) * U[i, j]. In place:
+    # U is not needed otherwise, and for an 8192-input linear it is 256 MiB.
+    Us = U.div_(d.unsqueeze(1))
     E = torch.empty(min(block_size, k), n, dtype=torch.float32, device=Wt.device)
     row_loss = torch.zeros(n, dtype=torch.float32, device=Wt.device)
     w_rows, q_rows, e_rows = Wt.unbind(0), Qi.unbind(0), E.unbind(0)
@@ -249,10 +301,16 @@ def _solve(Wt: torch.Tensor, U: torch.Tensor, *, bits: int, sym: bool, scale_dty
         if i2 < k:
             Wt[i2:].addmm_(Us[i1:i2, i2:].t(), Eb, alpha=-1.0)
         i1 = i2
+    # Qd = (codes - z) * s, as QuantizedWeight.dequantize computes it, written
+    # over Wt (spent), and codes = Qi + z in place, a band of rows at a time so
+    # that no [K, N] table of scales or zeros is built.
     grp = torch.tensor(col_group, device=Wt.device)
-    Qd = Qi * scales[grp]  # (codes - z) * s, as QuantizedWeight.dequantize computes it
-    codes = Qi.add_(zeros[grp])
-    return codes, Qd, scales, zeros, row_loss * 0.5
+    Qd = Wt
+    for r0, r1 in _row_chunks(k, n):
+        g = grp[r0:r1]
+        torch.mul(Qi[r0:r1], scales[g], out=Qd[r0:r1])
+        Qi[r0:r1].add_(zeros[g])
+    return Qi, Qd, scales, zeros, row_loss * 0.5
 
 
 def _check(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float,
@@ -309,68 +367,91 @@ def gptq_quantize_many(weights: list[torch.Tensor], H: torch.Tensor, **kwargs
     if len(ks) != 1 or any(w.dim() != 2 for w in weights):
         raise LlmqError("gptq_quantize_many needs 2-D weights with the same number of input features, "
                         f"got shapes {[tuple(w.shape) for w in weights]}")
-    device = weights[0].device
-    stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights], 0)
-    qws, stats = _gptq(stacked, [w.shape[0] for w in weights], H, **kwargs)
+    qws, stats = _gptq(list(weights), [w.shape[0] for w in weights], H, **kwargs)
     return list(zip(qws, stats))
 
 
-def _gptq(weight: torch.Tensor, splits: list[int], H: torch.Tensor, *, bits: int, group_size: int,
+def _gptq(weight, splits: list[int], H: torch.Tensor, *, bits: int, group_size: int,
           sym: bool, scale_dtype: torch.dtype, damp: float = 0.01, desc_act: bool = False,
           static_groups: bool = False, block_size: int = 128, return_q: bool = False,
           clip_search: bool = False):
-    """The solve behind gptq_quantize(_many); splits are the row counts of each result."""
+    """The solve behind gptq_quantize(_many): weight is one [N, K] tensor whose rows
+    are split into results of `splits` rows, or a list of weights (one per split)."""
+    parts = list(weight) if isinstance(weight, (list, tuple)) else list(weight.split(splits))
     with torch.no_grad():  # weights may be nn.Parameters; nothing here needs autograd
-        return _gptq_impl(weight, splits, H, bits=bits, group_size=group_size, sym=sym,
+        return _gptq_impl(parts, splits, H, bits=bits, group_size=group_size, sym=sym,
                           scale_dtype=scale_dtype, damp=damp, desc_act=desc_act,
                           static_groups=static_groups, block_size=block_size, return_q=return_q,
                           qparams=search_qparams if clip_search else find_qparams)
 
 
-def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, desc_act,
-               static_groups, block_size, return_q, qparams):
-    t0 = time.perf_counter()
-    _check(weight, H, bits, group_size, damp, block_size)
-    n, k = weight.shape
-    device = weight.device
-    H0 = H.to(device=device, dtype=torch.float32)
-    W = weight.to(dtype=torch.float32).clone()
+def _stacked_fp32(parts: list[torch.Tensor], device, dead: torch.Tensor, r0: int = 0, r1: int | None = None):
+    """Rows r0:r1 of the weights stacked along N, in fp32, dead inputs zeroed (a new tensor)."""
+    r1 = sum(p.shape[0] for p in parts) if r1 is None else r1
+    out = torch.empty(r1 - r0, parts[0].shape[1], dtype=torch.float32, device=device)
+    start = 0
+    for p in parts:
+        a, b = max(r0, start), min(r1, start + p.shape[0])
+        if a < b:
+            out[a - r0:b - r0].copy_(p[a - start:b - start])
+        start += p.shape[0]
+    out[:, dead] = 0.0
+    return out
 
-    Hf = H0.clone()  # never modify the caller's H
-    dead = torch.diagonal(Hf) == 0
+
+def _gptq_impl(parts, splits, H, *, bits, group_size, sym, scale_dtype, damp, desc_act,
+               static_groups, block_size, return_q, qparams):
+    """One solve for the stacked rows of `parts`.
+
+    Memory, for weights of N x K stacked rows: the working copy Wt and the codes
+    (N x K fp32 each), the factor of H (K x K, see _factor_hessian) and bands of
+    rows; the caller's weights and H are read, never copied whole. For an
+    8192-input projection H and its factor are 256 MiB each, for q/k/v or
+    gate/up the stacked weights dominate.
+    """
+    t0 = time.perf_counter()
+    _check(parts[0], H, bits, group_size, damp, block_size)  # the parts share K (gptq_quantize_many)
+    n, k = sum(splits), parts[0].shape[1]
+    device = parts[0].device
+    H0 = H.to(device=device, dtype=torch.float32)
+    diag = torch.diagonal(H0)
+    dead = diag == 0
     n_dead = int(dead.sum())
-    if n_dead:
-        torch.diagonal(Hf)[dead] = 1.0
-        W[:, dead] = 0.0
 
     n_groups = k // group_size
     static_qparams = None
     if static_groups:
         # Every group's qparams from the original weight, natural group order.
+        W = _stacked_fp32(parts, device, dead)
         s, z = qparams(W.reshape(n, n_groups, group_size), bits, sym, scale_dtype)
+        del W
         static_qparams = (s.t().contiguous(), z.t().contiguous())  # [G, N]
 
     perm = invperm = None
     if desc_act:
-        perm = torch.argsort(torch.diagonal(Hf), descending=True, stable=True)
+        perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)
         invperm = torch.argsort(perm)
-        Wt = W.t()[perm].contiguous()
-    else:
-        Wt = W.t().contiguous()
+    # Wt [K, N]: one contiguous row per input, in processing order, built a band
+    # of inputs at a time from the caller's weights (no full-size temporaries).
+    Wt = torch.empty(k, n, dtype=torch.float32, device=device)
+    for c0, c1 in _row_chunks(k, n):
+        r0 = 0
+        for part in parts:
+            rows = part[:, c0:c1] if perm is None else part.index_select(1, perm[c0:c1])
+            Wt[c0:c1, r0:r0 + part.shape[0]].copy_(rows.t())
+            r0 += part.shape[0]
+    Wt[dead if perm is None else dead[perm]] = 0.0
     if static_groups and perm is not None:
         col_group = (perm // group_size).tolist()
     else:
         col_group = [i // group_size for i in range(k)]
 
-    U, damp_used, raised, lam = _factor_hessian(Hf, damp, perm)
-    codes, Qd, scales, zeros, row_loss = _solve(
+    U, damp_used, raised, lam = _factor_hessian(H0, dead, damp, perm)
+    codes, Qdt, scales, zeros, row_loss = _solve(
         Wt, U, bits=bits, sym=sym, scale_dtype=scale_dtype, group_size=group_size,
         col_group=col_group, static_qparams=static_qparams, block_size=block_size, qparams=qparams)
+    del U, Wt  # spent (Qdt is Wt's storage)
 
-    if perm is not None:
-        codes, Qd = codes[invperm], Qd[invperm]
-    codes = codes.t().to(torch.uint8)  # [N, K] original input order
-    Qd = Qd.t().contiguous()
     scales = scales.t().to(scale_dtype)  # exact: already rounded through scale_dtype
     zeros = zeros.t().to(torch.int32)
     if desc_act:
@@ -379,29 +460,41 @@ def _gptq_impl(weight, splits, H, *, bits, group_size, sym, scale_dtype, damp, d
     else:
         g_idx = None
 
+    def original_order(T: torch.Tensor, r0: int, r1: int, dtype=None) -> torch.Tensor:
+        """Rows r0:r1 of T.t() ([N, K], inputs in their original order), contiguous."""
+        cols = T[:, r0:r1] if invperm is None else T[invperm, r0:r1]
+        return cols.t().contiguous() if dtype is None else cols.t().to(dtype, memory_format=torch.contiguous_format)
+
     # Hessian-weighted output error per row, tr(D H D^T) with D = W - Q. The
     # sequential solve is exact for the damped quadratic, so its proxy loss is
     # tr(D (H + lambda I) D^T) / 2 (dead columns have D = 0): subtracting the
     # damping term gives the undamped error without an N x K x K matmul. When
     # damping dominates that difference cancels badly; then compute it directly.
-    D = W - Qd  # W: dead columns zeroed, where the caller's H is zero anyway
-    damp_term = D.square().sum(1).mul_(0.5 * lam)
+    # D is formed a band of rows at a time (W: dead columns zeroed, where the
+    # caller's H is zero anyway).
+    damp_term = torch.empty(n, dtype=torch.float32, device=device)
+    for r0, r1 in _row_chunks(n, k):
+        D = _stacked_fp32(parts, device, dead, r0, r1).sub_(original_order(Qdt, r0, r1))
+        damp_term[r0:r1] = D.square().sum(1)
+    damp_term.mul_(0.5 * lam)
     row_out = row_loss - damp_term
     if float(damp_term.sum()) > 0.5 * float(row_loss.sum()):
+        D = _stacked_fp32(parts, device, dead).sub_(original_order(Qdt, 0, n))
         row_out = (D @ H0).mul_(D).sum(1).mul_(0.5)
+        del D
     seconds = time.perf_counter() - t0
 
     qws, stats, r0 = [], [], 0
     for rows in splits:
         r1 = r0 + rows
-        qws.append(QuantizedWeight(codes=codes[r0:r1].contiguous(), scales=scales[r0:r1].contiguous(),
-                                   zeros=zeros[r0:r1].contiguous(), bits=bits, group_size=group_size,
-                                   g_idx=g_idx))
+        qws.append(QuantizedWeight(codes=original_order(codes, r0, r1, torch.uint8),
+                                   scales=scales[r0:r1].contiguous(), zeros=zeros[r0:r1].contiguous(),
+                                   bits=bits, group_size=group_size, g_idx=g_idx))
         stats.append(GPTQStats(damp=damp_used, damp_raised=raised,
                                proxy_loss=float(row_loss[r0:r1].sum()),
                                output_mse=max(float(row_out[r0:r1].sum()), 0.0) / rows,
                                dead_columns=n_dead, seconds=seconds))
         r0 = r1
     if return_q:
-        return qws, stats, Qd
+        return qws, stats, original_order(Qdt, 0, n)
     return qws, stats
