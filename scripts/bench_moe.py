@@ -2,7 +2,7 @@
 """Mixture-of-experts on real weights: perplexity, tokens per expert, time, memory, CPU decode speed.
 
     python scripts/bench_moe.py [--model DIR] [--quantize gptq:4:64:asym:routed ...] [--nsamples 128]
-        [--threads 2] [--decode-tokens 32] [--json PATH]
+        [--threads 2] [--decode-tokens 32] [--dense-baseline] [--json PATH]
 
 The model: a Mixtral built offline from SmolLM2-135M-Instruct by
 /work/shared/tools/upcycle_moe.py (8 experts, top-2, every expert the layer's
@@ -14,7 +14,10 @@ emma.txt (seed 0), evaluation on the first --eval-windows (40) windows of 512
 tokens of prideprejudice.txt; every model scored on the same windows by
 llmq.eval.metrics.perplexity, in one run, each as soon as it is quantized.
 Each --quantize is METHOD:BITS:GROUP:sym|asym:routed|all; the time printed is
-the whole llmq.quantize call. Tokens per expert and the experts that fell
+the whole llmq.quantize call, wall and CPU (all threads of the process: on a
+shared machine the CPU time is the steadier figure). --dense-baseline first
+times GPTQ int4 g64 asym of the dense SmolLM2 the MoE was built from, with the
+same calibration, in the same process, for the MoE/dense time ratio. Tokens per expert and the experts that fell
 back to round-to-nearest are printed per layer. Decode speed: greedy
 generation of --decode-tokens tokens after a 16-token prompt, batch 1, fp32
 MoE against the first int4 model, best of 3. --json is rewritten after each model.
@@ -64,6 +67,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def dense_baseline(calib: str, nsamples: int, seqlen: int) -> dict:
+    """Wall and CPU seconds of GPTQ int4 g64 asym on the dense model the MoE was upcycled from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmq.pipeline import quantize
+    from llmq.realmodel import smollm2_path
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = QuantConfig(method="gptq", bits=4, group_size=64, sym=False)
+    t, cpu = time.perf_counter(), time.process_time()
+    quantize(model, config, dataset=calib, tokenizer=AutoTokenizer.from_pretrained(path), device="cpu",
+             nsamples=nsamples, seqlen=seqlen, seed=0, progress=False)
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu}
+
+
 @torch.no_grad()
 def decode_tokens_per_s(model, tokenizer, n: int) -> float:
     ids = tokenizer("It is a truth universally acknowledged, that a single man in possession",
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--decode-tokens", type=int, default=32, help="0: skip the decode measurement")
+    ap.add_argument("--dense-baseline", action="store_true",
+                    help="time GPTQ int4 g64 asym of the dense model first (same calibration)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -126,6 +147,10 @@ def _run(args) -> int:
     if args.decode_tokens:
         speed["fp32"] = decode_tokens_per_s(fp_model, tok, args.decode_tokens)
         print(f"fp32: CPU decode {speed['fp32']:.2f} tok/s", flush=True)
+    if args.dense_baseline:
+        rows["dense gptq:4:64:asym"] = dense_baseline(calib, args.nsamples, args.seqlen)
+        print(f"dense gptq:4:64:asym: quantized in {rows['dense gptq:4:64:asym']['seconds']:.1f} s "
+              f"({rows['dense gptq:4:64:asym']['cpu_seconds']:.1f} CPU s)", flush=True)
     rtn: dict[str, float] = {}
     for spec in specs:
         config = parse(spec)
@@ -134,10 +159,10 @@ def _run(args) -> int:
         # A copy of the loaded model (loading converts per-expert tensors: minutes on a busy machine);
         # the time is llmq.quantize's alone, as in the dense model's benchmark.
         model = copy.deepcopy(fp_model)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         model = quantize(model, config, dataset=calib, tokenizer=tok, device="cpu", nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=0, progress=False, report=report)
-        seconds = time.perf_counter() - t
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
         c = model_census(model, config.bits)
         ppl = perplexity(model, windows).perplexity
         key = spec.split(":", 1)[1].rsplit(":", 1)[0]
@@ -145,12 +170,13 @@ def _run(args) -> int:
             rtn[key] = ppl
         base = rtn.get(key)
         closed = None if base is None or config.method == "rtn" else (base - ppl) / (base - fp)
-        rows[spec] = {"perplexity": ppl, "gap_closed": closed, "seconds": seconds, "peak_rss_mib": peak_rss_mib(),
+        rows[spec] = {"perplexity": ppl, "gap_closed": closed, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_rss_mib": peak_rss_mib(),
                       "experts": report.get("experts", []), "expert_linears": c.expert_linears,
                       "linears": c.linears, "kept": c.kept, "other_kept": c.other}
         print(f"{spec}: perplexity {ppl:.3f}"
               + ("" if closed is None else f", closes {closed:.0%} of RTN's gap")
-              + f"; quantized in {seconds:.1f} s; peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
+              + f"; quantized in {seconds:.1f} s ({cpu_seconds:.1f} CPU s); peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
         for line in c.lines() + report.get("experts", []):
             print("  " + line, flush=True)
         if args.decode_tokens and config.bits == 4 and "int4" not in speed:
