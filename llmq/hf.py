@@ -23,6 +23,7 @@ from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .experts import empty_quant_experts, experts_layout, find_experts
 from .folder_io import read_header
+from .formats import native
 from .formats.checks import check_native_tensors, read_small_tensors
 from .formats.native import check_against_model, w8a8_module_names
 from .qweight import quantized_module_names
@@ -188,7 +189,8 @@ class LlmqHfQuantizer(HfQuantizer):
                                                         | set(foreign.unexpected))
         else:
             # dtypes, shapes, finite scales: a damaged tensor is named, never loaded into a layer
-            check_native_tensors(read_small_tensors(checkpoint_files), qc, Path(checkpoint_files[0]).parent)
+            small = read_small_tensors(checkpoint_files, native.FORMAT.small_tensors)
+            check_native_tensors(small, qc, Path(checkpoint_files[0]).parent)
             header = names_in_model(model, read_header(checkpoint_files), self)
         if qc.scheme == "w8a8":
             names = w8a8_module_names(header)

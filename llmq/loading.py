@@ -250,7 +250,9 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         if not qc:
             raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
                             "load it with transformers directly, or quantize it with `llmq quantize`")
-        if qc.get("quant_method") in ("gptq", "awq", "compressed-tensors"):
+        from .formats.table import IN_FLIGHT_FORMATS, READ_FORMATS
+
+        if qc.get("quant_method") in IN_FLIGHT_FORMATS:
             # Foreign layouts are converted to llmq's as transformers reads them (codes bit-exact, no copy on
             # disk) and run on llmq's kernels.
             from .formats.inflight import load
@@ -258,7 +260,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
             return load(source, **hf_kwargs)
         if qc.get("quant_method") != "llmq":
             raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
-                            "(it reads llmq, gptq, awq and compressed-tensors)")
+                            f"(it reads {', '.join(READ_FORMATS)})")
     hf_kwargs.setdefault("use_safetensors", True)  # never unpickle
     try:
         return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)

@@ -1,6 +1,9 @@
 """The format table: every list of checkpoint formats, and every read and write, comes from it."""
 
+import re
+
 import pytest
+import torch
 
 from llmq.errors import LlmqError
 from llmq.formats import awq, convert, gptq
@@ -20,3 +23,42 @@ def test_unknown_or_read_only_formats_are_refused():
         convert.encode(None, "awq")
     with pytest.raises(LlmqError, match="not readable by llmq: it reads llmq, gptq, awq, compressed-tensors"):
         convert.detect_format({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+def _native_checkpoint(tmp_path, **config):
+    import llmq
+    from llmq import QuantConfig
+    from conftest import tiny_model
+
+    llmq.save(llmq.quantize(tiny_model(), QuantConfig(**config), progress=False), tmp_path / "native")
+    return convert.read_checkpoint(tmp_path / "native")
+
+
+@pytest.mark.parametrize("fmt,config", [("gptq", dict(sym=True, group_size=32)),
+                                        ("gptq", dict(sym=False, group_size=32)),
+                                        ("compressed-tensors", dict(sym=False, group_size=32)),
+                                        ("compressed-tensors", dict(scheme="w8a8"))])
+def test_every_entry_reads_what_it_writes_and_loads_it_in_flight_alike(tmp_path, fmt, config):
+    """Through the table alone: the quantization_config an entry writes is detected as that entry,
+    its reader gives back the native tensors bit for bit, and its in-flight re-layouts (applied
+    to each stored tensor alone, as the loader does) give the same tensors as its reader."""
+    ckpt = _native_checkpoint(tmp_path, **config)
+    entry = convert.FORMATS[fmt]
+    qcfg, stored = entry.config(ckpt), entry.encode(ckpt)
+    assert convert.stored_format(qcfg) is entry
+    back, qc = entry.read(stored, qcfg)
+    assert set(back) == set(ckpt.tensors)
+    for key, tensor in ckpt.tensors.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
+    relayouts, unexpected = entry.in_flight(qcfg, qc)
+    in_flight = {}
+    for key, tensor in stored.items():
+        module, _, last = key.rpartition(".")
+        match = [r for r in relayouts if r.source == last]
+        if match:
+            in_flight.update({f"{module}.{k}": v for k, v in match[0].native(tensor).items()})
+        elif not any(re.search(pattern, key) for pattern in unexpected):
+            in_flight[key] = tensor
+    assert set(in_flight) == set(back)
+    for key, tensor in back.items():
+        assert torch.equal(in_flight[key], tensor), key

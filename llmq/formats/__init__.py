@@ -1,1 +1,1 @@
-"""Checkpoint formats: bit packing and the native safetensors layout."""
+"""Checkpoint formats: one module per format (see spec.Format), listed in table.FORMATS."""

@@ -16,12 +16,15 @@ packings are refused with a message.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..kernels.layout import group_width, pack_cols, pack_rows, unpack_cols
 from ..qweight import quantized_module_names
+from .spec import Format, Relayout
 
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i]
@@ -68,3 +71,23 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
                      modules_to_not_convert=sorted(set(skip) | {"lm_head"}),
                      calibration={"source_format": "awq"})
     return out, qc
+
+
+def _repacked(tensor: torch.Tensor, target: str) -> dict[str, torch.Tensor]:
+    """AWQ GEMM words (packed along N, interleaved) -> qweight packed along K, or qzeros packed along N."""
+    codes = unpack_awq(tensor)
+    return {target: pack_rows(codes, 4) if target == "qweight" else pack_cols(codes, 4)}
+
+
+def in_flight(qcfg: dict, qc: QuantConfig) -> tuple[list[Relayout], list[str]]:
+    return [Relayout(name, name, functools.partial(_repacked, target=name)) for name in ("qweight", "qzeros")], \
+        [r"\.g_idx$"]
+
+
+FORMAT = Format(
+    QUANT_METHOD,
+    detect=lambda qcfg: str(qcfg.get("quant_method", "")).lower() == QUANT_METHOD,
+    read=import_checkpoint,
+    small_tensors=(".qzeros", ".scales"),
+    in_flight=in_flight,
+)

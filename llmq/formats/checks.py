@@ -19,16 +19,14 @@ from ..config import QuantConfig
 from ..errors import LlmqError
 from ..folder_io import SAFETENSORS_DTYPES, read_header
 
-# Tensors whose values the checks (and the format imports) read; the rest come back as meta tensors.
-SMALL_TENSORS = (".qzeros", ".scales", ".g_idx", ".weight_shape", ".weight_scale", ".weight_zero_point",
-                 ".weight_g_idx", ".input_scale")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def read_small_tensors(files: list[str | os.PathLike]) -> dict[str, torch.Tensor]:
+def read_small_tensors(files: list[str | os.PathLike], small: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Every tensor of the files: meta tensors of the stored shape and dtype, with the values of the
-    small ones (SMALL_TENSORS) read."""
+    small ones read: those whose names end in one of `small` (the format's `small_tensors`, see
+    llmq.formats.table), which the checks and the format's reader need."""
     header = read_header(files)  # names a damaged or hostile file clearly
     unknown = next((k for k, (_, dtype) in header.items() if dtype not in SAFETENSORS_DTYPES), None)
     if unknown:
@@ -39,7 +37,7 @@ def read_small_tensors(files: list[str | os.PathLike]) -> dict[str, torch.Tensor
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    if key.endswith(SMALL_TENSORS):
+                    if key.endswith(small):
                         tensors[key] = sf.get_tensor(key)
         except Exception as e:  # safetensors' own error types
             raise LlmqError(f"checkpoint file {f} is damaged ({e}): re-create or re-download it") from e

@@ -27,18 +27,23 @@ package's `version` (llmq is not that package) and with an extra `llmq` entry.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..methods import registry
 from ..qweight import quantized_module_names
-from .engines import EngineSupport, marlin_problem
-from ..kernels.layout import codes_per_word, pack_rows
+from ..census import router_names
+from .engines import EngineSupport, marlin_problem, moe_engine_support
+from ..kernels.layout import codes_per_word, group_width, pack_rows
+from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
 
 QUANT_METHOD = "compressed-tensors"
-FORMAT = "pack-quantized"
+PACKED = "pack-quantized"
+_MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NATIVE_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -103,7 +108,7 @@ def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.
     meta = {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__}
     if native_scale_dtype is not None:
         meta["scale_dtype"] = str(native_scale_dtype).removeprefix("torch.")
-    return config_envelope(FORMAT, weights, None, ignore, meta)
+    return config_envelope(PACKED, weights, None, ignore, meta)
 
 
 def config_envelope(fmt: str, weights: dict, input_activations: dict | None, ignore: list[str],
@@ -134,9 +139,9 @@ def _weights_scheme(cfg: dict) -> dict:
         raise LlmqError("this compressed-tensors checkpoint has no config_groups: it is damaged")
     schemes = []
     for g in groups.values():
-        if (g.get("format") or fmt) != FORMAT:
+        if (g.get("format") or fmt) != PACKED:
             raise LlmqError(f"compressed-tensors format {(g.get('format') or fmt)!r} is not readable by llmq "
-                            f"(it reads {FORMAT!r}, weight-only integer)")
+                            f"(it reads {PACKED!r}, weight-only integer)")
         if g.get("input_activations") or g.get("output_activations"):
             raise LlmqError("this compressed-tensors checkpoint quantizes activations too; llmq reads "
                             "weight-only checkpoints (W4A16 / W8A16)")
@@ -224,3 +229,68 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows
+
+
+def _ignored_linears(ckpt: Checkpoint) -> list[str]:
+    """Every linear of the model left in full precision, MoE routers included."""
+    quantized = set(ckpt.layer_shapes())
+    inside, outside = ckpt.linears
+    ignore = [n for n in inside + outside if n not in quantized]
+    # MoE routers are kept in full precision (vLLM builds them as linears too).
+    ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
+    return ignore
+
+
+def _model_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    return _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
+
+
+def _config(ckpt: Checkpoint) -> dict:
+    # The compressor writes scales in the model dtype; where that widened llmq's, the config records
+    # llmq's dtype so that an import narrows them back bit for bit.
+    stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
+    widened = stored if scale_dtype_for(_model_dtype(ckpt), stored) != stored else None
+    return export_config(ckpt.quant_config, _ignored_linears(ckpt), widened)
+
+
+def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
+    shapes = ckpt.layer_shapes()
+    return engine_support(ckpt.quant_config, shapes) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes)
+
+
+def _packed(tensor: torch.Tensor, bits: int, sym: bool, group_size: int) -> dict[str, torch.Tensor]:
+    """weight_packed [N, K*b/32] -> qweight [K*b/32, N]; symmetric: also qzeros at the implied 2^(b-1)."""
+    out = {"qweight": tensor.t().contiguous()}
+    if sym:
+        n, k = tensor.shape[0], tensor.shape[1] * codes_per_word(bits)
+        out["qzeros"] = implied_zeros(n, k // group_width(group_size, k), bits)
+    return out
+
+
+def _transposed(tensor: torch.Tensor, target: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """compressed-tensors' [N, ...] tensors -> llmq's [..., N], optionally in another float dtype."""
+    t = tensor.t()
+    return {target: (t.to(dtype) if dtype is not None else t).contiguous()}
+
+
+def in_flight(qcfg: dict, qc: QuantConfig) -> tuple[list[Relayout], list[str]]:
+    relayouts = [Relayout("weight_packed", ("qweight", "qzeros") if qc.sym else "qweight",
+                          functools.partial(_packed, bits=qc.bits, sym=qc.sym, group_size=qc.group_size)),
+                 Relayout("weight_scale", "scales",
+                          functools.partial(_transposed, target="scales", dtype=native_scale_dtype(qcfg)))]
+    if not qc.sym:
+        relayouts.append(Relayout("weight_zero_point", "qzeros", functools.partial(_transposed, target="qzeros")))
+    return relayouts, [r"\.weight_shape$"]
+
+
+# The weight-only layout; llmq.formats.table pairs it with the W8A8 one (compressed_tensors_w8a8).
+FORMAT = Format(
+    QUANT_METHOD,
+    detect=lambda qcfg: str(qcfg.get("quant_method", "")).lower() == QUANT_METHOD,
+    read=import_checkpoint,
+    small_tensors=(".weight_shape", ".weight_scale", ".weight_zero_point", ".weight_g_idx"),
+    encode=lambda ckpt: export_tensors(ckpt.tensors, ckpt.quant_config, _model_dtype(ckpt)),
+    config=_config,
+    engines=_engines,
+    in_flight=in_flight,
+)

@@ -24,8 +24,9 @@ from .._version import __version__
 from ..config import QuantConfig
 from .compressed_tensors import QUANT_METHOD, config_envelope
 from .engines import EngineSupport
+from .spec import Checkpoint, Format
 
-FORMAT = "int-quantized"
+INT_QUANTIZED = "int-quantized"
 
 
 def w8a8_names(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -55,7 +56,7 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
               "observer": "minmax" if static else None}
     meta = {"method": qc.method, "scheme": qc.scheme, "act": qc.act, "smooth": qc.smooth,
             "act_observer": qc.act_observer, "calibration": qc.calibration, "llmq_version": __version__}
-    return config_envelope(FORMAT, weights, inputs, ignore, meta)
+    return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
 def engine_support(qc: QuantConfig) -> list[EngineSupport]:
@@ -84,7 +85,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     for g in groups:
         fmt = g.get("format") or cfg.get("format")
         w, a = g.get("weights") or {}, g.get("input_activations") or {}
-        ok_w = (fmt == FORMAT and w.get("type", "int") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True)
+        ok_w = (fmt == INT_QUANTIZED and w.get("type", "int") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True)
                 and w.get("strategy") == "channel")
         ok_a = (a.get("type", "int") == "int" and a.get("num_bits") == 8 and a.get("symmetric", True)
                 and (a.get("strategy"), bool(a.get("dynamic"))) in (("token", True), ("tensor", False)))
@@ -119,3 +120,23 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
                      else None, modules_to_not_convert=["lm_head"],
                      calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})
     return out, qc
+
+
+def _config(ckpt: Checkpoint) -> dict:
+    quantized = set(w8a8_names(ckpt.tensors))
+    inside, outside = ckpt.linears
+    return export_config(ckpt.quant_config, [n for n in inside + outside if n not in quantized])
+
+
+# The W8A8 layout under compressed-tensors' quant_method (llmq.formats.table pairs it with the weight-only one).
+FORMAT = Format(
+    QUANT_METHOD,
+    detect=lambda qcfg: str(qcfg.get("quant_method", "")).lower() == QUANT_METHOD and is_w8a8(qcfg),
+    read=import_checkpoint,
+    small_tensors=(".weight_scale", ".input_scale"),
+    encode=lambda ckpt: export_tensors(ckpt.tensors),
+    config=_config,
+    engines=lambda ckpt: engine_support(ckpt.quant_config),
+    in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
+    writes=lambda qc: qc.scheme == "w8a8",
+)

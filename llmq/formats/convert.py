@@ -9,6 +9,9 @@ compressed-tensors pack-quantized; DST is written into a temporary sibling
 folder that is renamed into place at the end. Tokenizer and generation files
 are copied from SRC.
 
+Which formats exist, and how each one is read and written, comes from the format
+table (llmq.formats.table).
+
 The whole checkpoint is held in memory during a conversion (quantized weights:
 about 0.55 GB per billion parameters at 4 bits).
 """
@@ -19,46 +22,24 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
-from ..kernels.layout import codes_per_word
-from ..qweight import quantized_module_names
-from . import awq, compressed_tensors, gptq
-from ..census import router_names
+from . import gptq
 from .checks import check_native_tensors, read_small_tensors
-from .engines import EngineSupport, format_report, moe_engine_support
+from .engines import EngineSupport, format_report
+from .spec import Checkpoint
+from .table import FORMATS, READ_FORMATS, WRITE_FORMATS, stored_format
 from ..folder_io import checkpoint_files, read_folder_config, read_header
 from ..outdir import atomic_folder, check_output_dir
 
-_MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
 # The files of SRC a conversion copies: tokenizer, generation config, chat template, model card, custom
 # code. Stray weights (.bin, .pt, .gguf, old .safetensors) never travel into the new checkpoint.
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md", ".py")
-
-
-@dataclass
-class Checkpoint:
-    """A quantized checkpoint in llmq's native layout, in memory."""
-
-    folder: Path
-    config: dict  # config.json, its quantization_config as found in the source
-    tensors: dict[str, torch.Tensor]  # native names and layout
-    quant_config: QuantConfig
-    source_format: str
-
-    def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        """{quantized linear: (out_features, in_features)}."""
-        bits = self.quant_config.bits
-        packed = {name: self.tensors[f"{name}.qweight"] for name in quantized_module_names(self.tensors)}
-        return {name: (q.shape[1], q.shape[0] * codes_per_word(bits)) for name, q in packed.items()}
 
 
 def detect_format(config: dict) -> str:
@@ -67,11 +48,11 @@ def detect_format(config: dict) -> str:
     if not qc:
         raise LlmqError("this model is not quantized (no quantization_config in config.json): quantize it with "
                         "`llmq quantize` instead")
-    method = str(qc.get("quant_method", "")).lower()
-    if method not in READ_FORMATS:
-        raise LlmqError(f"quantization format {method!r} is not readable by llmq: it reads "
-                        f"{', '.join(READ_FORMATS)}")
-    return method
+    form = stored_format(qc)
+    if form is None:
+        raise LlmqError(f"quantization format {str(qc.get('quant_method', '')).lower()!r} is not readable by "
+                        f"llmq: it reads {', '.join(READ_FORMATS)}")
+    return form.name
 
 
 def read_folder_quant_config(folder: Path) -> dict:
@@ -83,9 +64,9 @@ def read_folder_quant_config(folder: Path) -> dict:
     return config
 
 
-def _load_tensors(files: list[Path], shapes_only: bool) -> dict[str, torch.Tensor]:
+def _load_tensors(files: list[Path], shapes_only: bool, small: tuple[str, ...]) -> dict[str, torch.Tensor]:
     if shapes_only:
-        return read_small_tensors(files)
+        return read_small_tensors(files, small)
     read_header(files)  # names a damaged or hostile file clearly
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
@@ -107,7 +88,7 @@ def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> 
     folder = Path(folder)
     config = read_folder_quant_config(folder)
     fmt = detect_format(config)
-    tensors = _load_tensors(checkpoint_files(folder), shapes_only)
+    tensors = _load_tensors(checkpoint_files(folder), shapes_only, FORMATS[fmt].small_tensors)
     qcfg = config["quantization_config"]
     try:
         tensors, qc = FORMATS[fmt].read(tensors, qcfg)
@@ -119,116 +100,12 @@ def read_checkpoint(folder: str | os.PathLike, *, shapes_only: bool = False) -> 
     return Checkpoint(folder, config, tensors, qc, fmt)
 
 
-def linear_names(folder: Path) -> tuple[list[str], list[str]]:
-    """(linears inside decoder layers, other linears) of the model in folder, from a meta skeleton."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..arch import decoder_layers
-
-    cfg = AutoConfig.from_pretrained(folder)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    prefix, _ = decoder_layers(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    inside = [n for n in names if n.startswith(prefix + ".")]
-    return inside, [n for n in names if n not in inside]
-
-
 def encode(ckpt: Checkpoint, fmt: str) -> tuple[dict, dict[str, torch.Tensor], list[EngineSupport]]:
     """(quantization_config, tensors, engine support) of ckpt written as fmt."""
     form = FORMATS.get(fmt)
     if form is None or form.encode is None:
         raise LlmqError(f"cannot write format {fmt!r}: choose one of {', '.join(WRITE_FORMATS)}")
-    return form.encode(ckpt)
-
-
-def _read_compressed_tensors(tensors: dict[str, torch.Tensor], qcfg: dict):
-    from . import compressed_tensors_w8a8 as ct_w8a8
-
-    if ct_w8a8.is_w8a8(qcfg):
-        return ct_w8a8.import_checkpoint(tensors, qcfg)
-    return compressed_tensors.import_checkpoint(tensors, qcfg)
-
-
-def _read_llmq(tensors: dict[str, torch.Tensor], qcfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
-    return tensors, QuantConfig.from_dict(qcfg)
-
-
-def _encode_llmq(ckpt: Checkpoint):
-    return ckpt.quant_config.to_dict(), ckpt.tensors, []
-
-
-def _encode_gptq(ckpt: Checkpoint):
-    qc, fmt = ckpt.quant_config, gptq.QUANT_METHOD
-    if qc.scheme == "w8a8":
-        return _encode_w8a8(ckpt, fmt)
-    quantized = set(ckpt.layer_shapes())
-    inside, outside = linear_names(ckpt.folder)
-    # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
-    if any(n in quantized for n in outside):
-        raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
-                        "a linear outside them: export with --format compressed-tensors")
-    skipped = [n for n in inside if n not in quantized]
-    return (gptq.export_config(qc, skipped), gptq.export_tensors(ckpt.tensors, qc),
-            gptq.engine_support(qc, ckpt.layer_shapes()) + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
-
-
-def _encode_compressed_tensors(ckpt: Checkpoint):
-    qc, fmt = ckpt.quant_config, compressed_tensors.QUANT_METHOD
-    if qc.scheme == "w8a8":
-        return _encode_w8a8(ckpt, fmt)
-    quantized = set(ckpt.layer_shapes())
-    inside, outside = linear_names(ckpt.folder)
-    ignore = [n for n in inside + outside if n not in quantized]
-    # MoE routers are kept in full precision (vLLM builds them as linears too).
-    ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
-    model_dtype = _MODEL_DTYPES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"))
-    tensors = compressed_tensors.export_tensors(ckpt.tensors, qc, model_dtype)
-    # The compressor writes scales in the model dtype; where that widened llmq's, the config records
-    # llmq's dtype so that an import narrows them back bit for bit.
-    stored = next(v.dtype for k, v in ckpt.tensors.items() if k.endswith(".scales"))
-    widened = stored if compressed_tensors.scale_dtype_for(model_dtype, stored) != stored else None
-    return (compressed_tensors.export_config(qc, ignore, widened), tensors,
-            compressed_tensors.engine_support(qc, ckpt.layer_shapes())
-            + moe_engine_support(fmt, qc, ckpt.layer_shapes()))
-
-
-def _encode_w8a8(ckpt: Checkpoint, fmt: str):
-    from . import compressed_tensors_w8a8 as ct_w8a8
-
-    if fmt != compressed_tensors.QUANT_METHOD:
-        raise LlmqError(f"a W8A8 checkpoint has activation scales, which format {fmt!r} cannot hold: "
-                        "write --format compressed-tensors or keep the llmq format")
-    quantized = set(ct_w8a8.w8a8_names(ckpt.tensors))
-    inside, outside = linear_names(ckpt.folder)
-    ignore = [n for n in inside + outside if n not in quantized]
-    return (ct_w8a8.export_config(ckpt.quant_config, ignore), ct_w8a8.export_tensors(ckpt.tensors),
-            ct_w8a8.engine_support(ckpt.quant_config))
-
-
-@dataclass(frozen=True)
-class Format:
-    """A checkpoint format llmq reads, and perhaps writes (each is a module of llmq.formats)."""
-
-    name: str  # the quant_method its config.json names
-    # (tensors, quantization_config) -> (tensors in llmq's native layout, QuantConfig), codes bit-exact
-    read: Callable[[dict, dict], tuple[dict, QuantConfig]]
-    # Checkpoint -> (quantization_config, tensors, engine support rows); None: read only
-    encode: Callable[[Checkpoint], tuple[dict, dict, list[EngineSupport]]] | None = None
-    extra_json: str | None = None  # a second file with the quantization_config that older loaders read
-
-
-# The formats, in the order they are listed to users; every read, write and help text derives from it.
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("llmq", _read_llmq, _encode_llmq),
-    Format(gptq.QUANT_METHOD, gptq.import_checkpoint, _encode_gptq, extra_json="quantize_config.json"),
-    Format(awq.QUANT_METHOD, awq.import_checkpoint),
-    Format(compressed_tensors.QUANT_METHOD, _read_compressed_tensors, _encode_compressed_tensors),
-)}
-READ_FORMATS = tuple(FORMATS)
-WRITE_FORMATS = tuple(name for name, f in FORMATS.items() if f.encode is not None)
+    return form.config(ckpt), form.encode(ckpt), form.engines(ckpt)
 
 
 def write_folder(out: Path, src: Path, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool,

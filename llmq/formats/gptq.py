@@ -17,6 +17,7 @@ Reading accepts both. A v1 checkpoint whose stored zero is 2^b - 1 (the wrapped
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -27,7 +28,8 @@ from ..errors import LlmqError
 from ..methods import registry
 from ..kernels.layout import codes_per_word, group_index, pack_cols, unpack_cols
 from ..qweight import quantized_module_names
-from .engines import EngineSupport, marlin_problem
+from .engines import EngineSupport, marlin_problem, moe_engine_support
+from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
 
 QUANT_METHOD = "gptq"
@@ -160,3 +162,60 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
                               "GPTQModel reads gptq and gptq_v2"))
     rows.append(EngineSupport("TGI", qc.sym, "v1 symmetric GPTQ" if qc.sym else "no gptq_v2 (asymmetric) support known"))
     return rows
+
+
+def refuse_w8a8(ckpt: Checkpoint, fmt: str) -> None:
+    """A W8A8 checkpoint written as a weight-only format: refused by name."""
+    if ckpt.quant_config.scheme == "w8a8":
+        raise LlmqError(f"a W8A8 checkpoint has activation scales, which format {fmt!r} cannot hold: "
+                        "write --format compressed-tensors or keep the llmq format")
+
+
+def _skipped_linears(ckpt: Checkpoint) -> list[str]:
+    """Decoder-layer linears left in full precision; refuses a model that quantizes a linear outside them."""
+    refuse_w8a8(ckpt, QUANT_METHOD)
+    quantized = set(ckpt.layer_shapes())
+    inside, outside = ckpt.linears
+    # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
+    if any(n in quantized for n in outside):
+        raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
+                        "a linear outside them: export with --format compressed-tensors")
+    return [n for n in inside if n not in quantized]
+
+
+def _encode(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    _skipped_linears(ckpt)
+    return export_tensors(ckpt.tensors, ckpt.quant_config)
+
+
+def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
+    shapes = ckpt.layer_shapes()
+    return engine_support(ckpt.quant_config, shapes) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes)
+
+
+def _g_idx_int32(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"g_idx": tensor.to(torch.int32)}  # act-order g_idx, whatever integer type it was stored in
+
+
+def _v1_zeros(tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    return {"qzeros": shift_zeros(tensor, bits, 1)}  # stored z - 1 -> true zero points
+
+
+def in_flight(qcfg: dict, qc: QuantConfig) -> tuple[list[Relayout], list[str]]:
+    relayouts = [Relayout("g_idx", "g_idx", _g_idx_int32)] if qc.desc_act else []
+    if stored_format(qcfg) == "gptq":
+        relayouts.append(Relayout("qzeros", "qzeros", functools.partial(_v1_zeros, bits=qc.bits)))
+    return relayouts, [] if qc.desc_act else [r"\.g_idx$"]  # a trivial g_idx is k // group_size: implied
+
+
+FORMAT = Format(
+    QUANT_METHOD,
+    detect=lambda qcfg: str(qcfg.get("quant_method", "")).lower() == QUANT_METHOD,
+    read=import_checkpoint,
+    small_tensors=(".qzeros", ".scales", ".g_idx"),
+    encode=_encode,
+    config=lambda ckpt: export_config(ckpt.quant_config, _skipped_linears(ckpt)),
+    engines=_engines,
+    in_flight=in_flight,
+    extra_json="quantize_config.json",
+)

@@ -25,27 +25,22 @@ import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..config import QuantConfig
-from . import awq, compressed_tensors, gptq
 from ..folder_io import SAFETENSORS_DTYPES
-from ..kernels.layout import codes_per_word, group_width, pack_cols, pack_rows
+from .table import FORMATS
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-def _single(input_dict: dict) -> torch.Tensor:
-    tensors = next(iter(input_dict.values()))
-    return tensors[0] if isinstance(tensors, list) else tensors
-
-
 class _Relayout(ConversionOps):
-    """One foreign tensor in, its native form(s) out: subclasses say how in `native`."""
+    """One stored tensor in, its native form(s) out, by its format's re-layout (spec.Relayout.native)."""
 
-    def native(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def __init__(self, native):
+        self.native = native
 
     @torch.no_grad()
     def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        return self.native(_single(input_dict))
+        tensors = next(iter(input_dict.values()))
+        return self.native(tensors[0] if isinstance(tensors, list) else tensors)
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -53,60 +48,6 @@ class _Relayout(ConversionOps):
         from transformers.core_model_loading import _IdentityOp
 
         return _IdentityOp()
-
-
-class GptqV1Zeros(_Relayout):
-    """GPTQ v1 qzeros (stored z - 1) -> true zero points."""
-
-    def __init__(self, bits: int):
-        self.bits = bits
-
-    def native(self, tensor):
-        return {"qzeros": gptq.shift_zeros(tensor, self.bits, 1)}
-
-
-class ToInt32(_Relayout):
-    """act-order g_idx, whatever integer type it was stored in."""
-
-    def native(self, tensor):
-        return {"g_idx": tensor.to(torch.int32)}
-
-
-class AwqRepack(_Relayout):
-    """AWQ GEMM words (packed along N, interleaved) -> qweight packed along K, or qzeros packed along N."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def native(self, tensor):
-        codes = awq.unpack_awq(tensor)
-        return {self.target: pack_rows(codes, 4) if self.target == "qweight" else pack_cols(codes, 4)}
-
-
-class CtPacked(_Relayout):
-    """weight_packed [N, K*b/32] -> qweight [K*b/32, N]; symmetric: also qzeros at the implied 2^(b-1)."""
-
-    def __init__(self, bits: int, sym: bool, group_size: int):
-        self.bits, self.sym, self.group_size = bits, sym, group_size
-
-    def native(self, tensor):
-        out = {"qweight": tensor.t().contiguous()}
-        if self.sym:
-            n, k = tensor.shape[0], tensor.shape[1] * codes_per_word(self.bits)
-            groups = k // group_width(self.group_size, k)
-            out["qzeros"] = compressed_tensors.implied_zeros(n, groups, self.bits)
-        return out
-
-
-class Transposed(_Relayout):
-    """compressed-tensors' [N, ...] tensors -> llmq's [..., N], optionally in another float dtype."""
-
-    def __init__(self, target: str, dtype: torch.dtype | None = None):
-        self.target, self.dtype = target, dtype
-
-    def native(self, tensor):
-        t = tensor.t()
-        return {self.target: (t.to(self.dtype) if self.dtype is not None else t).contiguous()}
 
 
 @dataclass
@@ -120,21 +61,11 @@ class ForeignCheckpoint:
     unexpected: list[str] = field(default_factory=list)  # regexes of stored tensors with no native counterpart
 
 
-def _converters(fmt: str, qcfg: dict, qc: QuantConfig, native_scales: torch.dtype | None):
-    if fmt == gptq.QUANT_METHOD:
-        convs = [WeightConverter("g_idx", "g_idx", [ToInt32()])] if qc.desc_act else []
-        if gptq.stored_format(qcfg) == "gptq":
-            convs.append(WeightConverter("qzeros", "qzeros", [GptqV1Zeros(qc.bits)]))
-        return convs, [] if qc.desc_act else [r"\.g_idx$"]  # a trivial g_idx is k // group_size: implied
-    if fmt == awq.QUANT_METHOD:
-        return [WeightConverter("qweight", "qweight", [AwqRepack("qweight")]),
-                WeightConverter("qzeros", "qzeros", [AwqRepack("qzeros")])], [r"\.g_idx$"]
-    packed = WeightConverter("weight_packed", ["qweight", "qzeros"] if qc.sym else "qweight",
-                             [CtPacked(qc.bits, qc.sym, qc.group_size)])
-    convs = [packed, WeightConverter("weight_scale", "scales", [Transposed("scales", native_scales)])]
-    if not qc.sym:
-        convs.append(WeightConverter("weight_zero_point", "qzeros", [Transposed("qzeros")]))
-    return convs, [r"\.weight_shape$"]
+def _converters(fmt: str, qcfg: dict, qc: QuantConfig) -> tuple[list[WeightConverter], list[str]]:
+    relayouts, unexpected = FORMATS[fmt].in_flight(qcfg, qc)
+    convs = [WeightConverter(r.source, list(r.targets) if isinstance(r.targets, tuple) else r.targets,
+                             [_Relayout(r.native)]) for r in relayouts]
+    return convs, unexpected
 
 
 def foreign_checkpoint(folder: str | os.PathLike) -> ForeignCheckpoint:
@@ -143,10 +74,7 @@ def foreign_checkpoint(folder: str | os.PathLike) -> ForeignCheckpoint:
 
     ckpt = read_checkpoint(Path(folder), shapes_only=True)  # checks the format and the tensors' consistency
     header = {k: (list(v.shape), _DTYPE_NAMES[v.dtype]) for k, v in ckpt.tensors.items()}
-    qcfg = ckpt.config["quantization_config"]
-    native_scales = compressed_tensors.native_scale_dtype(qcfg) if ckpt.source_format == "compressed-tensors" \
-        else None
-    convs, unexpected = _converters(ckpt.source_format, qcfg, ckpt.quant_config, native_scales)
+    convs, unexpected = _converters(ckpt.source_format, ckpt.config["quantization_config"], ckpt.quant_config)
     return ForeignCheckpoint(ckpt.source_format, ckpt.quant_config, header, convs, unexpected)
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
+from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
 from ..outdir import atomic_folder, check_output_dir
+from .spec import Format
+
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
          max_shard_size: str | int = "4GB", sources=None, check_first: bool = True) -> Path:
@@ -60,3 +63,17 @@ def check_against_model(model: nn.Module, header: dict) -> None:
         if shape is not None and list(tensor.shape) != shape:
             raise LlmqError(f"checkpoint tensor {name!r} has shape {shape}, the model expects "
                             f"{list(tensor.shape)}: the checkpoint does not match its config.json")
+
+
+def _read(tensors: dict, qcfg: dict) -> tuple[dict, QuantConfig]:
+    return tensors, QuantConfig.from_dict(qcfg)
+
+
+FORMAT = Format(
+    QUANT_METHOD,
+    detect=lambda qcfg: str(qcfg.get("quant_method", "")).lower() == QUANT_METHOD,
+    read=_read,
+    small_tensors=(".qzeros", ".scales", ".g_idx", ".weight_scale", ".input_scale"),
+    encode=lambda ckpt: ckpt.tensors,
+    config=lambda ckpt: ckpt.quant_config.to_dict(),
+)

@@ -1,0 +1,111 @@
+"""The interface every checkpoint format module exposes, and the native checkpoint it works on.
+
+Each format module (native, gptq, awq, compressed_tensors, compressed_tensors_w8a8)
+defines `FORMAT`, a `Format`: a few functions, no class hierarchy. llmq.formats.table
+lists them; conversion (convert.py), loading without a copy (inflight.py) and the
+checks of what is read (checks.py) go through that table instead of naming formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import QuantConfig
+from ..kernels.layout import codes_per_word
+from ..qweight import quantized_module_names
+from .engines import EngineSupport
+
+
+@dataclass
+class Checkpoint:
+    """A quantized checkpoint in llmq's native layout, in memory."""
+
+    folder: Path
+    config: dict  # config.json, its quantization_config as found in the source
+    tensors: dict[str, torch.Tensor]  # native names and layout
+    quant_config: QuantConfig
+    source_format: str
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """{quantized linear: (out_features, in_features)}."""
+        bits = self.quant_config.bits
+        packed = {name: self.tensors[f"{name}.qweight"] for name in quantized_module_names(self.tensors)}
+        return {name: (q.shape[1], q.shape[0] * codes_per_word(bits)) for name, q in packed.items()}
+
+    @cached_property
+    def linears(self) -> tuple[list[str], list[str]]:
+        """(linears inside decoder layers, other linears) of the model, from a meta skeleton of its config."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..arch import decoder_layers
+
+        cfg = AutoConfig.from_pretrained(self.folder)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        prefix, _ = decoder_layers(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        inside = [n for n in names if n.startswith(prefix + ".")]
+        return inside, [n for n in names if n not in inside]
+
+
+@dataclass(frozen=True)
+class Relayout:
+    """One stored tensor turned into native tensor(s) while a loader reads it (llmq.formats.inflight)."""
+
+    source: str  # the stored name's last part ("qzeros", "weight_packed" ...)
+    targets: str | tuple[str, ...]  # the native name's last part(s)
+    native: Callable[[torch.Tensor], dict[str, torch.Tensor]]  # stored tensor -> {native last part: tensor}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint format llmq reads, and perhaps writes."""
+
+    name: str  # the quant_method its config.json names
+    # quantization_config -> whether it describes a checkpoint stored in this format
+    detect: Callable[[dict], bool]
+    # (tensors, quantization_config) -> (tensors in llmq's native layout, QuantConfig), codes bit-exact
+    read: Callable[[dict, dict], tuple[dict, QuantConfig]]
+    # suffixes of the stored tensor names whose values `read` and the checks need (the rest may stay meta)
+    small_tensors: tuple[str, ...]
+    # Checkpoint -> this format's tensors; None: read only
+    encode: Callable[[Checkpoint], dict] | None = None
+    # Checkpoint -> the quantization_config this format writes for it
+    config: Callable[[Checkpoint], dict] | None = None
+    # Checkpoint -> which engines load it written in this format, and why not
+    engines: Callable[[Checkpoint], list[EngineSupport]] = field(default=lambda ckpt: [])
+    # (quantization_config, QuantConfig) -> (re-layouts of stored tensors, regexes of stored tensors
+    # with no native counterpart), for loading the folder without a converted copy; None: native
+    in_flight: Callable[[dict, QuantConfig], tuple[list[Relayout], list[str]]] | None = None
+    # QuantConfig -> whether this format writes such a model (for a variant, see with_variant)
+    writes: Callable[[QuantConfig], bool] = field(default=lambda qc: True)
+    extra_json: str | None = None  # a second file with the quantization_config that older loaders read
+
+
+def with_variant(base: Format, variant: Format) -> Format:
+    """One table entry for two layouts under one quant_method: the variant reads the configs its
+    `detect` accepts and writes the models its `writes` accepts; the base does the rest."""
+
+    def stored(qcfg: dict) -> Format:
+        return variant if variant.detect(qcfg) else base
+
+    def written(ckpt: Checkpoint) -> Format:
+        return variant if variant.writes(ckpt.quant_config) else base
+
+    return replace(
+        base,
+        read=lambda tensors, qcfg: stored(qcfg).read(tensors, qcfg),
+        small_tensors=tuple(dict.fromkeys(base.small_tensors + variant.small_tensors)),
+        encode=lambda ckpt: written(ckpt).encode(ckpt),
+        config=lambda ckpt: written(ckpt).config(ckpt),
+        engines=lambda ckpt: written(ckpt).engines(ckpt),
+        in_flight=lambda qcfg, qc: stored(qcfg).in_flight(qcfg, qc),
+        writes=lambda qc: base.writes(qc) or variant.writes(qc),
+    )

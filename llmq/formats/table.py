@@ -1,0 +1,28 @@
+"""The format table: every list of checkpoint formats, and every read, write and in-flight load, comes from it.
+
+Each entry is a format module's `FORMAT` (llmq.formats.spec.Format). compressed-tensors
+folders hold weight-only (pack-quantized) or W8A8 (int-quantized) layers under one
+quant_method: one entry, which hands each folder and each model to the layout that fits.
+"""
+
+from __future__ import annotations
+
+from . import awq, compressed_tensors, compressed_tensors_w8a8, gptq, native
+from .spec import Format, with_variant
+
+# In the order they are listed to users.
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    native.FORMAT,
+    gptq.FORMAT,
+    awq.FORMAT,
+    with_variant(compressed_tensors.FORMAT, compressed_tensors_w8a8.FORMAT),
+)}
+READ_FORMATS = tuple(FORMATS)
+WRITE_FORMATS = tuple(name for name, f in FORMATS.items() if f.encode is not None)
+# Formats loaded by converting their tensors as transformers reads them (llmq.formats.inflight).
+IN_FLIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.in_flight is not None)
+
+
+def stored_format(qcfg: dict) -> Format | None:
+    """The entry whose format a config.json's quantization_config describes, or None."""
+    return next((f for f in FORMATS.values() if f.detect(qcfg)), None)
