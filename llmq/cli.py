@@ -201,7 +201,7 @@ def _quantize_from_shards(args, config: QuantConfig):
         print(f"note: {note}", file=sys.stderr)
     if route == "memory":
         return None
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(skeleton.folder)  # a hub model's snapshot folder holds its tokenizer files
     if route == "shards":
         from .shard_rtn import quantize_rtn_shards
 

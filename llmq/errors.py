@@ -7,3 +7,8 @@ class LlmqError(ValueError):
     The CLI prints these as one line and exits with status 2; every other
     exception is a bug and keeps its traceback.
     """
+
+
+class InterruptedWork(LlmqError):
+    """A failure outside the run's inputs (a download that broke off): printed like any LlmqError, but a
+    streamed run keeps its finished layers for --resume, as it does after a crash."""

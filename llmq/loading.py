@@ -128,20 +128,26 @@ def check_model_source(source: str) -> dict | None:
     config = read_config(source)
     if config is None:
         return None
+    from .folder_io import read_header
+
+    refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
+    return config
+
+
+def refuse_quantized(source: str, config: dict, header: dict[str, tuple[list[int], str]]) -> None:
+    """Refuse a model that is already quantized, from its config.json, its folder and its tensors' headers."""
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
     folder = Path(source)
-    if (folder / "quantize_config.json").is_file():
+    if folder.is_dir() and (folder / "quantize_config.json").is_file():
         raise LlmqError(f"{source} is already quantized (an AutoGPTQ checkpoint: quantize_config.json): "
                         "quantize the full-precision model instead")
-    header = read_header(_weight_files(folder))  # names a truncated, empty or hostile file
     for key, (_, dtype) in header.items():
         kind = next((k for suffix, k in _QUANTIZED_TENSORS.items() if key.endswith(suffix)), None)
         if kind or dtype in _QUANTIZED_DTYPES:
             raise LlmqError(f"{source} is already quantized ({kind or dtype} tensor {key}): quantize the "
                             "full-precision model instead")
-    return config
 
 
 def check_loading_info(source: str, info: dict) -> None:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .config import QuantConfig
-from .errors import LlmqError
+from .errors import InterruptedWork, LlmqError
 from .outdir import resolve, stale_partials
 
 STATE_FILE = "resume.json"
@@ -40,11 +40,20 @@ HIDDEN_FILE = "resume-hidden.safetensors"
 
 
 def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, windows: torch.Tensor | None,
-                dataset=None) -> dict:
-    """What a resumed run must share with the interrupted one."""
-    folder = resolve(source)
-    files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-             if f.is_file() and (f.suffix in (".safetensors", ".json"))}
+                dataset=None, hub=None) -> dict:
+    """What a resumed run must share with the interrupted one.
+
+    hub: for a model on the hub (llmq.hub.HubModel), the repository's commit and
+    its shards' headers stand for the folder's files (which arrive during the run).
+    """
+    if hub is not None:
+        folder = f"{hub.repo_id}@{hub.revision}"
+        files = {name: hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+                 for name, header in sorted(hub.headers.items())}
+    else:
+        folder = resolve(source)
+        files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+                 if f.is_file() and (f.suffix in (".safetensors", ".json"))}
     digest = None
     if windows is not None:
         digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
@@ -111,4 +120,5 @@ def clear(folder: Path) -> None:
 
 def resumable(folder: Path, exc: BaseException) -> bool:
     """Whether to keep a partial folder after exc: it records finished layers and exc is not a refusal."""
-    return not isinstance(exc, LlmqError) and (folder / STATE_FILE).is_file()
+    refusal = isinstance(exc, LlmqError) and not isinstance(exc, InterruptedWork)
+    return not refusal and (folder / STATE_FILE).is_file()

@@ -73,7 +73,7 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
         shards.close()
         writer.finish()
         model.config.quantization_config = config.to_dict()
-        write_config(skeleton.source, model, tmp)
+        write_config(skeleton.folder, model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)

@@ -38,7 +38,12 @@ def _open(path: str):
 
 
 class SourceShards:
-    """The safetensors weights of a local model folder, read lazily by tensor name."""
+    """The safetensors weights of a model, read lazily by tensor name.
+
+    SourceShards(folder) reads a local model folder; SourceShards.from_hub(hub)
+    a hub model (llmq.hub.HubModel), whose shards are downloaded when a tensor
+    of theirs is first read (path()).
+    """
 
     def __init__(self, folder: str | os.PathLike):
         folder = Path(folder)
@@ -64,6 +69,29 @@ class SourceShards:
                     self.header[key] = (list(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype()))
         self._handle = None
         self._handle_path = None
+        self.hub = None
+
+    @classmethod
+    def from_hub(cls, hub) -> "SourceShards":
+        """The shards of a hub model, known from their headers; each downloaded when first read."""
+        self = cls.__new__(cls)
+        self.folder = hub.folder
+        self.metadata = hub.metadata
+        self.files = sorted(hub.headers)  # shard file names, made local by path()
+        self.file_of, self.header = {}, {}
+        for name in self.files:
+            for key, (shape, dtype) in sorted(hub.headers[name].items()):
+                self.file_of[key] = name
+                self.header[key] = (shape, SAFETENSORS_DTYPES.get(dtype))
+        self._handle = None
+        self._handle_path = None
+        self.hub = hub
+        return self
+
+    def path(self, key: str) -> str:
+        """The local file holding tensor key (a hub shard is downloaded the first time)."""
+        where = self.file_of[key]
+        return self.hub.path(where) if self.hub is not None else where
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -74,7 +102,7 @@ class SourceShards:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor named key, as stored (a fresh CPU tensor)."""
-        path = self.file_of[key]
+        path = self.path(key)
         if self._handle_path != path:
             self.close()
             self._handle = _open(path).__enter__()

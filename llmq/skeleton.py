@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loading import check_model_source, resolve_dtype
+from .folder_io import read_folder_config
+from .loading import check_model_source, refuse_quantized, resolve_dtype
 from .shards import SourceShards
 
 
@@ -30,11 +31,16 @@ from .shards import SourceShards
 class Skeleton:
     """The model's module tree on the meta device, with its source shards."""
 
-    source: str
+    source: str  # what the user named: a folder or a hub id
     model: nn.Module  # on the meta device
     dtype: torch.dtype  # what from_pretrained would load floating tensors as
     shards: SourceShards | None
     blocker: str | None  # why the shards cannot be read tensor by tensor; None when they can
+    folder: str | None = None  # the local folder with config and tokenizer (a hub model's snapshot)
+
+    def __post_init__(self):
+        if self.folder is None and Path(self.source).is_dir():
+            self.folder = self.source
 
     @property
     def tied(self) -> set[str]:
@@ -63,26 +69,41 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
 
     source = str(source)
     check_model_source(source)
-    if not Path(source).is_dir():
-        return Skeleton(source, None, None, None, "hub ids are read through from_pretrained")
-    try:
-        shards = SourceShards(source)
-    except FileNotFoundError:
-        shards = None
-    config = AutoConfig.from_pretrained(source)
-    files = shards.files if shards else None
+    state_dict = None
+    if Path(source).is_dir():
+        folder = source
+        try:
+            shards = SourceShards(source)
+        except FileNotFoundError:
+            shards = None
+        files = shards.files if shards else None
+    else:  # a hub id: small files now, each weight shard when first read (llmq.hub)
+        from .hub import open_hub_model
+
+        hub = open_hub_model(source)
+        shards = SourceShards.from_hub(hub)
+        folder = str(shards.folder)
+        refuse_quantized(source, read_folder_config(folder),
+                         {k: v for name in hub.headers for k, v in hub.headers[name].items()})
+        files = None
+        # The dtype from the first shard's header, as transformers reads it from the file itself.
+        first = shards.files[0]
+        state_dict = {k: torch.empty(shape, dtype=dt, device="meta")
+                      for k, (shape, dt) in shards.header.items() if shards.file_of[k] == first and dt is not None}
+    config = AutoConfig.from_pretrained(folder)
     sharded = shards.metadata if shards and shards.metadata is not None else None
     if shards is None:
         resolved = resolve_dtype(dtype)
         resolved = config.dtype if resolved == "auto" and getattr(config, "dtype", None) else resolved
         resolved = torch.float32 if resolved == "auto" else resolved
     else:
-        config, resolved = _get_dtype(resolve_dtype(dtype), files, config, sharded, None, True)
+        config, resolved = _get_dtype(resolve_dtype(dtype), files, config, sharded, state_dict, True)
     try:
         model = _build_like_from_pretrained(config, resolved)
     except (KeyError, ValueError) as e:  # not a causal LM transformers knows: from_pretrained will say why
-        return Skeleton(source, None, resolved, shards, f"transformers builds no causal LM from this config ({e})")
-    skeleton = Skeleton(source, model, resolved, shards, None)
+        return Skeleton(source, None, resolved, shards, f"transformers builds no causal LM from this config ({e})",
+                        folder)
+    skeleton = Skeleton(source, model, resolved, shards, None, folder)
     skeleton.blocker = "the model folder holds no safetensors weights" if shards is None else _blocker(skeleton)
     return skeleton
 

@@ -130,7 +130,7 @@ class LayerStreamer:
     def _slices(self, keys: list[str]) -> dict:
         out = {}
         for key in keys:
-            path = self.skeleton.shards.file_of[key]
+            path = self.skeleton.shards.path(key)  # a hub shard is downloaded when first needed
             if path not in self._handles:
                 self._handles[path] = _open(path).__enter__()
             out[key] = self._handles[path].get_slice(key)
@@ -238,7 +238,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         t0 = time.perf_counter()
         windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
         report["calibration_data"] = time.perf_counter() - t0
-    fingerprint = resuming.fingerprint(skeleton.source, config, device, skeleton.dtype, windows, dataset)
+    fingerprint = resuming.fingerprint(skeleton.folder, config, device, skeleton.dtype, windows, dataset,
+                                       hub=skeleton.shards.hub)
     found = resuming.find(out, fingerprint) if resume else None  # refuses a mismatch before touching anything
     adopt, state = found if found else (None, None)
     writing = distributed.is_writer()  # with several processes, rank 0 writes
@@ -290,7 +291,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         writer.finish()
         resuming.clear(tmp)
         model.config.quantization_config = recorded.to_dict()
-        write_config(skeleton.source, model, tmp)
+        write_config(skeleton.folder, model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     report["total"] = time.perf_counter() - t_start
