@@ -4,10 +4,12 @@
   Triton on CUDA (split-K / tiled GEMM / dequantize + cuBLAS by M), a torch
   reference elsewhere. Registered as the custom op `llmq::dequant_matmul`.
 - `prepare_cpu` / `cpu_matmul`: the CPU path, converted once at load into
-  torch's int4/int8 weight-only kernels where they fit.
+  torch's int4/int8 weight-only kernels where they fit; each call runs the
+  kernel measured fastest for its number of rows (`cpu_select`).
 - `dequantize`: the dense weight, in pure torch.
-- `int8_linear`: int8 activations x int8 weights (W8A8), `torch._int_mm` on CPU,
-  Triton on CUDA; the custom op `llmq::int8_linear`.
+- `int8_linear`: int8 activations x int8 weights (W8A8), `torch._int_mm` or an
+  fp32 matmul of the dequantized codes on CPU (measured), Triton on CUDA; the
+  custom op `llmq::int8_linear`.
 - `reorder_act_order`: sort an act-order layer's inputs by group once, so the
   kernels run without g_idx on x[..., perm].
 

@@ -24,9 +24,23 @@ M = 1. x is cast to bfloat16 and the result back to x's dtype; the scales and
 zeros are stored in bfloat16 (zero = (8 - z) * s rounds to 1/64 of a step at
 worst), far below the 4/8-bit weight error.
 
-These kernels slow down linearly with M (at M = 512 a dense bf16 matmul is 10x
-faster), so prefill pays. `prefill_dense=True` also keeps a dense bf16 weight
-(2 more bytes per weight) used when x has at least `dense_rows` rows.
+These kernels slow down linearly with M (at M = 512 a dense matmul is 10x
+faster), so each call picks its kernel by its number of rows M among
+candidates timed once per process on this processor (kernels/cpu_select.py,
+kinds "int4" and "int8"):
+
+- "int4pack" / "int8pack": the kernel above (bf16 compute);
+- "dequant": the layer's dense weight rebuilt on every call into a reused
+  fp32 buffer from the checkpoint's codes, scales and zeros, w = (q - z) * s
+  exactly as `dequantize` computes it, then an fp32 matmul with x: closer to
+  the float64 reference than the bf16 kernels, and on most processors the
+  fastest path for prefill;
+- "dequant_bf16": the same weight rounded to bf16 and a bf16 matmul (the
+  bf16 kernels' precision), which pays where bf16 matmuls are faster than fp32.
+
+Layers whose inputs are permuted (act-order) always run the kernel.
+`prefill_dense=True` instead keeps a dense bf16 weight (2 more bytes per
+weight) used when x has at least `dense_rows` rows.
 """
 
 from __future__ import annotations
@@ -36,8 +50,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_select
 from .dequant import dequantize, sort_by_group
 from .layout import codes_per_word, group_width, unpack_qweight, unpack_qzeros
+from .scratch import scratch
 
 BACKENDS = ("auto", "int4pack", "int8pack", "dense")
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
@@ -59,6 +75,17 @@ class CpuState:
     perm: torch.Tensor | None = None  # int64 [K]: x[..., perm] feeds the kernel (act-order)
     dense_weight: torch.Tensor | None = None  # bf16 [N, K] in perm order, for M >= dense_rows
     dense_rows: int = DENSE_ROWS
+    # For the "dequant" kernels (None for act-order layers, which always run the kernel):
+    # int4pack: the checkpoint's qweight int32 [K/8, N] (the layer's own buffer, not a copy);
+    # int8pack: None (the int8 codes in `weight` serve).
+    dequant_codes: torch.Tensor | None = None
+    dequant_zeros: torch.Tensor | None = None  # int4pack: uint8 [G, 1, N]
+    dequant_scales: torch.Tensor | None = None  # int4pack: [G, 1, N] (a view of the scales); int8pack: fp32 [N, 1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the CPU kernels read (some may be the layer's own buffers)."""
+        return [t for t in (self.weight, self.scales, self.perm, self.dense_weight, self.dequant_codes,
+                            self.dequant_zeros, self.dequant_scales) if t is not None]
 
 
 def _int4pack_group(gs: int) -> int | None:
@@ -123,6 +150,8 @@ def prepare_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
         codes, reasons["int8pack"] = _int8_codes(qweight, qzeros, bits, groups)
         if codes is not None:
             state = CpuState("int8pack", k, n, dtype, codes, scales[0].to(COMPUTE_DTYPE).contiguous())
+            if perm is None:
+                state.dequant_scales = scales[0].float().reshape(n, 1).contiguous()
             return _with_dense(state, qweight, qzeros, scales, g_idx, bits, gs, prefill_dense)
     if backend not in ("auto", "dense"):
         raise ValueError(f"CPU backend {backend} does not fit this layer: {reasons[backend]}")
@@ -142,7 +171,13 @@ def _prepare_int4pack(qweight, qzeros, scales, bits, gs, perm, dtype):
     s = scales.float()[src]  # [K/kgs, N]
     z = unpack_qzeros(qzeros, bits).float()[src]
     scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(COMPUTE_DTYPE).contiguous()
-    return CpuState("int4pack", k, n, dtype, packed, scale_zero, group_size=kgs, perm=perm)
+    state = CpuState("int4pack", k, n, dtype, packed, scale_zero, group_size=kgs, perm=perm)
+    if perm is None:
+        groups = k // gs
+        state.dequant_codes = qweight
+        state.dequant_zeros = unpack_qzeros(qzeros, bits).reshape(groups, 1, n).contiguous()
+        state.dequant_scales = scales.reshape(groups, 1, n)
+    return state
 
 
 def _with_dense(state, qweight, qzeros, scales, g_idx, bits, gs, prefill_dense):
@@ -152,25 +187,111 @@ def _with_dense(state, qweight, qzeros, scales, g_idx, bits, gs, prefill_dense):
     return state
 
 
-def cpu_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for x [..., K] (float32/float16/bfloat16) -> [..., N] in x's dtype."""
+_SHIFTS4 = None  # int32 [1, 8, 1]: the bit offsets of the 8 codes in a qweight word
+
+
+def _dequant_weight_t(state: CpuState, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in dtype in a reused buffer: w = (q - z) * s computed in fp32, as `dequantize` does."""
+    global _SHIFTS4
+    k, n = state.in_features, state.out_features
+    if state.backend == "int8pack":  # codes int8 [N, K] are q - z already
+        w = scratch((n, k), dtype, "dequant weight").copy_(state.weight)
+        return w.mul_(state.dequant_scales).t()
+    if _SHIFTS4 is None:
+        _SHIFTS4 = (torch.arange(8, dtype=torch.int32) * 4).view(1, 8, 1)
+    codes = scratch((k // 8, 8, n), torch.int32, "dequant codes")
+    torch.bitwise_right_shift(state.dequant_codes.unsqueeze(1), _SHIFTS4, out=codes).bitwise_and_(15)
+    groups = state.dequant_zeros.shape[0]
+    codes = codes.view(groups, k // groups, n).sub_(state.dequant_zeros)  # q - z, exact in int32
+    # Convert, then scale: an int32 x float multiply is not vectorised, a conversion is.
+    w = scratch((groups, k // groups, n), torch.float32, "dequant weight").copy_(codes).mul_(state.dequant_scales)
+    if dtype == torch.float32:
+        return w.view(k, n)
+    return scratch((k, n), dtype, "dequant weight").copy_(w.view(k, n))
+
+
+def _kernel(x2, state):
+    x2 = x2.to(COMPUTE_DTYPE).contiguous()
+    if state.backend == "int4pack":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
+    return torch.ops.aten._weight_int8pack_mm(x2, state.weight, state.scales)
+
+
+def _dequant(x2, state, dtype):
+    return torch.mm(x2.to(dtype), _dequant_weight_t(state, dtype))
+
+
+_KERNELS = {
+    "int4pack": _kernel, "int8pack": _kernel,
+    "dequant": lambda x2, state: _dequant(x2, state, torch.float32),
+    "dequant_bf16": lambda x2, state: _dequant(x2, state, torch.bfloat16),
+}
+_KIND = {"int4pack": "int4", "int8pack": "int8"}
+
+
+def _benchmarks(kind: str):
+    """cpu_select's candidates for `kind` on a representative layer (4096 x 1024, int4 groups of 128)."""
+    from .layout import pack_cols, pack_rows
+
+    def make(regime: str) -> dict:
+        g = torch.Generator().manual_seed(0)
+        n, k, bits, gs = 4096, 1024, (4 if kind == "int4" else 8), (128 if kind == "int4" else -1)
+        groups = 1 if gs == -1 else k // gs
+        qweight = pack_rows(torch.randint(0, 2**bits, (k, n), generator=g), bits)
+        qzeros = pack_cols(torch.full((groups, n), 2 ** (bits - 1)), bits)
+        scales = torch.rand(groups, n, generator=g) * 1e-2
+        state = prepare_cpu(qweight, qzeros, scales, None, bits, gs, torch.float32,
+                            backend="int4pack" if kind == "int4" else "int8pack")
+        x = torch.randn(1 if regime == "decode" else 256, k, generator=g)
+        return {name: (lambda f=_KERNELS[name]: f(x, state)) for name in cpu_select.CANDIDATES[kind]}
+
+    return make
+
+
+_BENCHMARKS = {kind: _benchmarks(kind) for kind in ("int4", "int8")}
+
+
+def cpu_kernel(state: CpuState, m: int) -> str:
+    """The kernel that cpu_matmul runs for M = m rows of this layer (see the module doc)."""
+    if state.backend == "dense":
+        return "dense"
+    if state.dense_weight is not None and m >= state.dense_rows:
+        return "dense_weight"
+    if state.perm is not None:
+        return state.backend
+    kind = _KIND[state.backend]
+    return cpu_select.choice(kind, m, _BENCHMARKS[kind])
+
+
+def cpu_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = None, *,
+               kernel: str = "auto") -> torch.Tensor:
+    """y = x @ W^T + bias for x [..., K] (float32/float16/bfloat16) -> [..., N] in x's dtype.
+
+    kernel: "auto" (the measured choice for this M, see the module doc), or force one of the
+    candidates of the layer's backend ("int4pack"/"int8pack", "dequant", "dequant_bf16").
+    """
     if x.shape[-1] != state.in_features:
         raise ValueError(f"x has {x.shape[-1]} input features, the layer expects {state.in_features}")
     if state.backend == "dense":
         y = F.linear(x.to(state.dtype), state.weight, None if bias is None else bias.to(state.dtype))
         return y.to(x.dtype)
     x2 = x.reshape(-1, state.in_features)
+    m = x2.shape[0]
+    if kernel == "auto":
+        kernel = cpu_kernel(state, m)
+    elif kernel not in cpu_select.CANDIDATES[_KIND[state.backend]]:
+        raise ValueError(f"kernel must be 'auto' or one of {cpu_select.CANDIDATES[_KIND[state.backend]]} for a "
+                         f"{state.backend} layer, got {kernel!r}")
+    elif kernel.startswith("dequant") and state.perm is not None:
+        raise ValueError("an act-order layer with permuted inputs runs only its kernel")
     if state.perm is not None:
         x2 = x2[:, state.perm]
-    x2 = x2.to(COMPUTE_DTYPE).contiguous()
-    if x2.shape[0] == 0:
+    if m == 0:
         y = x2.new_empty((0, state.out_features))
-    elif state.dense_weight is not None and x2.shape[0] >= state.dense_rows:
-        y = F.linear(x2, state.dense_weight)
-    elif state.backend == "int4pack":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
+    elif kernel == "dense_weight":
+        y = F.linear(x2.to(COMPUTE_DTYPE), state.dense_weight)
     else:
-        y = torch.ops.aten._weight_int8pack_mm(x2, state.weight, state.scales)
+        y = _KERNELS[kernel](x2, state)
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)

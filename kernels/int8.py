@@ -10,7 +10,15 @@ q_x = clamp(round(x / s_x), -128, 127), as vLLM's int8 kernels do. The int8
 product is accumulated exactly in int32 and rescaled in fp32.
 
 Devices (path "auto"):
-- CPU: `torch._int_mm` (oneDNN's int8 GEMM, exact) and an in-place fp32 rescale.
+- CPU: the faster of two kernels, measured once per process for decode
+  (M <= 16 rows) and for prefill (kernels/cpu_select.py):
+    "intmm":   `torch._int_mm` (oneDNN's int8 GEMM; int32 sums, exact) and an
+               fp32 rescale: (acc * s_x) * s_w.
+    "dequant": the weight dequantized into a reused fp32 buffer (w * s_w) times
+               the dequantized activations (q_x * s_x), an fp32 matmul: the same
+               products, each factor rounded once to fp32 and summed in fp32, so
+               it agrees with the integer reference to about 1e-6 relative
+               (pays on processors without fast int8 dot products).
 - CUDA: the Triton kernels of `triton_int8` (per-token quantization fused into
   the GEMM's tile loads, scales in its epilogue; a split-K path for M <= 16).
   Forcing path "splitk" or "gemm" runs them on CPU tensors under the
@@ -19,7 +27,8 @@ Devices (path "auto"):
 - Anything else: the integer reference (int64 matmul), exact and slow.
 
 Registered as the custom op `llmq::int8_linear` with a fake implementation,
-so it traces under torch.compile.
+so it traces under torch.compile; eager calls skip the custom op's dispatch,
+which costs more than the int8 GEMM itself at M = 1.
 """
 
 from __future__ import annotations
@@ -28,23 +37,30 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
+
+from . import cpu_select
+from .scratch import scratch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT8_DECODE_MAX_M = 16
-PATHS = ("auto", "intmm", "triton", "splitk", "gemm", "reference")
+PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "reference")
+# Smallest positive normal fp32: the scale of an all-zero row (any positive
+# scale represents it exactly; this one needs no second pass to patch zeros).
+_TINY_SCALE = torch.finfo(torch.float32).tiny
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None):
     """(int8 codes [M, K], fp32 scales [M, 1] or [1]) of x [M, K], as int8_linear computes them."""
     xf = x.float()
     if input_scale is None:
-        scale = xf.abs().amax(dim=-1, keepdim=True).div_(127.0)
-        # An all-zero row: any positive scale represents it exactly.
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = xf.abs().amax(dim=-1, keepdim=True).div_(127.0).clamp_(min=_TINY_SCALE)
+        # |x| / (max|x| / 127) <= 127 up to one rounding: no clamp needed.
+        q = torch.div(xf, scale).round_()
     else:
         scale = input_scale.float().reshape(1)
-    q = torch.round(xf / scale).clamp_(-128, 127).to(torch.int8)
-    return q, scale
+        q = torch.div(xf, scale).round_().clamp_(-128, 127)
+    return q.to(torch.int8), scale
 
 
 def int8_reference(x, weight, weight_scale, input_scale=None, bias=None):
@@ -73,15 +89,61 @@ def uses_triton(device: torch.device) -> bool:
     return module is not None and module.INTERPRET
 
 
+def _quantize_into_scratch(x2, input_scale):
+    """quantize_activations for many rows on CPU, through reused buffers: the same codes and scales."""
+    xf = x2.float()
+    if input_scale is None:
+        # max|x| as max(max x, -min x): two reductions and no |x| temporary.
+        scale = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg_())
+        scale = scale.div_(127.0).clamp_(min=_TINY_SCALE)
+    else:
+        scale = input_scale.float().reshape(1)
+    f = torch.div(xf, scale, out=scratch(tuple(xf.shape), torch.float32, "int8 activations")).round_()
+    if input_scale is not None:
+        f.clamp_(-128, 127)
+    return scratch(tuple(xf.shape), torch.int8, "int8 activations").copy_(f), scale
+
+
 def _intmm(x2, weight, weight_scale, input_scale, bias, out_dtype):
-    q, s = quantize_activations(x2, input_scale)
-    acc = torch._int_mm(q, weight.t())
-    y = acc.to(torch.float32)
-    # Rescale in place: (s_x [M, 1] or [1]) * (s_w [1, N]).
-    y.mul_(s).mul_(weight_scale.reshape(1, -1))
+    ws = weight_scale.reshape(1, -1)
+    if x2.shape[0] <= cpu_select.DECODE_MAX_ROWS:
+        q, s = quantize_activations(x2, input_scale)
+        y = torch._int_mm(q, weight.t()).to(torch.float32).mul_(s * ws)  # few rows: s * ws is small
+    else:
+        q, s = _quantize_into_scratch(x2, input_scale)
+        acc = torch._int_mm(q, weight.t(), out=scratch((q.shape[0], weight.shape[0]), torch.int32, "int8 sums"))
+        y = acc.to(torch.float32).mul_(s).mul_(ws)  # in place: (s_x [M, 1] or [1]) * (s_w [1, N])
     if bias is not None:
         y.add_(bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _dequant(x2, weight, weight_scale, input_scale, bias, out_dtype):
+    q, s = quantize_activations(x2, input_scale)
+    xq = q.to(torch.float32).mul_(s)
+    # Convert, then scale: an int8 x float multiply is not vectorised, a conversion is.
+    w = scratch(tuple(weight.shape), torch.float32, "dequant weight").copy_(weight).mul_(weight_scale.reshape(-1, 1))
+    y = F.linear(xq, w, bias)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+_CPU_KERNELS = {"intmm": _intmm, "dequant": _dequant}
+
+
+def _benchmarks(regime: str) -> dict:
+    """The CPU candidates on a representative layer (4096 x 1024 int8 weights), for cpu_select."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 4096, 1024
+    m = 1 if regime == "decode" else 256
+    x = torch.randn(m, k, generator=g)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, 1, generator=g) * 1e-3
+    return {name: (lambda f=f: f(x, w, ws, None, None, torch.float32)) for name, f in _CPU_KERNELS.items()}
+
+
+def cpu_kernel(m: int) -> str:
+    """The CPU kernel ("intmm" or "dequant") that int8_linear runs for M = m rows."""
+    return cpu_select.choice("w8a8", m, _benchmarks)
 
 
 def _run(x, weight, weight_scale, input_scale, bias, path):
@@ -91,7 +153,7 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
     if path == "auto":
-        path = "triton" if x.device.type == "cuda" else "intmm" if x.device.type == "cpu" else "reference"
+        path = "triton" if x.device.type == "cuda" else cpu_kernel(m) if x.device.type == "cpu" else "reference"
     if path in ("triton", "splitk", "gemm"):
         tq = _triton_module()
         if tq is None:
@@ -100,20 +162,24 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
             raise RuntimeError("the Triton int8 kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 set "
                                "before triton is imported")
         y = tq.int8_matmul(x2, weight, weight_scale, input_scale, bias, "auto" if path == "triton" else path)
-    elif path == "intmm":
-        y = _intmm(x2, weight, weight_scale, input_scale, bias, x.dtype)
+    elif path in _CPU_KERNELS:
+        y = _CPU_KERNELS[path](x2, weight, weight_scale, input_scale, bias, x.dtype)
     else:
         y = int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("llmq::int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    input_scale: torch.Tensor | None, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+def _on_device(x, weight, weight_scale, input_scale, bias, path):
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):  # Triton launches on the current device; follow the tensors
             return _run(x, weight, weight_scale, input_scale, bias, path)
     return _run(x, weight, weight_scale, input_scale, bias, path)
+
+
+@torch.library.custom_op("llmq::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    input_scale: torch.Tensor | None, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+    return _on_device(x, weight, weight_scale, input_scale, bias, path)
 
 
 @_int8_linear_op.register_fake
@@ -132,8 +198,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         weight_scale: float32 [N, 1] (or [N]): w = weight * weight_scale.
         input_scale: None (dynamic per-token scales) or float32 [1] (static).
         bias: float [N] or None.
-        path: "auto" (Triton on CUDA, split-K for M <= 16; torch._int_mm on CPU), or force
-            "intmm" (CPU), "triton" (split-K or GEMM by M), "splitk" / "gemm", "reference".
+        path: "auto" (Triton on CUDA, split-K for M <= 16; on CPU the kernel measured fastest,
+            see the module doc), or force "intmm" / "dequant" (CPU), "triton" (split-K or GEMM
+            by M), "splitk" / "gemm", "reference".
 
     Returns [..., N] in x's dtype.
     """
@@ -158,6 +225,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous ([N, K], checkpoint layout)")
-    return _int8_linear_op(x, weight, weight_scale.float().reshape(n, 1),
-                           None if input_scale is None else input_scale.float().reshape(1),
-                           None if bias is None else bias.float(), path)
+    args = (x, weight, weight_scale.float().reshape(n, 1),
+            None if input_scale is None else input_scale.float().reshape(1),
+            None if bias is None else bias.float(), path)
+    return _int8_linear_op(*args) if torch.compiler.is_compiling() else _on_device(*args)

@@ -34,9 +34,9 @@ def _model_bytes(model) -> int:
 
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
-        state = getattr(m, "_cpu_state", None) if isinstance(m, QuantLinear) else None
+        state = m.cpu_state if isinstance(m, QuantLinear) else None
         if state is not None:
-            tensors += [t for t in (state.weight, state.scales, state.perm, state.dense_weight) if t is not None]
+            tensors += state.tensors()
     seen, total = set(), 0
     for t in tensors:
         if t.data_ptr() not in seen:

@@ -20,8 +20,12 @@ g64 asymmetric weight-only (llmq's default CPU backend).
 - decode: transformers' greedy generate with the KV cache of new-tokens tokens
   after a prompt of prompt-tokens tokens, decode tokens/s with the prefill
   timed apart (median of --repeats);
-- weights: bytes of the linears' weights as the forward reads them, and of all
-  parameters and buffers.
+- weights: bytes of the linears' weights as the forward reads them (for int4
+  the kernel's packed form and, for prefill, the checkpoint codes it
+  dequantizes from), and of all parameters and buffers.
+
+The CPU kernels are chosen by llmq's one-time measurement
+(llmq/kernels/cpu_select.py); the choices and their timings are printed at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 import torch
 
 import llmq
+from llmq.kernels import cpu_select
 from llmq.loading import load_model
 from llmq.modules.qlinear import QuantLinear
 from llmq.modules.w8a8 import W8A8Linear
@@ -56,14 +61,14 @@ def weight_bytes(model) -> tuple[int, int]:
         if isinstance(m, W8A8Linear):
             linear += [m.weight, m.weight_scale, m.input_scale]
         elif isinstance(m, QuantLinear):
-            state = m._cpu_state
-            linear += [state.weight, state.scales, state.dense_weight] if state is not None else [m.qweight, m.scales]
+            state = m.cpu_state
+            linear += state.tensors() if state is not None else [m.qweight, m.scales]
         elif isinstance(m, torch.nn.Linear) and ".layers." in name:
             linear.append(m.weight)
     every = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m._cpu_state is not None:
-            every += [m._cpu_state.weight, m._cpu_state.scales, m._cpu_state.dense_weight]
+        if isinstance(m, QuantLinear) and m.cpu_state is not None:
+            every += m.cpu_state.tensors()
     return _bytes(linear), _bytes(every)
 
 
@@ -178,9 +183,14 @@ def main(argv=None) -> int:
               f"({row['decode_speedup']:.2f}x)  linear weights {lin / 2**20:6.1f} MiB, all {total / 2**20:6.1f} MiB"
               f"  tokens equal to fp32 {row['same_tokens']}/{args.new_tokens}", flush=True)
         del model
+    kernels = cpu_select.report()
+    print("CPU kernels chosen by measurement (best seconds of each candidate on its representative layer):")
+    for key, entry in kernels.items():
+        timed = ", ".join(f"{name} {1000 * s:.3f} ms" for name, s in entry["seconds"].items()) or "not timed (pinned)"
+        print(f"  {key:<14} {entry['kernel']:<13} {timed}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), gemm=gemm, rows=rows), f, indent=2)
+            json.dump(dict(args=vars(args), gemm=gemm, rows=rows, kernels=kernels), f, indent=2)
     return 0
 
 

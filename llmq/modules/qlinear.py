@@ -208,6 +208,11 @@ class QuantLinear(nn.Module):
         else:
             self._prepare_kernel_layout()
 
+    @property
+    def cpu_state(self):
+        """The CPU backend's form (llmq.kernels.CpuState) built for the present buffers, or None."""
+        return self._form.cpu
+
     def set_cpu_backend(self, backend: str = "auto", prefill_dense: bool = False) -> None:
         self.cpu_backend = backend
         self.cpu_prefill_dense = prefill_dense

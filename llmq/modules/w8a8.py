@@ -10,7 +10,9 @@ Buffers, named and shaped as in the checkpoint (and as compressed-tensors'
 
 Forward: the input is quantized to int8 (per token at run time, or with the
 static scale), multiplied with the int8 weight into int32 and rescaled
-(llmq.kernels.int8_linear: torch._int_mm on CPU, Triton on CUDA).
+(llmq.kernels.int8_linear: on CPU torch._int_mm or an fp32 matmul of the
+dequantized codes, whichever was measured faster on this processor; Triton on
+CUDA).
 """
 
 from __future__ import annotations
