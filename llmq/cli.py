@@ -179,7 +179,7 @@ def _check_distributed(args, config: QuantConfig) -> None:
     """What several processes can do together (llmq.distributed); the rest is refused up front."""
     from . import distributed
 
-    if config.method not in ("gptq", "rtn") or config.quantizes_activations:
+    if config.method not in ("gptq", "rtn", "awq", "awq+gptq") or config.quantizes_activations:
         raise LlmqError(f"{'--scheme w8a8' if config.quantizes_activations else '--method ' + config.method} "
                         f"does not share its statistics across processes yet: run it without torchrun "
                         f"(this run has {distributed.world()} processes)")

@@ -10,7 +10,9 @@ When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
   layer's inputs;
 - GPTQ Hessians are reduced across ranks as sums with their row counts, so
   the reduced Hessian is the mean over every window, as in one process (up
-  to floating-point summation order);
+  to floating-point summation order); so are AWQ's statistics (the sums of
+  |x| per channel and the Gram matrix of the rows one process would sample,
+  each rank contributing those it holds);
 - the linears of a solve group (q/k/v, gate/up) are solved on different ranks
   at the same time and the results broadcast, so every rank continues with
   the same quantized weights;
@@ -114,6 +116,18 @@ def all_reduce_hessian(acc) -> None:
     if total:
         H.div_(total)
     acc.nsamples = total
+
+
+def global_rows(windows: int, tokens: int, device=None) -> tuple[torch.Tensor, int]:
+    """(the index of each of this rank's rows in the whole batch, the whole batch's row count).
+
+    This rank holds `windows` calibration windows of `tokens` tokens each (its
+    share, my_windows: window j here is window rank + j * world of the whole
+    batch), flattened window by window; one process holds the whole batch.
+    """
+    total = int(all_reduce_sum(torch.tensor([float(windows)], dtype=torch.float64, device=device)).item())
+    starts = (rank() + torch.arange(windows, device=device) * world()) * tokens
+    return (starts[:, None] + torch.arange(tokens, device=device)[None, :]).reshape(-1), total * tokens
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from llmq import distributed
 from llmq.cli import _check_distributed, build_parser
 from llmq.errors import LlmqError
 from llmq.kernels.layout import unpack_rows
+from llmq.methods.awq import shared_input_stats
+from llmq.solvers.awq import input_stats
 from llmq.solvers.gptq import HessianAccumulator, gptq_quantize_many
 from conftest import checkpoint_tensors, model_folder_with_text, random_ids
 
@@ -66,17 +68,54 @@ def test_hessians_reduce_to_the_mean_over_every_rank_and_solves_are_shared():
 
 
 
+def _stats_worker(rank, world, port, x, max_rows, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    distributed.setup("cpu")
+    try:
+        stats = shared_input_stats(distributed.my_windows(x), max_rows)
+        out.put((rank, stats.gram, stats.mean_abs, stats.rows))
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.parametrize("max_rows", [1000, 37])  # every row, or a sample spread over the whole batch
+def test_awq_statistics_reduce_to_those_of_one_process(max_rows):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 11, 6, generator=g) * torch.rand(6, generator=g)  # 5 windows of 11 tokens, 6 channels
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_stats_worker, args=(r, 2, port, x, max_rows, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    rows = x.reshape(-1, 6).double()
+    n = rows.shape[0]
+    picked = rows if n <= max_rows else rows[torch.linspace(0, n - 1, max_rows).round().long()]
+    for _, gram, mean_abs, count in results:  # float64 references over the whole batch
+        assert count == picked.shape[0]
+        torch.testing.assert_close(gram.double(), picked.T @ picked / count, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean_abs.double(), rows.abs().mean(0), rtol=1e-6, atol=1e-7)
+    one = input_stats(x, max_rows)
+    torch.testing.assert_close(results[0][1], one.gram, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
 def _ppl(model, ids):
     with torch.no_grad():
         logits = model(ids).logits[:, :-1].float()
     return torch.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
-@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
-def test_two_gloo_ranks_match_one_process(tmp_path, stream):
+@pytest.mark.parametrize("method,stream", [("gptq", "--stream"), ("gptq", "--no-stream"), ("awq", "--stream"),
+                                           ("awq+gptq", "--no-stream")])
+def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
     src = tmp_path / "m"
     text = model_folder_with_text(src, "llama")
-    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
+    args = ["--method", method, "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
             "--seqlen", "24", "--device", "cpu", "--quiet", stream]
     assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
@@ -92,6 +131,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, stream):
             a, b = unpack_rows(one[k], 4), unpack_rows(two[k], 4)
             same += (a == b).sum().item()
             total += a.numel()
+        elif k.endswith("layernorm.weight") and method.startswith("awq"):
+            torch.testing.assert_close(one[k], two[k], msg=k)  # AWQ's scales folded in: equal up to rounding
         elif not k.endswith((".scales", ".qzeros", ".g_idx")):
             assert torch.equal(one[k], two[k]), k  # untouched tensors are copied exactly
     assert total and same / total > 0.95
@@ -104,9 +145,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path, stream):
 def test_what_cannot_be_shared_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: 2)
     parser = build_parser()
-    args = parser.parse_args(["quantize", "m", "q", "--method", "awq"])
+    args = parser.parse_args(["quantize", "m", "q", "--scheme", "w8a8"])
     with pytest.raises(LlmqError, match="does not share its statistics across processes"):
-        _check_distributed(args, llmq.QuantConfig(method="awq"))
+        _check_distributed(args, llmq.QuantConfig(scheme="w8a8"))
+    for method in ("gptq", "awq", "awq+gptq"):
+        _check_distributed(parser.parse_args(["quantize", "m", "q", "--method", method]),
+                           llmq.QuantConfig(method=method))
     args = parser.parse_args(["quantize", "m", "q", "--method", "gptq", "--resume"])
     with pytest.raises(LlmqError, match="--resume is for single-process runs"):
         _check_distributed(args, llmq.QuantConfig(method="gptq"))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..arch import ArchSpec, ScaleGroup, sequential_groups
 from ..config import QuantConfig
 from ..errors import LlmqError
@@ -51,6 +52,40 @@ from .common import forward_with_pre_hooks, swap_in_quantized
 SEARCH_ROWS = 8192
 # Points of the scale grid and of the clip grid.
 GRID = 20
+
+
+def _mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """mean |x| per channel over every row (of every process: a sum and a count, reduced exactly)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not distributed.active():
+        return rows.abs().float().mean(0)
+    total = distributed.all_reduce_sum(torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=x.device))
+    return distributed.all_reduce_sum(rows.abs().float().sum(0)).div_(float(total.item()))
+
+
+def shared_input_stats(x: torch.Tensor, max_rows: int) -> InputStats:
+    """input_stats(x, max_rows), with several processes over the whole calibration batch.
+
+    Each rank holds its share of the windows (llmq.distributed); it adds |x| of
+    its rows and the Gram products of those of its rows that one process, with
+    the whole batch, would sample; the sums and the counts are reduced, so the
+    statistics are those of one process up to floating-point summation order.
+    """
+    if not distributed.active():
+        return input_stats(x, max_rows)
+    if x.dim() != 3:
+        raise LlmqError(f"AWQ statistics across processes need inputs shaped [windows, tokens, features], got "
+                        f"{tuple(x.shape)}: run without torchrun")
+    b, t, k = x.shape
+    rows = x.reshape(-1, k)
+    where, n = distributed.global_rows(b, t, device=x.device)
+    if n > max_rows:  # the rows input_stats picks from the whole batch
+        picked = torch.linspace(0, n - 1, max_rows, device=x.device).round().long()
+        rows = rows[torch.isin(where, picked)]
+    xf = rows.float()
+    sampled = distributed.all_reduce_sum(torch.tensor([float(xf.shape[0])], dtype=torch.float64, device=x.device))
+    gram = distributed.all_reduce_sum(xf.t() @ xf).div_(float(sampled.item()))
+    return InputStats(gram=gram, mean_abs=_mean_abs(x), rows=int(sampled.item()))
 
 
 @dataclass
@@ -205,6 +240,9 @@ class AWQLayerStep(LayerStep):
         def hook(module: nn.Linear, args):
             if any(n in solved for n in unit.targets):
                 return  # the unit was done when its first linear ran
+            if experts is not None and distributed.active():
+                raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run "
+                                "without torchrun")
             if experts is not None and experts.fall_back(list(unit.targets.items()), args[0], layer, solved,
                                                          self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest, unscaled
@@ -221,12 +259,12 @@ class AWQLayerStep(LayerStep):
         if self.use_gptq:
             acc = HessianAccumulator(k, device=x.device)
             acc.add_batch(x)
+            distributed.all_reduce_hessian(acc)  # several processes: the mean over every rank's rows
             hessian = acc.hessian
             # The searches reuse the Hessian: H = 2 x^T x / n.
-            stats = InputStats(gram=hessian / 2, mean_abs=x.reshape(-1, k).abs().float().mean(0),
-                               rows=acc.nsamples)
+            stats = InputStats(gram=hessian / 2, mean_abs=_mean_abs(x), rows=acc.nsamples)
         else:
-            stats = input_stats(x, SEARCH_ROWS)
+            stats = shared_input_stats(x, SEARCH_ROWS)
         t1 = time.perf_counter()
         self.timings["stats"] += t1 - t0
 
