@@ -160,3 +160,23 @@ def test_act_order_layers_run_their_kernel():
     assert state.perm is not None and cpu_kernels.cpu_kernel(state, PREFILL_M) == "int4pack"
     with pytest.raises(ValueError, match="act-order"):
         cpu_matmul(torch.randn(2, 128), state, kernel="dequant")
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("m", [1, PREFILL_M])
+def test_w8a8_module_forward_matches_integer_products(static, m):
+    from llmq.modules.w8a8 import W8A8Linear
+
+    x, w, ws, bias = _int8_problem(m, 96, 48, seed=30 + m)
+    input_scale = torch.tensor([x.abs().max().item() / 127 * 0.5]) if static else None
+    layer = W8A8Linear(96, 48, static=static, bias=True)
+    layer.weight.copy_(w)
+    layer.weight_scale.copy_(ws)
+    layer.bias.data.copy_(bias)
+    if static:
+        layer.input_scale.copy_(input_scale)
+    expected = _integer_reference(x, w, ws, bias, input_scale)
+    with torch.inference_mode():
+        y = layer(x.reshape(1, m, 96))
+    assert y.shape == (1, m, 48)
+    assert _rel_err(y.reshape(m, 48), expected) < FP32_TOL
