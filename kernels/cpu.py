@@ -275,7 +275,7 @@ def cpu_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = Non
     if state.backend == "dense":
         y = F.linear(x.to(state.dtype), state.weight, None if bias is None else bias.to(state.dtype))
         return y.to(x.dtype)
-    x2 = x.reshape(-1, state.in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, state.in_features)
     m = x2.shape[0]
     if kernel == "auto":
         kernel = cpu_kernel(state, m)
@@ -292,7 +292,9 @@ def cpu_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = Non
         y = F.linear(x2.to(COMPUTE_DTYPE), state.dense_weight)
     else:
         y = _KERNELS[kernel](x2, state)
-    y = y.to(x.dtype)
+    # Each call costs microseconds, as much as a decode step's kernel: skip the ones with no effect.
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], state.out_features)
+        y = y.add_(bias.to(x.dtype))  # y is this call's own output
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], state.out_features)

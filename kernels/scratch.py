@@ -24,7 +24,10 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, use: str = "") -> torch.
     numel = 1
     for d in shape:
         numel *= d
-    buf = buffers.get((dtype, use))
+    # A tensor made under inference_mode cannot be written outside it, nor the reverse reused
+    # inside it without an extra check per call: one buffer for each mode.
+    key = (dtype, use, torch.is_inference_mode_enabled())
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[(dtype, use)] = torch.empty(numel, dtype=dtype)
+        buf = buffers[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)

@@ -180,3 +180,13 @@ def test_w8a8_module_forward_matches_integer_products(static, m):
         y = layer(x.reshape(1, m, 96))
     assert y.shape == (1, m, 48)
     assert _rel_err(y.reshape(m, 48), expected) < FP32_TOL
+
+
+def test_dequant_buffers_serve_calls_inside_and_outside_inference_mode():
+    (qweight, qzeros, scales), w = _weight_only_layer(32, 128, 4, 64, seed=6)
+    state = prepare_cpu(qweight, qzeros, scales, None, 4, 64, torch.float32)
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        inside = cpu_matmul(x, state, kernel="dequant")
+    outside = cpu_matmul(x, state, kernel="dequant")
+    assert torch.equal(inside, outside) and _rel_err(outside, x.double() @ w.t()) < FP32_TOL
