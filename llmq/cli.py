@@ -183,9 +183,6 @@ def _check_distributed(args, config: QuantConfig) -> None:
         raise LlmqError(f"{'--scheme w8a8' if config.quantizes_activations else '--method ' + config.method} "
                         f"does not share its statistics across processes yet: run it without torchrun "
                         f"(this run has {distributed.world()} processes)")
-    if args.resume:
-        raise LlmqError("--resume is for single-process runs: the next layer's inputs of a run with several "
-                        "processes are split among them; run without torchrun")
 
 
 def _quantize_from_shards(args, config: QuantConfig):

@@ -16,7 +16,10 @@ When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
 - the linears of a solve group (q/k/v, gate/up) are solved on different ranks
   at the same time and the results broadcast, so every rank continues with
   the same quantized weights;
-- only rank 0 writes the checkpoint.
+- only rank 0 writes the checkpoint; a streamed run records each finished
+  layer for --resume with every rank's share of the next layer's inputs in
+  the partial folder (which every rank must see: one machine, or a shared
+  file system), and resumes with the same number of processes.
 
 Every collective has a timeout (LLMQ_DIST_TIMEOUT seconds, 600 by default):
 a rank that dies makes the others stop with a message naming the failure
@@ -31,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .errors import LlmqError
+from .errors import InterruptedWork, LlmqError
 
 _TIMEOUT_ENV = "LLMQ_DIST_TIMEOUT"
 
@@ -98,9 +101,41 @@ def _collective(what: str, fn: Callable):
     try:
         return fn()
     except (RuntimeError, torch.distributed.DistBackendError) as e:
-        raise LlmqError(f"rank {rank()} of {world()}: {what} failed, another process probably died or hung "
+        # Not a refusal: a streamed run keeps its finished layers for --resume.
+        raise InterruptedWork(f"rank {rank()} of {world()}: {what} failed, another process probably died or hung "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); see its output, and rerun "
                         f"(the collective timeout is {_TIMEOUT_ENV}, in seconds)") from e
+
+
+def barrier(what: str) -> None:
+    """Wait for every process (what: for the message if one of them died)."""
+    if active():
+        _collective(what, torch.distributed.barrier)
+
+
+def _object_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+
+
+def from_writer(fn: Callable):
+    """fn() computed by rank 0 (the writer: file system work, such as finding the folder to resume) and
+    given to every process; an LlmqError it raises is raised by every process."""
+    if not active():
+        return fn()
+    box = [None]
+    error = None
+    if rank() == 0:
+        try:
+            box[0] = ("value", fn())
+        except LlmqError as e:
+            error = e
+            box[0] = ("error", str(e))
+    _collective("sharing the writer's state", lambda: torch.distributed.broadcast_object_list(
+        box, src=0, device=_object_device()))
+    kind, value = box[0]
+    if kind == "error":
+        raise error if error is not None else LlmqError(value)
+    return value
 
 
 def all_reduce_hessian(acc) -> None:
@@ -147,7 +182,7 @@ def solve_shared(solve: Callable[[list[int]], list], n: int) -> list:
         return solve(list(range(n)))
     mine = [i for i in range(n) if i % world() == rank()]
     local = dict(zip(mine, solve(mine))) if mine else {}
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    device = _object_device()
     results = []
     for i in range(n):
         box = [local.get(i)]

@@ -6,9 +6,13 @@ llmq.outdir) holds, next to the output shard parts of the finished layers:
 - resume.json: the run's fingerprint, the number of finished layers and the
   shard writer's state (which bytes of which part belong to which tensor),
   replaced atomically after each layer;
-- resume-hidden.safetensors: the hidden states entering the first
-  unfinished layer (the finished layers' outputs), written before resume.json
-  names the layer as finished.
+- resume-hidden-<layers done>-rank<r>.safetensors: the hidden states
+  entering the first unfinished layer (the finished layers' outputs), one
+  file per process (each holds its share of the calibration windows under
+  torchrun), written before resume.json names the layer as finished; the
+  state names the files it goes with, so a kill between the two writes
+  leaves the previous state and its own files, never a state with the next
+  layer's inputs.
 
 The fingerprint is everything the result depends on: llmq's version, the
 quantization options, the source folder and the size and modification time
@@ -30,13 +34,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from ._version import __version__
 from .config import QuantConfig
 from .errors import InterruptedWork, LlmqError
 from .outdir import resolve, stale_partials
 
 STATE_FILE = "resume.json"
-HIDDEN_FILE = "resume-hidden.safetensors"
+HIDDEN_GLOB = "resume-hidden-*.safetensors"
+
+
+def hidden_file(folder: Path, layers_done: int, rank: int = 0) -> Path:
+    return folder / f"resume-hidden-{layers_done:05d}-rank{rank}.safetensors"
 
 
 def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, windows: torch.Tensor | None,
@@ -60,7 +69,7 @@ def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, w
         digest += f":{list(windows.shape)}"
     return {"llmq": __version__, "config": config.to_dict(), "source": str(folder), "files": files,
             "device": device.type, "dtype": str(dtype), "dataset": dataset if isinstance(dataset, str) else None,
-            "windows": digest}
+            "windows": digest, "processes": distributed.world()}
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -94,28 +103,51 @@ def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
     return max(matching, key=lambda fs: fs[1]["layers_done"])
 
 
-def save(folder: Path, fp: dict, layers_done: int, writer_state: dict, hidden: torch.Tensor | None) -> None:
-    """Record that layers_done layers are finished (their tensors in writer_state)."""
+def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hidden: torch.Tensor | None) -> None:
+    """Record that layers_done layers are finished (their tensors in writer_state).
+
+    Every process calls it: each writes its share of the hidden states, then
+    rank 0 (which holds the writer) replaces the state, then the older hidden
+    files go; the processes wait for one another between the steps, so that
+    the state never names files that are not all written.
+    """
+    rank = distributed.rank()
     if hidden is not None:
-        tmp = folder / (HIDDEN_FILE + ".tmp")
+        path = hidden_file(folder, layers_done, rank)
+        tmp = path.with_name(path.name + ".tmp")
         save_file({"hidden": hidden.detach().to("cpu").contiguous()}, str(tmp))
-        os.replace(tmp, folder / HIDDEN_FILE)
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, "layers_done": layers_done, "writer": writer_state}))
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / STATE_FILE)
+        os.replace(tmp, path)
+    distributed.barrier("recording a finished layer")
+    if rank == 0:
+        tmp = folder / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "layers_done": layers_done, "writer": writer_state,
+                                   "hidden": layers_done if hidden is not None else None}))
+        with open(tmp) as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / STATE_FILE)
+        current = {hidden_file(folder, layers_done, r).name for r in range(distributed.world())}
+        for old in folder.glob(HIDDEN_GLOB):
+            if old.name not in current:
+                old.unlink(missing_ok=True)
+    distributed.barrier("recording a finished layer")
 
 
-def load_hidden(folder: Path) -> torch.Tensor | None:
-    path = folder / HIDDEN_FILE
-    return load_file(str(path))["hidden"] if path.is_file() else None
+def load_hidden(folder: Path, state: dict) -> torch.Tensor | None:
+    """This process's hidden states entering the first unfinished layer, as the state names them."""
+    if state.get("hidden") is None:
+        return None
+    path = hidden_file(folder, state["hidden"], distributed.rank())
+    if not path.is_file():
+        raise LlmqError(f"{path} is missing from the interrupted run's folder: run without --resume "
+                        "(add --overwrite to remove the folder)")
+    return load_file(str(path))["hidden"]
 
 
 def clear(folder: Path) -> None:
     """Remove the resume files from a finished checkpoint."""
-    for name in (STATE_FILE, HIDDEN_FILE):
-        (folder / name).unlink(missing_ok=True)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    for path in folder.glob(HIDDEN_GLOB):
+        path.unlink()
 
 
 def resumable(folder: Path, exc: BaseException) -> bool:

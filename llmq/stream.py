@@ -178,7 +178,8 @@ class LayerStreamer:
                 self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
         layer.to("meta")
         if self.checkpoint is not None:
-            resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1, self.writer.state(),
+            resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1,
+                        self.writer.state() if self.writer is not None else None,
                         hidden)
         test_point(f"layer-{index}")  # lets the tests kill the run here
 
@@ -240,24 +241,23 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         report["calibration_data"] = time.perf_counter() - t0
     fingerprint = resuming.fingerprint(skeleton.folder, config, device, skeleton.dtype, windows, dataset,
                                        hub=skeleton.shards.hub)
-    found = resuming.find(out, fingerprint) if resume else None  # refuses a mismatch before touching anything
-    adopt, state = found if found else (None, None)
+    # With several processes rank 0 does the file system work and shares the outcome (refusals included).
+    found = distributed.from_writer(lambda: resuming.find(out, fingerprint)) if resume else None  # refuses a
+    adopt, state = found if found else (None, None)  # mismatch before touching anything
     writing = distributed.is_writer()  # with several processes, rank 0 writes
-    folder = (atomic_folder(out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable)
-              if writing else contextlib.nullcontext(None))
-    with folder as tmp:
-        if not writing:
-            writer, resume_from = None, (0, None)
-        elif state:
-            writer = ShardWriter.resume(tmp, state["writer"])
-            resume_from = (state["layers_done"], resuming.load_hidden(tmp))
-            if progress:
+    with contextlib.ExitStack() as stack:
+        # Every process records its share of the next layer's inputs in the partial folder (llmq.resume).
+        tmp = distributed.from_writer(lambda: stack.enter_context(atomic_folder(
+            out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable)))
+        if state:
+            writer = ShardWriter.resume(tmp, state["writer"]) if writing else None
+            resume_from = (state["layers_done"], resuming.load_hidden(tmp, state))
+            if progress and writing:
                 print(f"resuming from layer {state['layers_done']} in {tmp}", file=sys.stderr)
         else:
-            writer = ShardWriter(tmp, max_shard_size)
+            writer = ShardWriter(tmp, max_shard_size) if writing else None
             resume_from = (0, None)
-        # A run of several processes cannot be resumed: each holds its own share of the activations.
-        checkpoint = {"folder": tmp, "fingerprint": fingerprint} if writing and not distributed.active() else None
+        checkpoint = {"folder": tmp, "fingerprint": fingerprint}
         streamer = LayerStreamer(model, skeleton, writer, checkpoint=checkpoint, resume_from=resume_from)
         try:
             streamer.load_outer()
@@ -276,7 +276,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             if not method.needs_calibration:
                 streamer.write_outer()  # no capture: the outer tensors were never written
         except BaseException as exc:
-            if progress and tmp is not None and resuming.resumable(tmp, exc):
+            if progress and writing and resuming.resumable(tmp, exc):
                 print(f"llmq: note: the finished layers are kept in {tmp}: rerun with --resume to continue",
                       file=sys.stderr)
             raise

@@ -1,5 +1,6 @@
 """torch.distributed: two gloo processes calibrate one model; the result matches one process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from llmq.cli import _check_distributed, build_parser
 from llmq.errors import LlmqError
 from llmq.kernels.layout import unpack_rows
 from llmq.methods.awq import shared_input_stats
+from llmq.outdir import stale_partials
 from llmq.solvers.awq import input_stats
 from llmq.solvers.gptq import HessianAccumulator, gptq_quantize_many
 from conftest import checkpoint_tensors, model_folder_with_text, random_ids
@@ -151,9 +153,6 @@ def test_what_cannot_be_shared_is_refused(monkeypatch):
     for method in ("gptq", "awq", "awq+gptq"):
         _check_distributed(parser.parse_args(["quantize", "m", "q", "--method", method]),
                            llmq.QuantConfig(method=method))
-    args = parser.parse_args(["quantize", "m", "q", "--method", "gptq", "--resume"])
-    with pytest.raises(LlmqError, match="--resume is for single-process runs"):
-        _check_distributed(args, llmq.QuantConfig(method="gptq"))
     with pytest.raises(LlmqError, match="cannot be shared by 2 processes"):
         monkeypatch.setattr(distributed, "active", lambda: True)
         distributed.my_windows(torch.zeros(1, 4, dtype=torch.long))
@@ -185,3 +184,38 @@ def test_a_dead_rank_makes_the_others_stop_with_a_message():
     for p in procs:
         p.join(60)
     assert "rank 0 of 2: reducing a Hessian failed, another process probably died" in message
+
+
+def _torchrun(argv, **env_extra):
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120", **env_extra)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "llmq", "quantize", *argv],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_under_torchrun_equals_an_uninterrupted_run(tmp_path, capsys):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "qwen3")
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
+            "--seqlen", "24", "--device", "cpu", "--stream", "--quiet"]
+    r = _torchrun([str(src), str(tmp_path / "ref"), *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "q"
+    r = _torchrun([str(src), str(out), *args], LLMQ_TEST_SIGNAL_AT="layer-0:SIGKILL")  # every rank dies there
+    assert r.returncode != 0 and not out.exists()
+    [partial] = stale_partials(out)
+    assert json.loads((partial / "resume.json").read_text())["layers_done"] == 1
+    assert sorted(p.name for p in partial.glob("resume-hidden-*")) == [
+        "resume-hidden-00001-rank0.safetensors", "resume-hidden-00001-rank1.safetensors"]  # each rank's share
+
+    capsys.readouterr()
+    assert llmq.cli.main(["quantize", str(src), str(out), *args, "--resume"]) == 2  # one process: other shares
+    assert "different processes" in capsys.readouterr().err and stale_partials(out) == [partial]
+
+    r = _torchrun([str(src), str(out), *args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stale_partials(out) == [] and not list(out.glob("resume*"))
+    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

@@ -40,7 +40,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
     assert not out.exists()
     [partial] = stale_partials(out)
     state = json.loads((partial / "resume.json").read_text())
-    assert state["layers_done"] == 1 and (partial / "resume-hidden.safetensors").is_file()
+    assert state["layers_done"] == 1 and [p.name for p in partial.glob("resume-hidden-*")] == [
+        "resume-hidden-00001-rank0.safetensors"]
     before = _snapshot(partial)
 
     # Different options, or a different dataset: refused with exit 2, nothing touched.
