@@ -15,11 +15,13 @@ static activations (scales from the first 128 tokens of the benchmark's own
 input: the speed does not depend on their values), and with --int4 RTN int4
 g64 asymmetric weight-only (llmq's default CPU backend).
 
-- prefill: one forward of a batch of 1 x prefill-tokens tokens, no cache
-  (median of --repeats, after one warm-up);
+- prefill: one forward of a batch of 1 x prefill-tokens tokens, no cache;
 - decode: transformers' greedy generate with the KV cache of new-tokens tokens
   after a prompt of prompt-tokens tokens, decode tokens/s with the prefill
-  timed apart (median of --repeats);
+  timed apart;
+- every model is built and warmed up first, then each repeat times every model
+  in turn (interleaved, so load from other processes falls on all alike);
+  medians of --repeats, each repeat printed too;
 - weights: bytes of the linears' weights as the forward reads them (for int4
   the kernel's packed form and, for prefill, the checkpoint codes it
   dequantizes from), and of all parameters and buffers.
@@ -73,29 +75,29 @@ def weight_bytes(model) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def prefill_ms(model, ids, repeats) -> float:
-    model(ids, use_cache=False)  # warm-up (and the CPU kernels' one-time conversion)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def prefill_seconds(model, ids) -> float:
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
-def decode_tps(model, prompt, new_tokens, repeats) -> tuple[float, torch.Tensor]:
+def decode_rate(model, prompt, new_tokens) -> tuple[float, torch.Tensor]:
+    """Decode tokens/s with the prefill timed apart: (n - 1) tokens over (time for n) - (time for 1)."""
     kw = dict(do_sample=False, pad_token_id=0)
-    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    rates, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        t2 = time.perf_counter()
-        rates.append((new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
-    return statistics.median(rates), out[0, prompt.shape[1]:]
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+    t1 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    t2 = time.perf_counter()
+    return (new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9), out[0, prompt.shape[1]:]
+
+
+@torch.inference_mode()
+def warm_up(model, ids, prompt) -> None:
+    """One prefill and a 2-token decode: the CPU kernels' one-time measurement and first-call costs."""
+    model(ids, use_cache=False)
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def gemm_table(repeats: int) -> list[dict]:
@@ -166,23 +168,36 @@ def main(argv=None) -> int:
     if args.int4:
         variants.append(("int4 g64 weight-only", lambda m: llmq.quantize(
             m, llmq.QuantConfig(bits=4, group_size=64, sym=False), progress=False)))
-    rows, base, ref_tokens = [], None, None
+    models = {}
     for name, make in variants:
         model, _ = load_model(args.model, "float32")
-        model = make(model.eval())
-        pre = prefill_ms(model, ids, args.repeats)
-        tps, tokens = decode_tps(model, prompt, args.new_tokens, args.repeats)
+        models[name] = make(model.eval())
+        warm_up(models[name], ids, prompt)
+    # Interleaved: every repeat times each model once, so load that comes and goes on a shared
+    # machine falls on all of them alike.
+    pre = {name: [] for name in models}
+    rate = {name: [] for name in models}
+    tokens = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            pre[name].append(prefill_seconds(model, ids))
+            r, tokens[name] = decode_rate(model, prompt, args.new_tokens)
+            rate[name].append(r)
+    rows = []
+    base = (1000 * statistics.median(pre["fp32"]), statistics.median(rate["fp32"]))
+    for name, model in models.items():
+        p, tps = 1000 * statistics.median(pre[name]), statistics.median(rate[name])
         lin, total = weight_bytes(model)
-        ref_tokens = tokens if ref_tokens is None else ref_tokens
-        base = base or (pre, tps)
-        row = dict(model=name, prefill_ms=pre, prefill_speedup=base[0] / pre, decode_tokens_per_s=tps,
+        row = dict(model=name, prefill_ms=p, prefill_speedup=base[0] / p, decode_tokens_per_s=tps,
                    decode_speedup=tps / base[1], linear_weight_bytes=lin, all_bytes=total,
-                   same_tokens=int((tokens == ref_tokens).sum()))
+                   same_tokens=int((tokens[name] == tokens["fp32"]).sum()),
+                   prefill_ms_each=[1000 * t for t in pre[name]], decode_tokens_per_s_each=rate[name])
         rows.append(row)
-        print(f"{name:<22} prefill {pre:8.1f} ms ({row['prefill_speedup']:.2f}x)  decode {tps:7.1f} tok/s "
+        print(f"{name:<22} prefill {p:8.1f} ms ({row['prefill_speedup']:.2f}x)  decode {tps:7.1f} tok/s "
               f"({row['decode_speedup']:.2f}x)  linear weights {lin / 2**20:6.1f} MiB, all {total / 2**20:6.1f} MiB"
               f"  tokens equal to fp32 {row['same_tokens']}/{args.new_tokens}", flush=True)
-        del model
+        print(f"{'':<22} each repeat: prefill ms " + " ".join(f"{1000 * t:.0f}" for t in pre[name])
+              + "; decode tok/s " + " ".join(f"{r:.1f}" for r in rate[name]), flush=True)
     kernels = cpu_select.report()
     print("CPU kernels chosen by measurement (best seconds of each candidate on its representative layer):")
     for key, entry in kernels.items():
