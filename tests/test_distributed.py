@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -28,6 +29,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _by_value(obj):
+    """obj with its tensors as numpy arrays, which a queue pickles by value.
+
+    A tensor put on a torch.multiprocessing queue travels as a handle to the
+    sender's shared memory; a sender that exits before the receiver has opened
+    it leaves an EOFError on the other side. Results cross as values instead.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_by_value(o) for o in obj)
+    return obj
+
+
+def _as_tensors(obj):
+    if isinstance(obj, numpy.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_tensors(o) for o in obj)
+    return obj
+
+
 def _worker(rank, world, port, rows, weights, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     distributed.setup("cpu")
@@ -40,7 +63,7 @@ def _worker(rank, world, port, rows, weights, out):
             lambda idx: [("rank", rank, i, gptq_quantize_many([weights[i]], acc.hessian, bits=4, group_size=8,
                                                               sym=True, scale_dtype=torch.float16)[0][0])
                          for i in idx], 3)
-        out.put((rank, acc.hessian, acc.nsamples, [(r, i, qw.codes) for _, r, i, qw in solved]))
+        out.put(_by_value((rank, acc.hessian, acc.nsamples, [(r, i, qw.codes) for _, r, i, qw in solved])))
     finally:
         distributed.teardown()
 
@@ -55,7 +78,7 @@ def test_hessians_reduce_to_the_mean_over_every_rank_and_solves_are_shared():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, rows, weights, out)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
+    results = sorted((_as_tensors(out.get(timeout=120)) for _ in procs), key=lambda r: r[0])
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -75,7 +98,7 @@ def _stats_worker(rank, world, port, x, max_rows, out):
     distributed.setup("cpu")
     try:
         stats = shared_input_stats(distributed.my_windows(x), max_rows)
-        out.put((rank, stats.gram, stats.mean_abs, stats.rows))
+        out.put(_by_value((rank, stats.gram, stats.mean_abs, stats.rows)))
     finally:
         distributed.teardown()
 
@@ -90,7 +113,7 @@ def test_awq_statistics_reduce_to_those_of_one_process(max_rows):
     procs = [ctx.Process(target=_stats_worker, args=(r, 2, port, x, max_rows, out)) for r in range(2)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=120) for _ in procs]
+    results = [_as_tensors(out.get(timeout=120)) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
