@@ -190,3 +190,17 @@ def test_dequant_buffers_serve_calls_inside_and_outside_inference_mode():
         inside = cpu_matmul(x, state, kernel="dequant")
     outside = cpu_matmul(x, state, kernel="dequant")
     assert torch.equal(inside, outside) and _rel_err(outside, x.double() @ w.t()) < FP32_TOL
+
+
+def test_nothing_is_measured_at_import_or_load():
+    import subprocess
+    import sys
+
+    code = ("import torch, llmq\n"
+            "from llmq.kernels import cpu_select, prepare_cpu\n"
+            "from llmq.kernels.layout import pack_cols, pack_rows\n"
+            "prepare_cpu(pack_rows(torch.zeros(64, 32, dtype=torch.int32), 4), pack_cols(torch.zeros(1, 32), 4),\n"
+            "            torch.ones(1, 32), None, 4, 64, torch.float32)\n"
+            "assert cpu_select.report() == {}, cpu_select.report()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
