@@ -2,7 +2,7 @@
 """CPU speed of W8A8 (and weight-only int4) against fp32, in one run: prefill, decode, weight memory.
 
     python scripts/bench_w8a8_cpu.py [--model FP_FOLDER] [--prefill-tokens 512] [--prompt-tokens 32]
-        [--new-tokens 32] [--repeats 5] [--threads N] [--int4] [--gemm-only] [--json PATH]
+        [--new-tokens 32] [--repeats 5] [--threads N] [--int4] [--gemm-only] [--breakdown] [--json PATH]
 
 First a single-linear table (the dev model's three linear shapes, M = 1, 16,
 512: fp32 F.linear against int8_linear, activation quantization and rescale
@@ -25,6 +25,10 @@ g64 asymmetric weight-only (llmq's default CPU backend).
 - weights: bytes of the linears' weights as the forward reads them (for int4
   the kernel's packed form and, for prefill, the checkpoint codes it
   dequantizes from), and of all parameters and buffers.
+
+--breakdown splits one prefill of each model into its decoder linears, the
+output head (not quantized) and everything else, which bounds what faster
+linears can gain (forward hooks; they add microseconds per linear).
 
 The CPU kernels are chosen by llmq's one-time measurement
 (llmq/kernels/cpu_select.py); the choices and their timings are printed at the end.
@@ -94,6 +98,33 @@ def decode_rate(model, prompt, new_tokens) -> tuple[float, torch.Tensor]:
 
 
 @torch.inference_mode()
+def prefill_breakdown(model, ids) -> dict:
+    """ms of one prefill spent in the decoder's linears, in the output head, and in everything else
+    (attention, norms, activations), timed by forward hooks around each linear."""
+    spent = {"linears": 0.0, "head": 0.0}
+    start = {}
+    head = model.get_output_embeddings()
+
+    def before(module, args):
+        start[module] = time.perf_counter()
+
+    def after(module, args, out):
+        spent["head" if module is head else "linears"] += time.perf_counter() - start.pop(module)
+
+    handles = []
+    for name, m in model.named_modules():
+        if m is head or (isinstance(m, (torch.nn.Linear, QuantLinear, W8A8Linear)) and ".layers." in name):
+            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        total = prefill_seconds(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"total_ms": 1000 * total, "linears_ms": 1000 * spent["linears"], "head_ms": 1000 * spent["head"],
+            "other_ms": 1000 * (total - spent["linears"] - spent["head"])}
+
+
+@torch.inference_mode()
 def warm_up(model, ids, prompt) -> None:
     """One prefill and a 2-token decode: the CPU kernels' one-time measurement and first-call costs."""
     model(ids, use_cache=False)
@@ -141,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--int4", action="store_true", help="also RTN int4 g64 asymmetric weight-only")
     p.add_argument("--json", default=None)
     p.add_argument("--gemm-only", action="store_true", help="only the single-linear table (seconds)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split a prefill into decoder linears, output head and the rest")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,6 +231,17 @@ def main(argv=None) -> int:
               f"  tokens equal to fp32 {row['same_tokens']}/{args.new_tokens}", flush=True)
         print(f"{'':<22} each repeat: prefill ms " + " ".join(f"{1000 * t:.0f}" for t in pre[name])
               + "; decode tok/s " + " ".join(f"{r:.1f}" for r in rate[name]), flush=True)
+    if args.breakdown:
+        print("one prefill, timed by hooks around the linears (median of --repeats):")
+        for row, (name, model) in zip(rows, models.items()):
+            parts = [prefill_breakdown(model, ids) for _ in range(args.repeats)]
+            row["breakdown"] = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
+            b = row["breakdown"]
+            print(f"  {name:<22} total {b['total_ms']:8.1f} ms: decoder linears {b['linears_ms']:8.1f}, "
+                  f"output head {b['head_ms']:7.1f}, everything else {b['other_ms']:7.1f}", flush=True)
+        fp = rows[0]["breakdown"]
+        print(f"  fp32 prefill with decoder linears that cost nothing would be "
+              f"{fp['total_ms'] / (fp['total_ms'] - fp['linears_ms']):.2f}x faster", flush=True)
     kernels = cpu_select.report()
     print("CPU kernels chosen by measurement (best seconds of each candidate on its representative layer):")
     for key, entry in kernels.items():
