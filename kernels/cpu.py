@@ -38,6 +38,9 @@ kinds "int4" and "int8"):
 - "dequant_bf16": the same weight rounded to bf16 and a bf16 matmul (the
   bf16 kernels' precision), which pays where bf16 matmuls are faster than fp32.
 
+The dequant kernels' buffers are per thread and sized by the largest layer
+(2 + 4 bytes per weight of that one layer, + 2 for bf16), not per model.
+
 Layers whose inputs are permuted (act-order) always run the kernel.
 `prefill_dense=True` instead keeps a dense bf16 weight (2 more bytes per
 weight) used when x has at least `dense_rows` rows.
@@ -199,10 +202,10 @@ def _dequant_weight_t(state: CpuState, dtype: torch.dtype) -> torch.Tensor:
         return w.mul_(state.dequant_scales).t()
     if _SHIFTS4 is None:
         _SHIFTS4 = (torch.arange(8, dtype=torch.int32) * 4).view(1, 8, 1)
-    codes = scratch((k // 8, 8, n), torch.int32, "dequant codes")
+    codes = scratch((k // 8, 8, n), torch.int16, "dequant codes")  # q - z fits; half the traffic of int32
     torch.bitwise_right_shift(state.dequant_codes.unsqueeze(1), _SHIFTS4, out=codes).bitwise_and_(15)
     groups = state.dequant_zeros.shape[0]
-    codes = codes.view(groups, k // groups, n).sub_(state.dequant_zeros)  # q - z, exact in int32
+    codes = codes.view(groups, k // groups, n).sub_(state.dequant_zeros)  # q - z, exact
     # Convert, then scale: an int32 x float multiply is not vectorised, a conversion is.
     w = scratch((groups, k // groups, n), torch.float32, "dequant weight").copy_(codes).mul_(state.dequant_scales)
     if dtype == torch.float32:
