@@ -43,9 +43,9 @@ def _hub_error(repo_id: str, what: str, e: Exception) -> LlmqError:
     if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
         return LlmqError(f"no model {repo_id!r} on the Hugging Face hub ({_why(e)}): check the id, or pass the "
                          "folder of a downloaded model")
-    return InterruptedWork(f"could not {what} of {repo_id} from the Hugging Face hub ({_why(e)}): check your network "
-                     "and rerun (a streamed run keeps its finished layers: add --resume), or download the "
-                     "model and pass its folder")
+    return InterruptedWork(f"could not {what} of {repo_id} from the Hugging Face hub ({_why(e)}): check your "
+                           "network and rerun (a streamed run keeps its finished layers: add --resume), or "
+                           "download the model and pass its folder")
 
 
 @dataclass

@@ -242,3 +242,36 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(tmp_path, capsys):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def _two_ranks(argv, **rank1_env):
+    """`llmq quantize` in two processes joined by the torch.distributed environment (as a launcher sets it),
+    rank 1 with rank1_env on top; returns both processes' results."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", **(rank1_env if rank == 1 else {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "llmq", "quantize", *argv], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_run_resumes(tmp_path):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
+            "--seqlen", "24", "--device", "cpu", "--stream", "--quiet"]
+    assert [code for code, _ in _two_ranks([str(src), str(tmp_path / "ref"), *args])] == [0, 0]
+    out = tmp_path / "q"
+    (code0, err0), (code1, _) = _two_ranks([str(src), str(out), *args], LLMQ_TEST_SIGNAL_AT="layer-0:SIGKILL")
+    assert code1 == -9  # rank 1 died after layer 0, without a word
+    lines = [line for line in err0.splitlines() if line.startswith("llmq:")]
+    assert code0 == 2 and len(lines) == 1, err0  # rank 0 did not hang: one line, exit 2
+    assert lines[0].startswith("llmq: error: rank 0 of 2:") and "another process probably died" in lines[0]
+    [partial] = stale_partials(out)  # kept for --resume
+    assert json.loads((partial / "resume.json").read_text())["layers_done"] == 1
+    assert [code for code, _ in _two_ranks([str(src), str(out), *args, "--resume"])] == [0, 0]
+    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
