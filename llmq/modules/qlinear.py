@@ -22,8 +22,9 @@ and saving always give the checkpoint layout.
 
 On CPU the buffers are converted, when the layer is placed, into the form of
 the fastest CPU backend (llmq.kernels.cpu: torch's int4/int8 weight-only
-kernels, or a dense weight), kept outside the state dict.
-`cpu_backend` picks it: "auto" (default), "int4pack", "int8pack", or "dense"
+kernels, or a dense weight), kept outside the state dict; each call then runs,
+for its number of rows, the kernel measured fastest on this processor
+(llmq.kernels.cpu_select). `cpu_backend` picks the form: "auto" (default), "int4pack", "int8pack", or "dense"
 (exact in the activation dtype; as much memory as the unquantized layer).
 
 When the runtime form is decided: a layer is placed once its buffers hold
