@@ -115,3 +115,29 @@ def test_search_qparams_in_row_chunks_equals_one_pass(monkeypatch):
     single = rtn.search_qparams(w, 4, True, torch.float16)
     monkeypatch.setattr(rtn, "SEARCH_CHUNK_ELEMENTS", 1 << 30)
     assert all(torch.equal(a, b) for a, b in zip(single, rtn.search_qparams(w, 4, True, torch.float16)))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_search_qparams_picks_the_shrink_with_the_least_float64_error(sym):
+    # Reference: every shrink of the grid quantized by the plain min-max rule, its error
+    # sum |w - dequant|^2.4 computed in float64; the search must pick the minimiser
+    # wherever it is clear of the runner-up (fp32 summation may order near-ties differently).
+    from llmq.solvers import rtn
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    w = (torch.randn(96, 32, generator=g) * torch.rand(96, 1, generator=g)).t()  # a transposed view, as GPTQ passes
+    scale, zero = rtn.search_qparams(w, 4, sym, torch.float16)
+    shrinks = torch.linspace(1.0, 0.5, 50)
+    errs, params = [], []
+    for p in shrinks:
+        s, z = rtn.find_qparams(w * p, 4, sym, torch.float16)
+        q = torch.clamp(torch.round(w.double() / s.double()[:, None]) + z.double()[:, None], 0, 15)
+        errs.append(((q - z.double()[:, None]) * s.double()[:, None] - w.double()).abs().pow(2.4).sum(-1))
+        params.append((s, z))
+    errs = torch.stack(errs)  # [P, groups]
+    top2 = errs.topk(2, dim=0, largest=False)
+    clear = (top2.values[1] - top2.values[0]) > 1e-5 * top2.values[0]
+    assert int(clear.sum()) > w.shape[0] // 2
+    for col in clear.nonzero().flatten().tolist():
+        s, z = params[int(top2.indices[0, col])]
+        assert scale[col] == s[col] and zero[col] == z[col]

@@ -29,8 +29,13 @@ def find_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
     rounded through scale_dtype and zero holds integers.
     """
     w = w.float()
-    wmin = w.amin(dim=-1).clamp(max=0)
-    wmax = w.amax(dim=-1).clamp(min=0)
+    return qparams_of_range(w.amin(dim=-1), w.amax(dim=-1), bits, sym, scale_dtype)
+
+
+def qparams_of_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype):
+    """find_qparams for groups given by their min and max (float32)."""
+    wmin = wmin.clamp(max=0)
+    wmax = wmax.clamp(min=0)
     maxq = 2**bits - 1
     if sym:
         half = 2 ** (bits - 1)
@@ -67,10 +72,16 @@ def search_qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dty
         parts = [search_qparams(c, bits, sym, scale_dtype, grid=grid, min_shrink=min_shrink, norm=norm)
                  for c in w.split(rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    shrink = torch.linspace(1.0, min_shrink, grid, device=w.device).view(-1, *([1] * w.dim()))
-    scale, zero = find_qparams(w.unsqueeze(0) * shrink, bits, sym, scale_dtype)  # [P, ...]
-    q = quantize(w.unsqueeze(0), scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
-    err = (dequantize(q, scale.unsqueeze(-1), zero.unsqueeze(-1)) - w.unsqueeze(0)).abs_().pow_(norm).sum(-1)
+    shrink = torch.linspace(1.0, min_shrink, grid, device=w.device).view(-1, *([1] * (w.dim() - 1)))
+    # The range of shrink * w is shrink times w's range: rounding is monotonic and shrink > 0,
+    # so the [grid, ...] product never has to be formed just to find its min and max.
+    scale, zero = qparams_of_range(w.amin(dim=-1) * shrink, w.amax(dim=-1) * shrink, bits, sym, scale_dtype)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    # quantize, dequantize and the error, each step in place in one [grid, ..., group] buffer:
+    # the same operations in the same order as quantize() and dequantize().
+    err = torch.div(w.unsqueeze(0), s)
+    err.round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(w)
+    err = err.abs_().pow_(norm).sum(-1)
     best = err.argmin(dim=0, keepdim=True)  # ties keep the widest range
     return scale.gather(0, best).squeeze(0), zero.gather(0, best).squeeze(0)
 
