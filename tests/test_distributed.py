@@ -51,6 +51,21 @@ def _as_tensors(obj):
     return obj
 
 
+def _spawn_two_ranks(worker, *args) -> list:
+    """What worker(rank, 2, port, *args, out) put on the queue in each of two spawned ranks."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [_as_tensors(out.get(timeout=120)) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return results
+
+
 def _worker(rank, world, port, rows, weights, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     distributed.setup("cpu")
@@ -72,16 +87,7 @@ def test_hessians_reduce_to_the_mean_over_every_rank_and_solves_are_shared():
     g = torch.Generator().manual_seed(0)
     rows = [torch.randn(n, 16, generator=g) for n in (5, 9, 3, 7, 4)]
     weights = [torch.randn(8, 16, generator=g) for _ in range(3)]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, rows, weights, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((_as_tensors(out.get(timeout=120)) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    results = sorted(_spawn_two_ranks(_worker, rows, weights), key=lambda r: r[0])
     x = torch.cat(rows).double()
     reference = 2 * x.T @ x / x.shape[0]  # float64, every row once
     for rank, H, n, solved in results:
@@ -107,16 +113,7 @@ def _stats_worker(rank, world, port, x, max_rows, out):
 def test_awq_statistics_reduce_to_those_of_one_process(max_rows):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 11, 6, generator=g) * torch.rand(6, generator=g)  # 5 windows of 11 tokens, 6 channels
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_stats_worker, args=(r, 2, port, x, max_rows, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [_as_tensors(out.get(timeout=120)) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    results = _spawn_two_ranks(_stats_worker, x, max_rows)
     rows = x.reshape(-1, 6).double()
     n = rows.shape[0]
     picked = rows if n <= max_rows else rows[torch.linspace(0, n - 1, max_rows).round().long()]
