@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .outdir import atomic_folder
 from .loading import resolve_device
+from .memory import return_freed_memory_promptly
 from .pipeline import check_finite, plan
 from .shards import ShardWriter
 from .skeleton import Skeleton
@@ -40,6 +41,7 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
         raise ValueError("shard-by-shard quantization is round-to-nearest only")
     if skeleton.blocker:
         raise ValueError(f"cannot quantize {skeleton.source} shard by shard: {skeleton.blocker}")
+    return_freed_memory_promptly()
     device = resolve_device(device)
     model = skeleton.model
     job = plan(model, config, device, check_finite=False)

@@ -31,7 +31,7 @@ from . import arch, distributed
 from .config import QuantConfig
 from .outdir import atomic_folder
 from .loading import resolve_device
-from .memory import available_host_memory
+from .memory import available_host_memory, return_freed_memory_promptly
 from .pipeline import check_finite, plan
 from .shards import ShardWriter, _open
 from .skeleton import Skeleton
@@ -229,6 +229,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     reason = stream_blocker(skeleton, dataset=dataset, config=config)
     if reason:
         raise ValueError(f"cannot stream {skeleton.source}: {reason}")
+    return_freed_memory_promptly()
     t_start = time.perf_counter()
     report = {} if report is None else report
     device = resolve_device(device)
