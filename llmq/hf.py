@@ -30,6 +30,7 @@ from .qweight import quantized_module_names
 from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module
+from .modules.siblings import link_siblings
 from .modules.w8a8 import W8A8Linear
 
 
@@ -218,6 +219,7 @@ class LlmqHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.post_load()
+        link_siblings(model)
         return model
 
     @property

@@ -17,6 +17,7 @@ from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
 from .methods.base import Job
+from .modules.siblings import link_siblings
 
 # The steps a user may pick as group size; the error for a group size that does
 # not divide a layer lists those of them that would work.
@@ -125,6 +126,7 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     # What the model was calibrated on goes into the checkpoint; the caller's config stays as given.
     recorded = dataclasses.replace(job.config, calibration=calibration) if calibrates else job.config
     model.config.quantization_config = recorded.to_dict()
+    link_siblings(model)
     report["total"] = time.perf_counter() - t_start
     return model
 

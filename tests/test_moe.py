@@ -362,3 +362,61 @@ def test_gptq_solves_each_experts_gate_and_up_together():
     groups = arch.sequential_groups(job.spec, job.layers[0], list(job.targets[0]))
     assert ["mlp.experts.0.w1", "mlp.experts.0.w3"] in groups and ["mlp.experts.0.w2"] in groups
     assert sorted(n for g in groups for n in g) == sorted(job.targets[0])  # every linear once
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_takes_the_short_path_with_the_loops_bits(arch, dtype):
+    """A decode step (one token) goes straight to its top-k experts and calls their QuantLinears
+    directly; its output equals the general loop's, bit for bit, which runs the module calls
+    (forced here by a forward hook on every projection, which the short path must respect)."""
+    model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=GROUP, sym=False), progress=False)
+    experts = next(m for m in model.modules() if isinstance(m, QuantExperts)).to(dtype)
+    g = torch.Generator().manual_seed(11)
+    hidden = experts.expert(0).get_submodule(experts.down_name).out_features
+    top_k = 3
+    for _ in range(4):
+        x = torch.randn(1, hidden, generator=g).to(dtype)
+        index = torch.randperm(experts.num_experts, generator=g)[:top_k].view(1, top_k)
+        weights = torch.softmax(torch.randn(1, top_k, generator=g), -1).to(dtype)
+        index[0, 1] = experts.num_experts  # an expert-parallel sentinel: dropped
+        with torch.no_grad():
+            fast = experts(x, index, weights)
+            calls = []
+            hooks = [m.register_forward_hook(lambda *a: calls.append(1))
+                     for m in experts.modules() if isinstance(m, QuantLinear)]
+            hooked = experts(x, index, weights)  # the short path, through the module calls
+            assert len(calls) == (top_k - 1) * (len(experts.up_names) + 1)
+            experts.record_tokens = True  # the general loop
+            loop = experts(x, index, weights)
+            experts.record_tokens = False
+            for h in hooks:
+                h.remove()
+        assert fast.dtype == dtype
+        assert torch.equal(fast, hooked) and torch.equal(fast, loop)
+        # And against the float64 sum of the routed experts' dequantized projections.
+        ref = torch.zeros(1, hidden, dtype=torch.float64)
+        for k in (0, 2):
+            linears = experts.expert(int(index[0, k]))._modules
+            ups = [x.double() @ linears[n].dequantize_weight(torch.float64).t()
+                   + (0 if linears[n].bias is None else linears[n].bias.double()) for n in experts.up_names]
+            h = experts._activate(torch.cat(ups, -1))
+            down = linears[experts.down_name]
+            out = h @ down.dequantize_weight(torch.float64).t() + (0 if down.bias is None else down.bias.double())
+            ref += weights[0, k].double() * out
+        tol = dict(atol=2e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+        torch.testing.assert_close(fast.double(), ref, **tol)
+
+
+def test_a_replaced_forward_is_called_by_the_short_path():
+    """accelerate's offloading replaces a module's forward: the short path must call it."""
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=GROUP, sym=False), progress=False)
+    experts = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    calls = []
+    for m in experts.modules():
+        if isinstance(m, QuantLinear):
+            m.forward = (lambda f: (lambda x: calls.append(1) or f(x)))(m.forward)
+    hidden = experts.expert(0).get_submodule(experts.down_name).out_features
+    with torch.no_grad():
+        experts(torch.randn(1, hidden), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    assert len(calls) == 2 * (len(experts.up_names) + 1)

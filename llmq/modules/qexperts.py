@@ -25,7 +25,10 @@ On CUDA, a block whose projections are all QuantLinear without act-order
 runs through one grouped Triton dequantize-matmul per side (llmq.kernels.moe:
 tokens sorted by expert, every expert in one launch, a small tile for decode
 steps) instead of a loop over experts. On CPU the loop calls each expert's
-QuantLinear, which runs torch's int4/int8 weight-only kernels.
+QuantLinear, which runs torch's int4/int8 weight-only kernels; a single token
+(a decode step at batch 1) goes straight to its top-k experts, without the
+sort and scatter, and hook-free QuantLinears are called without the module
+call: at decode each of these costs as much as a kernel.
 
 Calibration: `record_tokens` counts the tokens each expert receives, and
 `calibrate_all` sends every token through every expert (the hooks on the
@@ -38,6 +41,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
+
+from .qlinear import QuantLinear
 
 
 def weightless_copy(module: nn.Module) -> nn.Module:
@@ -47,6 +53,16 @@ def weightless_copy(module: nn.Module) -> nn.Module:
     template.__dict__["_buffers"] = {}
     template.__dict__["_modules"] = dict(module._modules)
     return template
+
+
+def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x). A CPU QuantLinear that nothing hooks (no forward hooks, global or its own, and no
+    replaced forward, as accelerate's offloading installs) runs its CPU forward directly."""
+    if (x.device.type == "cpu" and type(linear) is QuantLinear and not linear._forward_hooks
+            and not linear._forward_pre_hooks and "forward" not in linear.__dict__
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks):
+        return linear.cpu_forward(x)
+    return linear(x)
 
 
 class ExpertProjections(nn.Module):
@@ -94,15 +110,13 @@ class QuantExperts(nn.Module):
         return type(t)._apply_gate(t, h) if self.has_gate else t.act_fn(h)
 
     def _expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        ex = self.expert(e)
-        ups = [ex._modules[n](x) for n in self.up_names]
+        linears = self.expert(e)._modules
+        ups = [_project(linears[n], x) for n in self.up_names]
         h = ups[0] if len(ups) == 1 else torch.cat(ups, dim=-1)
-        return ex._modules[self.down_name](self._activate(h))
+        return _project(linears[self.down_name], self._activate(h))
 
     def grouped_ready(self) -> bool:
         """Whether every projection is a QuantLinear the grouped kernel runs (same bits and groups, no act-order)."""
-        from .qlinear import QuantLinear
-
         linears = [m for m in self.modules() if isinstance(m, nn.Linear) or isinstance(m, QuantLinear)]
         return (bool(linears) and all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
                 and len({(m.bits, m.group_size) for m in linears}) == 1)
@@ -178,6 +192,8 @@ class QuantExperts(nn.Module):
                 *args, **kwargs) -> torch.Tensor:
         if hidden_states.device.type == "cuda" and not self.record_tokens and self.grouped_ready():
             return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
+        if hidden_states.shape[0] == 1 and not (self.calibrate_all or self.record_tokens):
+            return self.token_forward(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -203,6 +219,18 @@ class QuantExperts(nn.Module):
             final.index_add_(0, tokens, out.to(final.dtype))
             start = end
         return final
+
+    def token_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The forward of one token ([1, H]): its experts in ascending order, each output weighted and
+        added, which sums in the order (and so to the bits) of the loop's scatter into zeros."""
+        final = None
+        for e, k in sorted((e, k) for k, e in enumerate(top_k_index[0].tolist())):
+            if e >= self.num_experts:  # an expert-parallel sentinel
+                continue
+            out = (self._expert_forward(e, hidden_states) * top_k_weights[:, k:k + 1]).to(hidden_states.dtype)
+            final = out if final is None else final.add_(out)
+        return torch.zeros_like(hidden_states) if final is None else final
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, projections={self.up_names + (self.down_name,)}, "

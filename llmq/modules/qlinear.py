@@ -285,13 +285,24 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            # Under torch.compile the form is looked up eagerly: building it (when the buffers
-            # were put in since) cannot be traced, and tracing it would recompile for every
-            # layer shape.
-            prepare = _cpu_form_outside_graph if torch.compiler.is_compiling() else QuantLinear._cpu_form
-            return cpu_matmul(x, prepare(self, x.dtype), bias)
+            return self.cpu_forward(x)
         return self.kernel_forward(x)
+
+    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of a CPU input (what `forward` runs on CPU; callers that own the layer's
+        calls, such as QuantExperts, call it directly to skip the module call's overhead)."""
+        compiling = torch.compiler.is_compiling()
+        siblings = self.__dict__.get("_siblings")  # linears reading the same input (modules/siblings.py)
+        if siblings is not None and not compiling:
+            y = siblings.output(self, x)
+            if y is not None:
+                return y
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        # Under torch.compile the form is looked up eagerly: building it (when the buffers
+        # were put in since) cannot be traced, and tracing it would recompile for every
+        # layer shape.
+        prepare = _cpu_form_outside_graph if compiling else QuantLinear._cpu_form
+        return cpu_matmul(x, prepare(self, x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -1,0 +1,165 @@
+"""Linears that read the same input, multiplied together at decode on CPU.
+
+A decode step multiplies each linear by one row, and a CPU kernel call then
+costs little more than its fixed part (the input's conversion to bf16, the
+dispatch, the output's conversion back): a 576 x 192 k_proj in int4 runs
+slower than its fp32 original. The linears of a decoder layer that read the
+same tensor (q/k/v after the input norm, gate/up after the post-attention
+norm: the architecture's `sequential` groups in llmq/arch.py, facts about its
+modeling code) are therefore multiplied in one kernel call when their input
+has at most `cpu_select.DECODE_MAX_ROWS` rows: the first of them to be called
+computes every member's output over their weights concatenated along the
+outputs, returns its own, and keeps the others for the members called next
+with the same input tensor. The outputs are the separate calls' to the bit:
+each output column is the same reduction over the same inputs.
+
+The same input means the same tensor object, unchanged since (its version
+counter). Inference-mode tensors have no version counter: for them sharing
+rests on the object alone, which holds for the modeling code the groups
+describe (none modifies a projection's input between these calls).
+
+Memory: the members' packed CPU weights become row views of the
+concatenated one, so only the small per-group scales are held twice. The
+int8 CPU layout keeps each output row apart; the int4 one interleaves the
+rows of each block of 64 outputs, so an int4 group is multiplied together
+only when every member but the last has a multiple of 64 outputs (q/k/v and
+gate/up of the usual model sizes do). Prefill (more rows) and
+anything that does not fit (act-order inputs, dense forms, other backends)
+run each member on its own, as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch import arch_spec, decoder_layers
+from ..errors import LlmqError
+from ..kernels import cpu_select
+from ..kernels.cpu import CpuState, cpu_kernel, cpu_matmul
+from .qlinear import QuantLinear
+
+_FUSABLE_BACKENDS = ("int4pack", "int8pack")
+# torch's int4 CPU layout interleaves the rows of each block of 64 outputs: a concatenation is
+# the concatenated layers' layout only where every member but the last fills whole blocks.
+INT4PACK_BLOCK_ROWS = 64
+
+
+@dataclass
+class _Fused:
+    state: CpuState
+    bias: torch.Tensor | None
+    sizes: list[int]
+
+
+@dataclass
+class _Pending:
+    source: weakref.ref
+    version: int | None
+    outputs: dict
+
+
+def _version(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else x._version
+
+
+class Siblings:
+    """The linears of one layer that read one input (see the module doc)."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = list(members)
+        self._fused: _Fused | None = None
+        self._fused_key: tuple | None = None  # what _fused was built from (None also when nothing fits)
+        self._pending: _Pending | None = None
+
+    def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """member(x) from a shared call, or None when member must compute on its own."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows == 0 or rows > cpu_select.DECODE_MAX_ROWS:
+            self._pending = None
+            return None
+        pending = self._pending
+        if (pending is not None and pending.source() is x and pending.version == _version(x)
+                and member in pending.outputs):
+            return pending.outputs.pop(member)
+        fused = self._fused_form(x.dtype, rows)
+        if fused is None:
+            self._pending = None
+            return None
+        bias = None if fused.bias is None else fused.bias.to(x.dtype)
+        y = cpu_matmul(x, fused.state, bias, kernel=fused.state.backend)
+        outputs = dict(zip(self.members, torch.split(y, fused.sizes, dim=-1)))
+        own = outputs.pop(member)
+        self._pending = _Pending(weakref.ref(x), _version(x), outputs)
+        return own
+
+    def _fused_form(self, dtype: torch.dtype, rows: int) -> _Fused | None:
+        states = [m._cpu_form(dtype) for m in self.members]
+        key = (dtype,) + tuple(m._form.version for m in self.members)
+        if self._fused_key == key:
+            fused = self._fused
+        else:
+            self._fused, self._fused_key = _concatenate(self.members, states), key
+            fused = self._fused
+        # Only where the members would run the packed kernel at this many rows.
+        if fused is None or cpu_kernel(states[0], rows) != states[0].backend:
+            return None
+        return fused
+
+
+def _concatenate(members: list[nn.Module], states: list[CpuState]) -> _Fused | None:
+    """The members' packed forms concatenated along the outputs, the members' weights turned into
+    views of it; None when they do not fit one kernel call."""
+    first = states[0]
+    if (first.backend not in _FUSABLE_BACKENDS
+            or any(s.backend != first.backend or s.in_features != first.in_features or s.dtype != first.dtype
+                   or s.group_size != first.group_size or s.perm is not None or s.dense_weight is not None
+                   for s in states)
+            or len({m.bias is None for m in members}) != 1
+            or (first.backend == "int4pack" and any(s.out_features % INT4PACK_BLOCK_ROWS for s in states[:-1]))):
+        return None
+    weight = torch.cat([s.weight for s in states])  # [N total, ...]: rows are independent
+    scales = torch.cat([s.scales for s in states], dim=1 if first.backend == "int4pack" else 0).contiguous()
+    sizes = [s.out_features for s in states]
+    start = 0
+    for s, n in zip(states, sizes):
+        s.weight = weight[start:start + n]
+        start += n
+    state = CpuState(first.backend, first.in_features, start, first.dtype, weight, scales,
+                     group_size=first.group_size)
+    bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+    return _Fused(state, bias, sizes)
+
+
+def link_siblings(model: nn.Module) -> int:
+    """Link the QuantLinears of each decoder layer that read one input (the architecture's
+    `sequential` groups); returns the number of groups linked. Safe to call again."""
+    try:
+        spec = arch_spec(model)
+        _, layers = decoder_layers(model, spec)
+    except LlmqError:  # not a decoder model llmq knows: nothing to link
+        return 0
+    if spec.sequential is None or layers is None:
+        return 0
+    linked = 0
+    for layer in layers:
+        for names in spec.sequential:
+            members = [_submodule(layer, n) for n in names]
+            members = [m for m in members if type(m) is QuantLinear]
+            if len(members) < 2 or len({(m.in_features, m.bits) for m in members}) != 1:
+                continue
+            group = Siblings(members)
+            for m in members:
+                m.__dict__["_siblings"] = group
+            linked += 1
+    return linked
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None

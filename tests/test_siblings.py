@@ -1,0 +1,166 @@
+"""Linears reading one input are multiplied in one CPU kernel call at decode (llmq/modules/siblings.py).
+
+The reference is the same model with the links removed, each linear calling
+its own kernel: the outputs must be the same bits, with fewer kernel calls.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import llmq
+from llmq import QuantConfig, QuantLinear
+from llmq.kernels import cpu as cpu_kernels
+from llmq.modules.siblings import link_siblings
+from conftest import random_ids, tiny_model
+
+
+def _unlinked(model):
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        m.__dict__.pop("_siblings", None)
+    return model
+
+
+def _count_kernel_calls(monkeypatch, backend, model):
+    _decode(_unlinked(model), steps=1)  # the kernel choice's one-time measurement calls kernels too
+    calls = []
+    kernel = cpu_kernels._KERNELS[backend]
+    monkeypatch.setitem(cpu_kernels._KERNELS, backend, lambda x2, state: calls.append(x2.shape[0]) or kernel(x2, state))
+    return calls
+
+
+def _decode(model, steps=3):
+    ids = random_ids(n=1, length=20, seed=4)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, logits = out.past_key_values, [out.logits[:, -1]]
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[:, -1])
+            tok = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits)
+
+
+def _model(arch):
+    """A tiny model whose k/v projections have 64 outputs: whole blocks of torch's int4 CPU layout."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_hidden_layers=2)
+    config = {
+        "llama": lambda: T.LlamaConfig(hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=2, **common),
+        "qwen2": lambda: T.Qwen2Config(hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=2, **common),  # biases on q/k/v
+        "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+                                   **common),
+    }[arch]()
+    model = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+# (architecture, groups of one input per layer, linears per layer) for llmq's sequential groups:
+# q/k/v and gate/up (OPT: q/k/v only; its fc1 stands alone).
+CASES = [("llama", 2, 7), ("qwen2", 2, 7), ("opt", 1, 6)]
+
+
+@pytest.mark.parametrize("arch,groups,linears", CASES)
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (8, -1, True)])
+def test_decode_multiplies_each_group_in_one_call_with_the_same_bits(monkeypatch, arch, groups, linears, bits,
+                                                                    group_size, sym):
+    model = llmq.quantize(_model(arch), QuantConfig(bits=bits, group_size=group_size, sym=sym), progress=False)
+    layers = model.config.num_hidden_layers
+    alone = _unlinked(model)
+    backend = "int4pack" if bits == 4 else "int8pack"
+    calls = _count_kernel_calls(monkeypatch, backend, model)
+    expected = _decode(alone)
+    separate = [m for m in calls if m == 1]
+    calls.clear()
+    got = _decode(model)
+    together = [m for m in calls if m == 1]
+    assert torch.equal(got, expected)
+    steps = 3
+    assert len(separate) == steps * layers * linears
+    # Each group of g members costs one call instead of g.
+    assert len(together) == steps * layers * (linears - sum(len(g) - 1 for g in _groups(model)))
+    assert len(together) < len(separate)
+    assert sum(1 for m in model.modules() if m.__dict__.get("_siblings") is not None) > 0
+    assert len(_groups(model)) == groups
+
+
+def _groups(model):
+    layer = model.model.decoder.layers[0] if hasattr(model.model, "decoder") else model.model.layers[0]
+    seen = {id(m.__dict__["_siblings"]): m.__dict__["_siblings"] for m in layer.modules()
+            if m.__dict__.get("_siblings") is not None}
+    return [g.members for g in seen.values()]
+
+
+def test_int4_members_that_do_not_fill_whole_blocks_run_alone(monkeypatch):
+    """The tiny llama's k/v have 32 outputs, half a block of the int4 layout: q/k/v run one by one
+    (same bits), gate/up (128 outputs each) together."""
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    calls = _count_kernel_calls(monkeypatch, "int4pack", model)
+    got = _decode(model, steps=1)
+    assert len([m for m in calls if m == 1]) == model.config.num_hidden_layers * 6
+    assert torch.equal(got, _decode(_unlinked(model), steps=1))
+
+
+def test_the_members_weights_are_views_of_the_concatenated_one():
+    model = llmq.quantize(_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    _decode(model, steps=1)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.__dict__["_siblings"]
+    fused = group._fused.state.weight
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert m.cpu_state.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert fused.shape[0] == sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def test_a_changed_or_other_input_is_computed_again():
+    model = llmq.quantize(_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    attn = model.model.layers[0].self_attn
+    alone = _unlinked(model).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x = torch.randn(1, 1, 128, generator=g)
+        attn.q_proj(x)  # computes k and v too, kept for the same input
+        x.add_(1.0)  # changed in place since: its version moved
+        assert torch.equal(attn.k_proj(x), alone.k_proj(x))
+        other = torch.randn(1, 1, 128, generator=g)
+        assert torch.equal(attn.v_proj(other), alone.v_proj(other))
+        # Inference tensors have no version counter: the same object is trusted.
+        with torch.inference_mode():
+            y = torch.randn(2, 1, 128, generator=g)
+            assert torch.equal(attn.q_proj(y), alone.q_proj(y))
+            assert torch.equal(attn.k_proj(y), alone.k_proj(y))
+            assert torch.equal(attn.v_proj(y), alone.v_proj(y))
+
+
+def test_prefill_runs_each_linear_alone(monkeypatch):
+    model = llmq.quantize(_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 40, 128)
+    with torch.no_grad():
+        before = attn.q_proj(x)
+        assert attn.q_proj.__dict__["_siblings"]._pending is None
+        assert torch.equal(before, _unlinked(model).model.layers[0].self_attn.q_proj(x))
+
+
+def test_loaded_checkpoints_are_linked(tmp_path):
+    import transformers
+
+    model = llmq.quantize(_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    llmq.save(model, tmp_path / "q")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert len(_groups(loaded)) == 2
+    assert torch.equal(_decode(loaded), _decode(_unlinked(loaded)))
+    assert link_siblings(loaded) == 2 * loaded.config.num_hidden_layers  # linking again is harmless
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
