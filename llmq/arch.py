@@ -111,6 +111,9 @@ def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
 
 
 _QWEN_EXPERTS = ("gate_proj", "up_proj")
+# The attention of the MoE architectures with Llama's projections; their experts'
+# gate and up projections are joined per expert where the groups are used.
+_MOE_SEQUENTIAL = (_QKV, ("self_attn.o_proj",))
 _MLA = (  # DeepSeek's multi-head latent attention: the low-rank projections and their norms
     ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_proj")),
     ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
@@ -135,12 +138,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
     ),
-    "mixtral": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), ("w1", "w3"), "w2")),
-    "qwen2_moe": ArchSpec(layers="model.layers", awq=_moe_awq(
+    "mixtral": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
+                       awq=_moe_awq(("mlp.gate",), ("w1", "w3"), "w2")),
+    "qwen2_moe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL + (
+        ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",)), awq=_moe_awq(
         ("mlp.gate", "mlp.shared_expert_gate"), _QWEN_EXPERTS, "down_proj",
         shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp.shared_expert.down_proj"))),
-    "qwen3_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
-    "olmoe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
+    "qwen3_moe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
+                         awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
+    "olmoe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
+                      awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
     "deepseek_v3": ArchSpec(layers="model.layers", awq=_moe_awq(
         ("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA, dense=True,
         shared=(("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj"))),

@@ -31,10 +31,11 @@ def _count_kernel_calls(monkeypatch, backend, model):
     return calls
 
 
-def _decode(model, steps=3):
+def _decode(model, steps=3, after_prefill=lambda: None):
     ids = random_ids(n=1, length=20, seed=4)
     with torch.no_grad():
         out = model(ids, use_cache=True)
+        after_prefill()
         past, logits = out.past_key_values, [out.logits[:, -1]]
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
@@ -164,3 +165,15 @@ def test_loaded_checkpoints_are_linked(tmp_path):
     assert torch.equal(_decode(loaded), _decode(_unlinked(loaded)))
     assert link_siblings(loaded) == 2 * loaded.config.num_hidden_layers  # linking again is harmless
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+def test_each_experts_gate_and_up_run_in_one_call(monkeypatch):
+    """Mixtral's experts (w1/w3 of 128 outputs) at decode: one call for gate and up of each routed
+    expert; its attention's k/v (32 outputs, half an int4 block) run alone."""
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    calls = _count_kernel_calls(monkeypatch, "int4pack", model)
+    got = _decode(model, steps=2, after_prefill=calls.clear)  # prefill: an expert may get one token
+    per_step_layer = len(calls) / (2 * model.config.num_hidden_layers)
+    top_k = model.config.num_experts_per_tok
+    assert per_step_layer == 4 + 2 * top_k  # q, k, v, o; per routed expert: gate and up together, down
+    assert torch.equal(got, _decode(_unlinked(model), steps=2))

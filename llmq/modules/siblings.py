@@ -6,12 +6,13 @@ dispatch, the output's conversion back): a 576 x 192 k_proj in int4 runs
 slower than its fp32 original. The linears of a decoder layer that read the
 same tensor (q/k/v after the input norm, gate/up after the post-attention
 norm: the architecture's `sequential` groups in llmq/arch.py, facts about its
-modeling code) are therefore multiplied in one kernel call when their input
-has at most `cpu_select.DECODE_MAX_ROWS` rows: the first of them to be called
-computes every member's output over their weights concatenated along the
-outputs, returns its own, and keeps the others for the members called next
-with the same input tensor. The outputs are the separate calls' to the bit:
-each output column is the same reduction over the same inputs.
+modeling code; and each expert's gate and up projections) are therefore
+multiplied in one kernel call when their input has at most
+`cpu_select.DECODE_MAX_ROWS` rows: the first of them to be called computes
+every member's output over their weights concatenated along the outputs,
+returns its own, and keeps the others for the members called next with the
+same input tensor. The outputs are the separate calls' to the bit: each
+output column is the same reduction over the same inputs.
 
 The same input means the same tensor object, unchanged since (its version
 counter). Inference-mode tensors have no version counter: for them sharing
@@ -23,9 +24,9 @@ concatenated one, so only the small per-group scales are held twice. The
 int8 CPU layout keeps each output row apart; the int4 one interleaves the
 rows of each block of 64 outputs, so an int4 group is multiplied together
 only when every member but the last has a multiple of 64 outputs (q/k/v and
-gate/up of the usual model sizes do). Prefill (more rows) and
-anything that does not fit (act-order inputs, dense forms, other backends)
-run each member on its own, as before.
+gate/up of the usual model sizes do). At prefill (more rows), and where the
+members do not fit one call (act-order inputs, dense forms, other backends),
+each member runs on its own.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..arch import arch_spec, decoder_layers
 from ..errors import LlmqError
 from ..kernels import cpu_select
 from ..kernels.cpu import CpuState, cpu_kernel, cpu_matmul
+from .qexperts import QuantExperts
 from .qlinear import QuantLinear
 
 _FUSABLE_BACKENDS = ("int4pack", "int8pack")
@@ -136,18 +138,22 @@ def _concatenate(members: list[nn.Module], states: list[CpuState]) -> _Fused | N
 
 def link_siblings(model: nn.Module) -> int:
     """Link the QuantLinears of each decoder layer that read one input (the architecture's
-    `sequential` groups); returns the number of groups linked. Safe to call again."""
+    `sequential` groups, each expert's gate and up); returns the number of groups linked.
+    Safe to call again."""
     try:
         spec = arch_spec(model)
         _, layers = decoder_layers(model, spec)
     except LlmqError:  # not a decoder model llmq knows: nothing to link
         return 0
-    if spec.sequential is None or layers is None:
+    if layers is None:
         return 0
     linked = 0
     for layer in layers:
-        for names in spec.sequential:
-            members = [_submodule(layer, n) for n in names]
+        groups = [[_submodule(layer, n) for n in names] for names in spec.sequential or ()]
+        # Each expert's gate and up projections read the expert's input.
+        groups += [[ex.expert(e)._modules[n] for n in ex.up_names] for ex in layer.modules()
+                   if isinstance(ex, QuantExperts) and len(ex.up_names) > 1 for e in range(ex.num_experts)]
+        for members in groups:
             members = [m for m in members if type(m) is QuantLinear]
             if len(members) < 2 or len({(m.in_features, m.bits) for m in members}) != 1:
                 continue
