@@ -10,6 +10,7 @@ import torch
 
 from .errors import LlmqError
 from .folder_io import read_folder_config
+from .formats.table import side_config
 
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -140,8 +141,9 @@ def refuse_quantized(source: str, config: dict, header: dict[str, tuple[list[int
         method = config["quantization_config"].get("quant_method")
         raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
     folder = Path(source)
-    if folder.is_dir() and (folder / "quantize_config.json").is_file():
-        raise LlmqError(f"{source} is already quantized (an AutoGPTQ checkpoint: quantize_config.json): "
+    side = side_config(folder) if folder.is_dir() else None
+    if side is not None:
+        raise LlmqError(f"{source} is already quantized (a {side[0].name} checkpoint: its {side[1].name}): "
                         "quantize the full-precision model instead")
     for key, (_, dtype) in header.items():
         kind = next((k for suffix, k in _QUANTIZED_TENSORS.items() if key.endswith(suffix)), None)

@@ -69,16 +69,14 @@ def peak_rss_mib() -> float:
 
 def dense_baseline(calib: str, nsamples: int, seqlen: int) -> dict:
     """Wall and CPU seconds of GPTQ int4 g64 asym on the dense model the MoE was upcycled from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from llmq.loading import load_model
     from llmq.pipeline import quantize
     from llmq.realmodel import smollm2_path
 
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = load_model(smollm2_path(), dtype=torch.float32)
     config = QuantConfig(method="gptq", bits=4, group_size=64, sym=False)
     t, cpu = time.perf_counter(), time.process_time()
-    quantize(model, config, dataset=calib, tokenizer=AutoTokenizer.from_pretrained(path), device="cpu",
+    quantize(model.eval(), config, dataset=calib, tokenizer=tokenizer, device="cpu",
              nsamples=nsamples, seqlen=seqlen, seed=0, progress=False)
     return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu}
 

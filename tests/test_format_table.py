@@ -62,3 +62,21 @@ def test_every_entry_reads_what_it_writes_and_loads_it_in_flight_alike(tmp_path,
     assert set(in_flight) == set(back)
     for key, tensor in back.items():
         assert torch.equal(in_flight[key], tensor), key
+
+
+def test_a_folder_with_only_the_side_file_is_read_as_its_format(tmp_path):
+    """Older AutoGPTQ folders keep their settings in quantize_config.json (the gptq entry's side file)
+    and none in config.json: the table names the format, and the codes come back bit for bit."""
+    import json
+
+    ckpt = _native_checkpoint(tmp_path, sym=False, group_size=32)
+    convert.convert(tmp_path / "native", tmp_path / "old", "gptq")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert convert.side_config(tmp_path / "old")[0] is convert.FORMATS["gptq"]
+    assert convert.side_config(tmp_path / "native") is None
+    back = convert.read_checkpoint(tmp_path / "old")
+    assert back.source_format == "gptq"
+    for key, tensor in ckpt.tensors.items():
+        assert torch.equal(back.tensors[key], tensor), key

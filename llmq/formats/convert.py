@@ -28,15 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LlmqError
-from . import gptq
 from .checks import check_native_tensors, read_small_tensors
 from .engines import EngineSupport, format_report
 from .spec import Checkpoint
-from .table import FORMATS, READ_FORMATS, WRITE_FORMATS, stored_format
+from .table import FORMATS, READ_FORMATS, WRITE_FORMATS, side_config, stored_format
 from ..folder_io import checkpoint_files, read_folder_config, read_header
 from ..outdir import atomic_folder, check_output_dir
 
-_WEIGHT_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
+_WEIGHT_FILES = ("config.json", "model.safetensors.index.json") + tuple(
+    f.extra_json for f in FORMATS.values() if f.extra_json)
 # The files of SRC a conversion copies: tokenizer, generation config, chat template, model card, custom
 # code. Stray weights (.bin, .pt, .gguf, old .safetensors) never travel into the new checkpoint.
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md", ".py")
@@ -56,11 +56,13 @@ def detect_format(config: dict) -> str:
 
 
 def read_folder_quant_config(folder: Path) -> dict:
-    """config.json, with the GPTQ settings of older AutoGPTQ folders (quantize_config.json) folded in."""
+    """config.json, with the settings of a format's side file folded in where config.json has none
+    (older AutoGPTQ folders keep them in quantize_config.json only)."""
     config = read_folder_config(folder)
-    legacy = folder / "quantize_config.json"
-    if not config.get("quantization_config") and legacy.is_file():
-        config["quantization_config"] = {"quant_method": gptq.QUANT_METHOD, **json.loads(legacy.read_text())}
+    side = side_config(folder)
+    if not config.get("quantization_config") and side is not None:
+        form, path = side
+        config["quantization_config"] = {"quant_method": form.name, **json.loads(path.read_text())}
     return config
 
 

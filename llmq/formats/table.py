@@ -7,6 +7,8 @@ quant_method: one entry, which hands each folder and each model to the layout th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import awq, compressed_tensors, compressed_tensors_w8a8, gptq, native
 from .spec import Format, with_variant
 
@@ -26,3 +28,10 @@ IN_FLIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.in_flight is 
 def stored_format(qcfg: dict) -> Format | None:
     """The entry whose format a config.json's quantization_config describes, or None."""
     return next((f for f in FORMATS.values() if f.detect(qcfg)), None)
+
+
+def side_config(folder: Path) -> tuple[Format, Path] | None:
+    """(format, file) when the folder holds a format's side file of quantization settings (its
+    `extra_json`, which older loaders read: AutoGPTQ's quantize_config.json), else None."""
+    return next(((f, folder / f.extra_json) for f in FORMATS.values()
+                 if f.extra_json and (folder / f.extra_json).is_file()), None)
