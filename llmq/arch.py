@@ -140,10 +140,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "mixtral": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
                        awq=_moe_awq(("mlp.gate",), ("w1", "w3"), "w2")),
-    "qwen2_moe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL + (
-        ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",)), awq=_moe_awq(
-        ("mlp.gate", "mlp.shared_expert_gate"), _QWEN_EXPERTS, "down_proj",
-        shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp.shared_expert.down_proj"))),
+    "qwen2_moe": ArchSpec(
+        layers="model.layers",
+        sequential=_MOE_SEQUENTIAL + (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                      ("mlp.shared_expert.down_proj",)),
+        awq=_moe_awq(("mlp.gate", "mlp.shared_expert_gate"), _QWEN_EXPERTS, "down_proj",
+                     shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                             "mlp.shared_expert.down_proj"))),
     "qwen3_moe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
                          awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
     "olmoe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,

@@ -192,7 +192,7 @@ class QuantExperts(nn.Module):
                 *args, **kwargs) -> torch.Tensor:
         if hidden_states.device.type == "cuda" and not self.record_tokens and self.grouped_ready():
             return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
-        if hidden_states.shape[0] == 1 and not (self.calibrate_all or self.record_tokens):
+        if top_k_index.shape[0] == 1 and not (self.calibrate_all or self.record_tokens):  # one token
             return self.token_forward(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
         top_k = top_k_index.shape[-1]
