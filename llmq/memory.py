@@ -33,9 +33,9 @@ def return_freed_memory_promptly() -> bool:
     By default glibc raises its mmap threshold each time a large mmapped block is
     freed (up to 32 MiB), so a layer-by-layer run's many temporaries of a few to
     tens of MiB end up in the heap, where freed space is kept and fragments: the
-    streamed GPTQ of a 12-layer checkpoint crept from 1.03 to 1.30 GiB peak this
-    way, and stayed flat near 0.80 GiB with a fixed 64 KiB threshold and no trim
-    threshold (BENCHMARKS.md). A fixed threshold also turns the raising off.
+    resident size of a streamed GPTQ of a 12-layer checkpoint crept from 1,029 to
+    1,300 MiB this way, and stayed flat near 800 MiB with a fixed 64 KiB threshold
+    and no trim threshold (BENCHMARKS.md). A fixed threshold also turns the raising off.
     Process-wide, so it is called where a bounded-memory run starts, never on import.
     """
     if not sys.platform.startswith("linux"):

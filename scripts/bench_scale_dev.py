@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from llmq.formats.convert import read_checkpoint
 from llmq.kernels.layout import unpack_rows
 from llmq.realmodel import smollm2_path, texts_dir
 
@@ -46,16 +46,9 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
-
-
 def compare(a: Path, b: Path, bits: int) -> dict:
     """Tensor-by-tensor comparison of two checkpoints: identical tensors, and identical codes."""
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = read_checkpoint(a).tensors, read_checkpoint(b).tensors
     if set(ta) != set(tb):
         return {"same_names": False}
     identical = sum(torch.equal(ta[k], tb[k]) for k in ta)
