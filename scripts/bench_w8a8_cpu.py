@@ -15,7 +15,10 @@ static activations (scales from the first 128 tokens of the benchmark's own
 input: the speed does not depend on their values), and with --int4 RTN int4
 g64 asymmetric weight-only (llmq's default CPU backend).
 
-- prefill: one forward of a batch of 1 x prefill-tokens tokens, no cache;
+- prefill: one forward of a batch of 1 x prefill-tokens tokens, no cache, timed
+  twice: with the logits of every position (a perplexity forward) and with
+  the last position's only (`logits_to_keep=1`, what transformers' generate
+  computes for a prompt: the output head then multiplies one row, not 512);
 - decode: transformers' greedy generate with the KV cache of new-tokens tokens
   after a prompt of prompt-tokens tokens, decode tokens/s with the prefill
   timed apart;
@@ -79,9 +82,10 @@ def weight_bytes(model) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def prefill_seconds(model, ids) -> float:
+def prefill_seconds(model, ids, logits_to_keep: int = 0) -> float:
+    """One forward without cache; logits_to_keep=0: every position's logits, 1: the last one's."""
     t0 = time.perf_counter()
-    model(ids, use_cache=False)
+    model(ids, use_cache=False, logits_to_keep=logits_to_keep)
     return time.perf_counter() - t0
 
 
@@ -209,27 +213,35 @@ def main(argv=None) -> int:
     # Interleaved: every repeat times each model once, so load that comes and goes on a shared
     # machine falls on all of them alike.
     pre = {name: [] for name in models}
+    last = {name: [] for name in models}
     rate = {name: [] for name in models}
     tokens = {}
     for _ in range(args.repeats):
         for name, model in models.items():
             pre[name].append(prefill_seconds(model, ids))
+            last[name].append(prefill_seconds(model, ids, logits_to_keep=1))
             r, tokens[name] = decode_rate(model, prompt, args.new_tokens)
             rate[name].append(r)
     rows = []
-    base = (1000 * statistics.median(pre["fp32"]), statistics.median(rate["fp32"]))
+    base = (1000 * statistics.median(pre["fp32"]), statistics.median(rate["fp32"]),
+            1000 * statistics.median(last["fp32"]))
     for name, model in models.items():
         p, tps = 1000 * statistics.median(pre[name]), statistics.median(rate[name])
+        pl = 1000 * statistics.median(last[name])
         lin, total = weight_bytes(model)
-        row = dict(model=name, prefill_ms=p, prefill_speedup=base[0] / p, decode_tokens_per_s=tps,
+        row = dict(model=name, prefill_ms=p, prefill_speedup=base[0] / p,
+                   prefill_last_logits_ms=pl, prefill_last_logits_speedup=base[2] / pl, decode_tokens_per_s=tps,
                    decode_speedup=tps / base[1], linear_weight_bytes=lin, all_bytes=total,
                    same_tokens=int((tokens[name] == tokens["fp32"]).sum()),
-                   prefill_ms_each=[1000 * t for t in pre[name]], decode_tokens_per_s_each=rate[name])
+                   prefill_ms_each=[1000 * t for t in pre[name]],
+                   prefill_last_logits_ms_each=[1000 * t for t in last[name]], decode_tokens_per_s_each=rate[name])
         rows.append(row)
-        print(f"{name:<22} prefill {p:8.1f} ms ({row['prefill_speedup']:.2f}x)  decode {tps:7.1f} tok/s "
+        print(f"{name:<22} prefill {p:8.1f} ms ({row['prefill_speedup']:.2f}x), last logits only {pl:8.1f} ms "
+              f"({row['prefill_last_logits_speedup']:.2f}x)  decode {tps:7.1f} tok/s "
               f"({row['decode_speedup']:.2f}x)  linear weights {lin / 2**20:6.1f} MiB, all {total / 2**20:6.1f} MiB"
               f"  tokens equal to fp32 {row['same_tokens']}/{args.new_tokens}", flush=True)
         print(f"{'':<22} each repeat: prefill ms " + " ".join(f"{1000 * t:.0f}" for t in pre[name])
+              + "; last logits only ms " + " ".join(f"{1000 * t:.0f}" for t in last[name])
               + "; decode tok/s " + " ".join(f"{r:.1f}" for r in rate[name]), flush=True)
     if args.breakdown:
         print("one prefill, timed by hooks around the linears (median of --repeats):")

@@ -177,3 +177,90 @@ def test_each_experts_gate_and_up_run_in_one_call(monkeypatch):
     top_k = model.config.num_experts_per_tok
     assert per_step_layer == 4 + 2 * top_k  # q, k, v, o; per routed expert: gate and up together, down
     assert torch.equal(got, _decode(_unlinked(model), steps=2))
+
+
+# W8A8: one quantization and one int8 GEMM per group, at decode and at prefill.
+
+@pytest.fixture
+def intmm(monkeypatch):
+    """The int8 GEMM pinned as the W8A8 CPU kernel (the grouped path's; another processor may measure
+    the other faster), its calls counted by rows."""
+    from llmq.kernels import cpu_select, int8
+
+    cpu_select.force("w8a8", "intmm")
+    calls = []
+    kernel = int8._CPU_KERNELS["intmm"]
+    monkeypatch.setitem(int8._CPU_KERNELS, "intmm", lambda x2, *a: calls.append(x2.shape[0]) or kernel(x2, *a))
+    yield calls
+    cpu_select.force("w8a8", None)
+
+
+def _w8a8(arch, static):
+    config = QuantConfig(scheme="w8a8", act="static" if static else "dynamic")
+    return llmq.quantize(_model(arch), config, dataset=random_ids(n=4, length=32, seed=7) if static else None,
+                         progress=False)
+
+
+@pytest.mark.parametrize("arch,groups,linears", CASES)
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_groups_run_one_gemm_with_the_same_bits(intmm, arch, groups, linears, static):
+    model = _w8a8(arch, static)
+    alone = _unlinked(model)
+    expected = _decode(alone)
+    separate = list(intmm)
+    intmm.clear()
+    got = _decode(model)
+    assert torch.equal(got, expected)
+    layers, steps = model.config.num_hidden_layers, 3
+    saved = sum(len(g) - 1 for g in _groups(model))
+    assert len(_groups(model)) == groups
+    # Prefill (20 rows) and each decode step alike: a group of g members costs one GEMM instead of g.
+    assert len(separate) == (steps + 1) * layers * linears
+    assert len(intmm) == (steps + 1) * layers * (linears - saved)
+    assert sorted(set(intmm)) == [1, 20]
+
+
+def test_w8a8_members_buffers_are_views_and_saved_as_their_own(intmm, tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+
+    model = _w8a8("llama", static=True)
+    _decode(model, steps=1)
+    attn = model.model.layers[0].self_attn
+    fused = attn.q_proj.__dict__["_siblings"]._fused
+    members = (attn.q_proj, attn.k_proj, attn.v_proj)
+    for m in members:
+        assert m.weight._base is fused.weight and m.weight_scale._base is fused.weight_scale
+    assert all(t._base is None for t in model.state_dict().values())
+    llmq.save(model, tmp_path / "q")
+    saved = {}
+    for f in (tmp_path / "q").glob("*.safetensors"):
+        saved.update(load_file(f))
+    prefix = "model.layers.0.self_attn."
+    for name, m in zip(("q_proj", "k_proj", "v_proj"), members):
+        assert torch.equal(saved[prefix + name + ".weight"], m.weight)
+        assert torch.equal(saved[prefix + name + ".weight_scale"], m.weight_scale)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert len(_groups(loaded)) == 2
+    assert torch.equal(_decode(loaded), _decode(_unlinked(model)))
+
+
+def test_w8a8_replaced_or_changed_buffers_are_concatenated_again(intmm):
+    model = _w8a8("qwen2", static=True)  # biases on q/k/v
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        g = torch.Generator().manual_seed(6)
+        attn.k_proj.weight = torch.randint(-127, 128, attn.k_proj.weight.shape, generator=g, dtype=torch.int8)
+        attn.v_proj.bias.add_(1.0)
+        alone = _unlinked(model).model.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
+        # Static scales that differ cannot share one quantization: each member runs alone.
+        attn.v_proj.input_scale.mul_(2.0)
+        intmm.clear()
+        alone = _unlinked(model).model.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
+        assert len(intmm) == 6

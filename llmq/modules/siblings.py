@@ -27,6 +27,18 @@ only when every member but the last has a multiple of 64 outputs (q/k/v and
 gate/up of the usual model sizes do). At prefill (more rows), and where the
 members do not fit one call (act-order inputs, dense forms, other backends),
 each member runs on its own.
+
+W8A8 layers (modules/w8a8.py) of one group share more, at every number of
+rows: the input is quantized to int8 once (per token, or with the members'
+static scale, which they hold alike because they observed the same tensor)
+and multiplied with the members' int8 weights concatenated, in one GEMM and
+one rescale. The integer sums are exact and the rescale works element by
+element, so the outputs are again the separate calls' bits; this holds for
+the int8 GEMM kernel ("intmm"), so a processor where the measured choice is
+another kernel runs each member alone. The members' `weight` and
+`weight_scale` buffers become views of the concatenated ones (the state dict
+gives them as tensors of their own), and a member whose buffers were replaced
+since is noticed by their address and makes the group concatenate again.
 """
 
 from __future__ import annotations
@@ -41,8 +53,11 @@ from ..arch import arch_spec, decoder_layers
 from ..errors import LlmqError
 from ..kernels import cpu_select
 from ..kernels.cpu import CpuState, cpu_kernel, cpu_matmul
+from ..kernels.int8 import cpu_int8_linear
+from ..kernels.int8 import cpu_kernel as int8_cpu_kernel
 from .qexperts import QuantExperts
 from .qlinear import QuantLinear
+from .w8a8 import W8A8Linear
 
 _FUSABLE_BACKENDS = ("int4pack", "int8pack")
 # torch's int4 CPU layout interleaves the rows of each block of 64 outputs: a concatenation is
@@ -69,34 +84,40 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 class Siblings:
-    """The linears of one layer that read one input (see the module doc)."""
+    """The linears of one layer that read one input (see the module doc): QuantLinears at decode."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = list(members)
-        self._fused: _Fused | None = None
+        self._fused = None
         self._fused_key: tuple | None = None  # what _fused was built from (None also when nothing fits)
         self._pending: _Pending | None = None
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """member(x) from a shared call, or None when member must compute on its own."""
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows == 0 or rows > cpu_select.DECODE_MAX_ROWS:
-            self._pending = None
-            return None
         pending = self._pending
         if (pending is not None and pending.source() is x and pending.version == _version(x)
                 and member in pending.outputs):
             return pending.outputs.pop(member)
-        fused = self._fused_form(x.dtype, rows)
-        if fused is None:
+        shared = self._together(x, rows) if rows else None
+        if shared is None:
             self._pending = None
             return None
-        bias = None if fused.bias is None else fused.bias.to(x.dtype)
-        y = cpu_matmul(x, fused.state, bias, kernel=fused.state.backend)
-        outputs = dict(zip(self.members, torch.split(y, fused.sizes, dim=-1)))
+        y, sizes = shared
+        outputs = dict(zip(self.members, torch.split(y, sizes, dim=-1)))
         own = outputs.pop(member)
         self._pending = _Pending(weakref.ref(x), _version(x), outputs)
         return own
+
+    def _together(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[int]] | None:
+        """(every member's output concatenated, their widths), or None to compute alone."""
+        if rows > cpu_select.DECODE_MAX_ROWS:
+            return None
+        fused = self._fused_form(x.dtype, rows)
+        if fused is None:
+            return None
+        bias = None if fused.bias is None else fused.bias.to(x.dtype)
+        return cpu_matmul(x, fused.state, bias, kernel=fused.state.backend), fused.sizes
 
     def _fused_form(self, dtype: torch.dtype, rows: int) -> _Fused | None:
         states = [m._cpu_form(dtype) for m in self.members]
@@ -110,6 +131,73 @@ class Siblings:
         if fused is None or cpu_kernel(states[0], rows) != states[0].backend:
             return None
         return fused
+
+
+@dataclass
+class _FusedW8A8:
+    weight: torch.Tensor  # int8 [N total, K]
+    weight_scale: torch.Tensor  # fp32 [N total, 1]
+    input_scale: torch.Tensor | None  # the members' shared static scale (the first member's buffer)
+    bias: torch.Tensor | None
+    sizes: list[int]
+    sources: tuple  # what it was built from (_sources)
+    held: list  # the buffers named in sources
+
+
+class W8A8Siblings(Siblings):
+    """W8A8Linears of one layer that read one input: one quantization, one int8 GEMM (module doc)."""
+
+    def _together(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[int]] | None:
+        if x.device.type != "cpu" or int8_cpu_kernel(rows) != "intmm":
+            return None
+        fused = self._current()
+        if fused is None:
+            return None
+        return cpu_int8_linear(x, fused.weight, fused.weight_scale, fused.input_scale, fused.bias), fused.sizes
+
+    def _current(self) -> _FusedW8A8 | None:
+        fused = self._fused
+        if fused is not None and fused.sources == _sources(self.members):
+            return fused
+        self._fused = _concatenate_w8a8(self.members)
+        return self._fused
+
+
+def _sources(members: list[W8A8Linear]) -> tuple:
+    """What a fused W8A8 form is built from: the members' buffer objects (the form holds them, so
+    their ids stay theirs), and the versions of those it copies (the static scales it compares, the
+    biases); a weight or weight scale written in place writes into the concatenated form through
+    its view."""
+    return tuple((id(m.weight), id(m.weight_scale), id(m.input_scale), _version_of(m.input_scale), id(m.bias),
+                  _version_of(m.bias)) for m in members)
+
+
+def _version_of(t: torch.Tensor | None) -> int | None:
+    return None if t is None else _version(t)
+
+
+def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
+    """The members' int8 weights and scales concatenated along the outputs, their buffers turned into
+    views of them; None when they cannot share a call."""
+    first = members[0]
+    scales = [m.input_scale for m in members]
+    if (any(m.weight.device.type != "cpu" or m.weight_scale.dtype != torch.float32
+            or m.static != first.static or m.in_features != first.in_features for m in members)
+            or len({m.bias is None for m in members}) != 1
+            or any(m.bias is not None and m.bias.dtype != torch.float32 for m in members)
+            or (first.static and any(not torch.equal(s, scales[0]) for s in scales[1:]))):
+        return None
+    weight = torch.cat([m.weight for m in members])
+    weight_scale = torch.cat([m.weight_scale.reshape(-1, 1) for m in members])
+    sizes = [m.out_features for m in members]
+    start = 0
+    for m, n in zip(members, sizes):
+        m.weight = weight[start:start + n]
+        m.weight_scale = weight_scale[start:start + n]
+        start += n
+    bias = None if first.bias is None else torch.cat([m.bias for m in members])
+    held = [(m.weight, m.weight_scale, m.input_scale, m.bias) for m in members]
+    return _FusedW8A8(weight, weight_scale, first.input_scale, bias, sizes, _sources(members), held)
 
 
 def _concatenate(members: list[nn.Module], states: list[CpuState]) -> _Fused | None:
@@ -154,14 +242,24 @@ def link_siblings(model: nn.Module) -> int:
         groups += [[ex.expert(e)._modules[n] for n in ex.up_names] for ex in layer.modules()
                    if isinstance(ex, QuantExperts) and len(ex.up_names) > 1 for e in range(ex.num_experts)]
         for members in groups:
-            members = [m for m in members if type(m) is QuantLinear]
-            if len(members) < 2 or len({(m.in_features, m.bits) for m in members}) != 1:
+            group = _group(members)
+            if group is None:
                 continue
-            group = Siblings(members)
-            for m in members:
+            for m in group.members:
                 m.__dict__["_siblings"] = group
             linked += 1
     return linked
+
+
+def _group(members: list[nn.Module | None]) -> Siblings | None:
+    """The group that multiplies these linears together, or None when fewer than two can."""
+    w8a8 = [m for m in members if type(m) is W8A8Linear]
+    if len(w8a8) >= 2 and len({(m.in_features, m.static) for m in w8a8}) == 1:
+        return W8A8Siblings(w8a8)
+    packed = [m for m in members if type(m) is QuantLinear]
+    if len(packed) >= 2 and len({(m.in_features, m.bits) for m in packed}) == 1:
+        return Siblings(packed)
+    return None
 
 
 def _submodule(layer: nn.Module, name: str) -> nn.Module | None:

@@ -12,7 +12,8 @@ Forward: the input is quantized to int8 (per token at run time, or with the
 static scale), multiplied with the int8 weight into int32 and rescaled
 (llmq.kernels.int8_linear: on CPU torch._int_mm or an fp32 matmul of the
 dequantized codes, whichever was measured faster on this processor; Triton on
-CUDA).
+CUDA). On CPU the W8A8 linears of a layer that read one input (q/k/v, gate/up)
+quantize it once and share one int8 GEMM (modules/siblings.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class W8A8Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Linked siblings (modules/siblings.py) turn weight and weight_scale into views of one
+        # concatenated tensor; saved, each is a tensor of its own.
+        self._register_state_dict_hook(_views_as_own_tensors)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -71,6 +75,11 @@ class W8A8Linear(nn.Module):
                 and not torch.compiler.is_compiling()):
             # Buffers in their built form: skip int8_linear's checks, which cost as much as the
             # int8 GEMM of a decode step. A bias in another dtype goes the checked way.
+            siblings = self.__dict__.get("_siblings")  # linears reading the same input (modules/siblings.py)
+            if siblings is not None:
+                y = siblings.output(self, x)
+                if y is not None:
+                    return y
             bias = self.bias
             if bias is None or bias.dtype == torch.float32:
                 return cpu_int8_linear(x, self.weight, self.weight_scale, self.input_scale, bias)
@@ -79,3 +88,10 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"act={'static' if self.static else 'dynamic'}, bias={self.bias is not None}")
+
+
+def _views_as_own_tensors(module, state_dict, prefix, local_metadata) -> None:
+    for name in ("weight", "weight_scale"):
+        t = state_dict.get(prefix + name)
+        if t is not None and t._base is not None:
+            state_dict[prefix + name] = t.clone()
