@@ -120,7 +120,8 @@ def _intmm(x2, weight, weight_scale, input_scale, bias, out_dtype):
     ws = weight_scale.reshape(1, -1)
     if x2.shape[0] <= cpu_select.DECODE_MAX_ROWS:
         q, s = _quantize_few_rows(x2, input_scale)
-        y = torch._int_mm(q, weight.t()).to(torch.float32).mul_(s * ws)  # few rows: s * ws is small
+        # Few rows: s * ws is small, and one multiply converts the int32 sums to fp32 on the way.
+        y = torch.mul(torch._int_mm(q, weight.t()), s * ws)
     else:
         q, s = _quantize_into_scratch(x2, input_scale)
         acc = torch._int_mm(q, weight.t(), out=scratch((q.shape[0], weight.shape[0]), torch.int32, "int8 sums"))

@@ -167,13 +167,16 @@ def _sources(members: list[W8A8Linear]) -> tuple:
     """What a fused W8A8 form is built from: the members' buffer objects (the form holds them, so
     their ids stay theirs), and the versions of those it copies (the static scales it compares, the
     biases); a weight or weight scale written in place writes into the concatenated form through
-    its view."""
-    return tuple((id(m.weight), id(m.weight_scale), id(m.input_scale), _version_of(m.input_scale), id(m.bias),
-                  _version_of(m.bias)) for m in members)
-
-
-def _version_of(t: torch.Tensor | None) -> int | None:
-    return None if t is None else _version(t)
+    its view. Read on every call: the module tables directly, not the slower attribute lookup."""
+    out = []
+    for m in members:
+        buffers, scale, bias = m._buffers, m._buffers.get("input_scale"), m._parameters.get("bias")
+        out += (id(buffers["weight"]), id(buffers["weight_scale"]), id(scale), id(bias))
+        if scale is not None:
+            out.append(_version(scale))
+        if bias is not None:
+            out.append(_version(bias))
+    return tuple(out)
 
 
 def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
