@@ -264,3 +264,17 @@ def test_w8a8_replaced_or_changed_buffers_are_concatenated_again(intmm):
         for name in ("q_proj", "k_proj", "v_proj"):
             assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
         assert len(intmm) == 6
+        # One member quantizing per token, the others with their static scale: alone too.
+        attn.v_proj.input_scale = None
+        intmm.clear()
+        alone = _unlinked(model).model.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
+        assert len(intmm) == 6
+        # All per token: together again.
+        attn.q_proj.input_scale = attn.k_proj.input_scale = None
+        intmm.clear()
+        alone = _unlinked(model).model.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
+        assert len(intmm) == 4

@@ -183,12 +183,13 @@ def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
     """The members' int8 weights and scales concatenated along the outputs, their buffers turned into
     views of them; None when they cannot share a call."""
     first = members[0]
-    scales = [m.input_scale for m in members]
+    scales = [m.input_scale for m in members]  # per member: None (per token) or its static scale
     if (any(m.weight.device.type != "cpu" or m.weight_scale.dtype != torch.float32
-            or m.static != first.static or m.in_features != first.in_features for m in members)
+            or m.in_features != first.in_features for m in members)
             or len({m.bias is None for m in members}) != 1
             or any(m.bias is not None and m.bias.dtype != torch.float32 for m in members)
-            or (first.static and any(not torch.equal(s, scales[0]) for s in scales[1:]))):
+            or len({s is None for s in scales}) != 1
+            or (scales[0] is not None and any(not torch.equal(s, scales[0]) for s in scales[1:]))):
         return None
     weight = torch.cat([m.weight for m in members])
     weight_scale = torch.cat([m.weight_scale.reshape(-1, 1) for m in members])
