@@ -52,10 +52,11 @@ VARIANTS = {
     "static-auto": dict(scheme="w8a8", act="static", smooth="auto"),
     "static-auto-pct": dict(scheme="w8a8", act="static", smooth="auto", act_observer="percentile"),
     "static-auto-mse": dict(scheme="w8a8", act="static", smooth="auto", act_observer="mse"),
+    "static-auto-gptq": dict(scheme="w8a8", act="static", smooth="auto", method="gptq"),
     "static-auto-mse-gptq": dict(scheme="w8a8", act="static", smooth="auto", act_observer="mse", method="gptq"),
 }
 DEFAULT = ["fp32", "w8a16", "dyn", "dyn-sq0.5", "dyn-auto", "dyn-auto-gptq", "static", "static-sq0.5",
-           "static-auto", "static-auto-pct", "static-auto-mse", "static-auto-mse-gptq"]
+           "static-auto", "static-auto-pct", "static-auto-mse", "static-auto-gptq", "static-auto-mse-gptq"]
 KINDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
