@@ -15,6 +15,17 @@ prints as soon as it is done (perplexity, change against fp32, quantize time).
 quantized once with static per-tensor scales (min-max, no smoothing); then, for
 each kind of linear (q/k/v, o, gate/up, down), only that kind keeps its static
 scale and every other linear quantizes its activations per token.
+
+--asymmetric: would asymmetric static activations (a zero point) beat llmq's
+symmetric ones? The model is quantized once as `--act static --smooth auto`
+does it, every linear's input minimum and maximum are recorded on the same
+calibration windows, and the model is scored with its activations quantized
+symmetrically (llmq's own forward, s = max|x| / 127), asymmetrically
+everywhere (s = (max - min) / 255, zero point z = -128 - round(min / s),
+x' = (clamp(round(x / s) + z, -128, 127) - z) s), and asymmetrically on
+down_proj only. The asymmetric rows are fake-quantized in fp32 (x' times the
+dequantized int8 weight): what an int8 kernel with a zero-point correction
+would compute, up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -27,9 +38,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import llmq
-from llmq.data import tokenize, wants_bos
+from llmq.data import calibration_windows, tokenize, wants_bos
 from llmq.eval.metrics import perplexity
 from llmq.eval.windows import cut_windows, eval_text
 from llmq.modules.w8a8 import W8A8Linear
@@ -67,6 +79,43 @@ def load_fp32(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def input_ranges(model, windows) -> dict:
+    """{W8A8Linear: (min, max)} of its input over the windows (one forward per window)."""
+    ranges, handles = {}, []
+
+    def record(module, args):
+        x = args[0].detach()
+        lo, hi = x.min().item(), x.max().item()
+        old = ranges.get(module)
+        ranges[module] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            handles.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            for row in windows:
+                model(row[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def asymmetric_forward(module: W8A8Linear, lo: float, hi: float):
+    """A forward quantizing the input with a zero point over [lo, hi] (fake-quantized in fp32)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range holds zero, so zero is exact
+    scale = max(hi - lo, 1e-12) / 255.0
+    zero = -128 - round(lo / scale)
+    weight = module.dequantize_weight()
+
+    def forward(x):
+        q = torch.clamp(torch.round(x.float() / scale) + zero, -128, 127)
+        return F.linear((q - zero) * scale, weight, module.bias).to(x.dtype)
+
+    return forward
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="fp32 model folder (default: python -m llmq.realmodel)")
@@ -77,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--diagnose", action="store_true", help="per-kind static activation sensitivity")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric static activations against symmetric")
     p.add_argument("--json", default=None)
     p.add_argument("--fp-ppl", type=float, default=None,
                    help="skip scoring fp32 and compare against this fp32 perplexity (from an earlier run of "
@@ -142,6 +192,19 @@ def main(argv=None) -> int:
                 if isinstance(m, W8A8Linear) and not n.endswith(suffixes):
                     m.input_scale = None  # per-token for every other linear
             score(f"static only on {kind}", model, 0.0, few)
+    if args.asymmetric:
+        calib = calibration_windows(tok, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+        model = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static", smooth="auto"),
+                              dataset=calib, progress=False)
+        ranges = input_ranges(model, calib)
+        score("symmetric static (llmq)", model, 0.0)
+        for only_down in (False, True):
+            for n, m in model.named_modules():
+                if isinstance(m, W8A8Linear):
+                    m.__dict__.pop("forward", None)
+                    if not only_down or n.endswith("down_proj"):
+                        m.forward = asymmetric_forward(m, *ranges[m])
+            score("asymmetric on down_proj" if only_down else "asymmetric everywhere", model, 0.0)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=args.model, windows=windows.shape[0], seqlen=args.seqlen,
                                                    rows=rows), indent=2) + "\n")
