@@ -1,4 +1,4 @@
-"""Linears that read the same input, multiplied together at decode on CPU.
+"""Linears that read the same input, multiplied together on CPU (QuantLinears at decode, W8A8 always).
 
 A decode step multiplies each linear by one row, and a CPU kernel call then
 costs little more than its fixed part (the input's conversion to bf16, the
@@ -38,7 +38,7 @@ the int8 GEMM kernel ("intmm"), so a processor where the measured choice is
 another kernel runs each member alone. The members' `weight` and
 `weight_scale` buffers become views of the concatenated ones (the state dict
 gives them as tensors of their own), and a member whose buffers were replaced
-since is noticed by their address and makes the group concatenate again.
+since is noticed by their identity and makes the group concatenate again.
 """
 
 from __future__ import annotations
