@@ -194,11 +194,8 @@ def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
     weight = torch.cat([m.weight for m in members])
     weight_scale = torch.cat([m.weight_scale.reshape(-1, 1) for m in members])
     sizes = [m.out_features for m in members]
-    start = 0
-    for m, n in zip(members, sizes):
-        m.weight = weight[start:start + n]
-        m.weight_scale = weight_scale[start:start + n]
-        start += n
+    for m, w, ws in zip(members, weight.split(sizes), weight_scale.split(sizes)):
+        m.weight, m.weight_scale = w, ws
     bias = None if first.bias is None else torch.cat([m.bias for m in members])
     held = [(m.weight, m.weight_scale, m.input_scale, m.bias) for m in members]
     return _FusedW8A8(weight, weight_scale, first.input_scale, bias, sizes, _sources(members), held)
@@ -218,11 +215,9 @@ def _concatenate(members: list[nn.Module], states: list[CpuState]) -> _Fused | N
     weight = torch.cat([s.weight for s in states])  # [N total, ...]: rows are independent
     scales = torch.cat([s.scales for s in states], dim=1 if first.backend == "int4pack" else 0).contiguous()
     sizes = [s.out_features for s in states]
-    start = 0
-    for s, n in zip(states, sizes):
-        s.weight = weight[start:start + n]
-        start += n
-    state = CpuState(first.backend, first.in_features, start, first.dtype, weight, scales,
+    for s, w in zip(states, weight.split(sizes)):
+        s.weight = w
+    state = CpuState(first.backend, first.in_features, sum(sizes), first.dtype, weight, scales,
                      group_size=first.group_size)
     bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
     return _Fused(state, bias, sizes)
