@@ -13,7 +13,9 @@ Devices (path "auto"):
 - CPU: the faster of two kernels, measured once per process for decode
   (M <= 16 rows) and for prefill (kernels/cpu_select.py):
     "intmm":   `torch._int_mm` (oneDNN's int8 GEMM; int32 sums, exact) and an
-               fp32 rescale: (acc * s_x) * s_w.
+               fp32 rescale: acc * (s_x * s_w) where s_x is one value (static
+               activations, or one row), (acc * s_x) * s_w for many rows of
+               per-token scales.
     "dequant": the weight dequantized into a reused fp32 buffer (w * s_w) times
                the dequantized activations (q_x * s_x), an fp32 matmul: the same
                products, each factor rounded once to fp32 and summed in fp32, so
@@ -36,6 +38,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,22 @@ PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "reference")
 # Smallest positive normal fp32: the scale of an all-zero row (any positive
 # scale represents it exactly; this one needs no second pass to patch zeros).
 _TINY_SCALE = torch.finfo(torch.float32).tiny
+
+
+class Int8Weight(NamedTuple):
+    """An int8 weight and its per-row scales in the forms the CPU kernels read: views, no copies.
+    Built once per weight (`int8_weight`): the views cost a torch call each, as much as a
+    decode step's rescale."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # fp32 [N, 1]
+    codes_t: torch.Tensor  # int8 [K, N]: torch._int_mm's right operand
+    scale_row: torch.Tensor  # fp32 [1, N]: the rescale's factor
+
+
+def int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> Int8Weight:
+    """The CPU kernels' operands for weight int8 [N, K] and weight_scale fp32 [N, 1]."""
+    return Int8Weight(weight, weight_scale, weight.t(), weight_scale.reshape(1, -1))
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None):
@@ -116,27 +135,29 @@ def _quantize_few_rows(x2, input_scale):
     return torch.div(xf, scale).round_().clamp_(-128, 127).to(torch.int8), scale
 
 
-def _intmm(x2, weight, weight_scale, input_scale, bias, out_dtype):
-    ws = weight_scale.reshape(1, -1)
+def _intmm(x2, w: Int8Weight, input_scale, bias, out_dtype):
     if x2.shape[0] <= cpu_select.DECODE_MAX_ROWS:
         q, s = _quantize_few_rows(x2, input_scale)
         # Few rows: s * ws is small, and one multiply converts the int32 sums to fp32 on the way.
-        y = torch.mul(torch._int_mm(q, weight.t()), s * ws)
+        y = torch.mul(torch._int_mm(q, w.codes_t), s * w.scale_row)
     else:
         q, s = _quantize_into_scratch(x2, input_scale)
-        acc = torch._int_mm(q, weight.t(), out=scratch((q.shape[0], weight.shape[0]), torch.int32, "int8 sums"))
-        y = acc.to(torch.float32).mul_(s).mul_(ws)  # in place: (s_x [M, 1] or [1]) * (s_w [1, N])
+        acc = torch._int_mm(q, w.codes_t, out=scratch((q.shape[0], w.codes.shape[0]), torch.int32, "int8 sums"))
+        # In place after one conversion. A static scale joins the weight scales first (one pass
+        # over the output, not two); per-token scales differ by row: s_x [M, 1], then s_w [1, N].
+        y = acc.to(torch.float32)
+        y = y.mul_(s * w.scale_row) if input_scale is not None else y.mul_(s).mul_(w.scale_row)
     if bias is not None:
         y.add_(bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-def _dequant(x2, weight, weight_scale, input_scale, bias, out_dtype):
+def _dequant(x2, w: Int8Weight, input_scale, bias, out_dtype):
     q, s = quantize_activations(x2, input_scale)
     xq = q.to(torch.float32).mul_(s)
     # Convert, then scale: an int8 x float multiply is not vectorised, a conversion is.
-    w = scratch(tuple(weight.shape), torch.float32, "dequant weight").copy_(weight).mul_(weight_scale.reshape(-1, 1))
-    y = F.linear(xq, w, bias)
+    weight = scratch(tuple(w.codes.shape), torch.float32, "dequant weight").copy_(w.codes).mul_(w.scale)
+    y = F.linear(xq, weight, bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
@@ -151,7 +172,8 @@ def _benchmarks(regime: str) -> dict:
     x = torch.randn(m, k, generator=g)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     ws = torch.rand(n, 1, generator=g) * 1e-3
-    return {name: (lambda f=f: f(x, w, ws, None, None, torch.float32)) for name, f in _CPU_KERNELS.items()}
+    operands = int8_weight(w, ws)
+    return {name: (lambda f=f: f(x, operands, None, None, torch.float32)) for name, f in _CPU_KERNELS.items()}
 
 
 def cpu_kernel(m: int) -> str:
@@ -176,23 +198,23 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
                                "before triton is imported")
         y = tq.int8_matmul(x2, weight, weight_scale, input_scale, bias, "auto" if path == "triton" else path)
     elif path in _CPU_KERNELS:
-        y = _CPU_KERNELS[path](x2, weight, weight_scale, input_scale, bias, x.dtype)
+        y = _CPU_KERNELS[path](x2, int8_weight(weight, weight_scale), input_scale, bias, x.dtype)
     else:
         y = int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
-def cpu_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """int8_linear on CPU tensors, eager, with the inputs already in the checked form (weight int8
-    [N, K] contiguous, weight_scale fp32 [N, 1], input_scale fp32 [1] or None, bias fp32 or None):
-    W8A8Linear's forward, which skips int8_linear's per-call checks."""
-    n, k = weight.shape
+def cpu_int8_linear(x: torch.Tensor, w: Int8Weight, input_scale: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear on CPU tensors, eager, with the inputs already in the checked form (`int8_weight`
+    of an int8 [N, K] contiguous weight and fp32 [N, 1] scales, input_scale fp32 [1] or None, bias
+    fp32 or None): W8A8Linear's forward, which skips int8_linear's per-call checks."""
+    n, k = w.codes.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    y = _CPU_KERNELS[cpu_kernel(m)](x2, weight, weight_scale, input_scale, bias, x.dtype)
+    y = _CPU_KERNELS[cpu_kernel(m)](x2, w, input_scale, bias, x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 

@@ -230,7 +230,7 @@ def test_w8a8_members_buffers_are_views_and_saved_as_their_own(intmm, tmp_path):
     fused = attn.q_proj.__dict__["_siblings"]._fused
     members = (attn.q_proj, attn.k_proj, attn.v_proj)
     for m in members:
-        assert m.weight._base is fused.weight and m.weight_scale._base is fused.weight_scale
+        assert m.weight._base is fused.weight.codes and m.weight_scale._base is fused.weight.scale
     assert all(t._base is None for t in model.state_dict().values())
     llmq.save(model, tmp_path / "q")
     saved = {}

@@ -53,7 +53,7 @@ from ..arch import arch_spec, decoder_layers
 from ..errors import LlmqError
 from ..kernels import cpu_select
 from ..kernels.cpu import CpuState, cpu_kernel, cpu_matmul
-from ..kernels.int8 import cpu_int8_linear
+from ..kernels.int8 import Int8Weight, cpu_int8_linear, int8_weight
 from ..kernels.int8 import cpu_kernel as int8_cpu_kernel
 from .qexperts import QuantExperts
 from .qlinear import QuantLinear
@@ -104,7 +104,7 @@ class Siblings:
             self._pending = None
             return None
         y, sizes = shared
-        outputs = dict(zip(self.members, torch.split(y, sizes, dim=-1)))
+        outputs = dict(zip(self.members, y.split_with_sizes(sizes, -1)))  # not torch.split's Python layers
         own = outputs.pop(member)
         self._pending = _Pending(weakref.ref(x), _version(x), outputs)
         return own
@@ -135,8 +135,7 @@ class Siblings:
 
 @dataclass
 class _FusedW8A8:
-    weight: torch.Tensor  # int8 [N total, K]
-    weight_scale: torch.Tensor  # fp32 [N total, 1]
+    weight: Int8Weight  # int8 [N total, K] and fp32 [N total, 1]
     input_scale: torch.Tensor | None  # the members' shared static scale (the first member's buffer)
     bias: torch.Tensor | None
     sizes: list[int]
@@ -151,9 +150,9 @@ class W8A8Siblings(Siblings):
         if x.device.type != "cpu" or int8_cpu_kernel(rows) != "intmm":
             return None
         fused = self._current()
-        if fused is None:
+        if fused is None or x.shape[-1] != fused.weight.codes.shape[1]:  # a wrong width: the checked way
             return None
-        return cpu_int8_linear(x, fused.weight, fused.weight_scale, fused.input_scale, fused.bias), fused.sizes
+        return cpu_int8_linear(x, fused.weight, fused.input_scale, fused.bias), fused.sizes
 
     def _current(self) -> _FusedW8A8 | None:
         fused = self._fused
@@ -198,7 +197,7 @@ def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
         m.weight, m.weight_scale = w, ws
     bias = None if first.bias is None else torch.cat([m.bias for m in members])
     held = [(m.weight, m.weight_scale, m.input_scale, m.bias) for m in members]
-    return _FusedW8A8(weight, weight_scale, first.input_scale, bias, sizes, _sources(members), held)
+    return _FusedW8A8(int8_weight(weight, weight_scale), first.input_scale, bias, sizes, _sources(members), held)
 
 
 def _concatenate(members: list[nn.Module], states: list[CpuState]) -> _Fused | None:

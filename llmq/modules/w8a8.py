@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..kernels import int8_linear
-from ..kernels.int8 import cpu_int8_linear
+from ..kernels.int8 import Int8Weight, cpu_int8_linear, int8_weight
 from ..qweight import QuantizedWeight
 
 
@@ -71,19 +71,27 @@ class W8A8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale.float()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.shape[-1] == self.in_features
-                and not torch.compiler.is_compiling()):
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             # Buffers in their built form: skip int8_linear's checks, which cost as much as the
-            # int8 GEMM of a decode step. A bias in another dtype goes the checked way.
+            # int8 GEMM of a decode step (so do nn.Module's attribute lookups: the tables directly).
             siblings = self.__dict__.get("_siblings")  # linears reading the same input (modules/siblings.py)
             if siblings is not None:
                 y = siblings.output(self, x)
                 if y is not None:
                     return y
-            bias = self.bias
-            if bias is None or bias.dtype == torch.float32:
-                return cpu_int8_linear(x, self.weight, self.weight_scale, self.input_scale, bias)
+            bias = self._parameters["bias"]
+            if (self._buffers["weight"].device.type == "cpu" and x.shape[-1] == self.in_features
+                    and (bias is None or bias.dtype == torch.float32)):  # a bias in another dtype: checked way
+                return cpu_int8_linear(x, self.cpu_weight(), self._buffers.get("input_scale"), bias)
         return int8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def cpu_weight(self) -> Int8Weight:
+        """The CPU kernels' views of the present weight buffers, made again when one is replaced."""
+        weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
+        made = self.__dict__.get("_cpu_weight")
+        if made is None or made.codes is not weight or made.scale is not scale:
+            made = self.__dict__["_cpu_weight"] = int8_weight(weight, scale)
+        return made
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
