@@ -295,9 +295,23 @@ def cpu_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = Non
         y = F.linear(x2.to(COMPUTE_DTYPE), state.dense_weight)
     else:
         y = _KERNELS[kernel](x2, state)
+    return _output(y, x, bias, state.out_features)
+
+
+def packed_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """cpu_matmul through the layer's own kernel ("int4pack"/"int8pack"), for a caller that has checked
+    x's width and that this kernel runs its M >= 1 rows: a decode step's shared calls
+    (modules/siblings.py), where cpu_matmul's checks cost as much as the kernel."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, state.in_features)
+    if state.perm is not None:
+        x2 = x2[:, state.perm]
+    return _output(_KERNELS[state.backend](x2, state), x, bias, state.out_features)
+
+
+def _output(y, x, bias, n):
     # Each call costs microseconds, as much as a decode step's kernel: skip the ones with no effect.
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if bias is not None:
         y = y.add_(bias.to(x.dtype))  # y is this call's own output
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], state.out_features)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

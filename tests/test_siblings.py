@@ -12,6 +12,7 @@ import torch
 import llmq
 from llmq import QuantConfig, QuantLinear
 from llmq.kernels import cpu as cpu_kernels
+from llmq.modules.qlinear import set_cpu_backend
 from llmq.modules.siblings import link_siblings
 from conftest import random_ids, tiny_model
 
@@ -143,6 +144,19 @@ def test_a_changed_or_other_input_is_computed_again():
             assert torch.equal(attn.q_proj(y), alone.q_proj(y))
             assert torch.equal(attn.k_proj(y), alone.k_proj(y))
             assert torch.equal(attn.v_proj(y), alone.v_proj(y))
+
+
+def test_a_changed_cpu_backend_is_followed_by_the_group(monkeypatch):
+    """After set_cpu_backend the group's concatenated form is stale: the members run their new form."""
+    model = llmq.quantize(_model("llama"), QuantConfig(bits=4, group_size=32, sym=False), progress=False)
+    calls = _count_kernel_calls(monkeypatch, "int4pack", model)
+    _decode(model, steps=1)  # builds every group's packed form
+    assert calls
+    set_cpu_backend(model, "dense")
+    calls.clear()
+    got = _decode(model, steps=1)
+    assert calls == []
+    assert torch.equal(got, _decode(_unlinked(model), steps=1))
 
 
 def test_prefill_runs_each_linear_alone(monkeypatch):

@@ -219,6 +219,7 @@ class QuantLinear(nn.Module):
         self.cpu_prefill_dense = prefill_dense
         if self._form.cpu is not None:  # placed on CPU: decided again for the new backend
             self._form.cpu = self._prepare_cpu(self._form.cpu.dtype)
+            self._form.version += 1  # forms built from the old one (modules/siblings.py) are stale
 
     def _prepare_cpu(self, dtype: torch.dtype):
         return prepare_cpu(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
@@ -297,7 +298,9 @@ class QuantLinear(nn.Module):
             y = siblings.output(self, x)
             if y is not None:
                 return y
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self._parameters["bias"]  # the table, not nn.Module's slower attribute lookup
+        if bias is not None:
+            bias = bias.to(x.dtype)
         # Under torch.compile the form is looked up eagerly: building it (when the buffers
         # were put in since) cannot be traced, and tracing it would recompile for every
         # layer shape.

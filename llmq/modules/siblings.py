@@ -52,7 +52,7 @@ from torch import nn
 from ..arch import arch_spec, decoder_layers
 from ..errors import LlmqError
 from ..kernels import cpu_select
-from ..kernels.cpu import CpuState, cpu_kernel, cpu_matmul
+from ..kernels.cpu import CpuState, cpu_kernel, packed_matmul
 from ..kernels.int8 import Int8Weight, cpu_int8_linear, int8_weight
 from ..kernels.int8 import cpu_kernel as int8_cpu_kernel
 from .qexperts import QuantExperts
@@ -90,15 +90,16 @@ class Siblings:
         self.members = list(members)
         self._fused = None
         self._fused_key: tuple | None = None  # what _fused was built from (None also when nothing fits)
+        self._first: CpuState | None = None  # the first member's form when _fused was built
         self._pending: _Pending | None = None
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """member(x) from a shared call, or None when member must compute on its own."""
-        rows = x.numel() // max(x.shape[-1], 1)
         pending = self._pending
         if (pending is not None and pending.source() is x and pending.version == _version(x)
                 and member in pending.outputs):
             return pending.outputs.pop(member)
+        rows = x.numel() // max(x.shape[-1], 1)
         shared = self._together(x, rows) if rows else None
         if shared is None:
             self._pending = None
@@ -114,21 +115,21 @@ class Siblings:
         if rows > cpu_select.DECODE_MAX_ROWS:
             return None
         fused = self._fused_form(x.dtype, rows)
-        if fused is None:
+        if fused is None or x.shape[-1] != fused.state.in_features:  # a wrong width: the checked way
             return None
         bias = None if fused.bias is None else fused.bias.to(x.dtype)
-        return cpu_matmul(x, fused.state, bias, kernel=fused.state.backend), fused.sizes
+        return packed_matmul(x, fused.state, bias), fused.sizes
 
     def _fused_form(self, dtype: torch.dtype, rows: int) -> _Fused | None:
-        states = [m._cpu_form(dtype) for m in self.members]
-        key = (dtype,) + tuple(m._form.version for m in self.members)
-        if self._fused_key == key:
-            fused = self._fused
-        else:
-            self._fused, self._fused_key = _concatenate(self.members, states), key
-            fused = self._fused
+        # The members' forms change only with their versions (modules/qlinear.py), so an unchanged
+        # key means unchanged forms: read on every call, the members' forms are built only on a change.
+        key = (dtype, *[m._form.version for m in self.members])
+        if self._fused_key != key:
+            states = [m._cpu_form(dtype) for m in self.members]
+            self._fused, self._fused_key, self._first = _concatenate(self.members, states), key, states[0]
+        fused = self._fused
         # Only where the members would run the packed kernel at this many rows.
-        if fused is None or cpu_kernel(states[0], rows) != states[0].backend:
+        if fused is None or cpu_kernel(self._first, rows) != self._first.backend:
             return None
         return fused
 
