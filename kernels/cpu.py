@@ -214,7 +214,7 @@ def _dequant_weight_t(state: CpuState, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _kernel(x2, state):
-    x2 = x2.to(COMPUTE_DTYPE).contiguous()
+    x2 = x2.bfloat16().contiguous()  # COMPUTE_DTYPE; the method parses less than .to(dtype)
     if state.backend == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
     return torch.ops.aten._weight_int8pack_mm(x2, state.weight, state.scales)
@@ -308,10 +308,15 @@ def packed_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = 
     return _output(_KERNELS[state.backend](x2, state), x, bias, state.out_features)
 
 
+# The float dtypes' cast methods: a decode step's casts cost microseconds, .to(dtype) more.
+_CAST = {torch.float32: torch.Tensor.float, torch.float16: torch.Tensor.half, torch.bfloat16: torch.Tensor.bfloat16}
+
+
 def _output(y, x, bias, n):
     # Each call costs microseconds, as much as a decode step's kernel: skip the ones with no effect.
     if y.dtype != x.dtype:
-        y = y.to(x.dtype)
+        cast = _CAST.get(x.dtype)
+        y = cast(y) if cast is not None else y.to(x.dtype)
     if bias is not None:
         y = y.add_(bias.to(x.dtype))  # y is this call's own output
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

@@ -36,7 +36,6 @@ which costs more than the int8 GEMM itself at M = 1.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 from typing import NamedTuple
 
@@ -52,6 +51,9 @@ PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "reference")
 # Smallest positive normal fp32: the scale of an all-zero row (any positive
 # scale represents it exactly; this one needs no second pass to patch zeros).
 _TINY_SCALE = torch.finfo(torch.float32).tiny
+# int8's largest level as a 0-dim tensor: an operation on a Python number wraps it in a new
+# tensor on every call, which at decode costs as much as the operation (the quotient is the same).
+_LEVELS = torch.tensor(127.0)
 
 
 class Int8Weight(NamedTuple):
@@ -125,14 +127,14 @@ def _quantize_into_scratch(x2, input_scale):
 
 
 def _quantize_few_rows(x2, input_scale):
-    """quantize_activations in the fewest calls (each costs microseconds at decode): the same codes."""
-    xf = x2 if x2.dtype == torch.float32 else x2.float()
+    """quantize_activations in the cheapest calls (each costs microseconds at decode; the tensor
+    methods .float() and .char() parse less than .to(dtype)): the same codes. input_scale is
+    fp32 [1] or None."""
+    xf = x2.float()
     if input_scale is None:
-        # The infinity norm is max|x| exactly, in one call.
-        scale = torch.linalg.vector_norm(xf, math.inf, dim=-1, keepdim=True).div_(127.0).clamp_(min=_TINY_SCALE)
-        return torch.div(xf, scale).round_().to(torch.int8), scale
-    scale = input_scale.float().reshape(1)
-    return torch.div(xf, scale).round_().clamp_(-128, 127).to(torch.int8), scale
+        scale = xf.abs().amax(dim=-1, keepdim=True).div_(_LEVELS).clamp_min_(_TINY_SCALE)
+        return torch.div(xf, scale).round_().char(), scale
+    return torch.div(xf, input_scale).round_().clamp_(-128, 127).char(), input_scale
 
 
 def _intmm(x2, w: Int8Weight, input_scale, bias, out_dtype):
