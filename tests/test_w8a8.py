@@ -98,6 +98,26 @@ def test_w8a8_linear_holds_the_solver_codes():
     assert set(layer.state_dict()) == {"weight", "weight_scale", "input_scale", "bias"}
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_linear_follows_weights_replaced_or_written_in_place(static):
+    """The CPU forward keeps views of the weight buffers: a replaced or rewritten buffer is what runs."""
+    g = torch.Generator().manual_seed(11)
+    layer = W8A8Linear.from_quantized(rtn_quantize(torch.randn(24, 64, generator=g), 8, 64, True, torch.float32),
+                                      input_scale=0.05 if static else None)
+    x = torch.randn(2, 5, 64, generator=g)
+
+    def expected():
+        return int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, path="reference")
+
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-6)
+    layer.weight = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)  # replaced
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-6)
+    layer.weight_scale.mul_(3.0)  # written in place
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-6)
+    layer.load_state_dict({k: v * 2 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture
 def calibration():
     return random_ids(n=8, length=32, seed=5)
