@@ -213,8 +213,12 @@ def _dequant_weight_t(state: CpuState, dtype: torch.dtype) -> torch.Tensor:
     return scratch((k, n), dtype, "dequant weight").copy_(w.view(k, n))
 
 
+# The float dtypes' cast methods: a decode step's casts cost microseconds, .to(dtype) more.
+_CAST = {torch.float32: torch.Tensor.float, torch.float16: torch.Tensor.half, torch.bfloat16: torch.Tensor.bfloat16}
+
+
 def _kernel(x2, state):
-    x2 = x2.bfloat16().contiguous()  # COMPUTE_DTYPE; the method parses less than .to(dtype)
+    x2 = _CAST[COMPUTE_DTYPE](x2).contiguous()
     if state.backend == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
     return torch.ops.aten._weight_int8pack_mm(x2, state.weight, state.scales)
@@ -306,10 +310,6 @@ def packed_matmul(x: torch.Tensor, state: CpuState, bias: torch.Tensor | None = 
     if state.perm is not None:
         x2 = x2[:, state.perm]
     return _output(_KERNELS[state.backend](x2, state), x, bias, state.out_features)
-
-
-# The float dtypes' cast methods: a decode step's casts cost microseconds, .to(dtype) more.
-_CAST = {torch.float32: torch.Tensor.float, torch.float16: torch.Tensor.half, torch.bfloat16: torch.Tensor.bfloat16}
 
 
 def _output(y, x, bias, n):

@@ -148,7 +148,7 @@ class W8A8Siblings(Siblings):
     """W8A8Linears of one layer that read one input: one quantization, one int8 GEMM (module doc)."""
 
     def _together(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[int]] | None:
-        if x.device.type != "cpu" or int8_cpu_kernel(rows) != "intmm":
+        if int8_cpu_kernel(rows) != "intmm":  # W8A8Linear.forward calls only with CPU inputs
             return None
         fused = self._current()
         if fused is None or x.shape[-1] != fused.weight.codes.shape[1]:  # a wrong width: the checked way
