@@ -9,12 +9,21 @@ the same x in fp16/bf16 in the same process. Reported: both times, the speedup
 (F.linear time / ours), and the fraction of the device-copy bandwidth measured
 in this run (bytes: packed weights + scales + zeros + x + y).
 
+`--w8a8` times the W8A8 int8 kernels (llmq.kernels.int8_linear: activation
+quantization, int8 GEMM and rescale, dynamic per-token or `--act static`)
+instead, on Llama-3.1-8B's linears (4096x4096 q/o, 1024x4096 k/v, 14336x4096
+gate/up, 4096x14336 down) at M = 1, 16, 256, 4096 unless --shapes/--m say
+otherwise: next to cuBLAS fp16 F.linear and, for M > 16 (its limit on CUDA),
+torch._int_mm's int8 GEMM alone on codes quantized beforehand. Each point is
+checked first against the float64 product of the integer codes.
+
 Needs a CUDA GPU; without one it says so and exits 0 (interpreter timings mean
 nothing). Example:
 
     python scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16
     python scripts/bench_kernels.py --shapes 4096x4096 --m 1 16 128 --all-paths
     python scripts/bench_kernels.py --act-order gather; python scripts/bench_kernels.py --act-order reorder
+    python scripts/bench_kernels.py --w8a8 [--act static] [--all-paths]
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch.nn.functional as F
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "28672x4096", "4096x14336"]
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
+W8A8_SHAPES = ["4096x4096", "1024x4096", "14336x4096", "4096x14336"]  # Llama-3.1-8B
+W8A8_ROWS = [1, 16, 256, 4096]
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
 
 
@@ -38,10 +49,17 @@ def parse_args(argv=None):
     p.add_argument("--act-order", choices=("gather", "reorder"),
                    help="random act-order g_idx; gather: scales and zeros looked up per input in the kernel; "
                         "reorder: reorder_act_order once, then x[..., perm] on each call (timed)")
-    p.add_argument("--shapes", nargs="+", default=SHAPES, help="OUTxIN, e.g. 4096x11008")
-    p.add_argument("--m", nargs="+", type=int, default=ROWS, help="rows of x")
-    p.add_argument("--all-paths", action="store_true", help="also time each path forced (splitk, gemm, dequant)")
-    return p.parse_args(argv)
+    p.add_argument("--shapes", nargs="+", help=f"OUTxIN, e.g. 4096x11008 (default {' '.join(SHAPES)}; "
+                   f"with --w8a8 {' '.join(W8A8_SHAPES)})")
+    p.add_argument("--m", nargs="+", type=int, help=f"rows of x (default {ROWS}; with --w8a8 {W8A8_ROWS})")
+    p.add_argument("--all-paths", action="store_true",
+                   help="also time each path forced (splitk, gemm, dequant; with --w8a8 splitk, gemm)")
+    p.add_argument("--w8a8", action="store_true", help="the W8A8 int8 kernels instead (see above)")
+    p.add_argument("--act", choices=("dynamic", "static"), default="dynamic", help="with --w8a8: activation scales")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or (W8A8_SHAPES if args.w8a8 else SHAPES)
+    args.m = args.m or (W8A8_ROWS if args.w8a8 else ROWS)
+    return args
 
 
 def reordered(layer, bits, group_size):
@@ -82,6 +100,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(do_bench)
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    if args.w8a8:
+        return bench_w8a8(args, dtype, do_bench)
     print(f"bits {args.bits}  group_size {args.group_size}  {args.dtype}  act_order {args.act_order}")
     paths = ["auto"] + (["splitk", "gemm", "dequant"] if args.all_paths else [])
     print(f"{'shape':>11} {'M':>5} {'path':>8} {'ours us':>9} {'F.linear us':>11} {'speedup':>8} "
@@ -114,6 +134,53 @@ def main(argv=None) -> int:
                       f"{rate / 1e9:>7.0f} {100 * rate / bandwidth:>5.0f}  {err:.1e}", flush=True)
         del layer, w64, w_fp
         torch.cuda.empty_cache()
+    return 0
+
+
+def int8_expected(x, weight, weight_scale, input_scale):
+    """The float64 product of the integer codes (exact for int8 sums), rescaled in float64."""
+    from llmq.kernels.int8 import quantize_activations
+
+    q, s = quantize_activations(x, input_scale)
+    return (q.double() @ weight.double().t()) * s.double() * weight_scale.double().reshape(1, -1), q
+
+
+def bench_w8a8(args, dtype, do_bench, device="cuda") -> int:
+    """The --w8a8 table. device "cpu" under TRITON_INTERPRET=1 only keeps the script working (the
+    test suite runs it so); its timings mean nothing."""
+    from llmq.kernels import int8_linear
+
+    paths = ["triton"] + (["splitk", "gemm"] if args.all_paths else [])
+    print(f"W8A8 int8, {args.act} activations, x in {args.dtype}; TOPS = 2 M N K / time")
+    print(f"{'shape':>11} {'M':>5} {'path':>7} {'ours us':>9} {'cuBLAS us':>9} {'speedup':>8} "
+          f"{'_int_mm us':>10} {'ours TOPS':>9}  rel.err")
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        weight_scale = torch.rand(n, 1, device=device) * 1e-3 + 1e-4
+        w_fp = (weight.float() * weight_scale).to(dtype)
+        for m in args.m:
+            x = (torch.randn(m, k, device=device) * 3).to(dtype)
+            input_scale = (x.float().abs().amax() / 127).reshape(1) if args.act == "static" else None
+            ref, q = int8_expected(x, weight, weight_scale, input_scale)
+            t_fp = do_bench(lambda: F.linear(x, w_fp), return_mode="median")
+            # torch._int_mm refuses M <= 16 on CUDA; timed on the codes alone (no quantize, no rescale).
+            t_mm = (do_bench(lambda: torch._int_mm(q, weight.t()), return_mode="median")
+                    if m > 16 and n % 8 == 0 and k % 8 == 0 else float("nan"))
+            for path in paths:
+                def ours():
+                    return int8_linear(x, weight, weight_scale, input_scale, path=path)
+                err = ((ours().double() - ref).norm() / ref.norm()).item()
+                if not (err <= TOL[dtype]):
+                    print(f"FAILED check: {shape} M={m} path={path} relative error {err:.3g} > {TOL[dtype]}")
+                    return 1
+                t = do_bench(ours, return_mode="median")
+                name = ("splitk" if m <= 16 else "gemm") if path == "triton" else path
+                print(f"{shape:>11} {m:>5} {name:>7} {t * 1e3:>9.1f} {t_fp * 1e3:>9.1f} {t_fp / t:>8.2f} "
+                      f"{t_mm * 1e3:>10.1f} {2 * m * n * k / (t * 1e-3) / 1e12:>9.1f}  {err:.1e}", flush=True)
+        del weight, w_fp
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return 0
 
 

@@ -19,12 +19,19 @@ from the integer codes:
 5. A quantized tiny Llama on CUDA (fp16) against the same model's exact CPU
    forward, eager and under torch.compile; one of its QuantLinear layers
    under torch.compile(fullgraph=True) with inductor.
+6. W8A8 (llmq.kernels.int8_linear): every Triton path (auto, split-K, GEMM)
+   for rows M in 1, 2, 3, 16, 17, 64, 130, 2048, dynamic and static
+   activations, fp16, bf16 and fp32, bias or none, against the integer codes'
+   float64 product; the quantization launch's codes and scales equal to
+   `quantize_activations` bit for bit; CUDA graphs; W8A8 tiny Llamas
+   (dynamic and static) on CUDA against their CPU forward, eager and under
+   torch.compile.
 
     python scripts/check_kernels.py            # needs a CUDA GPU
     python scripts/check_kernels.py --quick    # fewer cases
 
-With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1 and 2 on the
-interpreter (the test suite does this to keep the script working; it proves
+With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1, 2 and 6's
+kernel checks on the interpreter (the test suite does this to keep the script working; it proves
 nothing about the GPU). Exit status 1 on the first failed check.
 """
 
@@ -42,6 +49,7 @@ from llmq.kernels.synthetic import random_layer
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 ROWS = (1, 2, 3, 17, 64, 130, 2048)
 GROUP_SIZES = (32, 128, -1, 96)  # 96: not a power of two, looked up per input
+INT8_ROWS = (1, 2, 3, 16, 17, 64, 130, 2048)  # 16 | 17: the split-K / GEMM boundary
 
 
 class CheckFailed(AssertionError):
@@ -223,6 +231,116 @@ def check_compiled_layer(log):
               TOL[torch.float16], log)
 
 
+def int8_operands(m, n, k, static, dtype, has_bias, device, seed):
+    """x [.., K], int8 weight [N, K], fp32 scales [N, 1], static scale [1] or None, bias [N] or None."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (m,) if m % 2 else (2, m // 2)
+    x = (torch.randn(*lead, k, generator=g) * 3).to(dtype)
+    x[..., 5] *= 20  # an outlier channel, as real activations have
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    weight_scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
+    # Static: a scale that clips the outliers, so the clamp to [-128, 127] is exercised too.
+    input_scale = (x.float().abs().amax() / 127 / 4).reshape(1) if static else None
+    bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    return tuple(None if t is None else t.to(device) for t in (x, weight, weight_scale, input_scale, bias))
+
+
+def int8_expected(x, weight, weight_scale, input_scale, bias):
+    """The product of the integer codes in float64 (exact for int8 sums), rescaled in float64."""
+    from llmq.kernels.int8 import quantize_activations
+
+    q, s = quantize_activations(x.reshape(-1, x.shape[-1]), input_scale)
+    y = (q.double() @ weight.double().t()) * s.double() * weight_scale.double().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def check_int8_matmul(device, quick, log):
+    """int8_linear on each Triton path against the float64 product of the integer codes; the
+    quantization launch against quantize_activations, bit for bit."""
+    from llmq.kernels import int8_linear, triton_int8
+    from llmq.kernels.int8 import quantize_activations
+
+    n, k = (80, 96) if device == "cpu" else (1536, 1152)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for i, m in enumerate(INT8_ROWS[::2] if quick else INT8_ROWS):
+        for static in (False, True):
+            c = 2 * i + static
+            dtype, has_bias = dtypes[c % 3], c % 4 < 2
+            args = int8_operands(m, n, k, static, dtype, has_bias, device, seed=c)
+            ref = int8_expected(*args)
+            for path in ("auto", "splitk", "gemm"):
+                if device == "cpu" and m > 256 and path != "auto":
+                    continue  # the interpreter runs one program at a time: keep it to the dispatched path
+                y = int8_linear(*args, path="triton" if path == "auto" else path)
+                assert y.shape == ref.shape and y.dtype == dtype
+                label = (f"int8 M={m} {'static' if static else 'dynamic'} {str(dtype)[6:]} "
+                         f"{'bias' if has_bias else 'nobias'} {path}")
+                check(label, y, ref, TOL[dtype], log)
+    for m, static, dtype in ((1, False, torch.float16), (130, False, torch.bfloat16), (130, True, torch.float32)):
+        x, _, _, input_scale, _ = int8_operands(m, n, k, static, dtype, False, device, seed=m)
+        x = x.reshape(-1, k)
+        q, s = triton_int8.quantize_rows(x, input_scale)
+        q_ref, s_ref = quantize_activations(x, input_scale)
+        label = f"int8 quantize M={m} {'static' if static else 'dynamic'} {str(dtype)[6:]}"
+        if not (torch.equal(q, q_ref) and torch.equal(s.reshape(-1), s_ref.reshape(-1))):
+            raise CheckFailed(f"{label}: codes or scales differ from quantize_activations")
+        log.append((label, 0.0))
+
+
+def check_int8_cuda_graphs(log):
+    from llmq.kernels import int8_linear
+
+    for m in (1, 64):
+        x, weight, weight_scale, _, _ = int8_operands(m, 4096, 4096, False, torch.float16, False, "cuda", seed=m)
+        static_x = x.clone()
+
+        def run():
+            return int8_linear(static_x, weight, weight_scale)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning synchronises
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = run()
+        for step in range(3):
+            static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 3)
+            graph.replay()
+            torch.cuda.synchronize()
+            check(f"int8 cuda graph M={m} replay {step}", static_y,
+                  int8_expected(static_x, weight, weight_scale, None, None), TOL[torch.float16], log)
+
+
+def check_w8a8_model(act, dtype, compile_model, log):
+    """A W8A8 tiny Llama on CUDA against the same model's CPU forward (fp32, int8 GEMMs)."""
+    import transformers as T
+
+    import llmq
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM(config).eval()
+    calibration = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(2))
+    model = llmq.quantize(model, llmq.QuantConfig(scheme="w8a8", act=act), dataset=calibration, progress=False)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.double()
+        model = model.to(device="cuda", dtype=dtype)
+        forward = torch.compile(model) if compile_model else model
+        y = forward(ids.cuda(), use_cache=False).logits
+    # In fp32 the codes match the CPU's but where CUDA's float ops round an input across a level;
+    # fp16 activations move many codes by one level (1-2e-2 on the CPU's own fp16 forward).
+    tol = 1e-2 if dtype == torch.float32 else 6e-2
+    label = f"tiny llama W8A8 {act} {str(dtype)[6:]} on CUDA{' torch.compile' if compile_model else ''}"
+    check(label, y.cpu(), ref, tol, log)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -242,13 +360,18 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     log: list[tuple[str, float]] = []
     steps = [("matmul", lambda: check_matmul(args.device, args.quick, log)),
-             ("poisoned outputs", lambda: check_poisoned(args.device, log))]
+             ("poisoned outputs", lambda: check_poisoned(args.device, log)),
+             ("int8 matmul", lambda: check_int8_matmul(args.device, args.quick, log))]
     if args.device == "cuda":
         steps += [("cuda graphs", lambda: check_cuda_graphs(log)),
                   ("act-order layer", lambda: check_act_order_layer(log)),
                   ("model", lambda: check_model(False, log)),
                   ("torch.compile layer", lambda: check_compiled_layer(log)),
-                  ("torch.compile model", lambda: check_model(True, log))]
+                  ("torch.compile model", lambda: check_model(True, log)),
+                  ("int8 cuda graphs", lambda: check_int8_cuda_graphs(log)),
+                  ("W8A8 model", lambda: [check_w8a8_model(act, dtype, False, log) for act in ("dynamic", "static")
+                                          for dtype in (torch.float32, torch.float16)]),
+                  ("W8A8 torch.compile model", lambda: check_w8a8_model("dynamic", torch.float16, True, log))]
     for name, step in steps:
         start = len(log)
         try:

@@ -369,6 +369,29 @@ def test_cuda_check_script_runs_on_the_interpreter():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ok  matmul" in run.stdout and "ok  poisoned outputs" in run.stdout and "checks passed" in run.stdout
+    assert "ok  int8 matmul" in run.stdout
+
+
+def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
+    """scripts/bench_kernels.py --w8a8 (the int8 GEMM against cuBLAS, run on a GPU) stays runnable:
+    its correctness check passes and it prints a row for each path and M on the interpreter."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts")
+    code = (
+        "import sys, time, torch\n"
+        f"sys.path.insert(0, {script!r})\n"
+        "import bench_kernels as B\n"
+        "def timer(f, return_mode=None):\n"
+        "    start = time.perf_counter(); f(); return (time.perf_counter() - start) * 1e3\n"
+        "for act in ('dynamic', 'static'):\n"
+        "    args = B.parse_args(['--w8a8', '--shapes', '40x64', '--m', '1', '20', '--all-paths', '--act', act])\n"
+        "    assert B.bench_w8a8(args, torch.float16, timer, device='cpu') == 0\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("40x64")]
+    assert len(rows) == 2 * 2 * 3, run.stdout  # (act) x (M) x (triton, splitk, gemm)
+    assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("20", "splitk"), ("20", "gemm")}
 
 
 def test_checkout_root_on_sys_path_loads_the_kernels_once():
