@@ -47,8 +47,6 @@ def stream_blocker(skeleton: Skeleton, fmt: str = "llmq", dataset=None,
     """Why this model cannot be streamed (None: it can)."""
     if skeleton.blocker:
         return skeleton.blocker
-    if config is not None and config.quantizes_activations:
-        return "W8A8 layers are built in memory"
     if fmt != "llmq":
         return f"--format {fmt} is written from a model in memory"
     if isinstance(dataset, str) and dataset in _SAMPLED_DATASETS:
@@ -68,7 +66,7 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
                  stream: bool | None = None, resume: bool = False) -> tuple[str, str | None]:
     """("shards" | "stream" | "memory", a note for the user or None).
 
-    rtn goes shard by shard whenever it can; calibrated methods stream when
+    Weight-only rtn goes shard by shard whenever it can; the rest stream when
     asked (stream=True) or, by default, when the model would not sit
     comfortably in host memory (should_stream). resume=True streams (only a
     streamed run can be resumed). stream=True or resume=True on a model that
@@ -79,16 +77,18 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
 
     if stream is False:
         return "memory", None
+    # Shard by shard needs no forward pass: weight-only rtn. W8A8 layers are built by a layer step.
+    by_shards = config.method == "rtn" and not config.quantizes_activations
     reason = stream_blocker(skeleton, fmt, dataset, config)
     if reason is not None:
         if stream or resume:
             raise LlmqError(f"cannot stream {skeleton.source}: {reason}; drop --stream to quantize it in memory")
-        if config.method == "rtn":
+        if by_shards:
             return "memory", f"quantizing in memory, not shard by shard: {reason}"
         return "memory", None
     if stream or resume:
         return "stream", None
-    if config.method == "rtn":
+    if by_shards:
         return "shards", None
     if should_stream(skeleton):
         return "stream", (f"streaming the model layer by layer: its {human_bytes(skeleton.model_bytes())} would take "
@@ -229,16 +229,21 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     reason = stream_blocker(skeleton, dataset=dataset, config=config)
     if reason:
         raise ValueError(f"cannot stream {skeleton.source}: {reason}")
+    if config.quantizes_activations:
+        from .methods.w8a8 import check_w8a8_data
+
+        check_w8a8_data(config, dataset)
     return_freed_memory_promptly()
     t_start = time.perf_counter()
     report = {} if report is None else report
     device = resolve_device(device)
     model = skeleton.model
-    method = registry.get(config.method)
+    method = registry.for_config(config)
+    calibrates = method.calibrates(config)
     windows, calibration = None, {}
-    if method.needs_calibration:
+    if calibrates:
         t0 = time.perf_counter()
-        windows, calibration = _calibration(model, tokenizer, config.method, dataset, nsamples, seqlen, seed)
+        windows, calibration = _calibration(model, tokenizer, method.name, dataset, nsamples, seqlen, seed)
         report["calibration_data"] = time.perf_counter() - t0
     fingerprint = resuming.fingerprint(skeleton.folder, config, device, skeleton.dtype, windows, dataset,
                                        hub=skeleton.shards.hub)
@@ -267,14 +272,14 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             plans = {i: method.plan_layer(job, i, job.layers[i], names) for i, names in job.targets.items()}
             step = method.layer_step(job, plans)
             t1 = time.perf_counter()
-            if method.needs_calibration:
+            if calibrates:
                 run_layers(model, windows, step, device=device, progress=progress, desc=method.name,
                            layers=job.layers, streamer=streamer)
             else:
                 each_layer(job.layers, step, device=device, progress=progress, desc=method.name,
                            streamer=streamer)  # every layer: those without targets are written too
             report.update(layers=time.perf_counter() - t1, **step.timings)
-            if not method.needs_calibration:
+            if not calibrates:
                 streamer.write_outer()  # no capture: the outer tensors were never written
         except BaseException as exc:
             if progress and writing and resuming.resumable(tmp, exc):
@@ -288,7 +293,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                           stacklevel=2)
         if not writing:
             return Path(out)
-        recorded = dataclasses.replace(config, calibration=calibration) if method.needs_calibration else config
+        recorded = dataclasses.replace(config, calibration=calibration) if calibrates else config
         writer.finish()
         resuming.clear(tmp)
         model.config.quantization_config = recorded.to_dict()

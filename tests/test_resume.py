@@ -105,3 +105,21 @@ def test_sigterm_keeps_the_finished_layers_and_says_so(tmp_path):
     assert f"finished layers kept in {partial}" in r.stderr and "--resume" in r.stderr
     assert json.loads((partial / "resume.json").read_text())["layers_done"] == 1
     assert main(["quantize", *_args(src, out, text, "--resume")]) == 0 and (out / "config.json").is_file()
+
+
+def test_w8a8_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+
+    def args(out, *extra):
+        return [str(src), str(out), "--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--dataset",
+                str(text), "--nsamples", "6", "--seqlen", "24", "--seed", "1", "--stream", "--quiet", *extra]
+
+    assert main(["quantize", *args(tmp_path / "ref")]) == 0
+    out = tmp_path / "q"
+    _run_killed(args(out), layer=0)
+    assert not out.exists() and len(stale_partials(out)) == 1
+    assert main(["quantize", *args(out, "--resume")]) == 0
+    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
+    assert ref.keys() == got.keys() and any(k.endswith(".input_scale") for k in got)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

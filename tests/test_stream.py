@@ -18,9 +18,9 @@ from conftest import TINY_CONFIGS, checkpoint_tensors, model_folder_with_text, r
 
 
 
-def _assert_same_checkpoint(a, b):
+def _assert_same_checkpoint(a, b, quantized=".qweight"):
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
-    assert ta.keys() == tb.keys() and any(k.endswith(".qweight") for k in ta)
+    assert ta.keys() == tb.keys() and any(k.endswith(quantized) for k in ta)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
@@ -75,6 +75,45 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
                            llmq.from_pretrained(tmp_path / "stream")(ids).logits)
+
+
+@pytest.mark.parametrize("settings", [
+    [],  # round-to-nearest weights, dynamic activations: no calibration pass
+    ["--act", "static", "--smooth", "auto", "--method", "gptq"],
+])
+def test_w8a8_streamed_equals_in_memory(tmp_path, settings):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+    common = ["--scheme", "w8a8", *settings, "--dataset", str(text), "--nsamples", "6", "--seqlen", "24",
+              "--seed", "3", "--quiet"]
+    assert main(["quantize", str(src), str(tmp_path / "mem"), "--no-stream", *common]) == 0
+    assert main(["quantize", str(src), str(tmp_path / "stream"), "--stream", *common]) == 0
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream", quantized=".weight_scale")
+    tensors = checkpoint_tensors(tmp_path / "stream")
+    assert any(v.dtype == torch.int8 for v in tensors.values())
+    assert any(k.endswith(".input_scale") for k in tensors) == ("static" in settings)
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "stream")(ids).logits)
+
+
+def test_w8a8_streams_layer_by_layer_never_shard_by_shard(tmp_path):
+    src = tmp_path / "m"
+    tiny_model("llama", seed=8).save_pretrained(src)
+    skeleton = build_skeleton(src)
+    w8a8 = llmq.QuantConfig(scheme="w8a8")  # rtn weights, as the weight-only rtn that goes by shards
+    assert stream.choose_route(skeleton, w8a8, stream=True) == ("stream", None)
+    assert stream.choose_route(skeleton, w8a8)[0] != "shards"
+    static = llmq.QuantConfig(scheme="w8a8", act="static")
+    with pytest.raises(llmq.LlmqError, match="--act static"):
+        stream.quantize_streamed(skeleton, tmp_path / "q", static, progress=False)
+    assert not (tmp_path / "q").exists()
+    stream.quantize_streamed(skeleton, tmp_path / "q", static, dataset=random_ids(n=4, length=16), progress=False)
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    model = llmq.from_pretrained(tmp_path / "q")
+    linears = [m for m in model.modules() if isinstance(m, llmq.modules.w8a8.W8A8Linear)]
+    assert linears and all(m.static for m in linears)
 
 
 def test_streamed_rtn_equals_in_memory_rtn_and_frees_every_layer(tmp_path):
