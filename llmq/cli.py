@@ -75,11 +75,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--skip", action="append", default=None, metavar="NAME",
                    help="module name (or suffix) to keep in full precision; repeatable (default: lm_head)")
     p.add_argument("--moe-calibration", choices=["routed", "all"], default="routed",
-                   help="mixture-of-experts, gptq/awq: each expert calibrates on the tokens routed to it, or on "
+                   help="mixture-of-experts, gptq/awq/w8a8: each expert calibrates on the tokens routed to it, or on "
                         "every calibration token (only the routed outputs flow on)")
     p.add_argument("--moe-min-tokens", type=int, default=16,
                    help="experts routed fewer calibration tokens than this are quantized by round-to-nearest "
-                        "(reported per layer)")
+                        "(w8a8: calibrated on every calibration token instead; reported per layer)")
     p.add_argument("--quantize-routers", dest="keep_routers", action="store_false",
                    help="also quantize MoE routers that are linear layers (kept in full precision by default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -60,11 +60,12 @@ class QuantConfig:
             ("minmax", "percentile" or "mse").
         keep_routers: mixture-of-experts routers (and shared-expert gates) stay in full
             precision: llmq.quantize adds their names to modules_to_not_convert.
-        moe_calibration: how GPTQ/AWQ calibrate experts: "routed" (each expert sees the
+        moe_calibration: how GPTQ/AWQ/W8A8 calibrate experts: "routed" (each expert sees the
             tokens its router sends it) or "all" (every calibration token goes through
             every expert; only the routed outputs flow on).
         moe_min_tokens: an expert that receives fewer calibration tokens than this is
-            quantized by round-to-nearest instead (reported per layer).
+            quantized by round-to-nearest instead (W8A8: calibrated on every calibration
+            token of its block instead; reported per layer).
     """
 
     method: str = "rtn"

@@ -106,7 +106,7 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return linear
 
 
-def names_in_model(model: nn.Module, header: dict, quantizer=None) -> dict:
+def names_in_model(model: nn.Module, header: dict, quantizer=None, int8_experts: bool = False) -> dict:
     """The header keyed by the names the tensors get in the model.
 
     Some architectures name tensors differently on disk and in memory (Mixtral's
@@ -114,6 +114,9 @@ def names_in_model(model: nn.Module, header: dict, quantizer=None) -> dict:
     mapping renames them on load, and is applied here the same way. Keys that a
     converter merges (per-expert full-precision weights stacked into one 3D
     parameter) get the shape None: their stored shape is not the parameter's.
+
+    int8_experts: the header holds W8A8 experts, which load per expert (see
+    LlmqHfQuantizer.update_weight_conversions), not through the MoE converters.
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -121,6 +124,8 @@ def names_in_model(model: nn.Module, header: dict, quantizer=None) -> dict:
     except ImportError:  # pragma: no cover - transformers without conversion mappings
         return header
     conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    if int8_experts:
+        conversions = [c for c in conversions if not _merges_experts(c)]
     if not conversions:
         return header
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -149,13 +154,17 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 
 
 def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype: torch.dtype) -> None:
-    """Replace each experts module whose projections the checkpoint quantizes by an empty QuantExperts."""
+    """Replace each experts module whose projections the checkpoint quantizes by an empty QuantExperts
+    of QuantLinear (weight-only) or W8A8Linear (scheme w8a8) modules."""
+    marker = ".weight_scale" if qc.scheme == "w8a8" else ".qweight"
     for name, experts in find_experts(model).items():
-        if not any(k.startswith(name + ".") and k.endswith(".qweight") for k in header):
+        if not any(k.startswith(name + ".") and k.endswith(marker) for k in header):
             continue  # kept in full precision: transformers' own conversion loads it
         layout = experts_layout(experts, name, model)
 
         def make_linear(k, n, bias, _name=name):
+            if qc.scheme == "w8a8":
+                return W8A8Linear(k, n, static=qc.act == "static", bias=bias, dtype=dtype)
             gs = qc.group_size_for(k)
             if k % gs:
                 raise LlmqError(f"group size {qc.group_size} does not divide the {k} input features of the "
@@ -169,6 +178,19 @@ def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype
         with torch.device("meta"):
             q = empty_quant_experts(experts, layout, make_linear)
         replace_module(model, name, q)
+
+
+def holds_int8_experts(header: dict) -> bool:
+    """Whether a checkpoint's (disk-named) tensors hold W8A8 experts: per-expert int8 `weight`s, which
+    transformers' MoE converters would otherwise stack into the full-precision 3D expert parameters."""
+    return any(".experts." in name for name in w8a8_module_names(header))
+
+
+def _merges_experts(converter) -> bool:
+    from transformers.core_model_loading import WeightConverter
+
+    return isinstance(converter, WeightConverter) and any(
+        ".experts." in source for source in converter._original_source_patterns)
 
 
 class LlmqHfQuantizer(HfQuantizer):
@@ -185,20 +207,25 @@ class LlmqHfQuantizer(HfQuantizer):
         if foreign is not None:
             # A gptq / awq / compressed-tensors folder: its tensors are converted as they are read
             # (get_weight_conversions), so the model is built from their native names and shapes.
-            header = names_in_model(model, foreign.header)
+            self.int8_experts = holds_int8_experts(foreign.header)
+            header = names_in_model(model, foreign.header, int8_experts=self.int8_experts)
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                         | set(foreign.unexpected))
         else:
             # dtypes, shapes, finite scales: a damaged tensor is named, never loaded into a layer
             small = read_small_tensors(checkpoint_files, native.FORMAT.small_tensors)
             check_native_tensors(small, qc, Path(checkpoint_files[0]).parent)
-            header = names_in_model(model, read_header(checkpoint_files), self)
+            stored = read_header(checkpoint_files)
+            self.int8_experts = holds_int8_experts(stored)
+            header = names_in_model(model, stored, self)
         if qc.scheme == "w8a8":
-            names = w8a8_module_names(header)
-            if not names:
+            dtype = dtype or torch.get_default_dtype()
+            if not w8a8_module_names(header):
                 raise LlmqError("config.json says llmq w8a8 but the checkpoint holds no int8 weights with a "
                                 "'.weight_scale': it is damaged; re-create it with `llmq quantize`")
-            swap_in_w8a8_linears(model, names, qc, dtype or torch.get_default_dtype())
+            swap_in_quant_experts(model, header, qc, dtype)
+            names = [n for n in w8a8_module_names(header) if not _inside_quant_experts(model, n)]
+            swap_in_w8a8_linears(model, names, qc, dtype)
             check_against_model(model, header)
             return model
         if not quantized_module_names(header):
@@ -210,6 +237,16 @@ class LlmqHfQuantizer(HfQuantizer):
         swap_in_quant_linears(model, names, qc, dtype, header)
         check_against_model(model, header)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        # W8A8 experts are stored per expert as int8 `weight`s, the names of the full-precision
+        # per-expert weights that the MoE converters stack into 3D parameters: here they load
+        # into the experts' own W8A8Linear modules instead. (llmq writes every experts module of a
+        # W8A8 model quantized, or none of them, so no full-precision expert needs the converters.)
+        updated = super().update_weight_conversions(weight_conversions, model)
+        if getattr(self, "int8_experts", False):
+            updated = [c for c in updated if not _merges_experts(c)]
+        return updated
 
     def get_weight_conversions(self):
         foreign = self.quantization_config.foreign

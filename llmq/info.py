@@ -118,8 +118,12 @@ def format_info(info: dict) -> str:
         act = ("dynamic per-token scales" if info["act"] == "dynamic" else
                f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
         lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")
+        experts = [n for n in info["layers"] if ".experts." in n]
+        blocks = {n[: n.index(".experts.") + len(".experts")] for n in experts}
+        in_experts = f", {len(experts)} expert linears in {len(blocks)} experts modules" if experts else ""
         lines += [
-            f"quantized layers  {info['quantized_layers']} linears, {info['quantized_params'] / 1e6:.1f} M weights",
+            f"quantized layers  {info['quantized_layers'] - len(experts)} linears{in_experts}, "
+            f"{info['quantized_params'] / 1e6:.1f} M weights",
             f"kept full prec.   {', '.join(info['modules_to_not_convert']) or '-'}, embeddings, norms",
         ]
     else:

@@ -7,12 +7,15 @@ then on the experts' projections are ordinary linears to every method: RTN
 quantizes them, GPTQ and AWQ see each expert's own inputs through their
 forward pre-hooks (the QuantExperts forward calls each expert's linears on
 the tokens routed to it, or on every token with `--moe-calibration all`),
-and they are swapped for QuantLinear like any other linear. The routers are
-added to modules_to_not_convert (unless keep_routers is off).
+and they are swapped for QuantLinear (W8A8Linear with --scheme w8a8) like
+any other linear. The routers are added to modules_to_not_convert (unless
+keep_routers is off).
 
 Experts that receive fewer calibration tokens than `moe_min_tokens` (or none
-at all) are quantized by round-to-nearest instead of the calibrated solve;
-`ExpertTokens` records the counts and the experts that fell back, per layer.
+at all) are quantized by round-to-nearest instead of the calibrated solve
+(W8A8: calibrated on every calibration token of their block instead, which
+also gives static activation scales from real inputs); `ExpertTokens`
+records the counts and the experts that fell back, per layer.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ def prepare_experts(model: nn.Module, prefix: str, layers: nn.ModuleList, config
     refuse_unsupported(model, found, within=prefix, kept={n for n in found if config.skips(n)})
     if not found:
         return config
-    quantized = [n for n in found if not config.skips(n)]
-    if quantized and getattr(config, "quantizes_activations", False):
-        model_type = getattr(getattr(model, "config", None), "model_type", "?")
-        raise LlmqError(f"--scheme w8a8 does not quantize mixture-of-experts experts yet ({model_type!r}: "
-                        f"{quantized[0]} and {len(quantized) - 1} more): use the weight-only scheme, or keep the "
-                        "experts in full precision with --skip mlp.experts")
+    kept = [n for n in found if config.skips(n)]
+    if kept and len(kept) < len(found) and config.quantizes_activations:
+        # Stored per expert, W8A8 experts carry the names of full-precision per-expert weights; the
+        # loader tells them apart from kept experts only when a checkpoint holds one kind.
+        quantized = next(n for n in found if not config.skips(n))
+        raise LlmqError(f"--scheme w8a8 quantizes every experts module of a model or keeps all of them, but "
+                        f"{kept[0]} is kept and {quantized} is quantized: skip `mlp.experts` everywhere "
+                        "or nowhere")
     if config.keep_routers:
         keep = list(config.modules_to_not_convert)
         for name in find_routers(model, found):
@@ -105,7 +110,8 @@ class ExpertTokens:
     min_tokens: int
     mode: str = "routed"
     counts: dict[str, list[int]] = field(default_factory=dict)  # experts module (in its layer) -> tokens
-    fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears (RTN)
+    fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears
+    fallback_rule: str = "were quantized by round-to-nearest"  # what the method does with them instead
 
     def start_layer(self, index: int, layer: nn.Module) -> "LayerExperts | None":
         blocks = {name: q for name, q in layer.named_modules() if isinstance(q, QuantExperts)}
@@ -130,7 +136,7 @@ class ExpertTokens:
                          f"{s[len(s) // 2]} max {s[-1]}: {counts}")
         for index, names in sorted(self.fallback.items()):
             lines.append(f"layer {index}: {len(names)} expert linear(s) saw fewer than {self.min_tokens} "
-                         f"calibration tokens and were quantized by round-to-nearest: {', '.join(names)}")
+                         f"calibration tokens and {self.fallback_rule}: {', '.join(names)}")
         return lines
 
 
@@ -169,17 +175,22 @@ class LayerExperts:
         for local, _ in targets:
             if local not in solved and local in self.names:
                 self._rtn(layer, local, solved, config, scale_dtype)
+        self.finish_counts()
+
+    def finish_counts(self) -> None:
+        """Record the layer's token counts per experts module and end the blocks' calibration modes."""
         for qname, q in self.blocks.items():
-            self.tokens.counts[f"layer {index} {qname}"] = q.token_counts.tolist()
+            self.tokens.counts[f"layer {self.index} {qname}"] = q.token_counts.tolist()
             q.record_tokens = False
             q.calibrate_all = False
 
 
-def expert_tokens(job) -> ExpertTokens | None:
-    """Per-expert calibration bookkeeping for a job whose model has QuantExperts, else None."""
+def expert_tokens(job, **kwargs) -> ExpertTokens | None:
+    """Per-expert calibration bookkeeping for a job whose model has QuantExperts, else None
+    (kwargs: further ExpertTokens fields, such as a method's fallback_rule)."""
     if not any(isinstance(m, QuantExperts) for m in job.layers.modules()):
         return None
-    return ExpertTokens(job.config.moe_min_tokens, job.config.moe_calibration)
+    return ExpertTokens(job.config.moe_min_tokens, job.config.moe_calibration, **kwargs)
 
 
 def to_rtn(linear: nn.Linear, config: QuantConfig, scale_dtype: torch.dtype):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear, pipeline
 from llmq.modules.qexperts import QuantExperts
+from llmq.modules.w8a8 import W8A8Linear
 from conftest import TINY_MOE_CONFIGS, random_ids, tiny_model
 
 # Per architecture, as its checkpoints store experts on disk: the MoE block's name,
@@ -311,9 +312,116 @@ def test_all_mode_calibrates_every_expert_on_every_token():
     assert not torch.equal(a, b)
 
 
-def test_w8a8_refuses_experts_by_name():
-    with pytest.raises(LlmqError, match="w8a8 does not quantize mixture-of-experts.*mixtral.*layers.0.mlp.experts"):
-        llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8"), progress=False)
+def _w8a16_reference(fp_model, folder, arch):
+    """The fp model in float64 with every weight replaced by its stored int8 codes times their scales."""
+    block, up_names, down_name, transposed, _ = DISK[arch]
+    ref = copy.deepcopy(fp_model).double()
+    ref.set_experts_implementation("eager")
+    t = load_file(str(folder / "model.safetensors"))
+
+    def w(name):
+        assert t[f"{name}.weight"].dtype == torch.int8
+        return t[f"{name}.weight"].double() * t[f"{name}.weight_scale"].double()
+
+    for name in sorted(k[: -len(".weight_scale")] for k in t if k.endswith(".weight_scale")):
+        if ".experts." not in name:
+            ref.get_submodule(name).weight.data = w(name)
+    for name, experts in _experts_modules(ref).items():
+        disk = name.replace(".mlp.", f".{block}.")
+        for e in range(experts.gate_up_proj.shape[0]):
+            up = torch.cat([w(f"{disk}.{e}.{n}") for n in up_names])
+            down = w(f"{disk}.{e}.{down_name}")
+            experts.gate_up_proj.data[e] = up.t() if transposed else up
+            experts.down_proj.data[e] = down.t() if transposed else down
+    return ref
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+def test_w8a8_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
+    fp = tiny_model(arch)
+    model = llmq.quantize(copy.deepcopy(fp), QuantConfig(scheme="w8a8"), progress=False)
+    block, up_names, down_name, transposed, _ = DISK[arch]
+    n_experts = {n: m.gate_up_proj.shape[0] for n, m in _experts_modules(fp).items()}
+    qexperts = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
+    assert sorted(qexperts) == sorted(n_experts)
+    for name, q in qexperts.items():
+        assert sum(isinstance(m, W8A8Linear) for m in q.modules()) == n_experts[name] * (len(up_names) + 1)
+        assert not any(type(m) in (torch.nn.Linear, QuantLinear) for m in q.modules())
+    assert not [n for n, p in model.named_parameters() if p.dim() >= 3]
+    ids = random_ids(seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    # Each expert's stored codes x scales are round-to-nearest int8 of its slice of the original 3D
+    # weights (per output row: within half a step), in the layout its architecture stores.
+    stored = _w8a16_reference(fp, tmp_path / "q", arch)
+    for name, original in _experts_modules(fp).items():
+        got = stored.get_submodule(name)
+        for ours, theirs in ((got.gate_up_proj, original.gate_up_proj), (got.down_proj, original.down_proj)):
+            w = theirs.double().transpose(1, 2) if transposed else theirs.double()  # [E, out, in]
+            q = ours.transpose(1, 2) if transposed else ours
+            step = w.abs().amax(-1, keepdim=True) / 127
+            assert ((q - w).abs() <= step / 2 + 1e-7).all(), name
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    assert sum(isinstance(m, W8A8Linear) for m in loaded.modules()) == sum(
+        isinstance(m, W8A8Linear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+        # Against the architecture's own forward on the int8 weights in float64: what is left is the
+        # activation rounding (up to 0.1 where it flips a few routing choices: gpt_oss), far below the
+        # distance between unrelated logits (about 1.4).
+        w8a16 = stored(ids).logits
+    assert ((expected.double() - w8a16).norm() / w8a16.norm()) < 0.2
+
+
+def test_w8a8_experts_short_of_tokens_are_calibrated_on_every_token():
+    fp = tiny_model("mixtral")
+    settings = dict(scheme="w8a8", act="static", smooth="auto", method="gptq", moe_min_tokens=10**6)
+    report = {}
+    routed = llmq.quantize(copy.deepcopy(fp), QuantConfig(**settings), dataset=CALIBRATION, progress=False,
+                           report=report)
+    assert sum("calibrated on every calibration token" in line for line in report["experts"]) == 2  # per layer
+    all_mode = llmq.quantize(copy.deepcopy(fp), QuantConfig(**settings, moe_calibration="all"),
+                             dataset=CALIBRATION, progress=False)
+    # Layer 0's experts see the same input in both runs: every token of the block, after the forward
+    # or during it. So the same smoothing, int8 weights and static scales.
+    ours = routed.model.layers[0].mlp.experts.state_dict()
+    theirs = all_mode.model.layers[0].mlp.experts.state_dict()
+    assert ours.keys() == theirs.keys() and any(k.endswith("input_scale") for k in ours)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    scales = torch.cat([m.input_scale for m in routed.modules() if isinstance(m, W8A8Linear)])
+    assert torch.isfinite(scales).all() and (scales > 0).all()
+
+
+def test_w8a8_keeps_every_experts_module_or_none():
+    with pytest.raises(LlmqError, match="every experts module.*model.layers.0.mlp.experts is kept"):
+        llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8", modules_to_not_convert=[
+            "lm_head", "layers.0.mlp.experts"]), progress=False)
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_w8a8_experts_export_to_compressed_tensors_and_read_back(tmp_path, act, capsys):
+    from llmq.cli import main
+
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8", act=act), dataset=CALIBRATION,
+                          progress=False)
+    llmq.save(model, tmp_path / "native")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "native")]) == 0
+    assert "8 linears, 24 expert linears in 2 experts modules" in capsys.readouterr().out  # 2 layers x 4 x 3
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
+    report = capsys.readouterr().out
+    vllm_moe = next(line for line in report.splitlines() if "vLLM MoE experts" in line)
+    assert vllm_moe.split()[0] == ("yes" if act == "dynamic" else "no")
+    assert any(line.split()[0] == "no" and "transformers + compressed-tensors" in line
+               for line in report.splitlines())
+    t = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    assert t["model.layers.0.block_sparse_moe.experts.3.w2.weight"].dtype == torch.int8
+    assert t["model.layers.0.block_sparse_moe.experts.3.w2.weight_scale"].dtype == torch.float32
+    ids = random_ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "ct")(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])

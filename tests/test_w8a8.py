@@ -232,33 +232,37 @@ def test_cli_quantizes_w8a8(tmp_path, tiny_llama_dir, capsys):
 
 # --- SmoothQuant ---------------------------------------------------------------------------------------
 
-from llmq import arch  # noqa: E402
+from llmq import arch, pipeline  # noqa: E402
 from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing  # noqa: E402
 from llmq.solvers.smoothquant import search_smoothing, smoothing_factors, static_scale  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "opt"])
-def test_folding_smoothing_factors_leaves_the_fp_function_unchanged(name):
+@pytest.mark.parametrize("name, kept", [("llama", None), ("qwen3", None), ("gemma3", None), ("opt", None),
+                                         ("mixtral", None), ("qwen2_moe", None), ("qwen2_moe", "mlp.experts")])
+def test_folding_smoothing_factors_leaves_the_fp_function_unchanged(name, kept):
+    """Every unit's factors folded into the operation before it: the same logits. With MoE experts
+    quantized, the post-attention norm's group spans the router and every expert; with experts kept
+    whole (`kept`), which read that norm's output unscaled, nothing is folded into it."""
     model = tiny_model(name)
     ids = random_ids(seed=4)
     with torch.no_grad():
         ref = model(ids).logits
-    spec = arch.arch_spec(model)
-    _, layers = arch.decoder_layers(model)
+    skip = ["lm_head"] + ([kept] if kept else [])
+    job = pipeline.plan(model, QuantConfig(scheme="w8a8", smooth=0.5, modules_to_not_convert=skip),
+                        torch.device("cpu"))  # unrolls the experts it quantizes
     g = torch.Generator().manual_seed(1)
     groups = 0
-    for layer in layers:
-        targets = {n: n for n in arch.layer_linears(layer)}
-        for unit in build_w8a8_units(spec, layer, targets, model.config, smooth=0.5):
+    for i, layer in enumerate(job.layers):
+        for unit in build_w8a8_units(job.spec, layer, job.targets[i], model.config, smooth=0.5):
             if unit.group is None:
                 continue
-            k = layer.get_submodule(unit.linears[0]).in_features
+            k = layer.get_submodule(unit.linears[0]).weight.shape[1]
             s = unit.tie(torch.rand(k, generator=g) * 4 + 0.25)  # factors far from 1
             fold_smoothing(layer, unit, s)
             groups += 1
     with torch.no_grad():
         out = model(ids).logits
-    assert groups >= 2 * len(layers)
+    assert groups >= 2 * len(job.layers)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

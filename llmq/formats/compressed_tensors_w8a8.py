@@ -59,14 +59,26 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
-def engine_support(qc: QuantConfig) -> list[EngineSupport]:
+def engine_support(qc: QuantConfig, experts: bool = False) -> list[EngineSupport]:
+    """experts: the checkpoint holds W8A8 mixture-of-experts experts (`<block>.experts.<e>.<proj>`)."""
     what = "per-token dynamic" if qc.act == "dynamic" else "static per-tensor"
-    return [
-        EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
-                      f"int8 weights per channel, {what} int8 activations: the layout of its "
-                      "CompressedTensorsW8A8Int8 scheme (vLLM itself is not run here)"),
-        EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"),
-    ]
+    rows = [EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
+                          f"int8 weights per channel, {what} int8 activations: the layout of its "
+                          "CompressedTensorsW8A8Int8 scheme (vLLM itself is not run here)")]
+    if experts:
+        engine = "vLLM MoE experts (FusedMoE)"
+        if qc.act == "dynamic":
+            rows.append(EngineSupport(engine, True, "int8 experts per channel, dynamic per-token activations: what "
+                                                    "its CompressedTensorsW8A8Int8MoEMethod takes"))
+        else:
+            rows.append(EngineSupport(engine, False, "its CompressedTensorsW8A8Int8MoEMethod refuses static input "
+                                                     "scales: quantize with --act dynamic"))
+        rows.append(EngineSupport("transformers + compressed-tensors", False,
+                                  "transformers stacks per-expert weights into its fused experts parameters and "
+                                  "stops on int8 ones: load the folder with llmq"))
+    else:
+        rows.append(EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"))
+    return rows
 
 
 def is_w8a8(cfg: dict) -> bool:
@@ -136,7 +148,8 @@ FORMAT = Format(
     small_tensors=(".weight_scale", ".input_scale"),
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
-    engines=lambda ckpt: engine_support(ckpt.quant_config),
+    engines=lambda ckpt: engine_support(ckpt.quant_config,
+                                        any(".experts." in name for name in w8a8_names(ckpt.tensors))),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

@@ -39,6 +39,7 @@ from .. import distributed
 from ..arch import ArchSpec, ScaleGroup, sequential_groups
 from ..config import QuantConfig
 from ..errors import LlmqError
+from ..modules.qexperts import QuantExperts
 from ..moe import ExpertTokens, expert_tokens
 from ..qweight import QuantizedWeight
 from ..solvers.awq import InputStats, input_stats, scale_gram, search_clip, search_scales
@@ -133,9 +134,11 @@ def expand_expert_groups(groups, layer: nn.Module) -> list[ScaleGroup]:
             out.append(g)
             continue
         experts = _get(layer, starred[0].partition(".*")[0])
-        count = getattr(experts, "num_experts", 0) if experts is not None else 0
-        if not isinstance(count, int) or not count:
-            continue  # no experts here (a dense layer of an MoE model)
+        if not isinstance(experts, QuantExperts):
+            # No experts here (a dense layer of an MoE model), or experts kept whole in full
+            # precision: they read the group's input too, unscaled, so nothing may be folded into it.
+            continue
+        count = experts.num_experts
         if "*" in g.prev:  # one group per expert
             out += [dataclasses.replace(g, prev=g.prev.replace("*", str(e)),
                                         linears=tuple(n.replace("*", str(e)) for n in g.linears))

@@ -42,9 +42,11 @@ from ..solvers.rtn import rtn_quantize
 from ..solvers.smoothquant import (channel_absmax, fake_quantize_activations, search_smoothing, smoothing_factors,
                                    static_scale)
 from ..arch import ScaleGroup
-from .awq import fold_into_prev
+from ..modules.qexperts import QuantExperts
+from ..moe import ExpertTokens, LayerExperts, expert_tokens
+from .awq import expand_expert_groups, fold_into_prev
 from .base import Job, LayerStep, Method
-from .common import forward_with_pre_hooks
+from ..engine import layer_output
 
 SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read them
 
@@ -115,7 +117,7 @@ def _fold_shape(layer: nn.Module, g: ScaleGroup, linears: list[str], model_confi
     prev = _get(layer, g.prev)
     if prev is None or not linears:
         return None
-    ks = {layer.get_submodule(n).in_features for n in linears}
+    ks = {layer.get_submodule(n).weight.shape[1] for n in linears}  # in_features (an MoE router too)
     if len(ks) != 1:
         return None
     (k,) = ks
@@ -154,7 +156,7 @@ def build_w8a8_units(spec: arch.ArchSpec, layer: nn.Module, targets: dict[str, s
     units: list[W8A8Unit] = []
     covered: set[str] = set()
     if smooth is not None:
-        for g in spec.awq:
+        for g in expand_expert_groups(spec.awq, layer):
             present = [n for n in g.linears if _get(layer, n) is not None]
             wanted = {n: targets[n] for n in present if n in targets}
             shape = _fold_shape(layer, g, present, model_config) if wanted else None
@@ -196,10 +198,12 @@ def fold_smoothing(layer: nn.Module, unit: W8A8Unit, s: torch.Tensor, solved: di
 class W8A8LayerStep(LayerStep):
     """The calibrated W8A8 layer step for engine.run_layers (see the module doc)."""
 
-    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[W8A8Unit]]):
+    def __init__(self, config: QuantConfig, units_by_layer: dict[int, list[W8A8Unit]],
+                 expert_tokens: ExpertTokens | None = None):
         super().__init__()
         self.config = config
         self.units_by_layer = units_by_layer
+        self.expert_tokens = expert_tokens
         self.timings = {"smooth": 0.0, "observe": 0.0, "quantize": 0.0}
         self.alphas: list[list] = []  # per layer: the smoothing strength of each smoothed unit
         self.layer_errors: list[float] = []
@@ -210,11 +214,28 @@ class W8A8LayerStep(LayerStep):
         transforms: dict[int, tuple] = {}  # unit index -> (s or None, input_scale or None)
         alphas: list = []
         errors: list[float] = []
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        # Units inside one expert that its routed tokens cannot calibrate (fewer than min_tokens):
+        # left in full precision for those tokens, then calibrated on every token of the block.
+        deferred = {u for u, unit in enumerate(units) if experts is not None and _expert_of(experts, unit)}
+        pass_all = set()  # experts (block name, index) now running on every token
         hooks = []
         for u, unit in enumerate(units):
-            hook = self._hook(layer, u, unit, solved, transforms, alphas, errors)
-            hooks += [(n, hook) for n in unit.linears]
-        out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)
+            hooks += [(n, self._hook(layer, u, unit, n in unit.targets, solved, transforms, alphas, errors,
+                                     experts if u in deferred else None, pass_all)) for n in unit.linears]
+        block_inputs: dict[str, torch.Tensor] = {}
+        if experts is not None:
+            hooks += [(name, _keep_input(block_inputs, name)) for name in experts.blocks]
+        handles = [layer.get_submodule(name).register_forward_pre_hook(hook) for name, hook in hooks]
+        try:
+            out = layer_output(layer(hidden, *args, **kwargs))
+            if experts is not None:
+                self._calibrate_on_every_token(layer, units, transforms, experts, block_inputs, pass_all)
+        finally:
+            for h in handles:
+                h.remove()
+            if experts is not None:
+                experts.finish_counts()
         for u, unit in enumerate(units):
             if u not in transforms:
                 raise RuntimeError(f"the forward pass never reached {next(iter(unit.targets.values()))}: "
@@ -229,16 +250,35 @@ class W8A8LayerStep(LayerStep):
         self.layer_errors.append(worst)
         return out, f"rel_err={worst:.3g}"
 
-    def _hook(self, layer, u: int, unit: W8A8Unit, solved: dict, transforms: dict, alphas: list, errors: list):
+    def _hook(self, layer, u: int, unit: W8A8Unit, quantized: bool, solved: dict, transforms: dict, alphas: list,
+              errors: list, experts: LayerExperts | None, pass_all: set):
+        """The pre-hook of one linear of the unit; quantized: whether that linear is a target (a kept
+        one, such as an MoE router in a smoothed group, reads the smoothed input in full precision)."""
+        expert = None if experts is None else _expert_of(experts, unit)
+
         def hook(module: nn.Linear, args):
             x = args[0]
             if u not in transforms:
+                rows = x.numel() // x.shape[-1]
+                if (expert is not None and expert not in pass_all and experts.tokens.mode == "routed"
+                        and experts.tokens.falls_back(rows)):
+                    return None  # too few routed tokens: calibrated on every token after the forward
                 transforms[u] = self._solve_unit(layer, unit, x, solved, alphas, errors)
             s, input_scale = transforms[u]
             if s is not None:
                 x = (x.float() / s).to(x.dtype)
-            return (fake_quantize_activations(x, input_scale), *args[1:])
+            return (fake_quantize_activations(x, input_scale) if quantized else x, *args[1:])
         return hook
+
+    @torch.no_grad()
+    def _calibrate_on_every_token(self, layer, units, transforms, experts: LayerExperts, block_inputs, pass_all):
+        """Run each expert left uncalibrated on its block's every input token, its hooks solving it."""
+        waiting = sorted({_expert_of(experts, unit) for u, unit in enumerate(units) if u not in transforms} - {None})
+        for block, e in waiting:
+            pass_all.add((block, e))
+            experts.blocks[block]._expert_forward(e, block_inputs[block])
+            experts.tokens.fallback.setdefault(experts.index, []).extend(
+                n for unit in units if _expert_of(experts, unit) == (block, e) for n in unit.targets)
 
     @torch.no_grad()
     def _solve_unit(self, layer, unit: W8A8Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list):
@@ -293,6 +333,23 @@ class W8A8LayerStep(LayerStep):
         return s, input_scale
 
 
+def _expert_of(experts: LayerExperts, unit: W8A8Unit) -> tuple[str, int] | None:
+    """(experts block, expert index) when every linear of the unit belongs to that one expert, else None."""
+    found = set()
+    for name in unit.linears:
+        if name not in experts.names:
+            return None
+        block, _, rest = name.rpartition(".")[0].rpartition(".")  # "<block>.<e>.<projection>"
+        found.add((block, int(rest)))
+    return found.pop() if len(found) == 1 else None
+
+
+def _keep_input(store: dict, name: str):
+    def hook(module: QuantExperts, args):
+        store[name] = args[0]
+    return hook
+
+
 class W8A8(Method):
     """Runs --scheme w8a8; config.method (rtn or gptq) says how the weights are solved."""
 
@@ -312,7 +369,9 @@ class W8A8(Method):
 
     def layer_step(self, job: Job, plans) -> LayerStep:
         if self.calibrates(job.config):
-            return W8A8LayerStep(job.config, plans)
+            tokens = expert_tokens(job, fallback_rule="were calibrated on every calibration token of their block "
+                                                      "instead")
+            return W8A8LayerStep(job.config, plans, tokens)
         return RTNDynamicStep(plans)
 
 
