@@ -13,14 +13,16 @@ Protocol (BENCHMARKS): calibration on --nsamples windows of 512 tokens of
 emma.txt (seed 0), evaluation on the first --eval-windows (40) windows of 512
 tokens of prideprejudice.txt; every model scored on the same windows by
 llmq.eval.metrics.perplexity, in one run, each as soon as it is quantized.
-Each --quantize is METHOD:BITS:GROUP:sym|asym:routed|all; the time printed is
+Each --quantize is METHOD:BITS:GROUP:sym|asym:routed|all, or
+w8a8:dynamic|static:off|auto|ALPHA:rtn|gptq:routed|all for int8 weights and
+activations (--scheme w8a8 --act --smooth --method); the time printed is
 the whole llmq.quantize call, wall and CPU (all threads of the process: on a
 shared machine the CPU time is the steadier figure). --dense-baseline first
 times GPTQ int4 g64 asym of the dense SmolLM2 the MoE was built from, with the
 same calibration, in the same process, for the MoE/dense time ratio. Tokens per expert and the experts that fell
-back to round-to-nearest are printed per layer. Decode speed: greedy
-generation of --decode-tokens tokens after a 16-token prompt, batch 1, fp32
-MoE against the first int4 model, best of 3. --json is rewritten after each model.
+back are printed per layer. Decode speed: greedy generation of --decode-tokens
+tokens after a 16-token prompt, batch 1, fp32 MoE against the first int4 model
+and the first W8A8 model, best of 3. --json is rewritten after each model.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ UPCYCLE = Path("/work/shared/tools/upcycle_moe.py")
 
 def parse(spec: str) -> QuantConfig:
     parts = spec.split(":")
+    if len(parts) == 5 and parts[0] == "w8a8":
+        _, act, smooth, method, mode = parts
+        smooth = None if smooth == "off" else smooth if smooth == "auto" else float(smooth)
+        return QuantConfig(scheme="w8a8", act=act, smooth=smooth, method=method, moe_calibration=mode)
     if len(parts) != 5 or parts[3] not in ("sym", "asym"):
-        raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym:routed|all")
+        raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym:routed|all or "
+                        "w8a8:dynamic|static:off|auto|ALPHA:rtn|gptq:routed|all")
     return QuantConfig(method=parts[0], bits=int(parts[1]), group_size=int(parts[2]), sym=parts[3] == "sym",
                        moe_calibration=parts[4])
 
@@ -172,14 +179,15 @@ def _run(args) -> int:
                       "peak_rss_mib": peak_rss_mib(),
                       "experts": report.get("experts", []), "expert_linears": c.expert_linears,
                       "linears": c.linears, "kept": c.kept, "other_kept": c.other}
-        print(f"{spec}: perplexity {ppl:.3f}"
+        print(f"{spec}: perplexity {ppl:.3f} ({ppl / fp - 1:+.2%} vs fp32)"
               + ("" if closed is None else f", closes {closed:.0%} of RTN's gap")
               + f"; quantized in {seconds:.1f} s ({cpu_seconds:.1f} CPU s); peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
         for line in c.lines() + report.get("experts", []):
             print("  " + line, flush=True)
-        if args.decode_tokens and config.bits == 4 and "int4" not in speed:
-            speed["int4"] = decode_tokens_per_s(model, tok, args.decode_tokens)
-            print(f"{spec}: CPU decode {speed['int4']:.2f} tok/s ({speed['int4'] / speed['fp32']:.2f}x fp32)",
+        kind = "w8a8" if config.quantizes_activations else f"int{config.bits}"
+        if args.decode_tokens and kind in ("int4", "w8a8") and kind not in speed:
+            speed[kind] = decode_tokens_per_s(model, tok, args.decode_tokens)
+            print(f"{spec}: CPU decode {speed[kind]:.2f} tok/s ({speed[kind] / speed['fp32']:.2f}x fp32)",
                   flush=True)
         del model
         if args.json:

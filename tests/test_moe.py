@@ -528,3 +528,20 @@ def test_a_replaced_forward_is_called_by_the_short_path():
     with torch.no_grad():
         experts(torch.randn(1, hidden), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
     assert len(calls) == 2 * (len(experts.up_names) + 1)
+
+
+def test_moe_benchmark_reads_weight_only_and_w8a8_specs():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_moe.py")
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    c = bench.parse("gptq:4:64:asym:all")
+    assert (c.method, c.bits, c.group_size, c.sym, c.moe_calibration) == ("gptq", 4, 64, False, "all")
+    c = bench.parse("w8a8:static:auto:gptq:routed")
+    assert (c.scheme, c.act, c.smooth, c.method, c.moe_calibration) == ("w8a8", "static", "auto", "gptq", "routed")
+    assert bench.parse("w8a8:dynamic:0.5:rtn:routed").smooth == 0.5
+    with pytest.raises(LlmqError, match="w8a8:dynamic"):
+        bench.parse("gptq:4:64")
