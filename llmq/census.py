@@ -2,7 +2,8 @@
 
 Both read (tensor name, shape) pairs: a model's state dict or a checkpoint's
 safetensors headers, so the two reports agree. Quantized modules are those
-with a `.qweight`; a module under `experts.<e>.` is an expert projection.
+with a `.qweight` (weight-only) or a `.weight` beside a `.weight_scale`
+(W8A8); a module under `experts.<e>.` is an expert projection.
 Every other tensor is counted as kept in full precision under one kind:
 routers (2D weights beside quantized experts in an MoE block), embeddings and
 head, norms and biases (1D), and other weights, which are also named, so
@@ -47,12 +48,33 @@ class Census:
         return out
 
 
+W8A8_TENSORS = ("weight", "weight_scale", "input_scale")
+
+
+def w8a8_names(shapes: dict[str, list[int]]) -> list[str]:
+    """Modules stored as W8A8: a `.weight` beside a `.weight_scale` (a kept linear has no scale)."""
+    return sorted(k[: -len(".weight_scale")] for k in shapes
+                  if k.endswith(".weight_scale") and k[: -len("_scale")] in shapes)
+
+
+def _quantized(shapes: dict[str, list[int]], bits: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """{module: (weights it holds, its tensors' leaf names)} of the quantized modules."""
+    out = {}
+    for name in quantized_module_names(shapes):
+        k_packed, n = shapes[f"{name}.qweight"]
+        out[name] = (k_packed * codes_per_word(bits) * n, PACKED_TENSORS)
+    for name in w8a8_names(shapes):
+        n, k = shapes[f"{name}.weight"]
+        out[name] = (n * k, W8A8_TENSORS)
+    return out
+
+
 def expert_blocks(shapes: dict[str, list[int]]) -> set[str]:
     """The MoE blocks (module names) holding quantized experts, from tensor names."""
     blocks = set()
     for key in shapes:
         match = _EXPERT.search(key)
-        if match and key.endswith(".qweight"):
+        if match and (key.endswith(".qweight") or key.endswith(".weight_scale")):
             blocks.add(key[: match.start()])
     return blocks
 
@@ -68,11 +90,10 @@ def router_names(shapes: dict[str, list[int]]) -> list[str]:
 def census(shapes: dict[str, list[int]], bits: int) -> Census:
     """Count quantized and kept parameters from {tensor name: shape}."""
     c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})
-    quantized = set(quantized_module_names(shapes))
+    quantized = _quantized(shapes, bits)
     expert_parents = set()
     for name in sorted(quantized):
-        k_packed, n = shapes[f"{name}.qweight"]
-        params = k_packed * codes_per_word(bits) * n
+        params = quantized[name][0]
         match = _EXPERT.search(name)
         if match:
             c.expert_linears += 1
@@ -84,7 +105,7 @@ def census(shapes: dict[str, list[int]], bits: int) -> Census:
     c.experts_modules = len(expert_parents)
     for key, shape in shapes.items():
         module, _, leaf = key.rpartition(".")
-        if module in quantized and leaf in PACKED_TENSORS:
+        if module in quantized and leaf in quantized[module][1]:
             continue
         numel = 1
         for d in shape:

@@ -170,7 +170,7 @@ def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: i
 def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
     """The layout of one experts module (see the module doc)."""
     up_param = "gate_up_proj" if experts.has_gate else "up_proj"
-    up, down = experts._parameters[up_param], experts._parameters["down_proj"]
+    up = experts._parameters[up_param]
     e = up.shape[0]
     if experts.is_transposed:
         hidden, up_out = up.shape[1], up.shape[2]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .census import census
-from .config import QUANT_METHOD, QuantConfig
+from .config import QUANT_METHOD
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
@@ -118,16 +118,7 @@ def format_info(info: dict) -> str:
         act = ("dynamic per-token scales" if info["act"] == "dynamic" else
                f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
         lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")
-        experts = [n for n in info["layers"] if ".experts." in n]
-        blocks = {n[: n.index(".experts.") + len(".experts")] for n in experts}
-        in_experts = f", {len(experts)} expert linears in {len(blocks)} experts modules" if experts else ""
-        lines += [
-            f"quantized layers  {info['quantized_layers'] - len(experts)} linears{in_experts}, "
-            f"{info['quantized_params'] / 1e6:.1f} M weights",
-            f"kept full prec.   {', '.join(info['modules_to_not_convert']) or '-'}, embeddings, norms",
-        ]
-    else:
-        lines += info["census"].lines()
+    lines += info["census"].lines()
     lines += [
         f"not converted     {', '.join(info['modules_to_not_convert']) or '-'} (modules_to_not_convert)",
         f"size on disk      {human_bytes(info['size_on_disk'])} in {len(info['files'])} file(s)",

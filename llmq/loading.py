@@ -129,8 +129,6 @@ def check_model_source(source: str) -> dict | None:
     config = read_config(source)
     if config is None:
         return None
-    from .folder_io import read_header
-
     refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
     return config
 

@@ -140,6 +140,21 @@ def check_poisoned(device, log):
         check(f"poisoned dequant b{bits} {str(dtype)[6:]}", w, w64.t(), TOL[dtype], log)
 
 
+def captured(run):
+    """(CUDA graph of run(), its output tensor), captured after a warm-up outside the graph (autotuning
+    synchronises, which a capture cannot)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run()
+    return graph, static_y
+
+
 def check_cuda_graphs(log):
     from llmq.kernels import dequant_matmul
 
@@ -151,15 +166,7 @@ def check_cuda_graphs(log):
             return dequant_matmul(static_x, layer["qweight"], layer["qzeros"], layer["scales"], bits=4,
                                   group_size=128)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning synchronises
-            for _ in range(3):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = run()
+        graph, static_y = captured(run)
         for step in range(3):
             static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16))
             graph.replay()
@@ -299,15 +306,7 @@ def check_int8_cuda_graphs(log):
         def run():
             return int8_linear(static_x, weight, weight_scale)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning synchronises
-            for _ in range(3):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = run()
+        graph, static_y = captured(run)
         for step in range(3):
             static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 3)
             graph.replay()

@@ -409,7 +409,9 @@ def test_w8a8_experts_export_to_compressed_tensors_and_read_back(tmp_path, act, 
     llmq.save(model, tmp_path / "native")
     capsys.readouterr()
     assert main(["info", str(tmp_path / "native")]) == 0
-    assert "8 linears, 24 expert linears in 2 experts modules" in capsys.readouterr().out  # 2 layers x 4 x 3
+    out = capsys.readouterr().out
+    assert "quantized         8 linears" in out and "24 expert linears in 2 experts modules" in out  # 2 x 4 x 3
+    assert "other kept" not in out
     assert main(["convert", str(tmp_path / "native"), str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
     report = capsys.readouterr().out
     vllm_moe = next(line for line in report.splitlines() if "vLLM MoE experts" in line)

@@ -21,6 +21,13 @@ with the unit's input x:
    unit's statistics see the quantized units before it.
 
 After the forward the targets are swapped for W8A8Linear.
+
+Mixture-of-experts experts (unrolled by llmq.moe into per-expert linears) are
+units like any other: per expert (gate/up, then down) on the tokens routed to
+it, and, when smoothing, the post-attention norm's group over the router and
+every expert. An expert routed fewer than moe_min_tokens tokens runs in full
+precision for them; after the layer's forward it runs again on every input
+token of its block, and its hooks calibrate it on those.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 
 from .. import arch
 from ..config import QuantConfig
+from ..engine import layer_output
 from ..errors import LlmqError
 from ..modules.replace import replace_module
 from ..modules.w8a8 import W8A8Linear
@@ -46,7 +54,6 @@ from ..modules.qexperts import QuantExperts
 from ..moe import ExpertTokens, LayerExperts, expert_tokens
 from .awq import expand_expert_groups, fold_into_prev
 from .base import Job, LayerStep, Method
-from ..engine import layer_output
 
 SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read them
 
@@ -217,12 +224,12 @@ class W8A8LayerStep(LayerStep):
         experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
         # Units inside one expert that its routed tokens cannot calibrate (fewer than min_tokens):
         # left in full precision for those tokens, then calibrated on every token of the block.
-        deferred = {u for u, unit in enumerate(units) if experts is not None and _expert_of(experts, unit)}
+        per_expert = {u for u, unit in enumerate(units) if experts is not None and _expert_of(experts, unit)}
         pass_all = set()  # experts (block name, index) now running on every token
         hooks = []
         for u, unit in enumerate(units):
             hooks += [(n, self._hook(layer, u, unit, n in unit.targets, solved, transforms, alphas, errors,
-                                     experts if u in deferred else None, pass_all)) for n in unit.linears]
+                                     experts if u in per_expert else None, pass_all)) for n in unit.linears]
         block_inputs: dict[str, torch.Tensor] = {}
         if experts is not None:
             hooks += [(name, _keep_input(block_inputs, name)) for name in experts.blocks]

@@ -37,7 +37,6 @@ so the inner loop touches contiguous memory.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
