@@ -20,24 +20,31 @@ needs_real = pytest.mark.skipif(
            "../shared/data/texts (or LLMQ_TEXTS)")
 
 
-@needs_real
-@pytest.mark.slow
-def test_gptq_perplexity_below_rtn_on_real_model():
+def _perplexities(configs: dict) -> tuple[float, dict]:
+    """(fp32 perplexity, {name: perplexity of the model quantized by configs[name]}) on 8 windows of 256
+    tokens of prideprejudice.txt, calibrated on 16 x 256 tokens of emma.txt."""
     from llmq.data import load_text
     from llmq.realmodel import smollm2_path
 
     path = smollm2_path()
+    texts = texts_dir(near=__file__)
     _, tokenizer = load_model(path)
-    windows = eval_windows(tokenizer, load_text(str(texts_dir(near=__file__) / "prideprejudice.txt")), 256, max_windows=8)
+    windows = eval_windows(tokenizer, load_text(str(texts / "prideprejudice.txt")), 256, max_windows=8)
     ppl = {}
-    for method in ("rtn", "gptq"):
+    for name, config in configs.items():
         model, tok = load_model(path)
-        config = llmq.QuantConfig(method=method, bits=4, group_size=64, sym=False)
-        llmq.quantize(model, config, dataset=str(texts_dir(near=__file__) / "emma.txt"), tokenizer=tok, nsamples=16,
-                      seqlen=256, progress=False)
-        ppl[method] = perplexity(model, windows).perplexity
+        llmq.quantize(model, config, dataset=str(texts / "emma.txt"), tokenizer=tok, nsamples=16, seqlen=256,
+                      progress=False)
+        ppl[name] = perplexity(model, windows).perplexity
     fp_model, _ = load_model(path)
-    fp = perplexity(fp_model, windows).perplexity
+    return perplexity(fp_model, windows).perplexity, ppl
+
+
+@needs_real
+@pytest.mark.slow
+def test_gptq_perplexity_below_rtn_on_real_model():
+    fp, ppl = _perplexities({method: llmq.QuantConfig(method=method, bits=4, group_size=64, sym=False)
+                             for method in ("rtn", "gptq")})
     assert fp < ppl["gptq"] < ppl["rtn"], ppl
     # GPTQ closes a real part of RTN's gap even with this little calibration data.
     assert ppl["gptq"] - fp < 0.8 * (ppl["rtn"] - fp), (fp, ppl)
@@ -46,21 +53,8 @@ def test_gptq_perplexity_below_rtn_on_real_model():
 @needs_real
 @pytest.mark.slow
 def test_w8a8_smoothing_and_gptq_close_most_of_plain_w8a8s_gap_on_real_model():
-    from llmq.data import load_text
-    from llmq.realmodel import smollm2_path
-
-    path = smollm2_path()
-    _, tokenizer = load_model(path)
-    windows = eval_windows(tokenizer, load_text(str(texts_dir(near=__file__) / "prideprejudice.txt")), 256, max_windows=8)
-    ppl = {}
-    for name, settings in (("plain", {}), ("smoothed gptq", dict(smooth="auto", method="gptq"))):
-        model, tok = load_model(path)
-        config = llmq.QuantConfig(scheme="w8a8", **settings)
-        llmq.quantize(model, config, dataset=str(texts_dir(near=__file__) / "emma.txt"), tokenizer=tok, nsamples=16,
-                      seqlen=256, progress=False)
-        ppl[name] = perplexity(model, windows).perplexity
-    fp_model, _ = load_model(path)
-    fp = perplexity(fp_model, windows).perplexity
+    fp, ppl = _perplexities({"plain": llmq.QuantConfig(scheme="w8a8"),
+                             "smoothed gptq": llmq.QuantConfig(scheme="w8a8", smooth="auto", method="gptq")})
     # The full protocol (BENCHMARKS.md) gives +2.96% plain and +0.61% smoothed with GPTQ weights.
     assert fp < ppl["smoothed gptq"] < ppl["plain"], (fp, ppl)
     assert ppl["smoothed gptq"] - fp < 0.5 * (ppl["plain"] - fp), (fp, ppl)
