@@ -5,7 +5,8 @@
 quantized nn.Linear modules for QuantLinear on the meta device before the
 weights are read; the packed buffers are then assigned by transformers' own
 loader. Which modules are quantized is read from the checkpoint itself (the
-tensors ending in `.qweight`), and every expected tensor is checked against the
+tensors ending in `.qweight`; W8A8: int8 `.weight`s beside a `.weight_scale`,
+experts included), and every expected tensor is checked against the
 safetensors headers first.
 """
 
