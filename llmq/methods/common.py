@@ -12,11 +12,16 @@ from ..modules.replace import replace_module
 from ..qweight import QuantizedWeight
 
 
-def forward_with_pre_hooks(layer: nn.Module, hooks: Iterable[tuple[str, Callable]], hidden, args, kwargs):
-    """Run the layer once with forward pre-hooks on the named linears; return its hidden states."""
+def forward_with_pre_hooks(layer: nn.Module, hooks: Iterable[tuple[str, Callable]], hidden, args, kwargs,
+                           after: Callable[[], None] | None = None):
+    """Run the layer once with forward pre-hooks on the named modules; return its hidden states.
+    after(): run once the forward is done, while the hooks are still in place."""
     handles = [layer.get_submodule(name).register_forward_pre_hook(hook) for name, hook in hooks]
     try:
-        return layer_output(layer(hidden, *args, **kwargs))
+        out = layer_output(layer(hidden, *args, **kwargs))
+        if after is not None:
+            after()
+        return out
     finally:
         for h in handles:
             h.remove()

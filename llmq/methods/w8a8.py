@@ -40,7 +40,6 @@ from torch import nn
 
 from .. import arch
 from ..config import QuantConfig
-from ..engine import layer_output
 from ..errors import LlmqError
 from ..modules.replace import replace_module
 from ..modules.w8a8 import W8A8Linear
@@ -54,6 +53,7 @@ from ..modules.qexperts import QuantExperts
 from ..moe import ExpertTokens, LayerExperts, expert_tokens
 from .awq import expand_expert_groups, fold_into_prev
 from .base import Job, LayerStep, Method
+from .common import forward_with_pre_hooks
 
 SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read them
 
@@ -222,25 +222,22 @@ class W8A8LayerStep(LayerStep):
         alphas: list = []
         errors: list[float] = []
         experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
-        # Units inside one expert that its routed tokens cannot calibrate (fewer than min_tokens):
-        # left in full precision for those tokens, then calibrated on every token of the block.
-        per_expert = {u for u, unit in enumerate(units) if experts is not None and _expert_of(experts, unit)}
+        # The expert (block, index) each unit lies in, if one. A unit that its expert's routed tokens
+        # cannot calibrate (fewer than min_tokens) is left in full precision for those tokens, then
+        # calibrated on every token of the block.
+        owner = {u: _expert_of(experts, unit) for u, unit in enumerate(units)} if experts is not None else {}
         pass_all = set()  # experts (block name, index) now running on every token
         hooks = []
         for u, unit in enumerate(units):
             hooks += [(n, self._hook(layer, u, unit, n in unit.targets, solved, transforms, alphas, errors,
-                                     experts if u in per_expert else None, pass_all)) for n in unit.linears]
+                                     experts, owner.get(u), pass_all)) for n in unit.linears]
         block_inputs: dict[str, torch.Tensor] = {}
         if experts is not None:
             hooks += [(name, _keep_input(block_inputs, name)) for name in experts.blocks]
-        handles = [layer.get_submodule(name).register_forward_pre_hook(hook) for name, hook in hooks]
         try:
-            out = layer_output(layer(hidden, *args, **kwargs))
-            if experts is not None:
-                self._calibrate_on_every_token(layer, units, transforms, experts, block_inputs, pass_all)
+            out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs, after=None if experts is None else (
+                lambda: self._calibrate_on_every_token(units, transforms, experts, owner, block_inputs, pass_all)))
         finally:
-            for h in handles:
-                h.remove()
             if experts is not None:
                 experts.finish_counts()
         for u, unit in enumerate(units):
@@ -258,10 +255,10 @@ class W8A8LayerStep(LayerStep):
         return out, f"rel_err={worst:.3g}"
 
     def _hook(self, layer, u: int, unit: W8A8Unit, quantized: bool, solved: dict, transforms: dict, alphas: list,
-              errors: list, experts: LayerExperts | None, pass_all: set):
+              errors: list, experts: LayerExperts | None, expert: tuple[str, int] | None, pass_all: set):
         """The pre-hook of one linear of the unit; quantized: whether that linear is a target (a kept
-        one, such as an MoE router in a smoothed group, reads the smoothed input in full precision)."""
-        expert = None if experts is None else _expert_of(experts, unit)
+        one, such as an MoE router in a smoothed group, reads the smoothed input in full precision);
+        expert: the expert the unit lies in, or None."""
 
         def hook(module: nn.Linear, args):
             x = args[0]
@@ -278,14 +275,16 @@ class W8A8LayerStep(LayerStep):
         return hook
 
     @torch.no_grad()
-    def _calibrate_on_every_token(self, layer, units, transforms, experts: LayerExperts, block_inputs, pass_all):
+    def _calibrate_on_every_token(self, units, transforms, experts: LayerExperts, owner: dict, block_inputs,
+                                  pass_all):
         """Run each expert left uncalibrated on its block's every input token, its hooks solving it."""
-        waiting = sorted({_expert_of(experts, unit) for u, unit in enumerate(units) if u not in transforms} - {None})
-        for block, e in waiting:
+        waiting = [u for u, expert in owner.items() if expert is not None and u not in transforms]
+        for block, e in sorted({owner[u] for u in waiting}):
             pass_all.add((block, e))
             experts.blocks[block]._expert_forward(e, block_inputs[block])
+        if waiting:
             experts.tokens.fallback.setdefault(experts.index, []).extend(
-                n for unit in units if _expert_of(experts, unit) == (block, e) for n in unit.targets)
+                n for u in waiting for n in units[u].targets)
 
     @torch.no_grad()
     def _solve_unit(self, layer, unit: W8A8Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list):
