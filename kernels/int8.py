@@ -86,9 +86,13 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = Non
 
 
 def int8_reference(x, weight, weight_scale, input_scale=None, bias=None):
-    """The integer reference: int64 products, fp64 rescale; [M, N] float64."""
+    """The integer reference: exact integer products, fp64 rescale; [M, N] float64.
+
+    The products are int64, or float64 on CUDA, which has no int64 matmul: float64 holds the
+    int8 sums exactly (|sum| <= K * 2^14, far below 2^53)."""
     q, s = quantize_activations(x, input_scale)
-    acc = q.long() @ weight.long().t()
+    integers = torch.float64 if q.is_cuda else torch.long
+    acc = q.to(integers) @ weight.to(integers).t()
     y = acc.double() * s.double() * weight_scale.double().reshape(1, -1)
     if bias is not None:
         y = y + bias.double()

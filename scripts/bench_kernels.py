@@ -15,7 +15,7 @@ instead, on Llama-3.1-8B's linears (4096x4096 q/o, 1024x4096 k/v, 14336x4096
 gate/up, 4096x14336 down) at M = 1, 16, 256, 4096 unless --shapes/--m say
 otherwise: next to cuBLAS fp16 F.linear and, for M > 16 (its limit on CUDA),
 torch._int_mm's int8 GEMM alone on codes quantized beforehand. Each point is
-checked first against the float64 product of the integer codes.
+checked first against llmq's integer reference (exact products of the codes).
 
 Needs a CUDA GPU; without one it says so and exits 0 (interpreter timings mean
 nothing). Example:
@@ -137,18 +137,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def int8_expected(x, weight, weight_scale, input_scale):
-    """The float64 product of the integer codes (exact for int8 sums), rescaled in float64."""
-    from llmq.kernels.int8 import quantize_activations
-
-    q, s = quantize_activations(x, input_scale)
-    return (q.double() @ weight.double().t()) * s.double() * weight_scale.double().reshape(1, -1), q
-
-
 def bench_w8a8(args, dtype, do_bench, device="cuda") -> int:
     """The --w8a8 table. device "cpu" under TRITON_INTERPRET=1 only keeps the script working (the
     test suite runs it so); its timings mean nothing."""
     from llmq.kernels import int8_linear
+    from llmq.kernels.int8 import int8_reference, quantize_activations
 
     paths = ["triton"] + (["splitk", "gemm"] if args.all_paths else [])
     print(f"W8A8 int8, {args.act} activations, x in {args.dtype}; TOPS = 2 M N K / time")
@@ -162,7 +155,8 @@ def bench_w8a8(args, dtype, do_bench, device="cuda") -> int:
         for m in args.m:
             x = (torch.randn(m, k, device=device) * 3).to(dtype)
             input_scale = (x.float().abs().amax() / 127).reshape(1) if args.act == "static" else None
-            ref, q = int8_expected(x, weight, weight_scale, input_scale)
+            ref = int8_reference(x, weight, weight_scale, input_scale)
+            q = quantize_activations(x, input_scale)[0]
             t_fp = do_bench(lambda: F.linear(x, w_fp), return_mode="median")
             # torch._int_mm refuses M <= 16 on CUDA; timed on the codes alone (no quantize, no rescale).
             t_mm = (do_bench(lambda: torch._int_mm(q, weight.t()), return_mode="median")

@@ -21,11 +21,11 @@ from the integer codes:
    under torch.compile(fullgraph=True) with inductor.
 6. W8A8 (llmq.kernels.int8_linear): every Triton path (auto, split-K, GEMM)
    for rows M in 1, 2, 3, 16, 17, 64, 130, 2048, dynamic and static
-   activations, fp16, bf16 and fp32, bias or none, against the integer codes'
-   float64 product; the quantization launch's codes and scales equal to
-   `quantize_activations` bit for bit; CUDA graphs; W8A8 tiny Llamas
-   (dynamic and static) on CUDA against their CPU forward, eager and under
-   torch.compile.
+   activations, fp16, bf16 and fp32, bias or none, against the exact integer
+   products of the codes (int8_reference); the quantization launch's codes
+   and scales equal to `quantize_activations` bit for bit; CUDA graphs; W8A8
+   tiny Llamas (dynamic and static) on CUDA against their CPU forward, eager
+   and under torch.compile.
 
     python scripts/check_kernels.py            # needs a CUDA GPU
     python scripts/check_kernels.py --quick    # fewer cases
@@ -253,18 +253,15 @@ def int8_operands(m, n, k, static, dtype, has_bias, device, seed):
 
 
 def int8_expected(x, weight, weight_scale, input_scale, bias):
-    """The product of the integer codes in float64 (exact for int8 sums), rescaled in float64."""
-    from llmq.kernels.int8 import quantize_activations
+    """llmq's integer reference for x [..., K] (exact integer products, rescaled in float64)."""
+    from llmq.kernels.int8 import int8_reference
 
-    q, s = quantize_activations(x.reshape(-1, x.shape[-1]), input_scale)
-    y = (q.double() @ weight.double().t()) * s.double() * weight_scale.double().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.double()
+    y = int8_reference(x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def check_int8_matmul(device, quick, log):
-    """int8_linear on each Triton path against the float64 product of the integer codes; the
+    """int8_linear on each Triton path against the exact integer products of the codes; the
     quantization launch against quantize_activations, bit for bit."""
     from llmq.kernels import int8_linear, triton_int8
     from llmq.kernels.int8 import quantize_activations

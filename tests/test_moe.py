@@ -55,18 +55,19 @@ def _dequant64(t: dict, name: str, bits: int, group_size: int) -> torch.Tensor:
     return ((q - z[g]) * s[g]).t()
 
 
-def _reference(fp_model, folder, arch, bits, group_size):
-    """The fp model in float64 with every quantized weight replaced by its dequantized codes."""
+def _reference(fp_model, folder, arch, weight64, marker=".qweight"):
+    """The fp model in float64 with every quantized weight (modules with a `marker` tensor) replaced
+    by weight64(tensors, name): its stored codes, dequantized."""
     block, up_names, down_name, transposed, _ = DISK[arch]
     ref = copy.deepcopy(fp_model).double()
     ref.set_experts_implementation("eager")  # transformers' own per-expert loop: grouped_mm has no float64
     t = load_file(str(folder / "model.safetensors"))
-    names = sorted({k[: -len(".qweight")] for k in t if k.endswith(".qweight")})
+    names = sorted({k[: -len(marker)] for k in t if k.endswith(marker)})
     done = set()
     for name in names:
         if ".experts." not in name:
             linear = ref.get_submodule(name)
-            linear.weight.data = _dequant64(t, name, bits, group_size)
+            linear.weight.data = weight64(t, name)
             if f"{name}.bias" in t:
                 linear.bias.data = t[f"{name}.bias"].double()
             continue
@@ -76,8 +77,8 @@ def _reference(fp_model, folder, arch, bits, group_size):
         done.add(experts_name)
         experts = ref.get_submodule(experts_name.replace(f".{block}.", ".mlp."))
         for e in range(experts.gate_up_proj.shape[0]):
-            up = torch.cat([_dequant64(t, f"{experts_name}.{e}.{n}", bits, group_size) for n in up_names])
-            down = _dequant64(t, f"{experts_name}.{e}.{down_name}", bits, group_size)
+            up = torch.cat([weight64(t, f"{experts_name}.{e}.{n}") for n in up_names])
+            down = weight64(t, f"{experts_name}.{e}.{down_name}")
             experts.gate_up_proj.data[e] = up.t() if transposed else up
             experts.down_proj.data[e] = down.t() if transposed else down
             if experts.has_bias:
@@ -85,6 +86,12 @@ def _reference(fp_model, folder, arch, bits, group_size):
                     [t[f"{experts_name}.{e}.{n}.bias"].double() for n in up_names])
                 experts.down_proj_bias.data[e] = t[f"{experts_name}.{e}.{down_name}.bias"].double()
     return ref
+
+
+def _int8_weight64(t: dict, name: str) -> torch.Tensor:
+    """[N, K] float64 weight of the W8A8 module `name`: its int8 codes times their per-row scales."""
+    assert t[f"{name}.weight"].dtype == torch.int8
+    return t[f"{name}.weight"].double() * t[f"{name}.weight_scale"].double()
 
 
 def _experts_modules(model):
@@ -135,7 +142,7 @@ def test_rtn_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
     assert sum(isinstance(m, QuantExperts) for m in loaded.modules()) == len(fp_experts)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, q_logits)  # reloaded == in memory
-        ref = _reference(original, tmp_path / "q", arch, 4, GROUP)(ids).logits
+        ref = _reference(original, tmp_path / "q", arch, lambda t, n: _dequant64(t, n, 4, GROUP))(ids).logits
     torch.testing.assert_close(q_logits.double(), ref, atol=2e-4, rtol=1e-4)
     for name, w in routers.items():
         assert torch.equal(loaded.get_submodule(name).weight, w)
@@ -312,30 +319,6 @@ def test_all_mode_calibrates_every_expert_on_every_token():
     assert not torch.equal(a, b)
 
 
-def _w8a16_reference(fp_model, folder, arch):
-    """The fp model in float64 with every weight replaced by its stored int8 codes times their scales."""
-    block, up_names, down_name, transposed, _ = DISK[arch]
-    ref = copy.deepcopy(fp_model).double()
-    ref.set_experts_implementation("eager")
-    t = load_file(str(folder / "model.safetensors"))
-
-    def w(name):
-        assert t[f"{name}.weight"].dtype == torch.int8
-        return t[f"{name}.weight"].double() * t[f"{name}.weight_scale"].double()
-
-    for name in sorted(k[: -len(".weight_scale")] for k in t if k.endswith(".weight_scale")):
-        if ".experts." not in name:
-            ref.get_submodule(name).weight.data = w(name)
-    for name, experts in _experts_modules(ref).items():
-        disk = name.replace(".mlp.", f".{block}.")
-        for e in range(experts.gate_up_proj.shape[0]):
-            up = torch.cat([w(f"{disk}.{e}.{n}") for n in up_names])
-            down = w(f"{disk}.{e}.{down_name}")
-            experts.gate_up_proj.data[e] = up.t() if transposed else up
-            experts.down_proj.data[e] = down.t() if transposed else down
-    return ref
-
-
 @pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
 def test_w8a8_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
     fp = tiny_model(arch)
@@ -354,7 +337,7 @@ def test_w8a8_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
     llmq.save(model, tmp_path / "q")
     # Each expert's stored codes x scales are round-to-nearest int8 of its slice of the original 3D
     # weights (per output row: within half a step), in the layout its architecture stores.
-    stored = _w8a16_reference(fp, tmp_path / "q", arch)
+    stored = _reference(fp, tmp_path / "q", arch, _int8_weight64, ".weight_scale")  # W8A16: the int8 weights
     for name, original in _experts_modules(fp).items():
         got = stored.get_submodule(name)
         for ours, theirs in ((got.gate_up_proj, original.gate_up_proj), (got.down_proj, original.down_proj)):
