@@ -126,3 +126,11 @@ def census(shapes: dict[str, list[int]], bits: int) -> Census:
 def model_census(model, bits: int) -> Census:
     """The census of a model in memory (its state dict)."""
     return census({k: list(v.shape) for k, v in model.state_dict().items()}, bits)
+
+
+def folder_census(folder, bits: int) -> Census:
+    """The census of a checkpoint folder llmq wrote (its safetensors headers: a streamed run's model
+    is no longer in memory)."""
+    from .folder_io import checkpoint_files, read_header
+
+    return census({k: shape for k, (shape, _) in read_header(checkpoint_files(folder)).items()}, bits)

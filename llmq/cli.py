@@ -144,13 +144,16 @@ def _run_quantize(args) -> int:
         _check_distributed(args, config)
         if config.method == "rtn" and not distributed.is_writer():
             return 0  # round-to-nearest has nothing to share: rank 0 does it
-    out = _quantize_from_shards(args, config) if args.stream is not False else None
+    report: dict = {}
+    out = _quantize_from_shards(args, config, report) if args.stream is not False else None
     if out is not None:
-        if not args.quiet:
+        if not args.quiet and distributed.is_writer():
+            from .census import folder_census
+
+            print("\n".join(folder_census(out, config.bits).lines() + report.get("experts", [])))
             print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
         return 0
     model, tokenizer = load_model(args.model, args.dtype)
-    report: dict = {}
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet,
                      report=report)
@@ -185,7 +188,7 @@ def _check_distributed(args, config: QuantConfig) -> None:
                         f"(this run has {distributed.world()} processes)")
 
 
-def _quantize_from_shards(args, config: QuantConfig):
+def _quantize_from_shards(args, config: QuantConfig, report: dict):
     """Quantize reading the model from its shards (rtn: shard by shard; others: streamed layer by
     layer) when that is asked for or needed; None (with a note where it matters) to quantize in memory."""
     from .loading import load_tokenizer
@@ -208,7 +211,7 @@ def _quantize_from_shards(args, config: QuantConfig):
 
     return quantize_streamed(skeleton, args.out, config, dataset=args.dataset, tokenizer=tokenizer,
                              device=args.device, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                             overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
+                             overwrite=args.overwrite, progress=not args.quiet, resume=args.resume, report=report)
 
 
 def _add_info(sub) -> None:

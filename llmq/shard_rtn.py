@@ -11,7 +11,7 @@ with `from_pretrained`, `llmq.quantize(method="rtn")` and `llmq.save` give:
 the same dtype casts (the dtype from_pretrained picks), the same solver on the
 same device, the same packing, the same tied tensors left out, the same
 config.json. Models for which reading the shards tensor by tensor would not
-give what from_pretrained gives are refused here (skeleton.Skeleton.blocker)
+give what from_pretrained gives are refused here (skeleton.Skeleton.tensor_blocker)
 and quantized in memory by the caller.
 """
 
@@ -39,8 +39,8 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
     """Write the RTN-quantized checkpoint of skeleton's source to out, one tensor at a time."""
     if config.method != "rtn":
         raise ValueError("shard-by-shard quantization is round-to-nearest only")
-    if skeleton.blocker:
-        raise ValueError(f"cannot quantize {skeleton.source} shard by shard: {skeleton.blocker}")
+    if skeleton.tensor_blocker:
+        raise ValueError(f"cannot quantize {skeleton.source} shard by shard: {skeleton.tensor_blocker}")
     return_freed_memory_promptly()
     device = resolve_device(device)
     model = skeleton.model

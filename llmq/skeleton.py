@@ -1,12 +1,23 @@
-"""A model's skeleton on the meta device, and whether its shards can be read tensor by tensor.
+"""A model's skeleton on the meta device, and whether its shards can be read layer by layer or tensor by tensor.
 
-Working from the shards instead of a loaded model is only safe when every
-tensor on disk is, by name, shape and content, the tensor `from_pretrained`
-would put in the model. transformers 5 renames some checkpoint keys on load
-and fuses others (mixture-of-experts weights stored per expert become 3D
+Working from the shards instead of a loaded model is only safe when what is
+read gives, by name, shape and content, the tensors `from_pretrained` would
+put in the model. transformers 5 renames some checkpoint keys on load and
+fuses others (mixture-of-experts weights stored per expert become 3D
 parameters); it keeps some modules in float32; it initialises tensors a
-checkpoint lacks. For such models `Skeleton.blocker` says why, in a phrase,
-and the caller loads the model the ordinary way instead.
+checkpoint lacks. Two readings of the shards, two answers, each a phrase
+saying why not (None: it can):
+
+- `Skeleton.blocker`: layer by layer (llmq.stream). transformers' own loader
+  materialises one decoder layer from that layer's keys, renaming and fusing
+  them as from_pretrained does, so renamed or fused tensors stream as long as
+  every one stays in its decoder layer.
+- `Skeleton.tensor_blocker`: tensor by tensor, each stored tensor quantized
+  under its own name (llmq.shard_rtn): only when no tensor is renamed or fused
+  and the model has no experts modules (unrolled per expert in memory).
+
+Where a reading cannot work the caller takes the next one, or loads the model
+the ordinary way.
 
 The skeleton is built the way `from_pretrained` builds it (the dtype it would
 pick, the conversion mapping it would apply), so that these checks ask
@@ -22,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import LlmqError
 from .folder_io import read_folder_config
 from .loading import check_model_source, refuse_quantized, resolve_dtype
 from .shards import SourceShards
@@ -35,8 +47,9 @@ class Skeleton:
     model: nn.Module  # on the meta device
     dtype: torch.dtype  # what from_pretrained would load floating tensors as
     shards: SourceShards | None
-    blocker: str | None  # why the shards cannot be read tensor by tensor; None when they can
+    blocker: str | None  # why the shards cannot be read layer by layer; None when they can
     folder: str | None = None  # the local folder with config and tokenizer (a hub model's snapshot)
+    tensor_blocker: str | None = None  # why they cannot be read tensor by tensor (blocker included)
 
     def __post_init__(self):
         if self.folder is None and Path(self.source).is_dir():
@@ -101,10 +114,14 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
     try:
         model = _build_like_from_pretrained(config, resolved)
     except (KeyError, ValueError) as e:  # not a causal LM transformers knows: from_pretrained will say why
-        return Skeleton(source, None, resolved, shards, f"transformers builds no causal LM from this config ({e})",
-                        folder)
+        reason = f"transformers builds no causal LM from this config ({e})"
+        return Skeleton(source, None, resolved, shards, reason, folder, reason)
     skeleton = Skeleton(source, model, resolved, shards, None, folder)
-    skeleton.blocker = "the model folder holds no safetensors weights" if shards is None else _blocker(skeleton)
+    if shards is None:
+        skeleton.blocker = skeleton.tensor_blocker = "the model folder holds no safetensors weights"
+    else:
+        skeleton.blocker, converted = _blockers(skeleton)
+        skeleton.tensor_blocker = skeleton.blocker or converted
     return skeleton
 
 
@@ -120,38 +137,58 @@ def _build_like_from_pretrained(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _blocker(sk: Skeleton) -> str | None:
+def _layer_of(name: str, prefix: str | None) -> str | None:
+    """The decoder layer index a state-dict name lies in ("0", "1", ...), or None outside the layers."""
+    if prefix is None or not name.startswith(prefix):
+        return None
+    return name[len(prefix):].partition(".")[0]
+
+
+def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
+    """(why not layer by layer, why not tensor by tensor beyond that), each None when it can."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
+    from .arch import decoder_layers
+    from .experts import find_experts
+
     model = sk.model
-    if model._get_dtype_plan(sk.dtype):
-        return f"transformers keeps some of {type(model).__name__}'s modules in float32"
+    # transformers' loader keeps such modules in float32 (its dtype plan), a tensor-by-tensor cast would not.
+    converted = (f"transformers keeps some of {type(model).__name__}'s modules in float32"
+                 if model._get_dtype_plan(sk.dtype) else None)
     meta_sd = model.state_dict()
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    try:
+        prefix = decoder_layers(model)[0] + "."
+    except LlmqError:
+        prefix = None
+    target = {}  # stored name -> the model's name it loads into
     for key in sk.shards.keys():
         renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        if renamed not in meta_sd and key in meta_sd:  # as transformers' loader does: the name as stored
+            renamed, converter = key, None
         if converter is not None or renamed != key:
-            return f"transformers renames or fuses this model's tensors on load ({key} -> {renamed})"
-    on_disk = set(sk.shards.keys())
-    expected = set(meta_sd)
+            converted = converted or f"transformers renames or fuses this model's tensors on load ({key} -> {renamed})"
+            if _layer_of(key, prefix) != _layer_of(renamed, prefix):
+                return f"transformers loads tensor {key} into {renamed}, outside its decoder layer", converted
+        target[key] = renamed
+    loaded = set(target.values())
     tied = sk.tied
-    missing = sorted(expected - on_disk - tied)
+    missing = sorted(set(meta_sd) - loaded - tied)
     if missing:
-        return f"the checkpoint lacks {len(missing)} tensors the model expects (e.g. {missing[0]})"
-    unexpected = sorted(on_disk - expected)
+        return f"the checkpoint lacks {len(missing)} tensors the model expects (e.g. {missing[0]})", converted
+    unexpected = sorted(k for k, name in target.items() if name not in meta_sd)
     if unexpected:
-        return f"the checkpoint holds {len(unexpected)} tensors the model does not use (e.g. {unexpected[0]})"
+        return f"the checkpoint holds {len(unexpected)} tensors the model does not use (e.g. {unexpected[0]})", converted
     unknown = [k for k, (_, dtype) in sk.shards.header.items() if dtype is None]
     if unknown:
-        return f"tensor {unknown[0]} has a dtype llmq does not read tensor by tensor"
-    for key in on_disk & expected:
-        if sk.shards.header[key][0] != list(meta_sd[key].shape):
-            return f"tensor {key} has shape {sk.shards.header[key][0]}, the model expects {list(meta_sd[key].shape)}"
-    from .experts import find_experts
-
-    if find_experts(model):  # stored fused on disk too (gpt-oss): unrolled per expert in memory (llmq.moe)
-        return "its mixture-of-experts experts are quantized on a model in memory"
-    return None
+        return f"tensor {unknown[0]} has a dtype llmq does not read tensor by tensor", converted
+    for key, name in target.items():  # converted tensors' shapes: the loader checks them (llmq.stream)
+        if name == key and sk.shards.header[key][0] != list(meta_sd[key].shape):
+            return (f"tensor {key} has shape {sk.shards.header[key][0]}, the model expects "
+                    f"{list(meta_sd[key].shape)}"), converted
+    if converted is None and find_experts(model):  # stored fused on disk too (gpt-oss)
+        converted = "its mixture-of-experts experts are unrolled per expert in memory"
+    return None, converted

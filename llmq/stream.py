@@ -29,6 +29,9 @@ from torch import nn
 
 from . import arch, distributed
 from .config import QuantConfig
+from .errors import LlmqError
+from .experts import experts_layout, find_experts, unroll
+from .modules.replace import replace_module
 from .outdir import atomic_folder
 from .loading import resolve_device
 from .memory import available_host_memory, return_freed_memory_promptly
@@ -66,13 +69,12 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
                  stream: bool | None = None, resume: bool = False) -> tuple[str, str | None]:
     """("shards" | "stream" | "memory", a note for the user or None).
 
-    Weight-only rtn goes shard by shard whenever it can; the rest stream when
-    asked (stream=True) or, by default, when the model would not sit
-    comfortably in host memory (should_stream). resume=True streams (only a
+    Weight-only rtn goes shard by shard whenever it can (Skeleton.tensor_blocker);
+    the rest stream when asked (stream=True) or, by default, when the model
+    would not sit comfortably in host memory (should_stream). resume=True streams (only a
     streamed run can be resumed). stream=True or resume=True on a model that
     cannot be streamed is an error (LlmqError) naming the reason.
     """
-    from .errors import LlmqError
     from .units import human_bytes
 
     if stream is False:
@@ -88,8 +90,10 @@ def choose_route(skeleton: Skeleton, config: QuantConfig, fmt: str = "llmq", dat
         return "memory", None
     if stream or resume:
         return "stream", None
-    if by_shards:
+    if by_shards and skeleton.tensor_blocker is None:
         return "shards", None
+    if by_shards and not should_stream(skeleton):
+        return "memory", f"quantizing in memory, not shard by shard: {skeleton.tensor_blocker}"
     if should_stream(skeleton):
         return "stream", (f"streaming the model layer by layer: its {human_bytes(skeleton.model_bytes())} would take "
                           f"more than {STREAM_FRACTION:.0%} of the {human_bytes(available_host_memory())} of host "
@@ -103,6 +107,14 @@ class LayerStreamer:
     load(i): layer i's tensors, read by transformers' loader, on the host.
     release(i): layer i's tensors (as the method left them) to the output
     shards, and the layer back to the meta device.
+
+    Tensors go out under the names `save_pretrained` gives them: transformers'
+    load conversions reversed (a renamed MoE block takes its stored name
+    back). Mixture-of-experts experts modules that planning unrolled per expert
+    (llmq.moe.prepare_experts, on the meta skeleton) are loaded as transformers
+    builds them, 3D weights fused from the stored per-expert tensors, and
+    unrolled again over the loaded weights: the same QuantExperts, module for
+    module, so the planned names hold.
     """
 
     def __init__(self, model: nn.Module, skeleton: Skeleton, writer: ShardWriter, *, checkpoint: dict | None = None,
@@ -119,6 +131,11 @@ class LayerStreamer:
             weight_mapping=get_model_conversion_mapping(model), device_map={"": "cpu"})
         self._handles: dict[str, object] = {}
         self._params = {name for name, _ in model.named_parameters()}
+        # Each layer's experts modules as transformers built them, before planning unrolls them.
+        self._experts = {i: find_experts(layer) for i, layer in enumerate(self.layers)}
+        # The conversions every stored name goes through, marked used as loading them would: reversed
+        # for the output names, as save_pretrained reverses those of a model from_pretrained loaded.
+        _mark_used_conversions(self.load_config.weight_mapping, skeleton.shards.keys(), model)
         # {"folder": partial folder, "fingerprint": ...}: record each finished layer for --resume.
         self.checkpoint = checkpoint
         self._resume_from = resume_from
@@ -143,13 +160,15 @@ class LayerStreamer:
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one bar per layer would bury the engine's own
         try:
-            convert_and_load_state_dict_in_model(self.model, self._slices(keys), self.load_config)
+            info, _ = convert_and_load_state_dict_in_model(self.model, self._slices(keys), self.load_config)
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
-        for key in keys:
-            if key in self._params:
-                check_finite(key, self.model.get_parameter(key))
+        problems = [f"{k}: shape {a} on disk, {b} in the model" for k, a, b in sorted(info.mismatched_keys)]
+        problems += [f"{k}: {e}" for k, e in info.conversion_errors.items()] + list(info.error_msgs)
+        if problems:
+            raise LlmqError(f"transformers could not load {len(problems)} tensors of {self.skeleton.source} "
+                            f"({problems[0]}): the checkpoint does not match its config.json")
 
     def layer_keys(self, index: int) -> list[str]:
         head = f"{self.prefix}.{index}."
@@ -158,7 +177,11 @@ class LayerStreamer:
     def load_outer(self) -> None:
         """Everything but the decoder layers, as from_pretrained loads it."""
         head = f"{self.prefix}."
-        self._load([k for k in self.skeleton.shards.keys() if not k.startswith(head)])
+        keys = [k for k in self.skeleton.shards.keys() if not k.startswith(head)]
+        self._load(keys)
+        for key in keys:
+            if key in self._params:
+                check_finite(key, self.model.get_parameter(key))
         # transformers' own finalisation: non-persistent buffers (rotary tables) off
         # the meta device and initialised, tied weights tied.
         self.model._move_missing_keys_from_meta_to_device(set(), None, None, None)
@@ -166,7 +189,23 @@ class LayerStreamer:
         self.model.tie_weights()
 
     def load(self, index: int) -> None:
+        layer = self.layers[index]
+        unrolled = []
+        for local, original in self._experts[index].items():
+            if layer.get_submodule(local) is not original:  # planning unrolled it: load the original
+                replace_module(layer, local, original)
+                unrolled.append(local)
         self._load(self.layer_keys(index))
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            if tensor.device.type == "meta":
+                raise LlmqError(f"the checkpoint of {self.skeleton.source} gives no tensor for "
+                                f"{self.prefix}.{index}.{name}: it is damaged or was written for another model")
+            if tensor.is_floating_point():
+                check_finite(f"{self.prefix}.{index}.{name}", tensor)
+        for local in unrolled:
+            original = layer.get_submodule(local)
+            full = f"{self.prefix}.{index}.{local}"
+            replace_module(layer, local, unroll(original, experts_layout(original, full, self.model)))
 
     def release(self, index: int, hidden: torch.Tensor | None = None) -> None:
         from . import resume
@@ -174,9 +213,12 @@ class LayerStreamer:
 
         layer = self.layers[index]
         if self.writer is not None:
-            for name, tensor in layer.state_dict().items():
-                self.writer.add(f"{self.prefix}.{index}.{name}", tensor)
+            state = {f"{self.prefix}.{index}.{name}": t for name, t in layer.state_dict().items()}
+            for name, tensor in self._as_saved(state).items():
+                self.writer.add(name, tensor)
         layer.to("meta")
+        for original in self._experts[index].values():  # its loaded 3D weights, which the unrolled views shared
+            original.to("meta")
         if self.checkpoint is not None:
             resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1,
                         self.writer.state() if self.writer is not None else None,
@@ -200,14 +242,35 @@ class LayerStreamer:
             return
         head = f"{self.prefix}."
         tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
-        for name, tensor in self.model.state_dict().items():
-            if not name.startswith(head) and name not in tied:
-                self.writer.add(name, tensor)
+        state = {name: t for name, t in self.model.state_dict().items() if not name.startswith(head) and name not in tied}
+        for name, tensor in self._as_saved(state).items():
+            self.writer.add(name, tensor)
+
+    def _as_saved(self, state: dict) -> dict:
+        """state (model names) under the names save_pretrained writes: the used load conversions reversed."""
+        used = [c for c in self.load_config.weight_mapping if c.was_used()]
+        if not used:
+            return state
+        from transformers.core_model_loading import revert_weight_conversion
+
+        self.model._weight_conversions = used  # what from_pretrained leaves on a model it loaded
+        return revert_weight_conversion(self.model, state)
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
         self._handles.clear()
+
+
+def _mark_used_conversions(mapping: list, keys, model: nn.Module) -> None:
+    """Mark the conversions of `mapping` that loading `keys` applies, as transformers' loader does."""
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    for key in keys:
+        rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
 
 
 def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantConfig, *, dataset=None,
@@ -279,6 +342,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                 each_layer(job.layers, step, device=device, progress=progress, desc=method.name,
                            streamer=streamer)  # every layer: those without targets are written too
             report.update(layers=time.perf_counter() - t1, **step.timings)
+            if getattr(step, "expert_tokens", None) is not None:
+                report["experts"] = step.expert_tokens.summary()
             if not calibrates:
                 streamer.write_outer()  # no capture: the outer tensors were never written
         except BaseException as exc:
@@ -293,7 +358,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
                           stacklevel=2)
         if not writing:
             return Path(out)
-        recorded = dataclasses.replace(config, calibration=calibration) if calibrates else config
+        # The planned config: it names the routers an MoE model keeps (llmq.moe.prepare_experts).
+        recorded = dataclasses.replace(job.config, calibration=calibration) if calibrates else job.config
         writer.finish()
         resuming.clear(tmp)
         model.config.quantization_config = recorded.to_dict()

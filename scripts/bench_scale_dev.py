@@ -7,7 +7,12 @@ compared tensor by tensor (streamed against in memory: bit for bit expected;
 `llmq eval` on identical windows, the fp model first.
 
 usage: LLMQ_TEXTS=../shared/data/texts python scripts/bench_scale_dev.py [--model DIR] [--work DIR]
-           [--bits 4] [--group-size 64] [--nsamples 128] [--seqlen 512] [--eval-windows 40] [--json PATH]
+           [--bits 4] [--group-size 64] [--nsamples 128] [--seqlen 512] [--eval-windows 40]
+           [--runs memory stream ranks2] [--json PATH]
+
+--runs picks the runs (all three by default; the in-memory run is always
+made, the reference of the comparisons): a mixture-of-experts model, which
+is not calibrated across processes, takes `--runs memory stream`.
 
 The model defaults to the cached SmolLM2 (`python -m llmq.realmodel`); the
 calibration text is emma.txt, the evaluation text prideprejudice.txt, both
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--runs", nargs="+", choices=["memory", "stream", "ranks2"], default=["memory", "stream", "ranks2"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -87,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     llmq = [sys.executable, "-m", "llmq", "quantize"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "llmq", "quantize"]
-    runs = {
-        "in memory": llmq + [common[0], str(work / "mem")] + common[1:] + ["--no-stream"],
-        "streamed": llmq + [common[0], str(work / "stream")] + common[1:] + ["--stream"],
-        "2 gloo ranks": torchrun + [common[0], str(work / "ranks2")] + common[1:] + ["--no-stream"],
+    every = {
+        "memory": ("in memory", llmq + [common[0], str(work / "mem")] + common[1:] + ["--no-stream"]),
+        "stream": ("streamed", llmq + [common[0], str(work / "stream")] + common[1:] + ["--stream"]),
+        "ranks2": ("2 gloo ranks", torchrun + [common[0], str(work / "ranks2")] + common[1:] + ["--no-stream"]),
     }
+    runs = dict(every[key] for key in every if key == "memory" or key in args.runs)
     print(f"model {model}; GPTQ int{args.bits} g{args.group_size} asym, calibration {args.nsamples} x "
           f"{args.seqlen} tokens of emma.txt (seed 0); evaluation: first {args.eval_windows} windows of "
           f"{args.seqlen} tokens of prideprejudice.txt; torch {torch.__version__}, {os.cpu_count()} CPUs, "
@@ -100,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, cmd in runs.items():
         results[name] = timed(cmd, work / f"{name.replace(' ', '_')}.log")
         print(f"{name}: {results[name]}", flush=True)
-    results["streamed vs in memory"] = compare(work / "mem", work / "stream", args.bits)
-    results["2 ranks vs 1"] = compare(work / "mem", work / "ranks2", args.bits)
-    print(f"streamed vs in memory: {results['streamed vs in memory']}")
-    print(f"2 ranks vs 1: {results['2 ranks vs 1']}", flush=True)
+    outputs = [work / "mem"]
+    for key, name, folder in (("stream", "streamed vs in memory", "stream"), ("ranks2", "2 ranks vs 1", "ranks2")):
+        if key in args.runs:
+            results[name] = compare(work / "mem", work / folder, args.bits)
+            outputs.append(work / folder)
+            print(f"{name}: {results[name]}", flush=True)
 
     report = work / "eval.json"
-    subprocess.run([sys.executable, "-m", "llmq", "eval", model, str(work / "mem"), str(work / "stream"),
-                    str(work / "ranks2"), "--dataset", str(Path(texts) / "prideprejudice.txt"),
+    subprocess.run([sys.executable, "-m", "llmq", "eval", model, *map(str, outputs),
+                    "--dataset", str(Path(texts) / "prideprejudice.txt"),
                     "--seqlen", str(args.seqlen), "--max-windows", str(args.eval_windows), "--quiet",
                     "--json", str(report)], check=True)
     results["eval"] = json.loads(report.read_text())

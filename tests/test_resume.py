@@ -123,3 +123,22 @@ def test_w8a8_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
     assert ref.keys() == got.keys() and any(k.endswith(".input_scale") for k in got)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_moe_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    # Layer 1's experts are loaded fused and unrolled again in the resumed process.
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "mixtral")
+
+    def args(out, *extra):
+        return [str(src), str(out), "--method", "gptq", "--bits", "4", "--group-size", "16", "--dataset", str(text),
+                "--nsamples", "6", "--seqlen", "24", "--seed", "1", "--stream", "--quiet", *extra]
+
+    assert main(["quantize", *args(tmp_path / "ref")]) == 0
+    out = tmp_path / "q"
+    _run_killed(args(out), layer=0)
+    assert not out.exists() and len(stale_partials(out)) == 1
+    assert main(["quantize", *args(out, "--resume")]) == 0
+    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
+    assert ref.keys() == got.keys() and any(".block_sparse_moe.experts.1.w3.qweight" in k for k in got)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

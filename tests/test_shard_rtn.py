@@ -109,21 +109,24 @@ def test_shard_writer_round_trip_against_safetensors_reader(tmp_path):
         assert torch.equal(src.read("a.bf16"), tensors["a.bf16"])
 
 
-def test_moe_on_disk_names_fall_back_to_memory_with_reason(tmp_path, capsys):
+def test_moe_on_disk_names_fall_back_to_memory_with_reason_and_stream_when_asked(tmp_path, capsys):
     config = T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=256)
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
     skeleton = build_skeleton(tmp_path / "moe")
-    assert "renames or fuses" in skeleton.blocker and "experts" in skeleton.blocker
+    # Fused on load: not tensor by tensor, but layer by layer (transformers' loader, one layer's keys).
+    assert skeleton.blocker is None
+    assert "renames or fuses" in skeleton.tensor_blocker and "experts" in skeleton.tensor_blocker
     assert main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q"), "--group-size", "32"]) == 0
     err = capsys.readouterr().err
     assert "quantizing in memory, not shard by shard" in err and "experts" in err
     assert any(k.endswith(".qweight") for k in checkpoint_tensors(tmp_path / "q"))  # written by the in-memory path
-    # --stream asks for the shard path explicitly: refused, nothing written.
-    code = main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q2"), "--group-size", "32", "--stream", "--quiet"])
-    assert code == 2 and not (tmp_path / "q2").exists()
-    assert "drop --stream" in capsys.readouterr().err
+    # --stream: layer by layer, the same checkpoint.
+    assert main(["quantize", str(tmp_path / "moe"), str(tmp_path / "q2"), "--group-size", "32", "--stream",
+                 "--quiet"]) == 0
+    mem, streamed = checkpoint_tensors(tmp_path / "q"), checkpoint_tensors(tmp_path / "q2")
+    assert mem.keys() == streamed.keys() and all(torch.equal(mem[k], streamed[k]) for k in mem)
 
 
 def test_missing_tensor_falls_back(tmp_path):

@@ -14,7 +14,7 @@ from llmq.cli import main
 from llmq.engine import layer_output, run_layers
 from llmq.shards import ShardWriter
 from llmq.skeleton import build_skeleton
-from conftest import TINY_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
+from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
 
 
 
@@ -26,8 +26,9 @@ def _assert_same_checkpoint(a, b, quantized=".qweight"):
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
-@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS) + sorted(TINY_MOE_CONFIGS))
 def test_streamed_layer_equals_the_layer_from_pretrained(tmp_path, arch):
+    # MoE checkpoints store experts one tensor each; transformers fuses them into 3D weights on load.
     src = tmp_path / "m"
     tiny_model(arch, seed=6, dtype=torch.bfloat16).save_pretrained(src, max_shard_size="50KB")
     reference = T.AutoModelForCausalLM.from_pretrained(src)
@@ -75,6 +76,57 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
                            llmq.from_pretrained(tmp_path / "stream")(ids).logits)
+
+
+@pytest.mark.parametrize("arch,settings", [
+    *[(arch, ["--method", "gptq", "--bits", "4", "--group-size", "16"]) for arch in sorted(TINY_MOE_CONFIGS)],
+    ("mixtral", ["--method", "awq", "--bits", "4", "--group-size", "16"]),
+    ("gpt_oss", ["--method", "awq+gptq", "--bits", "4", "--group-size", "16"]),
+    ("qwen3_moe", ["--method", "rtn", "--bits", "8", "--group-size", "-1"]),
+    ("mixtral", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
+    ("deepseek_v3", ["--scheme", "w8a8"]),
+    # Experts kept whole: written back under their stored per-expert names.
+    ("mixtral", ["--method", "gptq", "--bits", "4", "--group-size", "16", "--skip", "mlp.experts"]),
+    ("gpt_oss", ["--scheme", "w8a8", "--skip", "mlp.experts"]),
+])
+def test_moe_streamed_equals_in_memory(tmp_path, arch, settings):
+    # Each layer's experts are loaded fused as transformers builds them, unrolled per expert again,
+    # and written under the names save_pretrained gives them.
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, arch)
+    skeleton = build_skeleton(src)
+    assert skeleton.blocker is None and skeleton.tensor_blocker is not None
+    common = [*settings, "--dataset", str(text), "--nsamples", "6", "--seqlen", "24", "--seed", "3", "--quiet"]
+    assert main(["quantize", str(src), str(tmp_path / "mem"), "--no-stream", *common]) == 0
+    assert main(["quantize", str(src), str(tmp_path / "stream"), "--stream", *common]) == 0
+    quantized = ".weight_scale" if "w8a8" in settings else ".qweight"
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream", quantized=quantized)
+    tensors = checkpoint_tensors(tmp_path / "stream")
+    if arch == "mixtral":  # transformers' `mlp` is `block_sparse_moe` on disk, both ways
+        assert any(".block_sparse_moe.experts." in k for k in tensors) and not any(".mlp." in k for k in tensors)
+    if "--skip" in settings:
+        assert not any(k.endswith(quantized) and ".experts." in k for k in tensors)
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "mem")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "stream")(ids).logits)
+
+
+def test_moe_streamed_leaves_no_expert_weight_in_memory(tmp_path, monkeypatch):
+    # The experts modules as loaded (fused 3D weights, shared by the unrolled views) go back to
+    # the meta device with their layer.
+    src = tmp_path / "m"
+    tiny_model("qwen3_moe", seed=8).save_pretrained(src)
+    skeleton = build_skeleton(src)
+    streamers = []
+    close = stream.LayerStreamer.close
+    monkeypatch.setattr(stream.LayerStreamer, "close", lambda self: (streamers.append(self), close(self)))
+    stream.quantize_streamed(skeleton, tmp_path / "q", llmq.QuantConfig(method="gptq", group_size=16),
+                             dataset=random_ids(n=4, length=16), progress=False)
+    [streamer] = streamers
+    originals = [m for by_layer in streamer._experts.values() for m in by_layer.values()]
+    assert originals and all(p.device.type == "meta" for m in originals for p in m.parameters())
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
 
 
 @pytest.mark.parametrize("settings", [
@@ -195,3 +247,19 @@ def test_streamed_gptq_leaves_no_weight_in_memory(tmp_path):
                              dataset=random_ids(n=4, length=16), progress=False)
     assert all(p.device.type == "meta" for p in skeleton.model.parameters())
     assert llmq.from_pretrained(tmp_path / "q") is not None
+
+
+def test_streamed_run_reports_what_the_in_memory_run_reports(tmp_path, capsys):
+    # What is quantized and kept, by kind, and the experts that fell back: nothing silent when streaming.
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "mixtral")
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "16", "--dataset", str(text), "--nsamples", "2",
+              "--seqlen", "24", "--seed", "3", "--moe-min-tokens", "30"]
+    reports = []
+    for route, out in (("--no-stream", "mem"), ("--stream", "stream")):
+        capsys.readouterr()
+        assert main(["quantize", str(src), str(tmp_path / out), route, *common]) == 0
+        reports.append([line for line in capsys.readouterr().out.splitlines() if not line.startswith("wrote ")])
+    assert reports[0] == reports[1]
+    assert any(line.startswith("quantized ") and "expert linears" in line for line in reports[1])
+    assert any("quantized by round-to-nearest" in line for line in reports[1])
