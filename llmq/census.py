@@ -1,6 +1,6 @@
 """What a quantized model holds, by kind: the numbers `llmq quantize` and `llmq info` print.
 
-Both read (tensor name, shape) pairs: a model's state dict or a checkpoint's
+Both read {tensor name: (shape, dtype)}: a model's state dict or a checkpoint's
 safetensors headers, so the two reports agree. Quantized modules are those
 with a `.qweight` (weight-only) or a `.weight` beside a `.weight_scale`
 (W8A8); a module under `experts.<e>.` is an expert projection.
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from .kernels.layout import codes_per_word
-from .qweight import PACKED_TENSORS, quantized_module_names
+from .qweight import PACKED_TENSORS, quantized_module_names, w8a8_module_names
 
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
@@ -51,20 +51,14 @@ class Census:
 W8A8_TENSORS = ("weight", "weight_scale", "input_scale")
 
 
-def w8a8_names(shapes: dict[str, list[int]]) -> list[str]:
-    """Modules stored as W8A8: a `.weight` beside a `.weight_scale` (a kept linear has no scale)."""
-    return sorted(k[: -len(".weight_scale")] for k in shapes
-                  if k.endswith(".weight_scale") and k[: -len("_scale")] in shapes)
-
-
-def _quantized(shapes: dict[str, list[int]], bits: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+def _quantized(header: dict[str, tuple], bits: int) -> dict[str, tuple[int, tuple[str, ...]]]:
     """{module: (weights it holds, its tensors' leaf names)} of the quantized modules."""
     out = {}
-    for name in quantized_module_names(shapes):
-        k_packed, n = shapes[f"{name}.qweight"]
+    for name in quantized_module_names(header):
+        k_packed, n = header[f"{name}.qweight"][0]
         out[name] = (k_packed * codes_per_word(bits) * n, PACKED_TENSORS)
-    for name in w8a8_names(shapes):
-        n, k = shapes[f"{name}.weight"]
+    for name in w8a8_module_names(header):
+        n, k = header[f"{name}.weight"][0]
         out[name] = (n * k, W8A8_TENSORS)
     return out
 
@@ -87,10 +81,10 @@ def router_names(shapes: dict[str, list[int]]) -> list[str]:
                   if key.endswith(".weight") and len(shape) == 2 and key[: -len(".weight")].rpartition(".")[0] in blocks)
 
 
-def census(shapes: dict[str, list[int]], bits: int) -> Census:
-    """Count quantized and kept parameters from {tensor name: shape}."""
+def census(header: dict[str, tuple], bits: int) -> Census:
+    """Count quantized and kept parameters from {tensor name: (shape, dtype)}."""
     c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})
-    quantized = _quantized(shapes, bits)
+    quantized = _quantized(header, bits)
     expert_parents = set()
     for name in sorted(quantized):
         params = quantized[name][0]
@@ -103,7 +97,7 @@ def census(shapes: dict[str, list[int]], bits: int) -> Census:
             c.linears += 1
             c.linear_params += params
     c.experts_modules = len(expert_parents)
-    for key, shape in shapes.items():
+    for key, (shape, _) in header.items():
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf in quantized[module][1]:
             continue
@@ -125,7 +119,7 @@ def census(shapes: dict[str, list[int]], bits: int) -> Census:
 
 def model_census(model, bits: int) -> Census:
     """The census of a model in memory (its state dict)."""
-    return census({k: list(v.shape) for k, v in model.state_dict().items()}, bits)
+    return census({k: (list(v.shape), v.dtype) for k, v in model.state_dict().items()}, bits)
 
 
 def folder_census(folder, bits: int) -> Census:
@@ -133,4 +127,4 @@ def folder_census(folder, bits: int) -> Census:
     is no longer in memory)."""
     from .folder_io import checkpoint_files, read_header
 
-    return census({k: shape for k, (shape, _) in read_header(checkpoint_files(folder)).items()}, bits)
+    return census(read_header(checkpoint_files(folder)), bits)

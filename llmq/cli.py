@@ -129,13 +129,10 @@ def _run_quantize(args) -> int:
         scheme=args.scheme, act=args.act, smooth=args.smooth, act_observer=args.act_observer,
         keep_routers=args.keep_routers, moe_calibration=args.moe_calibration, moe_min_tokens=args.moe_min_tokens,
     )
-    if config.quantizes_activations:
-        from .methods.w8a8 import check_w8a8_data
-
-        if args.format == "gptq":
-            raise LlmqError("--format gptq has no activation scales: write --scheme w8a8 with --format llmq "
-                            "or compressed-tensors")
-        check_w8a8_data(config, args.dataset)
+    if config.quantizes_activations and args.format == "gptq":
+        raise LlmqError("--format gptq has no activation scales: write --scheme w8a8 with --format llmq "
+                        "or compressed-tensors")
+    registry.for_config(config).check_data(config, args.dataset)
     from .loading import load_model
     from .memory import peak_host_memory
     from .units import human_bytes

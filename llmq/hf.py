@@ -26,8 +26,8 @@ from .experts import empty_quant_experts, experts_layout, find_experts
 from .folder_io import read_header
 from .formats import native
 from .formats.checks import check_native_tensors, read_small_tensors
-from .formats.native import check_against_model, w8a8_module_names
-from .qweight import quantized_module_names
+from .formats.native import check_against_model
+from .qweight import quantized_module_names, w8a8_module_names
 from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module

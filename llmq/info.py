@@ -12,9 +12,8 @@ from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
 from .folder_io import SAFETENSORS_DTYPES, checkpoint_files, read_header
-from .formats.native import w8a8_module_names
 from .units import human_bytes
-from .qweight import PACKED_TENSORS, quantized_module_names
+from .qweight import PACKED_TENSORS, quantized_module_names, w8a8_module_names
 
 _BYTES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -71,7 +70,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
             for d in shape:
                 numel *= d
             original += numel * _BYTES.get(dt, 4) if dt in ("I32", "I64") else numel * fp_bytes
-    counts = census({k: shape for k, (shape, _) in header.items()}, qc.bits)
+    counts = census(header, qc.bits)
     return {
         "census": counts,
         "path": str(folder),

@@ -97,13 +97,10 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     if getattr(model.config, "quantization_config", None):
         raise LlmqError("this model is already quantized: start from the full-precision model")
     method = registry.for_config(config)
+    method.check_data(config, dataset)
     calibrates = method.calibrates(config)
     job = plan(model, config, device)
     model.eval()
-    if config.quantizes_activations:
-        from .methods.w8a8 import check_w8a8_data
-
-        check_w8a8_data(config, dataset)
     method.check(job)
     calibration: dict = {}
     if calibrates:

@@ -27,6 +27,18 @@ def quantized_module_names(tensor_names: Iterable[str]) -> list[str]:
     return sorted(k[: -len(".qweight")] for k in tensor_names if k.endswith(".qweight"))
 
 
+def w8a8_module_names(tensors: dict) -> list[str]:
+    """The W8A8 linears among checkpoint tensors: an int8 `.weight` beside a `.weight_scale` (a kept
+    linear has no scale), sorted. tensors: {name: tensor}, or a safetensors header {name: (shape, dtype)}."""
+
+    def int8(name: str) -> bool:
+        entry = tensors.get(name)
+        dtype = entry.dtype if isinstance(entry, torch.Tensor) else entry[1] if entry is not None else None
+        return dtype in (torch.int8, "I8")
+
+    return sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale") and int8(k[: -len("_scale")]))
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # [N, K] integer codes

@@ -292,16 +292,13 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     reason = stream_blocker(skeleton, dataset=dataset, config=config)
     if reason:
         raise ValueError(f"cannot stream {skeleton.source}: {reason}")
-    if config.quantizes_activations:
-        from .methods.w8a8 import check_w8a8_data
-
-        check_w8a8_data(config, dataset)
+    method = registry.for_config(config)
+    method.check_data(config, dataset)
     return_freed_memory_promptly()
     t_start = time.perf_counter()
     report = {} if report is None else report
     device = resolve_device(device)
     model = skeleton.model
-    method = registry.for_config(config)
     calibrates = method.calibrates(config)
     windows, calibration = None, {}
     if calibrates:

@@ -22,6 +22,7 @@ import torch
 
 from .._version import __version__
 from ..config import QuantConfig
+from ..qweight import w8a8_module_names
 from .compressed_tensors import QUANT_METHOD, config_envelope
 from .engines import EngineSupport
 from .spec import Checkpoint, Format
@@ -29,17 +30,10 @@ from .spec import Checkpoint, Format
 INT_QUANTIZED = "int-quantized"
 
 
-def w8a8_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Modules held as W8A8 in native tensors (an int8 `weight` beside a `weight_scale`)."""
-    return sorted(k[: -len(".weight_scale")] for k in tensors
-                  if k.endswith(".weight_scale") and getattr(tensors.get(k[: -len("_scale")]), "dtype", None)
-                  == torch.int8)
-
-
 def export_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Native W8A8 tensors -> compressed-tensors tensors (the same names; a new dict)."""
     out = dict(tensors)
-    for name in w8a8_names(tensors):
+    for name in w8a8_module_names(tensors):
         out[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"].float().reshape(-1, 1).contiguous()
         if f"{name}.input_scale" in tensors:
             out[f"{name}.input_scale"] = tensors[f"{name}.input_scale"].float().reshape(1).contiguous()
@@ -110,7 +104,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         raise LlmqError("this compressed-tensors checkpoint mixes dynamic and static activations across layers; "
                         "llmq needs one activation mode for every layer")
     out = dict(tensors)
-    names = w8a8_names(tensors)
+    names = w8a8_module_names(tensors)
     if not names:
         raise LlmqError("config.json says compressed-tensors W8A8 but no int8 '.weight' with a '.weight_scale' is "
                         "stored")
@@ -135,7 +129,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
 
 def _config(ckpt: Checkpoint) -> dict:
-    quantized = set(w8a8_names(ckpt.tensors))
+    quantized = set(w8a8_module_names(ckpt.tensors))
     inside, outside = ckpt.linears
     return export_config(ckpt.quant_config, [n for n in inside + outside if n not in quantized])
 
@@ -149,7 +143,7 @@ FORMAT = Format(
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
     engines=lambda ckpt: engine_support(ckpt.quant_config,
-                                        any(".experts." in name for name in w8a8_names(ckpt.tensors))),
+                                        any(".experts." in name for name in w8a8_module_names(ckpt.tensors))),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

@@ -44,12 +44,6 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite:
     return Path(out)
 
 
-def w8a8_module_names(header: dict) -> list[str]:
-    """Modules stored as W8A8 (int8 `weight` with a `weight_scale`)."""
-    return sorted(k[: -len(".weight_scale")] for k in header
-                  if k.endswith(".weight_scale") and header.get(k[: -len("_scale")], (None, None))[1] == "I8")
-
-
 def check_against_model(model: nn.Module, header: dict) -> None:
     """Every tensor the model expects is in the checkpoint with the right shape."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})

@@ -68,6 +68,10 @@ class Method:
         """Whether this run needs calibration windows (default: needs_calibration)."""
         return self.needs_calibration
 
+    def check_data(self, config: QuantConfig, dataset) -> None:
+        """Raise LlmqError, before any work, when the run needs calibration data it was not given
+        (dataset None: the method's default windows)."""
+
     def check(self, job: Job) -> None:
         """Raise LlmqError for a model or config the method cannot handle."""
 

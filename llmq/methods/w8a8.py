@@ -58,13 +58,6 @@ from .common import forward_with_pre_hooks
 SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read them
 
 
-def check_w8a8_data(config: QuantConfig, dataset) -> None:
-    """Static activation scales are fixed on calibration text, which must be named explicitly."""
-    if config.act == "static" and dataset is None:
-        raise LlmqError("--act static fixes the activation scales on calibration text, and none was given: "
-                        "pass --dataset (a .txt file, wikitext2, self ...) or use --act dynamic")
-
-
 class RTNDynamicStep(LayerStep):
     """Round-to-nearest int8 weights and dynamic activations: each linear on its own, no data."""
 
@@ -363,6 +356,12 @@ class W8A8(Method):
 
     def calibrates(self, config: QuantConfig) -> bool:
         return config.needs_calibration
+
+    def check_data(self, config: QuantConfig, dataset) -> None:
+        # Static activation scales are fixed on calibration text, which must be named explicitly.
+        if config.act == "static" and dataset is None:
+            raise LlmqError("--act static fixes the activation scales on calibration text, and none was given: "
+                            "pass --dataset (a .txt file, wikitext2, self ...) or use --act dynamic")
 
     def check(self, job: Job) -> None:
         if job.config.smooth is not None and job.spec.awq is None:
