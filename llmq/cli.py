@@ -137,10 +137,8 @@ def _run_quantize(args) -> int:
     from .memory import peak_host_memory
     from .units import human_bytes
 
-    if distributed.active():
-        _check_distributed(args, config)
-        if config.method == "rtn" and not distributed.is_writer():
-            return 0  # round-to-nearest has nothing to share: rank 0 does it
+    if distributed.active() and not registry.for_config(config).calibrates(config) and not distributed.is_writer():
+        return 0  # without calibration there is nothing to share: rank 0 does it
     report: dict = {}
     out = _quantize_from_shards(args, config, report) if args.stream is not False else None
     if out is not None:
@@ -173,16 +171,6 @@ def _run_quantize(args) -> int:
     if not args.quiet:
         print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
     return 0
-
-
-def _check_distributed(args, config: QuantConfig) -> None:
-    """What several processes can do together (llmq.distributed); the rest is refused up front."""
-    from . import distributed
-
-    if config.method not in ("gptq", "rtn", "awq", "awq+gptq") or config.quantizes_activations:
-        raise LlmqError(f"{'--scheme w8a8' if config.quantizes_activations else '--method ' + config.method} "
-                        f"does not share its statistics across processes yet: run it without torchrun "
-                        f"(this run has {distributed.world()} processes)")
 
 
 def _quantize_from_shards(args, config: QuantConfig, report: dict):

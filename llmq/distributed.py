@@ -12,7 +12,9 @@ When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
   the reduced Hessian is the mean over every window, as in one process (up
   to floating-point summation order); so are AWQ's statistics (the sums of
   |x| per channel and the Gram matrix of the rows one process would sample,
-  each rank contributing those it holds);
+  each rank contributing those it holds), and W8A8's (per-channel maxima,
+  the largest |x| for the percentile observer, and each smoothing or
+  clipping candidate's error summed over the rows one process would score);
 - the linears of a solve group (q/k/v, gate/up) are solved on different ranks
   at the same time and the results broadcast, so every rank continues with
   the same quantized weights;
@@ -165,11 +167,45 @@ def global_rows(windows: int, tokens: int, device=None) -> tuple[torch.Tensor, i
     return (starts[:, None] + torch.arange(tokens, device=device)[None, :]).reshape(-1), total * tokens
 
 
+def spread_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """This rank's rows among those one process holding the whole batch picks: at most max_rows rows
+    evenly spread over it (torch.linspace(0, n - 1, max_rows).round()), or all of them.
+
+    x: this rank's share [windows, tokens, K] (my_windows); the result [m, K], in this rank's order.
+    """
+    if x.dim() != 3:
+        raise LlmqError(f"statistics across processes need inputs shaped [windows, tokens, features], got "
+                        f"{tuple(x.shape)}: run without torchrun")
+    b, t, k = x.shape
+    rows = x.reshape(-1, k)
+    where, n = global_rows(b, t, device=x.device)
+    if n > max_rows:
+        picked = torch.linspace(0, n - 1, max_rows, device=x.device).round().long()
+        rows = rows[torch.isin(where, picked)]
+    return rows
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of t over the ranks, in place."""
     if active():
         _collective("reducing statistics", lambda: torch.distributed.all_reduce(t))
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of t over the ranks, in place."""
+    if active():
+        _collective("reducing statistics", lambda: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX))
+    return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's t [n, ...] (the same shape on every rank), concatenated in rank order."""
+    if not active():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world())]
+    _collective("gathering statistics", lambda: torch.distributed.all_gather(parts, t.contiguous()))
+    return torch.cat(parts)
 
 
 def solve_shared(solve: Callable[[list[int]], list], n: int) -> list:

@@ -12,14 +12,16 @@ import torch
 import torch.multiprocessing as mp
 
 import llmq
+import llmq.cli
 from llmq import distributed
-from llmq.cli import _check_distributed, build_parser
 from llmq.errors import LlmqError
 from llmq.kernels.layout import unpack_rows
 from llmq.methods.awq import shared_input_stats
+from llmq.methods.w8a8 import SharedSample
 from llmq.outdir import stale_partials
 from llmq.solvers.awq import input_stats
 from llmq.solvers.gptq import HessianAccumulator, gptq_quantize_many
+from llmq.solvers.smoothquant import channel_absmax, search_smoothing, static_scale
 from conftest import checkpoint_tensors, model_folder_with_text, random_ids
 
 
@@ -164,18 +166,78 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
     assert abs(p2 / p1 - 1) < 1e-3
 
 
-def test_what_cannot_be_shared_is_refused(monkeypatch):
+@pytest.mark.parametrize("settings", [
+    ["--act", "static", "--smooth", "auto", "--method", "gptq", "--no-stream"],
+    ["--act", "static", "--act-observer", "percentile", "--smooth", "0.5", "--stream"],
+    ["--smooth", "auto", "--stream"],  # dynamic activations
+])
+def test_w8a8_with_two_gloo_ranks_matches_one_process(tmp_path, settings):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+    args = ["--scheme", "w8a8", *settings, "--dataset", str(text), "--nsamples", "8", "--seqlen", "24",
+            "--device", "cpu", "--quiet"]
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
+                        *args], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    codes = [k for k in one if one[k].dtype == torch.int8]
+    same = sum((one[k] == two[k]).sum().item() for k in codes)
+    assert codes and same / sum(one[k].numel() for k in codes) > 0.95
+    scales = [k for k in one if k.endswith(".input_scale")]
+    assert bool(scales) == ("static" in settings)
+    for k in scales:  # the same maxima (or percentile), of activations equal up to summation order
+        torch.testing.assert_close(one[k], two[k], rtol=1e-2, atol=0)
+    ids = random_ids(n=4, length=20, seed=3)
+    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
+    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
+    assert abs(p2 / p1 - 1) < 1e-3
+
+
+def test_too_few_windows_for_the_processes_are_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    parser = build_parser()
-    args = parser.parse_args(["quantize", "m", "q", "--scheme", "w8a8"])
-    with pytest.raises(LlmqError, match="does not share its statistics across processes"):
-        _check_distributed(args, llmq.QuantConfig(scheme="w8a8"))
-    for method in ("gptq", "awq", "awq+gptq"):
-        _check_distributed(parser.parse_args(["quantize", "m", "q", "--method", method]),
-                           llmq.QuantConfig(method=method))
+    monkeypatch.setattr(distributed, "active", lambda: True)
     with pytest.raises(LlmqError, match="cannot be shared by 2 processes"):
-        monkeypatch.setattr(distributed, "active", lambda: True)
         distributed.my_windows(torch.zeros(1, 4, dtype=torch.long))
+
+
+def _w8a8_stats(x, weights):
+    """What W8A8 calibration reads from x: channel maxima, the three observers, the smoothing search."""
+    out = [x.channel_absmax() if isinstance(x, SharedSample) else channel_absmax(x)] + [static_scale(x, observer, weights) for observer in ("minmax", "percentile", "mse")]
+    for static in (False, True):
+        res = search_smoothing(x, weights, static=static)
+        out += [res.alpha, res.scales]
+    return out
+
+
+def _w8a8_worker(rank, world, port, x, weights, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    distributed.setup("cpu")
+    try:
+        out.put(_by_value((rank, _w8a8_stats(SharedSample(distributed.my_windows(x)), weights))))
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.parametrize("windows,tokens", [(5, 11), (8, 100)])  # every row scored, or 512 of 800
+def test_w8a8_statistics_across_processes_are_those_of_one_process(windows, tokens):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(windows, tokens, 24, generator=g) * torch.rand(24, generator=g)
+    x[..., [3, 17]] *= 40  # outlier channels, which smoothing moves into the weights
+    x[windows - 1, 2, 5] = 900.0  # one extreme value, on the second rank's share: the percentile clips it
+    weights = [torch.randn(16, 24, generator=g), torch.randn(8, 24, generator=g)]
+    one = _w8a8_stats(x, weights)  # one process, the whole batch
+    assert (one[2] < one[1]) == (x.numel() > 1e4)  # the percentile clips the extreme value in enough elements
+    for _, got in _spawn_two_ranks(_w8a8_worker, x, weights):
+        assert len(got) == len(one)
+        for a, b in zip(got, one):
+            if isinstance(b, torch.Tensor):
+                assert torch.equal(a, b), (a, b)
+            else:
+                assert a == b  # the same smoothing strength (or None: no smoothing)
 
 
 def _dying_worker(rank, port, out):

@@ -74,16 +74,7 @@ def shared_input_stats(x: torch.Tensor, max_rows: int) -> InputStats:
     """
     if not distributed.active():
         return input_stats(x, max_rows)
-    if x.dim() != 3:
-        raise LlmqError(f"AWQ statistics across processes need inputs shaped [windows, tokens, features], got "
-                        f"{tuple(x.shape)}: run without torchrun")
-    b, t, k = x.shape
-    rows = x.reshape(-1, k)
-    where, n = distributed.global_rows(b, t, device=x.device)
-    if n > max_rows:  # the rows input_stats picks from the whole batch
-        picked = torch.linspace(0, n - 1, max_rows, device=x.device).round().long()
-        rows = rows[torch.isin(where, picked)]
-    xf = rows.float()
+    xf = distributed.spread_rows(x, max_rows).float()  # the rows input_stats picks from the whole batch
     sampled = distributed.all_reduce_sum(torch.tensor([float(xf.shape[0])], dtype=torch.float64, device=x.device))
     gram = distributed.all_reduce_sum(xf.t() @ xf).div_(float(sampled.item()))
     return InputStats(gram=gram, mean_abs=_mean_abs(x), rows=int(sampled.item()))

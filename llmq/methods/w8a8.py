@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import arch
+from .. import arch, distributed
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..modules.replace import replace_module
@@ -46,8 +46,8 @@ from ..modules.w8a8 import W8A8Linear
 from ..qweight import QuantizedWeight
 from ..solvers.gptq import HessianAccumulator, gptq_quantize_many
 from ..solvers.rtn import rtn_quantize
-from ..solvers.smoothquant import (channel_absmax, fake_quantize_activations, search_smoothing, smoothing_factors,
-                                   static_scale)
+from ..solvers.smoothquant import (SEARCH_ROWS, ActivationSample, fake_quantize_activations, search_smoothing,
+                                   smoothing_factors, static_scale)
 from ..arch import ScaleGroup
 from ..modules.qexperts import QuantExperts
 from ..moe import ExpertTokens, LayerExperts, expert_tokens
@@ -56,6 +56,36 @@ from .base import Job, LayerStep, Method
 from .common import forward_with_pre_hooks
 
 SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read them
+
+
+class SharedSample(ActivationSample):
+    """An ActivationSample over every process's share of the calibration windows (llmq.distributed):
+    the channel maxima and the largest |x| of the whole batch, and this rank's part of the rows one
+    process would score, whose errors `total` sums, so every rank picks what one process picks."""
+
+    def channel_absmax(self) -> torch.Tensor:
+        return distributed.all_reduce_max(super().channel_absmax())
+
+    def rows(self) -> torch.Tensor:
+        return distributed.spread_rows(self.x, SEARCH_ROWS).float()
+
+    def numel(self) -> int:
+        return int(distributed.all_reduce_sum(torch.tensor([float(self.x.numel())], dtype=torch.float64)).item())
+
+    def largest_abs(self, k: int) -> torch.Tensor:
+        # Each rank's k largest (padded where it holds fewer) contain the whole batch's k largest.
+        local = self.x.reshape(-1).abs().float()
+        mine = torch.full((k,), -1.0, device=local.device)  # below every |x|
+        top = torch.topk(local, min(k, local.numel())).values
+        mine[: top.numel()] = top
+        return torch.topk(distributed.all_gather_rows(mine), k).values
+
+    def total(self, errors: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(errors)
+
+
+def _sample(x: torch.Tensor) -> ActivationSample:
+    return SharedSample(x) if distributed.active() else ActivationSample(x)
 
 
 class RTNDynamicStep(LayerStep):
@@ -215,6 +245,8 @@ class W8A8LayerStep(LayerStep):
         alphas: list = []
         errors: list[float] = []
         experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        if experts is not None and distributed.active():
+            raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run without torchrun")
         # The expert (block, index) each unit lies in, if one. A unit that its expert's routed tokens
         # cannot calibrate (fewer than min_tokens) is left in full precision for those tokens, then
         # calibrated on every token of the block.
@@ -287,11 +319,12 @@ class W8A8LayerStep(LayerStep):
         weights = [m.weight for m in linears.values()]
         s = None
         if unit.group is not None and c.smooth is not None:
+            sample = _sample(x)
             if c.smooth == "auto":
-                res = search_smoothing(x, weights, static=c.act == "static", tie=unit.tie)
+                res = search_smoothing(sample, weights, static=c.act == "static", tie=unit.tie)
                 s, alpha = res.scales, res.alpha
             else:
-                s, alpha = smoothing_factors(channel_absmax(x), weights, c.smooth, tie=unit.tie), c.smooth
+                s, alpha = smoothing_factors(sample.channel_absmax(), weights, c.smooth, tie=unit.tie), c.smooth
             alphas.append(alpha)
             if s is not None:
                 fold_smoothing(layer, unit, s, solved)
@@ -299,17 +332,19 @@ class W8A8LayerStep(LayerStep):
         t1 = time.perf_counter()
         input_scale = None
         if c.act == "static":
-            input_scale = static_scale(xs, c.act_observer, [linears[n].weight for n in unit.targets])
+            input_scale = static_scale(_sample(xs), c.act_observer, [linears[n].weight for n in unit.targets])
         t2 = time.perf_counter()
         targets = list(unit.targets)
         k = x.shape[-1]
         if c.method == "gptq":
             acc = HessianAccumulator(k, device=x.device)
             acc.add_batch(xs)
-            results = gptq_quantize_many([linears[n].weight.data for n in targets], acc.hessian, bits=8,
-                                         group_size=k, sym=True, scale_dtype=SCALE_DTYPE, damp=c.damp,
-                                         desc_act=c.desc_act, static_groups=c.static_groups,
-                                         clip_search=c.clip_search)
+            distributed.all_reduce_hessian(acc)  # several processes: the mean over every rank's rows
+            # Several processes solve the unit's linears in parallel and share the results.
+            results = distributed.solve_shared(lambda idx: gptq_quantize_many(
+                [linears[targets[i]].weight.data for i in idx], acc.hessian, bits=8, group_size=k, sym=True,
+                scale_dtype=SCALE_DTYPE, damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups,
+                clip_search=c.clip_search), len(targets))
             qws = {}
             for n, (qw, st) in zip(targets, results):
                 qw.g_idx = None  # one group per row: the group of every input is 0

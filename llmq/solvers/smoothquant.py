@@ -65,6 +65,42 @@ def channel_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).abs().amax(0).float()
 
 
+class ActivationSample:
+    """What the observers and the smoothing search read from a linear's calibration input x [..., K].
+
+    This one reads the whole batch in this process. llmq.methods.w8a8 gives the
+    same answers over every process's share of the batch (torch.distributed);
+    the searches compute each candidate's error on this process's scored rows
+    and `total` sums them, so every process picks the same candidate.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def channel_absmax(self) -> torch.Tensor:
+        """max |x_j| per input channel over every row, fp32 [K]."""
+        return channel_absmax(self.x)
+
+    def rows(self) -> torch.Tensor:
+        """The rows the searches score (sample_rows), fp32 [n, K]."""
+        return sample_rows(self.x)
+
+    def numel(self) -> int:
+        return self.x.numel()
+
+    def largest_abs(self, k: int) -> torch.Tensor:
+        """The k largest |x| over every element, in descending order."""
+        return torch.topk(self.x.reshape(-1).abs().float(), k).values
+
+    def total(self, errors: torch.Tensor) -> torch.Tensor:
+        """Per-candidate errors summed over the scored rows of every process (here: this one's)."""
+        return errors
+
+
+def _sample(x) -> ActivationSample:
+    return x if isinstance(x, ActivationSample) else ActivationSample(x)
+
+
 def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
                       tie=None) -> torch.Tensor:
     """s [K] fp32 for inputs with per-channel max act_absmax [K] read by weights [N_i, K].
@@ -79,30 +115,27 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     return s.clamp(min=1e-5)
 
 
-def static_scale(x: torch.Tensor, observer: str, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """One fp32 scale [1] for x [..., K] by the named observer (see module doc)."""
-    absx = x.reshape(-1).abs().float()
-    amax = absx.max().clamp(min=1e-8)
+def static_scale(x, observer: str, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One fp32 scale [1] for x [..., K] (or an ActivationSample of it) by the named observer (see module doc)."""
+    sample = _sample(x)
+    amax = sample.channel_absmax().max().clamp(min=1e-8)
     if observer == "minmax":
         return (amax / 127).reshape(1)
     if observer == "percentile":
         # The k-th largest |x|, k for the fraction above the percentile (topk: torch.quantile
         # refuses more than 2^24 elements).
-        k = max(1, int(round(absx.numel() * (1 - PERCENTILE / 100))))
-        return (torch.topk(absx, k).values[-1].clamp(min=1e-8) / 127).reshape(1)
+        k = max(1, int(round(sample.numel() * (1 - PERCENTILE / 100))))
+        return (sample.largest_abs(k)[-1].clamp(min=1e-8) / 127).reshape(1)
     if observer == "mse":
         if not weights:
             raise ValueError("the mse observer needs the weights that read x")
         w = torch.cat([t.float() for t in weights])
-        rows = sample_rows(x)
+        rows = sample.rows()
         ref = rows @ w.t()
-        best = None
-        for c in torch.linspace(1.0, 0.1, 19).tolist():
-            scale = (amax * c / 127).reshape(1)
-            err = ((fake_quantize_activations(rows, scale) @ w.t() - ref) ** 2).sum().item()
-            if best is None or err < best[0]:
-                best = (err, scale)
-        return best[1]
+        scales = [(amax * c / 127).reshape(1) for c in torch.linspace(1.0, 0.1, 19).tolist()]
+        errors = sample.total(torch.tensor([((fake_quantize_activations(rows, scale) @ w.t() - ref) ** 2).sum().item()
+                                            for scale in scales], dtype=torch.float64))
+        return scales[int(torch.argmin(errors))]  # the first of equal errors: the least clipping
     raise ValueError(f"unknown observer {observer!r}")
 
 
@@ -132,24 +165,24 @@ def w8a8_output_error(rows: torch.Tensor, weights: torch.Tensor, ref: torch.Tens
 
 
 @torch.no_grad()
-def search_smoothing(x: torch.Tensor, weights: list[torch.Tensor], *, static: bool,
+def search_smoothing(x, weights: list[torch.Tensor], *, static: bool,
                      alphas: list[float] | None = None, tie=None) -> SmoothResult:
     """The alpha (or no smoothing) minimising the W8A8 output error of linears reading x.
 
-    x: the inputs [..., K] (every row sets the channel maxima; SEARCH_ROWS rows
-    are scored). Static activations are scored with a min-max per-tensor scale
-    of the smoothed inputs; dynamic ones per row. tie: as for smoothing_factors.
+    x: the inputs [..., K], or an ActivationSample of them (every row sets the
+    channel maxima; SEARCH_ROWS rows are scored). Static activations are scored
+    with a min-max per-tensor scale of the smoothed inputs; dynamic ones per
+    row. tie: as for smoothing_factors.
     """
+    sample = _sample(x)
     alphas = [i / 10 for i in range(11)] if alphas is None else alphas
-    act_absmax = channel_absmax(x)
-    rows = sample_rows(x)
+    act_absmax = sample.channel_absmax()
+    rows = sample.rows()
     w = torch.cat([t.float() for t in weights])
     ref = rows @ w.t()
-    plain = w8a8_output_error(rows, w, ref, None, static, act_absmax)
-    best = (plain, None, None)
-    for a in alphas:
-        s = smoothing_factors(act_absmax, weights, a, tie)
-        err = w8a8_output_error(rows, w, ref, s, static, act_absmax)
-        if err < best[0]:
-            best = (err, a, s)
-    return SmoothResult(scales=best[2], alpha=best[1], error=best[0], plain_error=plain)
+    candidates = [None] + [smoothing_factors(act_absmax, weights, a, tie) for a in alphas]
+    errors = sample.total(torch.tensor([w8a8_output_error(rows, w, ref, s, static, act_absmax) for s in candidates],
+                                       dtype=torch.float64))
+    best = int(torch.argmin(errors))  # the first of equal errors: no smoothing, then the weakest
+    return SmoothResult(scales=candidates[best], alpha=None if best == 0 else alphas[best - 1],
+                        error=errors[best].item(), plain_error=errors[0].item())
