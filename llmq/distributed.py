@@ -185,18 +185,26 @@ def spread_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     return rows
 
 
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    if not active():
+        return t
+    device = _object_device()  # NCCL reduces CUDA tensors only: a host tensor goes there and back
+    work = t if device is None or t.device == device else t.to(device)
+    reduce_op = getattr(torch.distributed.ReduceOp, op)
+    _collective("reducing statistics", lambda: torch.distributed.all_reduce(work, op=reduce_op))
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of t over the ranks, in place."""
-    if active():
-        _collective("reducing statistics", lambda: torch.distributed.all_reduce(t))
-    return t
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of t over the ranks, in place."""
-    if active():
-        _collective("reducing statistics", lambda: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX))
-    return t
+    return _all_reduce(t, "MAX")
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:

@@ -223,13 +223,15 @@ def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
 
 
 def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) -> QuantExperts:
-    """A QuantExperts of linears built by make_linear(in_features, out_features, has_bias) (loading)."""
+    """A QuantExperts of linears built by make_linear(local name, in_features, out_features, has_bias)
+    (loading; local name: "<e>.<projection>", relative to the experts module)."""
     parts = len(layout.up_names)
     per_expert = []
-    for _ in range(layout.num_experts):
-        linears = {name: make_linear(layout.hidden_size, layout.up_outputs // parts, layout.has_bias)
+    for e in range(layout.num_experts):
+        linears = {name: make_linear(f"{e}.{name}", layout.hidden_size, layout.up_outputs // parts, layout.has_bias)
                    for name in layout.up_names}
-        linears[layout.down_name] = make_linear(layout.intermediate_size, layout.hidden_size, layout.has_bias)
+        linears[layout.down_name] = make_linear(f"{e}.{layout.down_name}", layout.intermediate_size,
+                                                layout.hidden_size, layout.has_bias)
         per_expert.append(ExpertProjections(linears))
     return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
 

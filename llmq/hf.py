@@ -163,7 +163,7 @@ def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype
             continue  # kept in full precision: transformers' own conversion loads it
         layout = experts_layout(experts, name, model)
 
-        def make_linear(k, n, bias, _name=name):
+        def make_linear(local, k, n, bias, _name=name):
             if qc.scheme == "w8a8":
                 return W8A8Linear(k, n, static=qc.act == "static", bias=bias, dtype=dtype)
             gs = qc.group_size_for(k)
@@ -173,8 +173,9 @@ def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype
             first = f"{_name}.0.{layout.down_name}.scales"
             stored = _SAFETENSORS_FLOATS.get(header.get(first, (None, "F16"))[1], torch.float16)
             scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else stored
-            return QuantLinear(k, n, bits=qc.bits, group_size=gs, bias=bias, desc_act=qc.desc_act,
-                               dtype=scale_dtype)
+            # Per expert: one routed too few tokens was quantized by round-to-nearest, without act-order.
+            return QuantLinear(k, n, bits=qc.bits, group_size=gs, bias=bias,
+                               desc_act=f"{_name}.{local}.g_idx" in header, dtype=scale_dtype)
 
         with torch.device("meta"):
             q = empty_quant_experts(experts, layout, make_linear)

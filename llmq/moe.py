@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .config import QuantConfig
 from .errors import LlmqError
 from .experts import experts_layout, find_experts, find_routers, refuse_unsupported, unroll
@@ -121,10 +122,14 @@ class ExpertTokens:
             q.token_counts.zero_()
             q.record_tokens = True
             q.calibrate_all = self.mode == "all"
+            q.visit_every_expert = distributed.active()  # every rank's hooks in one order
         return LayerExperts(self, index, blocks)
 
     def falls_back(self, rows: int) -> bool:
-        """Whether an expert linear that saw `rows` calibration tokens is quantized by RTN."""
+        """Whether an expert linear that saw `rows` calibration tokens (on this process; with several,
+        on all of them: every rank decides alike) is quantized by RTN."""
+        if distributed.active():
+            rows = int(distributed.all_reduce_sum(torch.tensor([float(rows)], dtype=torch.float64)).item())
         return rows < self.min_tokens
 
     def summary(self) -> list[str]:
@@ -180,9 +185,11 @@ class LayerExperts:
     def finish_counts(self) -> None:
         """Record the layer's token counts per experts module and end the blocks' calibration modes."""
         for qname, q in self.blocks.items():
-            self.tokens.counts[f"layer {self.index} {qname}"] = q.token_counts.tolist()
+            counts = distributed.all_reduce_sum(q.token_counts.clone())  # several processes: every rank's tokens
+            self.tokens.counts[f"layer {self.index} {qname}"] = counts.tolist()
             q.record_tokens = False
             q.calibrate_all = False
+            q.visit_every_expert = False
 
 
 def expert_tokens(job, **kwargs) -> ExpertTokens | None:

@@ -5,9 +5,12 @@ Everything outside the decoder layers (embeddings, final norm, head, rotary
 buffers) is loaded once, by transformers' own loader (`convert_and_load_state_dict_in_model`
 given those keys, then its finalisation: non-persistent buffers, tied weights).
 When the engine reaches a decoder layer, the same loader materialises that
-layer from the source shards (its keys only); the method quantizes it; its
-tensors (packed codes, scales, folded norms) go to the output shards at once;
-the layer returns to the meta device. Host memory holds the outer tensors,
+layer from the source shards (its keys only, renamed and fused as
+from_pretrained does: an MoE layer's per-expert tensors become its 3D expert
+weights, which are then unrolled per expert as in memory); the method
+quantizes it; its tensors (packed codes, scales, folded norms) go to the
+output shards at once, under the names save_pretrained gives them; the layer
+returns to the meta device. Host memory holds the outer tensors,
 one layer and the calibration activations, whatever the number of layers.
 
 The checkpoint is the one the in-memory path writes, tensor for tensor:

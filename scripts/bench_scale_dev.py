@@ -1,4 +1,4 @@
-"""GPTQ of the dev model in memory, streamed layer by layer, and by 2 torch.distributed ranks (gloo).
+"""GPTQ (or W8A8) of the dev model in memory, streamed layer by layer, and by 2 torch.distributed ranks (gloo).
 
 Each run is `llmq quantize` in its own process (wall time, CPU time and peak
 resident memory of the process tree, from wait4); the checkpoints are then
@@ -8,7 +8,10 @@ compared tensor by tensor (streamed against in memory: bit for bit expected;
 
 usage: LLMQ_TEXTS=../shared/data/texts python scripts/bench_scale_dev.py [--model DIR] [--work DIR]
            [--bits 4] [--group-size 64] [--nsamples 128] [--seqlen 512] [--eval-windows 40]
-           [--runs memory stream ranks2] [--json PATH]
+           [--runs memory stream ranks2] [--w8a8 dynamic|static] [--json PATH]
+
+--w8a8 ACT quantizes `--scheme w8a8 --act ACT --smooth auto --method gptq`
+instead of weight-only GPTQ (--bits and --group-size then do not apply).
 
 --runs picks the runs (all three by default; the in-memory run is always
 made, the reference of the comparisons): a mixture-of-experts model, which
@@ -59,8 +62,8 @@ def compare(a: Path, b: Path, bits: int) -> dict:
     identical = sum(torch.equal(ta[k], tb[k]) for k in ta)
     codes_equal = codes_total = 0
     for k in ta:
-        if k.endswith(".qweight"):
-            ca, cb = unpack_rows(ta[k], bits), unpack_rows(tb[k], bits)
+        if k.endswith(".qweight") or ta[k].dtype == torch.int8:  # weight-only packed codes, or W8A8's
+            ca, cb = (unpack_rows(ta[k], bits), unpack_rows(tb[k], bits)) if k.endswith(".qweight") else (ta[k], tb[k])
             codes_equal += int((ca == cb).sum())
             codes_total += ca.numel()
     return {"same_names": True, "tensors": len(ta), "identical_tensors": identical,
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--runs", nargs="+", choices=["memory", "stream", "ranks2"], default=["memory", "stream", "ranks2"])
+    p.add_argument("--w8a8", choices=["dynamic", "static"], default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    common = [model, "--method", "gptq", "--bits", str(args.bits), "--group-size", str(args.group_size), "--asym",
-              "--dataset", str(Path(texts) / "emma.txt"), "--nsamples", str(args.nsamples),
+    scheme = (["--scheme", "w8a8", "--act", args.w8a8, "--smooth", "auto", "--method", "gptq"] if args.w8a8 else
+              ["--method", "gptq", "--bits", str(args.bits), "--group-size", str(args.group_size), "--asym"])
+    common = [model, *scheme, "--dataset", str(Path(texts) / "emma.txt"), "--nsamples", str(args.nsamples),
               "--seqlen", str(args.seqlen), "--seed", "0", "--quiet"]
     llmq = [sys.executable, "-m", "llmq", "quantize"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "ranks2": ("2 gloo ranks", torchrun + [common[0], str(work / "ranks2")] + common[1:] + ["--no-stream"]),
     }
     runs = dict(every[key] for key in every if key == "memory" or key in args.runs)
-    print(f"model {model}; GPTQ int{args.bits} g{args.group_size} asym, calibration {args.nsamples} x "
+    what = f"W8A8 {args.w8a8}, --smooth auto --method gptq" if args.w8a8 else f"GPTQ int{args.bits} g{args.group_size} asym"
+    print(f"model {model}; {what}, calibration {args.nsamples} x "
           f"{args.seqlen} tokens of emma.txt (seed 0); evaluation: first {args.eval_windows} windows of "
           f"{args.seqlen} tokens of prideprejudice.txt; torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}", flush=True)

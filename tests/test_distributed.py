@@ -197,6 +197,54 @@ def test_w8a8_with_two_gloo_ranks_matches_one_process(tmp_path, settings):
     assert abs(p2 / p1 - 1) < 1e-3
 
 
+@pytest.mark.parametrize("arch,mode", [("mixtral", "routed"), ("qwen3_moe", "all")])
+def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch, mode):
+    # Every rank runs every expert (with no tokens where none was routed to it there), so the experts'
+    # Hessians reduce in one order; the fallback rule and the reported counts take every rank's tokens.
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, arch)
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "16", "--dataset", str(text), "--nsamples", "8",
+            "--seqlen", "24", "--device", "cpu", "--moe-calibration", mode, "--moe-min-tokens", "24", "--stream"]
+    capsys.readouterr()
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    printed = capsys.readouterr().out
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
+                        *args], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Tokens per expert over every rank's windows: layer 0 routes the same embeddings alike.
+    counts = [[line for line in out.splitlines() if line.startswith("layer 0")] for out in (printed, r.stdout)]
+    assert counts[0] and counts[0] == counts[1]
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    same = total = 0
+    for k in one:
+        if k.endswith(".qweight") and ".experts." in k:
+            a, b = unpack_rows(one[k], 4), unpack_rows(two[k], 4)
+            same += (a == b).sum().item()
+            total += a.numel()
+    assert total and same / total > 0.95
+    ids = random_ids(n=4, length=20, seed=3)
+    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
+    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
+    assert abs(p2 / p1 - 1) < 1e-3
+
+
+@pytest.mark.parametrize("settings,says", [(["--method", "awq", "--bits", "4", "--group-size", "16"], "AWQ does not"),
+                                           (["--scheme", "w8a8", "--smooth", "auto"], "--scheme w8a8 does not")])
+def test_moe_layers_that_cannot_be_shared_are_refused(tmp_path, settings, says):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "mixtral")
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="60")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "q"),
+                        *settings, "--dataset", str(text), "--nsamples", "4", "--seqlen", "24", "--device", "cpu",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"llmq: error: {says} calibrate mixture-of-experts layers" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
 def test_too_few_windows_for_the_processes_are_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: 2)
     monkeypatch.setattr(distributed, "active", lambda: True)

@@ -530,3 +530,21 @@ def test_moe_benchmark_reads_weight_only_and_w8a8_specs():
     assert bench.parse("w8a8:dynamic:0.5:rtn:routed").smooth == 0.5
     with pytest.raises(LlmqError, match="w8a8:dynamic"):
         bench.parse("gptq:4:64")
+
+
+def test_gptq_checkpoint_with_some_experts_by_rtn_reloads(tmp_path):
+    # Act-order GPTQ experts store g_idx, the ones that fell back to round-to-nearest none: the loader
+    # builds each expert's linear as the checkpoint holds it.
+    fp = tiny_model("mixtral")
+    report = {}
+    model = llmq.quantize(fp, QuantConfig(method="gptq", group_size=GROUP, desc_act=True, moe_min_tokens=120),
+                          dataset=CALIBRATION, progress=False, report=report)
+    assert any("round-to-nearest" in line for line in report["experts"])
+    llmq.save(model, tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    experts = {k.rpartition(".")[0] for k in tensors if ".experts." in k and k.endswith(".qweight")}
+    with_order = {name for name in experts if f"{name}.g_idx" in tensors}
+    assert with_order and with_order != experts  # both kinds in one checkpoint
+    ids = random_ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)

@@ -235,8 +235,8 @@ class AWQLayerStep(LayerStep):
             if any(n in solved for n in unit.targets):
                 return  # the unit was done when its first linear ran
             if experts is not None and distributed.active():
-                raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run "
-                                "without torchrun")
+                raise LlmqError("AWQ does not calibrate mixture-of-experts layers across processes: run without "
+                                "torchrun, or use --method gptq, which does")
             if experts is not None and experts.fall_back(list(unit.targets.items()), args[0], layer, solved,
                                                          self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest, unscaled

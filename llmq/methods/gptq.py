@@ -19,7 +19,6 @@ from torch import nn
 
 from .. import distributed
 from ..config import QuantConfig
-from ..errors import LlmqError
 from ..moe import ExpertTokens, expert_tokens
 
 from ..qweight import QuantizedWeight
@@ -67,9 +66,6 @@ class GPTQLayerStep(LayerStep):
             if any(local in solved for local, _ in group):
                 return  # solved with the first linear of its group
             x = args[0]
-            if experts is not None and distributed.active():
-                raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run "
-                                "without torchrun")
             if experts is not None and experts.fall_back(group, x, layer, solved, self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest
             t0 = time.perf_counter()

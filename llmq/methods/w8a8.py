@@ -246,7 +246,8 @@ class W8A8LayerStep(LayerStep):
         errors: list[float] = []
         experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
         if experts is not None and distributed.active():
-            raise LlmqError("mixture-of-experts layers are not calibrated across processes yet: run without torchrun")
+            raise LlmqError("--scheme w8a8 does not calibrate mixture-of-experts layers across processes: run "
+                            "without torchrun")
         # The expert (block, index) each unit lies in, if one. A unit that its expert's routed tokens
         # cannot calibrate (fewer than min_tokens) is left in full precision for those tokens, then
         # calibrated on every token of the block.

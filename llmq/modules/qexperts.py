@@ -32,7 +32,10 @@ call: at decode each of these costs as much as a kernel.
 
 Calibration: `record_tokens` counts the tokens each expert receives, and
 `calibrate_all` sends every token through every expert (the hooks on the
-expert linears then see all tokens) while only the routed outputs flow on.
+expert linears then see all tokens) while only the routed outputs flow on;
+`visit_every_expert` calls an expert that this process routed no token to
+with none, so that several processes (torch.distributed) run their experts'
+hooks, and so their collectives, in the same order.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class QuantExperts(nn.Module):
         self.has_gate = has_gate
         self.calibrate_all = False
         self.record_tokens = False
+        self.visit_every_expert = False
         self.token_counts = torch.zeros(self.num_experts, dtype=torch.long)
 
     def expert(self, e: int) -> ExpertProjections:
@@ -206,7 +210,7 @@ class QuantExperts(nn.Module):
         start = 0
         for e in range(self.num_experts):
             end = start + counts[e]
-            if end == start and not self.calibrate_all:
+            if end == start and not (self.calibrate_all or self.visit_every_expert):
                 continue
             slots = order[start:end]
             tokens = slots // top_k
