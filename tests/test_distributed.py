@@ -128,6 +128,16 @@ def test_awq_statistics_reduce_to_those_of_one_process(max_rows):
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
 
 
+def _quantize_by_two_ranks(src, out, args) -> subprocess.CompletedProcess:
+    """`llmq quantize src out *args` by 2 gloo ranks under torchrun (1 thread each); it must succeed."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(out), *args],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def _ppl(model, ids):
     with torch.no_grad():
         logits = model(ids).logits[:, :-1].float()
@@ -142,11 +152,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
     args = ["--method", method, "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
             "--seqlen", "24", "--device", "cpu", "--quiet", stream]
     assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
-                        *args], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _quantize_by_two_ranks(src, tmp_path / "two", args)
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     same = total = 0
@@ -177,11 +183,7 @@ def test_w8a8_with_two_gloo_ranks_matches_one_process(tmp_path, settings):
     args = ["--scheme", "w8a8", *settings, "--dataset", str(text), "--nsamples", "8", "--seqlen", "24",
             "--device", "cpu", "--quiet"]
     assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
-                        *args], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _quantize_by_two_ranks(src, tmp_path / "two", args)
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     codes = [k for k in one if one[k].dtype == torch.int8]
@@ -208,11 +210,7 @@ def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch
     capsys.readouterr()
     assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
     printed = capsys.readouterr().out
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "two"),
-                        *args], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _quantize_by_two_ranks(src, tmp_path / "two", args)
     # Tokens per expert over every rank's windows: layer 0 routes the same embeddings alike.
     counts = [[line for line in out.splitlines() if line.startswith("layer 0")] for out in (printed, r.stdout)]
     assert counts[0] and counts[0] == counts[1]

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import llmq
@@ -107,32 +108,18 @@ def test_sigterm_keeps_the_finished_layers_and_says_so(tmp_path):
     assert main(["quantize", *_args(src, out, text, "--resume")]) == 0 and (out / "config.json").is_file()
 
 
-def test_w8a8_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    src = tmp_path / "m"
-    text = model_folder_with_text(src, "llama")
-
-    def args(out, *extra):
-        return [str(src), str(out), "--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--dataset",
-                str(text), "--nsamples", "6", "--seqlen", "24", "--seed", "1", "--stream", "--quiet", *extra]
-
-    assert main(["quantize", *args(tmp_path / "ref")]) == 0
-    out = tmp_path / "q"
-    _run_killed(args(out), layer=0)
-    assert not out.exists() and len(stale_partials(out)) == 1
-    assert main(["quantize", *args(out, "--resume")]) == 0
-    ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
-    assert ref.keys() == got.keys() and any(k.endswith(".input_scale") for k in got)
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-
-
-def test_moe_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("arch,settings,marker", [
+    ("llama", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto"], ".input_scale"),
     # Layer 1's experts are loaded fused and unrolled again in the resumed process.
+    ("mixtral", ["--method", "gptq", "--bits", "4", "--group-size", "16"], ".block_sparse_moe.experts.1.w3.qweight"),
+])
+def test_w8a8_and_moe_resume_after_sigkill_equals_uninterrupted_run(tmp_path, arch, settings, marker):
     src = tmp_path / "m"
-    text = model_folder_with_text(src, "mixtral")
+    text = model_folder_with_text(src, arch)
 
     def args(out, *extra):
-        return [str(src), str(out), "--method", "gptq", "--bits", "4", "--group-size", "16", "--dataset", str(text),
-                "--nsamples", "6", "--seqlen", "24", "--seed", "1", "--stream", "--quiet", *extra]
+        return [str(src), str(out), *settings, "--dataset", str(text), "--nsamples", "6", "--seqlen", "24", "--seed",
+                "1", "--stream", "--quiet", *extra]
 
     assert main(["quantize", *args(tmp_path / "ref")]) == 0
     out = tmp_path / "q"
@@ -140,5 +127,5 @@ def test_moe_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert not out.exists() and len(stale_partials(out)) == 1
     assert main(["quantize", *args(out, "--resume")]) == 0
     ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
-    assert ref.keys() == got.keys() and any(".block_sparse_moe.experts.1.w3.qweight" in k for k in got)
+    assert ref.keys() == got.keys() and any(k.endswith(marker) for k in got)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
