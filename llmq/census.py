@@ -118,8 +118,10 @@ def census(header: dict[str, tuple], bits: int) -> Census:
 
 
 def model_census(model, bits: int) -> Census:
-    """The census of a model in memory (its state dict)."""
-    return census({k: (list(v.shape), v.dtype) for k, v in model.state_dict().items()}, bits)
+    """The census of a model in memory: its state dict, less the tensors tied to another one (a tied
+    head is the embedding, and the checkpoint, which `folder_census` and `llmq info` read, holds it once)."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return census({k: (list(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in tied}, bits)
 
 
 def folder_census(folder, bits: int) -> Census:
