@@ -132,12 +132,13 @@ def _run_quantize(args) -> int:
     if config.quantizes_activations and args.format == "gptq":
         raise LlmqError("--format gptq has no activation scales: write --scheme w8a8 with --format llmq "
                         "or compressed-tensors")
-    registry.for_config(config).check_data(config, args.dataset)
+    method = registry.for_config(config)
+    method.check_data(config, args.dataset)
     from .loading import load_model
     from .memory import peak_host_memory
     from .units import human_bytes
 
-    if distributed.active() and not registry.for_config(config).calibrates(config) and not distributed.is_writer():
+    if distributed.active() and not method.calibrates(config) and not distributed.is_writer():
         return 0  # without calibration there is nothing to share: rank 0 does it
     report: dict = {}
     out = _quantize_from_shards(args, config, report) if args.stream is not False else None

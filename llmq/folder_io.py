@@ -1,8 +1,9 @@
 """Reading Hugging Face model folders: config.json, the safetensors files, their headers.
 
 Generic folder I/O shared by loading, conversion, `llmq info` and the
-streaming paths; nothing here knows a quantization format. Only safetensors
-are read, never pickles.
+streaming paths, and the names transformers gives stored tensors on load;
+nothing here knows a quantization format. Only safetensors are read, never
+pickles.
 """
 
 from __future__ import annotations
@@ -83,3 +84,16 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     if single.is_file():
         return [single]
     raise LlmqError(f"no model.safetensors (or index) in {folder}: not a complete checkpoint")
+
+
+def names_on_load(model, keys, conversions: list) -> dict[str, tuple[str, object]]:
+    """{stored key: (the model's name transformers' loader gives it, the converter that fuses it or None)}
+    under `conversions` (a transformers conversion mapping), renamed as that loader renames each key;
+    like loading, this marks the conversions that apply as used (their `was_used()`)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    return {key: rename_source_key(key, renamings, converters, prefix, meta) for key in keys}

@@ -23,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
 from .experts import empty_quant_experts, experts_layout, find_experts
-from .folder_io import read_header
+from .folder_io import names_on_load, read_header
 from .formats import native
 from .formats.checks import check_native_tensors, read_small_tensors
 from .formats.native import check_against_model
@@ -121,7 +121,6 @@ def names_in_model(model: nn.Module, header: dict, quantizer=None, int8_experts:
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # pragma: no cover - transformers without conversion mappings
         return header
     conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
@@ -129,13 +128,9 @@ def names_in_model(model: nn.Module, header: dict, quantizer=None, int8_experts:
         conversions = [c for c in conversions if not _merges_experts(c)]
     if not conversions:
         return header
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    meta = dict.fromkeys(model.state_dict().keys(), True)
     renamed = {}
-    for key, (shape, dtype) in header.items():
-        name, converted = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
-                                            meta)
+    for key, (name, converted) in names_on_load(model, header, conversions).items():
+        shape, dtype = header[key]
         renamed[name] = (None if converted is not None else shape, dtype)
     return renamed
 

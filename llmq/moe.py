@@ -113,11 +113,15 @@ class ExpertTokens:
     counts: dict[str, list[int]] = field(default_factory=dict)  # experts module (in its layer) -> tokens
     fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears
     fallback_rule: str = "were quantized by round-to-nearest"  # what the method does with them instead
+    # A method that does not calibrate experts across processes (torch.distributed): its one-line refusal.
+    unshared_refusal: str | None = None
 
     def start_layer(self, index: int, layer: nn.Module) -> "LayerExperts | None":
         blocks = {name: q for name, q in layer.named_modules() if isinstance(q, QuantExperts)}
         if not blocks:
             return None
+        if self.unshared_refusal is not None and distributed.active():
+            raise LlmqError(self.unshared_refusal)
         for q in blocks.values():
             q.token_counts.zero_()
             q.record_tokens = True

@@ -36,7 +36,8 @@ def w8a8_module_names(tensors: dict) -> list[str]:
         dtype = entry.dtype if isinstance(entry, torch.Tensor) else entry[1] if entry is not None else None
         return dtype in (torch.int8, "I8")
 
-    return sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale") and int8(k[: -len("_scale")]))
+    return sorted(k[: -len(".weight_scale")] for k in tensors
+                  if k.endswith(".weight_scale") and int8(k[: -len("_scale")]))
 
 
 @dataclass

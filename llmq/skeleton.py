@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import LlmqError
-from .folder_io import read_folder_config
+from .folder_io import names_on_load, read_folder_config
 from .loading import check_model_source, refuse_quantized, resolve_dtype
 from .shards import SourceShards
 
@@ -147,7 +147,6 @@ def _layer_of(name: str, prefix: str | None) -> str | None:
 def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
     """(why not layer by layer, why not tensor by tensor beyond that), each None when it can."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
 
     from .arch import decoder_layers
     from .experts import find_experts
@@ -157,16 +156,13 @@ def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
     converted = (f"transformers keeps some of {type(model).__name__}'s modules in float32"
                  if model._get_dtype_plan(sk.dtype) else None)
     meta_sd = model.state_dict()
-    transforms = get_model_conversion_mapping(model)
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     try:
         prefix = decoder_layers(model)[0] + "."
     except LlmqError:
         prefix = None
     target = {}  # stored name -> the model's name it loads into
-    for key in sk.shards.keys():
-        renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+    loads_as = names_on_load(model, sk.shards.keys(), get_model_conversion_mapping(model))
+    for key, (renamed, converter) in loads_as.items():
         if renamed not in meta_sd and key in meta_sd:  # as transformers' loader does: the name as stored
             renamed, converter = key, None
         if converter is not None or renamed != key:
@@ -181,7 +177,8 @@ def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
         return f"the checkpoint lacks {len(missing)} tensors the model expects (e.g. {missing[0]})", converted
     unexpected = sorted(k for k, name in target.items() if name not in meta_sd)
     if unexpected:
-        return f"the checkpoint holds {len(unexpected)} tensors the model does not use (e.g. {unexpected[0]})", converted
+        return (f"the checkpoint holds {len(unexpected)} tensors the model does not use (e.g. {unexpected[0]})",
+                converted)
     unknown = [k for k, (_, dtype) in sk.shards.header.items() if dtype is None]
     if unknown:
         return f"tensor {unknown[0]} has a dtype llmq does not read tensor by tensor", converted

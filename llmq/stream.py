@@ -34,6 +34,7 @@ from . import arch, distributed
 from .config import QuantConfig
 from .errors import LlmqError
 from .experts import experts_layout, find_experts, unroll
+from .folder_io import names_on_load
 from .modules.replace import replace_module
 from .outdir import atomic_folder
 from .loading import resolve_device
@@ -138,7 +139,7 @@ class LayerStreamer:
         self._experts = {i: find_experts(layer) for i, layer in enumerate(self.layers)}
         # The conversions every stored name goes through, marked used as loading them would: reversed
         # for the output names, as save_pretrained reverses those of a model from_pretrained loaded.
-        _mark_used_conversions(self.load_config.weight_mapping, skeleton.shards.keys(), model)
+        names_on_load(model, skeleton.shards.keys(), self.load_config.weight_mapping)
         # {"folder": partial folder, "fingerprint": ...}: record each finished layer for --resume.
         self.checkpoint = checkpoint
         self._resume_from = resume_from
@@ -245,7 +246,8 @@ class LayerStreamer:
             return
         head = f"{self.prefix}."
         tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
-        state = {name: t for name, t in self.model.state_dict().items() if not name.startswith(head) and name not in tied}
+        state = {name: t for name, t in self.model.state_dict().items()
+                 if not name.startswith(head) and name not in tied}
         for name, tensor in self._as_saved(state).items():
             self.writer.add(name, tensor)
 
@@ -263,17 +265,6 @@ class LayerStreamer:
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
         self._handles.clear()
-
-
-def _mark_used_conversions(mapping: list, keys, model: nn.Module) -> None:
-    """Mark the conversions of `mapping` that loading `keys` applies, as transformers' loader does."""
-    from transformers.core_model_loading import WeightConverter, rename_source_key
-
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
-    meta = model.state_dict()
-    for key in keys:
-        rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
 
 
 def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantConfig, *, dataset=None,

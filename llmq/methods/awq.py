@@ -234,9 +234,6 @@ class AWQLayerStep(LayerStep):
         def hook(module: nn.Linear, args):
             if any(n in solved for n in unit.targets):
                 return  # the unit was done when its first linear ran
-            if experts is not None and distributed.active():
-                raise LlmqError("AWQ does not calibrate mixture-of-experts layers across processes: run without "
-                                "torchrun, or use --method gptq, which does")
             if experts is not None and experts.fall_back(list(unit.targets.items()), args[0], layer, solved,
                                                          self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest, unscaled
@@ -344,7 +341,9 @@ class AWQ(Method):
 
     def layer_step(self, job: Job, plans) -> LayerStep:
         return AWQLayerStep(job.config, plans, job.scale_dtype, use_gptq=self.use_gptq,
-                            expert_tokens=expert_tokens(job))
+                            expert_tokens=expert_tokens(job, unshared_refusal=(
+                                "AWQ does not calibrate mixture-of-experts layers across processes: run without "
+                                "torchrun, or use --method gptq, which does")))
 
 
 METHOD = AWQ()

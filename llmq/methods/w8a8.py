@@ -84,7 +84,7 @@ class SharedSample(ActivationSample):
         return distributed.all_reduce_sum(errors)
 
 
-def _sample(x: torch.Tensor) -> ActivationSample:
+def _activation_sample(x: torch.Tensor) -> ActivationSample:
     return SharedSample(x) if distributed.active() else ActivationSample(x)
 
 
@@ -245,9 +245,6 @@ class W8A8LayerStep(LayerStep):
         alphas: list = []
         errors: list[float] = []
         experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
-        if experts is not None and distributed.active():
-            raise LlmqError("--scheme w8a8 does not calibrate mixture-of-experts layers across processes: run "
-                            "without torchrun")
         # The expert (block, index) each unit lies in, if one. A unit that its expert's routed tokens
         # cannot calibrate (fewer than min_tokens) is left in full precision for those tokens, then
         # calibrated on every token of the block.
@@ -320,7 +317,7 @@ class W8A8LayerStep(LayerStep):
         weights = [m.weight for m in linears.values()]
         s = None
         if unit.group is not None and c.smooth is not None:
-            sample = _sample(x)
+            sample = _activation_sample(x)
             if c.smooth == "auto":
                 res = search_smoothing(sample, weights, static=c.act == "static", tie=unit.tie)
                 s, alpha = res.scales, res.alpha
@@ -333,7 +330,8 @@ class W8A8LayerStep(LayerStep):
         t1 = time.perf_counter()
         input_scale = None
         if c.act == "static":
-            input_scale = static_scale(_sample(xs), c.act_observer, [linears[n].weight for n in unit.targets])
+            input_scale = static_scale(_activation_sample(xs), c.act_observer,
+                                       [linears[n].weight for n in unit.targets])
         t2 = time.perf_counter()
         targets = list(unit.targets)
         k = x.shape[-1]
@@ -411,7 +409,9 @@ class W8A8(Method):
     def layer_step(self, job: Job, plans) -> LayerStep:
         if self.calibrates(job.config):
             tokens = expert_tokens(job, fallback_rule="were calibrated on every calibration token of their block "
-                                                      "instead")
+                                                      "instead",
+                                   unshared_refusal="--scheme w8a8 does not calibrate mixture-of-experts layers "
+                                                    "across processes: run without torchrun")
             return W8A8LayerStep(job.config, plans, tokens)
         return RTNDynamicStep(plans)
 
