@@ -14,7 +14,10 @@ When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
   |x| per channel and the Gram matrix of the rows one process would sample,
   each rank contributing those it holds), and W8A8's (per-channel maxima,
   the largest |x| for the percentile observer, and each smoothing or
-  clipping candidate's error summed over the rows one process would score);
+  clipping candidate's error summed over the rows one process would score).
+  An MoE expert's rows are the tokens routed to it, placed in the whole
+  batch by those tokens' places, so the rows sampled from them are one
+  process's too;
 - the linears of a solve group (q/k/v, gate/up) are solved on different ranks
   at the same time and the results broadcast, so every rank continues with
   the same quantized weights;
@@ -167,20 +170,31 @@ def global_rows(windows: int, tokens: int, device=None) -> tuple[torch.Tensor, i
     return (starts[:, None] + torch.arange(tokens, device=device)[None, :]).reshape(-1), total * tokens
 
 
-def spread_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+def spread_rows(x: torch.Tensor, max_rows: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's rows among those one process holding the whole batch picks: at most max_rows rows
-    evenly spread over it (torch.linspace(0, n - 1, max_rows).round()), or all of them.
+    evenly spread over it (torch.linspace(0, n - 1, max_rows).round() of its n rows in batch order),
+    or all of them.
 
-    x: this rank's share [windows, tokens, K] (my_windows); the result [m, K], in this rank's order.
+    x: this rank's share [windows, tokens, K] (my_windows), or any rows [m, K] with `positions`, the
+    index of each of them in the whole batch's order, ascending (an expert's routed tokens: its n rows
+    are every rank's, ordered by position). The result [m', K], in this rank's order.
     """
-    if x.dim() != 3:
-        raise LlmqError(f"statistics across processes need inputs shaped [windows, tokens, features], got "
-                        f"{tuple(x.shape)}: run without torchrun")
-    b, t, k = x.shape
+    k = x.shape[-1]
     rows = x.reshape(-1, k)
-    where, n = global_rows(b, t, device=x.device)
+    if positions is None:
+        if x.dim() != 3:
+            raise LlmqError(f"statistics across processes need inputs shaped [windows, tokens, features], got "
+                            f"{tuple(x.shape)}: run without torchrun")
+        where, n = global_rows(x.shape[0], x.shape[1], device=x.device)
+        everyone = None  # every position 0 .. n - 1 is some rank's row
+    else:
+        where = positions.to(device=x.device, dtype=torch.long)
+        everyone = all_gather_varying(where)
+        n = everyone.numel()
     if n > max_rows:
         picked = torch.linspace(0, n - 1, max_rows, device=x.device).round().long()
+        if everyone is not None:
+            picked = torch.sort(everyone).values[picked]  # the positions of the picked rows
         rows = rows[torch.isin(where, picked)]
     return rows
 
@@ -214,6 +228,18 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world())]
     _collective("gathering statistics", lambda: torch.distributed.all_gather(parts, t.contiguous()))
     return torch.cat(parts)
+
+
+def all_gather_varying(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D t (of any length), concatenated in rank order."""
+    if not active():
+        return t
+    count = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    counts = all_gather_rows(count).tolist()
+    padded = t.new_zeros(max(counts))
+    padded[: t.numel()] = t
+    parts = all_gather_rows(padded).reshape(len(counts), -1)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
 
 def solve_shared(solve: Callable[[list[int]], list], n: int) -> list:

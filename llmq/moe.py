@@ -113,21 +113,19 @@ class ExpertTokens:
     counts: dict[str, list[int]] = field(default_factory=dict)  # experts module (in its layer) -> tokens
     fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears
     fallback_rule: str = "were quantized by round-to-nearest"  # what the method does with them instead
-    # A method that does not calibrate experts across processes (torch.distributed): its one-line refusal.
-    unshared_refusal: str | None = None
 
-    def start_layer(self, index: int, layer: nn.Module) -> "LayerExperts | None":
+    def start_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor | None = None) -> "LayerExperts | None":
+        """hidden: the layer's input, this process's windows [windows, tokens, H] (needed for
+        `LayerExperts.positions`)."""
         blocks = {name: q for name, q in layer.named_modules() if isinstance(q, QuantExperts)}
         if not blocks:
             return None
-        if self.unshared_refusal is not None and distributed.active():
-            raise LlmqError(self.unshared_refusal)
         for q in blocks.values():
             q.token_counts.zero_()
             q.record_tokens = True
             q.calibrate_all = self.mode == "all"
             q.visit_every_expert = distributed.active()  # every rank's hooks in one order
-        return LayerExperts(self, index, blocks)
+        return LayerExperts(self, index, blocks, None if hidden is None else tuple(hidden.shape[:2]))
 
     def falls_back(self, rows: int) -> bool:
         """Whether an expert linear that saw `rows` calibration tokens (on this process; with several,
@@ -152,12 +150,33 @@ class ExpertTokens:
 class LayerExperts:
     """ExpertTokens' view of one decoder layer (see ExpertTokens)."""
 
-    def __init__(self, tokens: ExpertTokens, index: int, blocks: dict[str, QuantExperts]):
+    def __init__(self, tokens: ExpertTokens, index: int, blocks: dict[str, QuantExperts],
+                 windows: tuple[int, int] | None = None):
         self.tokens = tokens
         self.index = index
         self.blocks = blocks
+        self.windows = windows  # (windows, tokens) of this process's share of the layer's input
         self.names = {f"{qname}.{local}" for qname, q in blocks.items() for local, m in q.named_modules()
                       if isinstance(m, nn.Linear) and "." in local}
+
+    def positions(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Where each row of x, the input of this layer's linear `name`, lies in the whole calibration
+        batch (llmq.distributed.spread_rows), when several processes share it and x has lost its
+        windows: the rows of an MoE block flattened to [tokens, H] (a router's, a shared expert's), or
+        an expert's routed tokens. None otherwise (one process, or x still [windows, tokens, H])."""
+        if not distributed.active() or x.dim() == 3:
+            return None
+        if self.windows is None:
+            raise LlmqError(f"{name}: the layer's input shape is unknown, so its rows cannot be shared "
+                            "across processes: run without torchrun")
+        everyone, _ = distributed.global_rows(*self.windows, device=x.device)
+        block = name.rpartition(".")[0].rpartition(".")[0] if name in self.names else None  # "<block>.<e>.<proj>"
+        routed = None if block is None else self.blocks[block].routed_rows
+        rows = x.numel() // x.shape[-1]
+        if routed is None and rows != everyone.numel():
+            raise LlmqError(f"{name} reads {rows} rows, not the layer's {everyone.numel()} tokens, so its rows "
+                            "cannot be shared across processes: run without torchrun")
+        return everyone if routed is None else everyone[routed.to(everyone.device)]
 
     def fall_back(self, group, x: torch.Tensor, layer: nn.Module, solved: dict, config: QuantConfig,
                   scale_dtype: torch.dtype) -> bool:

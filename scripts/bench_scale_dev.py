@@ -1,4 +1,4 @@
-"""GPTQ (or W8A8) of the dev model in memory, streamed layer by layer, and by 2 torch.distributed ranks (gloo).
+"""GPTQ (or AWQ, or W8A8) of the dev model in memory, streamed layer by layer, and by 2 torch.distributed ranks (gloo).
 
 Each run is `llmq quantize` in its own process (wall time, CPU time and peak
 resident memory of the process tree, from wait4); the checkpoints are then
@@ -7,15 +7,15 @@ compared tensor by tensor (streamed against in memory: bit for bit expected;
 `llmq eval` on identical windows, the fp model first.
 
 usage: LLMQ_TEXTS=../shared/data/texts python scripts/bench_scale_dev.py [--model DIR] [--work DIR]
-           [--bits 4] [--group-size 64] [--nsamples 128] [--seqlen 512] [--eval-windows 40]
-           [--runs memory stream ranks2] [--w8a8 dynamic|static] [--json PATH]
+           [--method gptq|awq|awq+gptq] [--bits 4] [--group-size 64] [--nsamples 128] [--seqlen 512]
+           [--eval-windows 40] [--runs memory stream ranks2] [--w8a8 dynamic|static] [--json PATH]
 
---w8a8 ACT quantizes `--scheme w8a8 --act ACT --smooth auto --method gptq`
-instead of weight-only GPTQ (--bits and --group-size then do not apply).
+--method picks the weight-only method (asymmetric); --w8a8 ACT quantizes
+`--scheme w8a8 --act ACT --smooth auto --method gptq` instead (--method,
+--bits and --group-size then do not apply).
 
 --runs picks the runs (all three by default; the in-memory run is always
-made, the reference of the comparisons): a mixture-of-experts model, which
-is not calibrated across processes, takes `--runs memory stream`.
+made, the reference of the comparisons).
 
 The model defaults to the cached SmolLM2 (`python -m llmq.realmodel`); the
 calibration text is emma.txt, the evaluation text prideprejudice.txt, both
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--work", default="/tmp/llmq-bench-scale")
+    p.add_argument("--method", choices=["gptq", "awq", "awq+gptq"], default="gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--nsamples", type=int, default=128)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     scheme = (["--scheme", "w8a8", "--act", args.w8a8, "--smooth", "auto", "--method", "gptq"] if args.w8a8 else
-              ["--method", "gptq", "--bits", str(args.bits), "--group-size", str(args.group_size), "--asym"])
+              ["--method", args.method, "--bits", str(args.bits), "--group-size", str(args.group_size), "--asym"])
     common = [model, *scheme, "--dataset", str(Path(texts) / "emma.txt"), "--nsamples", str(args.nsamples),
               "--seqlen", str(args.seqlen), "--seed", "0", "--quiet"]
     llmq = [sys.executable, "-m", "llmq", "quantize"]
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "ranks2": ("2 gloo ranks", torchrun + [common[0], str(work / "ranks2")] + common[1:] + ["--no-stream"]),
     }
     runs = dict(every[key] for key in every if key == "memory" or key in args.runs)
-    what = f"W8A8 {args.w8a8}, --smooth auto --method gptq" if args.w8a8 else f"GPTQ int{args.bits} g{args.group_size} asym"
+    what = (f"W8A8 {args.w8a8}, --smooth auto --method gptq" if args.w8a8 else
+            f"{args.method.upper()} int{args.bits} g{args.group_size} asym")
     print(f"model {model}; {what}, calibration {args.nsamples} x "
           f"{args.seqlen} tokens of emma.txt (seed 0); evaluation: first {args.eval_windows} windows of "
           f"{args.seqlen} tokens of prideprejudice.txt; torch {torch.__version__}, {os.cpu_count()} CPUs, "

@@ -128,6 +128,50 @@ def test_awq_statistics_reduce_to_those_of_one_process(max_rows):
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
 
 
+def _expert_rows_worker(rank, world, port, x, routed, max_rows, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    distributed.setup("cpu")
+    try:
+        mine = distributed.my_windows(x)  # [windows, tokens, K]: this rank's share
+        b, t, k = mine.shape
+        flat = mine.reshape(-1, k)
+        everyone, _ = distributed.global_rows(b, t)
+        local = torch.nonzero(torch.isin(everyone, routed)).reshape(-1)  # this rank's routed tokens, in order
+        rows, positions = flat[local], everyone[local]
+        picked = distributed.spread_rows(rows, max_rows, positions)
+        stats = shared_input_stats(rows, max_rows, positions)
+        sample = SharedSample(rows, positions)
+        out.put(_by_value((rank, rows.shape[0], picked, stats.gram, stats.mean_abs, stats.rows,
+                           sample.channel_absmax(), sample.numel())))
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.parametrize("routed", [
+    [1, 2, 3, 5, 8, 9, 21, 22, 24, 25, 26, 28, 29],  # tokens of windows 0 and 2 only: rank 1 holds none
+    [0, 4, 11, 12, 13, 19, 20, 23, 27, 31, 32, 36, 38, 39],  # every window, scattered over both ranks
+])
+@pytest.mark.parametrize("max_rows", [1000, 7])  # every row, or a sample spread over all of them
+def test_expert_rows_are_spread_as_one_process_picks_them(routed, max_rows):
+    # An expert's rows are the tokens routed to it; each rank picks its part of what one process picks.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 10, 5, generator=g)  # 4 windows of 10 tokens: rank 0 holds windows 0 and 2
+    routed = torch.tensor(routed)
+    rows = x.reshape(-1, 5)[routed]  # one process: the expert's rows in batch order
+    picked = rows if rows.shape[0] <= max_rows else rows[torch.linspace(0, rows.shape[0] - 1, max_rows).round().long()]
+    one = input_stats(rows, max_rows)
+    results = sorted(_spawn_two_ranks(_expert_rows_worker, x, routed, max_rows), key=lambda r: r[0])
+    assert [r[1] for r in results] == [sum((p // 10) % 2 == r for p in routed.tolist()) for r in (0, 1)]
+    # Together the ranks pick exactly one process's rows (random rows: each is told apart by its values).
+    together = torch.cat([r[2] for r in results])
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, picked.tolist()))
+    for _, _, _, gram, mean_abs, count, absmax, numel in results:
+        assert count == picked.shape[0] and numel == rows.numel()
+        torch.testing.assert_close(gram, one.gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean_abs.double(), rows.double().abs().mean(0), rtol=1e-6, atol=1e-7)
+        assert torch.equal(absmax, rows.abs().amax(0))
+
+
 def _quantize_by_two_ranks(src, out, args) -> subprocess.CompletedProcess:
     """`llmq quantize src out *args` by 2 gloo ranks under torchrun (1 thread each); it must succeed."""
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="120")
@@ -229,18 +273,39 @@ def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch
     assert abs(p2 / p1 - 1) < 1e-3
 
 
-@pytest.mark.parametrize("settings,says", [(["--method", "awq", "--bits", "4", "--group-size", "16"], "AWQ does not"),
-                                           (["--scheme", "w8a8", "--smooth", "auto"], "--scheme w8a8 does not")])
-def test_moe_layers_that_cannot_be_shared_are_refused(tmp_path, settings, says):
+@pytest.mark.parametrize("arch,settings", [
+    ("mixtral", ["--method", "awq", "--bits", "4", "--group-size", "16"]),
+    ("qwen2_moe", ["--method", "awq+gptq", "--bits", "4", "--group-size", "16", "--moe-calibration", "all"]),
+    ("qwen3_moe", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
+    # Dynamic activations, on enough tokens that the smoothing search scores a sample of each expert's rows.
+    ("mixtral", ["--scheme", "w8a8", "--smooth", "auto", "--nsamples", "48"]),
+])
+def test_moe_awq_and_w8a8_with_two_gloo_ranks_match_one_process(tmp_path, arch, settings):
+    # The experts' statistics take every rank's routed rows (a rank may hold none of an expert's); the
+    # router's and the shared expert's inputs, flattened to rows by the MoE block, are placed in the
+    # batch by the layer's windows. Experts with too few tokens fall back alike on every rank.
     src = tmp_path / "m"
-    text = model_folder_with_text(src, "mixtral")
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", LLMQ_DIST_TIMEOUT="60")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "llmq", "quantize", str(src), str(tmp_path / "q"),
-                        *settings, "--dataset", str(text), "--nsamples", "4", "--seqlen", "24", "--device", "cpu",
-                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and f"llmq: error: {says} calibrate mixture-of-experts layers" in r.stderr
-    assert not (tmp_path / "q").exists()
+    text = model_folder_with_text(src, arch)
+    args = ["--dataset", str(text), "--nsamples", "8", "--seqlen", "24", "--device", "cpu", "--moe-min-tokens", "24",
+            "--quiet", *settings]  # a later --nsamples in settings wins
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    _quantize_by_two_ranks(src, tmp_path / "two", args)
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    if "w8a8" in settings:
+        codes = {k: (one[k], two[k]) for k in one if one[k].dtype == torch.int8 and ".experts." in k}
+    else:
+        codes = {k: (unpack_rows(one[k], 4), unpack_rows(two[k], 4)) for k in one
+                 if k.endswith(".qweight") and ".experts." in k}
+    same = sum((a == b).sum().item() for a, b in codes.values())
+    assert codes and same / sum(a.numel() for a, _ in codes.values()) > 0.95
+    for k in one:
+        if k.endswith(".input_scale"):  # the same maxima, of activations equal up to summation order
+            torch.testing.assert_close(one[k], two[k], rtol=1e-2, atol=0)
+    ids = random_ids(n=4, length=20, seed=3)
+    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
+    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
+    assert abs(p2 / p1 - 1) < 1e-3
 
 
 def test_too_few_windows_for_the_processes_are_refused(monkeypatch):

@@ -64,17 +64,19 @@ def _mean_abs(x: torch.Tensor) -> torch.Tensor:
     return distributed.all_reduce_sum(rows.abs().float().sum(0)).div_(float(total.item()))
 
 
-def shared_input_stats(x: torch.Tensor, max_rows: int) -> InputStats:
+def shared_input_stats(x: torch.Tensor, max_rows: int, positions: torch.Tensor | None = None) -> InputStats:
     """input_stats(x, max_rows), with several processes over the whole calibration batch.
 
     Each rank holds its share of the windows (llmq.distributed); it adds |x| of
     its rows and the Gram products of those of its rows that one process, with
     the whole batch, would sample; the sums and the counts are reduced, so the
     statistics are those of one process up to floating-point summation order.
+    positions: where x's rows lie in the whole batch when x is not [windows, tokens, K]
+    (an expert's routed tokens; LayerExperts.positions).
     """
     if not distributed.active():
         return input_stats(x, max_rows)
-    xf = distributed.spread_rows(x, max_rows).float()  # the rows input_stats picks from the whole batch
+    xf = distributed.spread_rows(x, max_rows, positions).float()  # the rows input_stats picks from the batch
     sampled = distributed.all_reduce_sum(torch.tensor([float(xf.shape[0])], dtype=torch.float64, device=x.device))
     gram = distributed.all_reduce_sum(xf.t() @ xf).div_(float(sampled.item()))
     return InputStats(gram=gram, mean_abs=_mean_abs(x), rows=int(sampled.item()))
@@ -216,7 +218,7 @@ class AWQLayerStep(LayerStep):
         after: list = []  # column scalings of unquantized group members, applied after the forward
         errors: list[float] = []
         hooks = []
-        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer, hidden)
         for unit in units:
             hook = self._hook(layer, unit, solved, after, errors, experts)
             hooks += [(n, hook) for n in unit.linears]
@@ -237,10 +239,12 @@ class AWQLayerStep(LayerStep):
             if experts is not None and experts.fall_back(list(unit.targets.items()), args[0], layer, solved,
                                                          self.config, self.scale_dtype):
                 return  # an expert routed too few calibration tokens: round-to-nearest, unscaled
-            self._solve_unit(layer, unit, args[0], solved, after, errors)
+            positions = None if experts is None else experts.positions(unit.linears[0], args[0])
+            self._solve_unit(layer, unit, args[0], solved, after, errors, positions)
         return hook
 
-    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, after: list, errors: list):
+    def _solve_unit(self, layer, unit: Unit, x: torch.Tensor, solved: dict, after: list, errors: list,
+                    positions: torch.Tensor | None = None):
         c = self.config
         t0 = time.perf_counter()
         linears = {n: layer.get_submodule(n) for n in unit.linears}
@@ -255,7 +259,7 @@ class AWQLayerStep(LayerStep):
             # The searches reuse the Hessian: H = 2 x^T x / n.
             stats = InputStats(gram=hessian / 2, mean_abs=_mean_abs(x), rows=acc.nsamples)
         else:
-            stats = shared_input_stats(x, SEARCH_ROWS)
+            stats = shared_input_stats(x, SEARCH_ROWS, positions)
         t1 = time.perf_counter()
         self.timings["stats"] += t1 - t0
 
@@ -341,9 +345,7 @@ class AWQ(Method):
 
     def layer_step(self, job: Job, plans) -> LayerStep:
         return AWQLayerStep(job.config, plans, job.scale_dtype, use_gptq=self.use_gptq,
-                            expert_tokens=expert_tokens(job, unshared_refusal=(
-                                "AWQ does not calibrate mixture-of-experts layers across processes: run without "
-                                "torchrun, or use --method gptq, which does")))
+                            expert_tokens=expert_tokens(job))
 
 
 METHOD = AWQ()

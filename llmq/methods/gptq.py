@@ -50,7 +50,7 @@ class GPTQLayerStep(LayerStep):
         groups = self.plans.get(index, [])
         solved: dict[str, QuantizedWeight] = {}
         errors: list[float] = []
-        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer, hidden)
         hooks = [(local, self._hook(layer, group, solved, errors, experts)) for group in groups
                  for local, _ in group]
         out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs)

@@ -61,13 +61,20 @@ SCALE_DTYPE = torch.float32  # weight scales: fp32, as vLLM's int8 kernels read 
 class SharedSample(ActivationSample):
     """An ActivationSample over every process's share of the calibration windows (llmq.distributed):
     the channel maxima and the largest |x| of the whole batch, and this rank's part of the rows one
-    process would score, whose errors `total` sums, so every rank picks what one process picks."""
+    process would score, whose errors `total` sums, so every rank picks what one process picks.
+    positions: where x's rows lie in the whole batch when x is not [windows, tokens, K] (an expert's
+    routed tokens, of which this rank may hold none; LayerExperts.positions)."""
+
+    def __init__(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        super().__init__(x)
+        self.positions = positions
 
     def channel_absmax(self) -> torch.Tensor:
-        return distributed.all_reduce_max(super().channel_absmax())
+        local = super().channel_absmax() if self.x.numel() else self.x.new_zeros(self.x.shape[-1], dtype=torch.float32)
+        return distributed.all_reduce_max(local)
 
     def rows(self) -> torch.Tensor:
-        return distributed.spread_rows(self.x, SEARCH_ROWS).float()
+        return distributed.spread_rows(self.x, SEARCH_ROWS, self.positions).float()
 
     def numel(self) -> int:
         return int(distributed.all_reduce_sum(torch.tensor([float(self.x.numel())], dtype=torch.float64)).item())
@@ -84,8 +91,8 @@ class SharedSample(ActivationSample):
         return distributed.all_reduce_sum(errors)
 
 
-def _activation_sample(x: torch.Tensor) -> ActivationSample:
-    return SharedSample(x) if distributed.active() else ActivationSample(x)
+def _activation_sample(x: torch.Tensor, positions: torch.Tensor | None = None) -> ActivationSample:
+    return SharedSample(x, positions) if distributed.active() else ActivationSample(x)
 
 
 class RTNDynamicStep(LayerStep):
@@ -244,7 +251,7 @@ class W8A8LayerStep(LayerStep):
         transforms: dict[int, tuple] = {}  # unit index -> (s or None, input_scale or None)
         alphas: list = []
         errors: list[float] = []
-        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer)
+        experts = None if self.expert_tokens is None else self.expert_tokens.start_layer(index, layer, hidden)
         # The expert (block, index) each unit lies in, if one. A unit that its expert's routed tokens
         # cannot calibrate (fewer than min_tokens) is left in full precision for those tokens, then
         # calibrated on every token of the block.
@@ -290,7 +297,8 @@ class W8A8LayerStep(LayerStep):
                 if (expert is not None and expert not in pass_all and experts.tokens.mode == "routed"
                         and experts.tokens.falls_back(rows)):
                     return None  # too few routed tokens: calibrated on every token after the forward
-                transforms[u] = self._solve_unit(layer, unit, x, solved, alphas, errors)
+                positions = None if experts is None else experts.positions(unit.linears[0], x)
+                transforms[u] = self._solve_unit(layer, unit, x, solved, alphas, errors, positions)
             s, input_scale = transforms[u]
             if s is not None:
                 x = (x.float() / s).to(x.dtype)
@@ -310,14 +318,15 @@ class W8A8LayerStep(LayerStep):
                 n for u in waiting for n in units[u].targets)
 
     @torch.no_grad()
-    def _solve_unit(self, layer, unit: W8A8Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list):
+    def _solve_unit(self, layer, unit: W8A8Unit, x: torch.Tensor, solved: dict, alphas: list, errors: list,
+                    positions: torch.Tensor | None = None):
         c = self.config
         t0 = time.perf_counter()
         linears = {n: layer.get_submodule(n) for n in unit.linears}
         weights = [m.weight for m in linears.values()]
         s = None
         if unit.group is not None and c.smooth is not None:
-            sample = _activation_sample(x)
+            sample = _activation_sample(x, positions)
             if c.smooth == "auto":
                 res = search_smoothing(sample, weights, static=c.act == "static", tie=unit.tie)
                 s, alpha = res.scales, res.alpha
@@ -330,7 +339,7 @@ class W8A8LayerStep(LayerStep):
         t1 = time.perf_counter()
         input_scale = None
         if c.act == "static":
-            input_scale = static_scale(_activation_sample(xs), c.act_observer,
+            input_scale = static_scale(_activation_sample(xs, positions), c.act_observer,
                                        [linears[n].weight for n in unit.targets])
         t2 = time.perf_counter()
         targets = list(unit.targets)
@@ -409,9 +418,7 @@ class W8A8(Method):
     def layer_step(self, job: Job, plans) -> LayerStep:
         if self.calibrates(job.config):
             tokens = expert_tokens(job, fallback_rule="were calibrated on every calibration token of their block "
-                                                      "instead",
-                                   unshared_refusal="--scheme w8a8 does not calibrate mixture-of-experts layers "
-                                                    "across processes: run without torchrun")
+                                                      "instead")
             return W8A8LayerStep(job.config, plans, tokens)
         return RTNDynamicStep(plans)
 

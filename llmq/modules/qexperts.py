@@ -35,7 +35,10 @@ Calibration: `record_tokens` counts the tokens each expert receives, and
 expert linears then see all tokens) while only the routed outputs flow on;
 `visit_every_expert` calls an expert that this process routed no token to
 with none, so that several processes (torch.distributed) run their experts'
-hooks, and so their collectives, in the same order.
+hooks, and so their collectives, in the same order. While an expert runs in
+such a forward, `routed_rows` holds the indices of its rows among the block's
+input tokens (None: every token), which tells the statistics shared across
+processes where each row lies in the whole calibration batch.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class QuantExperts(nn.Module):
         self.calibrate_all = False
         self.record_tokens = False
         self.visit_every_expert = False
+        self.routed_rows: torch.Tensor | None = None  # the running expert's tokens (see the module doc)
         self.token_counts = torch.zeros(self.num_experts, dtype=torch.long)
 
     def expert(self, e: int) -> ExpertProjections:
@@ -218,7 +222,11 @@ class QuantExperts(nn.Module):
                 # Every token through the expert (its linears' hooks see them all); routed rows flow on.
                 out = self._expert_forward(e, hidden_states)[tokens]
             else:
-                out = self._expert_forward(e, hidden_states[tokens])
+                self.routed_rows = tokens
+                try:
+                    out = self._expert_forward(e, hidden_states[tokens])
+                finally:
+                    self.routed_rows = None
             out = out * weights[slots, None]
             final.index_add_(0, tokens, out.to(final.dtype))
             start = end
