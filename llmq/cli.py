@@ -146,19 +146,19 @@ def _run_quantize(args) -> int:
         if not args.quiet and distributed.is_writer():
             from .census import folder_census
 
-            print("\n".join(folder_census(out, config.bits).lines() + report.get("experts", [])))
+            _print_census(folder_census(out, config.bits), report)
             print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
         return 0
     model, tokenizer = load_model(args.model, args.dtype)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet,
                      report=report)
+    if not distributed.is_writer():
+        return 0  # rank 0 reports and writes
     if not args.quiet:
         from .census import model_census
 
-        print("\n".join(model_census(model, config.bits).lines() + report.get("experts", [])))
-    if not distributed.is_writer():
-        return 0  # rank 0 writes
+        _print_census(model_census(model, config.bits), report)
     # OUT was checked above; what appeared there since is judged at the final rename, keeping the work.
     if args.format == "llmq":
         out = save(model, args.out, tokenizer, overwrite=args.overwrite, sources=[args.model], check_first=False)
@@ -172,6 +172,11 @@ def _run_quantize(args) -> int:
     if not args.quiet:
         print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
     return 0
+
+
+def _print_census(census, report: dict) -> None:
+    """What was quantized and kept (llmq.census), then the experts' token counts and fallbacks."""
+    print("\n".join(census.lines() + report.get("experts", [])))
 
 
 def _quantize_from_shards(args, config: QuantConfig, report: dict):

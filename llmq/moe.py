@@ -169,14 +169,21 @@ class LayerExperts:
         if self.windows is None:
             raise LlmqError(f"{name}: the layer's input shape is unknown, so its rows cannot be shared "
                             "across processes: run without torchrun")
-        everyone, _ = distributed.global_rows(*self.windows, device=x.device)
-        block = name.rpartition(".")[0].rpartition(".")[0] if name in self.names else None  # "<block>.<e>.<proj>"
-        routed = None if block is None else self.blocks[block].routed_rows
+        places, _ = distributed.global_rows(*self.windows, device=x.device)  # of this process's tokens
+        expert = self.expert_of(name)
+        routed = None if expert is None else self.blocks[expert[0]].routed_rows
         rows = x.numel() // x.shape[-1]
-        if routed is None and rows != everyone.numel():
-            raise LlmqError(f"{name} reads {rows} rows, not the layer's {everyone.numel()} tokens, so its rows "
+        if routed is None and rows != places.numel():
+            raise LlmqError(f"{name} reads {rows} rows, not the layer's {places.numel()} tokens, so its rows "
                             "cannot be shared across processes: run without torchrun")
-        return everyone if routed is None else everyone[routed.to(everyone.device)]
+        return places if routed is None else places[routed.to(places.device)]
+
+    def expert_of(self, name: str) -> tuple[str, int] | None:
+        """(experts block, expert index) of the layer's linear `name`, or None when it is no expert's."""
+        if name not in self.names:
+            return None
+        block, _, e = name.rpartition(".")[0].rpartition(".")  # "<block>.<e>.<projection>"
+        return block, int(e)
 
     def fall_back(self, group, x: torch.Tensor, layer: nn.Module, solved: dict, config: QuantConfig,
                   scale_dtype: torch.dtype) -> bool:

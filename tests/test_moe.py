@@ -548,3 +548,42 @@ def test_gptq_checkpoint_with_some_experts_by_rtn_reloads(tmp_path):
     ids = random_ids(seed=5)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+def test_expert_rows_are_placed_in_the_whole_batch_by_their_tokens(monkeypatch):
+    # Rank 1 of 2 holds windows 1, 3, 5 of 6: its local token i of window j is token i % 5 of window
+    # 1 + 2 (i // 5) of the batch. An expert's rows are placed by the tokens routed to it.
+    from llmq import distributed
+    from llmq.moe import ExpertTokens
+
+    fp = tiny_model("mixtral")
+    pipeline.plan(fp, QuantConfig(group_size=GROUP), torch.device("cpu"))
+    block = fp.model.layers[0].mlp
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t * 2)  # each rank holds 3 windows
+    h = torch.randn(3, 5, fp.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    experts = ExpertTokens(min_tokens=0).start_layer(0, fp.model.layers[0], h)
+    flat = h.reshape(-1, h.shape[-1])
+    place = torch.tensor([(1 + 2 * (i // 5)) * 5 + i % 5 for i in range(15)])
+    got = {}
+
+    def keep(name):
+        def hook(module, args):
+            got[name] = (args[0], experts.positions(name, args[0]))
+        return hook
+
+    for name in ("mlp.gate", "mlp.experts.0.w1", "mlp.experts.3.w2"):
+        fp.model.layers[0].get_submodule(name).register_forward_pre_hook(keep(name))
+    with torch.no_grad():
+        block(h)
+    x, positions = got["mlp.gate"]
+    assert torch.equal(positions, place)  # the router reads every token
+    x, positions = got["mlp.experts.0.w1"]
+    local = [next(i for i in range(15) if torch.equal(flat[i], row)) for row in x]  # each row's own token
+    assert 0 < len(local) < 15 and torch.equal(positions, place[local])
+    assert got["mlp.experts.3.w2"][1].shape[0] == got["mlp.experts.3.w2"][0].shape[0]
+    assert experts.expert_of("mlp.experts.3.w2") == ("mlp.experts", 3) and experts.expert_of("mlp.gate") is None
+    with pytest.raises(LlmqError, match="reads 4 rows, not the layer's 15 tokens"):
+        experts.positions("mlp.gate", flat[:4])

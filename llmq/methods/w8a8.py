@@ -377,13 +377,8 @@ class W8A8LayerStep(LayerStep):
 
 def _expert_of(experts: LayerExperts, unit: W8A8Unit) -> tuple[str, int] | None:
     """(experts block, expert index) when every linear of the unit belongs to that one expert, else None."""
-    found = set()
-    for name in unit.linears:
-        if name not in experts.names:
-            return None
-        block, _, rest = name.rpartition(".")[0].rpartition(".")  # "<block>.<e>.<projection>"
-        found.add((block, int(rest)))
-    return found.pop() if len(found) == 1 else None
+    found = {experts.expert_of(name) for name in unit.linears}
+    return found.pop() if len(found) == 1 and None not in found else None
 
 
 def _keep_input(store: dict, name: str):
