@@ -281,28 +281,37 @@ class AWQLayerStep(LayerStep):
         t2 = time.perf_counter()
         self.timings["scales"] += t2 - t1
 
-        weights = {}
-        for n in unit.targets:
-            w = linears[n].weight.float()
-            w = w * s if s is not None else w
-            if n not in unit.no_clip:
-                w = search_clip(w, gram, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
-                                grid=GRID).weight
-            weights[n] = w
-        t3 = time.perf_counter()
-        self.timings["clip"] += t3 - t2
+        targets = list(unit.targets)
 
-        if hessian is not None:
-            results = gptq_quantize_many(list(weights.values()), hessian, bits=c.bits, group_size=gs, sym=c.sym,
-                                         scale_dtype=self.scale_dtype, damp=c.damp, desc_act=c.desc_act,
-                                         static_groups=c.static_groups)
-            qws = {}
-            for (n, w), (qw, st) in zip(weights.items(), results):
-                qws[n] = qw
-                if st.damp_raised:
-                    self.damp_raised.append(f"{unit.targets[n]} (damp {st.damp:g})")
-        else:
-            qws = {n: rtn_quantize(w, c.bits, gs, c.sym, self.scale_dtype) for n, w in weights.items()}
+        def clip_and_quantize(indices: list[int]) -> list:
+            """(QuantizedWeight, the damping GPTQ raised to or None) of the targets at `indices`."""
+            t = time.perf_counter()
+            clipped = []
+            for i in indices:
+                w = linears[targets[i]].weight.float()
+                w = w * s if s is not None else w
+                if targets[i] not in unit.no_clip:
+                    w = search_clip(w, gram, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
+                                    grid=GRID).weight
+                clipped.append(w)
+            t_clip = time.perf_counter()
+            self.timings["clip"] += t_clip - t
+            if hessian is not None:
+                out = [(qw, st.damp if st.damp_raised else None) for qw, st in gptq_quantize_many(
+                    clipped, hessian, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
+                    damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups)]
+            else:
+                out = [(rtn_quantize(w, c.bits, gs, c.sym, self.scale_dtype), None) for w in clipped]
+            self.timings["quantize"] += time.perf_counter() - t_clip
+            return out
+
+        # Several processes clip and quantize the unit's linears in parallel and share the results.
+        qws = {}
+        for n, (qw, damp) in zip(targets, distributed.solve_shared(clip_and_quantize, len(targets))):
+            qws[n] = qw
+            if damp is not None:
+                self.damp_raised.append(f"{unit.targets[n]} (damp {damp:g})")
+        t3 = time.perf_counter()
         for n, qw in qws.items():
             m = linears[n]
             orig = m.weight.float()
