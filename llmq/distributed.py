@@ -19,9 +19,9 @@ When the launcher has set the torch.distributed environment (WORLD_SIZE > 1),
   batch by those tokens' places, so the rows sampled from them are one
   process's too;
 - the linears of a solve group (q/k/v, gate/up; AWQ: a scale group's clip
-  searches and quantization) are solved on different ranks at the same time
-  and the results broadcast, so every rank continues with the same quantized
-  weights;
+  searches and quantization, and the points of its scale grid) are solved on
+  different ranks at the same time and the results broadcast, so every rank
+  continues with the same quantized weights;
 - only rank 0 writes the checkpoint; a streamed run records each finished
   layer for --resume with every rank's share of the next layer's inputs in
   the partial folder (which every rank must see: one machine, or a shared

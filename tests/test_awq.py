@@ -118,6 +118,25 @@ def test_search_error_matches_direct_float64_computation():
     assert res.rtn_error == pytest.approx(_output_error64(x, w, q0) / x.shape[0], rel=1e-3)
 
 
+def test_scale_search_spread_over_processes_chooses_as_one():
+    # Two "ranks" score alternate grid points, as distributed.solve_shared deals them out: the same
+    # errors, so the same choice (the searched errors differ by far more than their rounding).
+    x, w = _outlier_layer(seed=3)
+    stats = input_stats(x)
+    calls = []
+
+    def evaluate(score, n):
+        calls.extend(range(n))
+        shares = {r: dict(zip(range(r, n, 2), score(list(range(r, n, 2))))) for r in (1, 0)}
+        return [shares[i % 2][i] for i in range(n)]
+
+    one = search_scales([w], stats, bits=4, group_size=32, sym=False, scale_dtype=F16)
+    spread = search_scales([w], stats, bits=4, group_size=32, sym=False, scale_dtype=F16, evaluate=evaluate)
+    assert calls == list(range(20)) and one.alpha > 0
+    assert (spread.alpha, spread.error, spread.rtn_error) == (one.alpha, one.error, one.rtn_error)
+    assert torch.equal(spread.scales, one.scales)
+
+
 @pytest.mark.parametrize("sym,group", [(False, 32), (True, 32), (False, -1)])
 def test_awq_beats_rtn_with_an_outlier_channel(sym, group):
     x, w = _outlier_layer(seed=1)

@@ -267,8 +267,9 @@ class AWQLayerStep(LayerStep):
         gram = stats.gram
         target_w = [linears[n].weight for n in unit.targets]
         if unit.group is not None:
+            # Several processes score the grid's points in parallel and share the errors.
             res = search_scales(target_w, stats, bits=c.bits, group_size=gs, sym=c.sym,
-                                scale_dtype=self.scale_dtype, grid=GRID)
+                                scale_dtype=self.scale_dtype, grid=GRID, evaluate=distributed.solve_shared)
             s = res.scales
             self._fold_prev(layer, unit.group, s, solved)
             gram = scale_gram(gram, s)

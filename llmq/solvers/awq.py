@@ -34,6 +34,7 @@ codes that were scored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -123,28 +124,33 @@ class ScaleResult:
 
 @torch.no_grad()
 def search_scales(weights: list[torch.Tensor], stats: InputStats, *, bits: int, group_size: int, sym: bool,
-                  scale_dtype: torch.dtype, grid: int = 20) -> ScaleResult:
+                  scale_dtype: torch.dtype, grid: int = 20,
+                  evaluate: Callable[[Callable[[list[int]], list[float]], int], list[float]] | None = None
+                  ) -> ScaleResult:
     """The AWQ scale grid for linears sharing one input (their errors are summed).
 
     weights: [N_i, K] each; group_size must divide K.
+    evaluate(score, grid): the errors of grid points 0 .. grid - 1, where score(indices) gives
+    those of some; None scores them all here (llmq.distributed.solve_shared spreads them over
+    processes: each point's error does not depend on where it is computed).
     """
     w = torch.cat([t.float() for t in weights])
     gram = stats.gram.to(w.device)
     x_mean = stats.mean_abs.to(w.device)
     energy = _output_error(w, gram).item()
-    best = None
-    rtn_error = None
-    for i in range(grid):
-        alpha = i / grid
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        err = _output_error(w - fake_quantize(w * s, bits, group_size, sym, scale_dtype) / s, gram).item()
-        if i == 0:
-            rtn_error = err
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    err, alpha, s = best
-    return ScaleResult(scales=s, alpha=alpha, error=err, rtn_error=rtn_error, energy=energy)
+
+    def factors(i: int) -> torch.Tensor:
+        s = x_mean.pow(i / grid).clamp(min=1e-4)
+        return s / (s.max() * s.min()).sqrt()
+
+    def score(indices: list[int]) -> list[float]:
+        return [_output_error(w - fake_quantize(w * s, bits, group_size, sym, scale_dtype) / s, gram).item()
+                for s in map(factors, indices)]
+
+    errors = score(list(range(grid))) if evaluate is None else evaluate(score, grid)
+    best = min(range(grid), key=errors.__getitem__)  # the first of equal errors: the smallest alpha
+    return ScaleResult(scales=factors(best), alpha=best / grid, error=errors[best], rtn_error=errors[0],
+                       energy=energy)
 
 
 @dataclass
