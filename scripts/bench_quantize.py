@@ -6,8 +6,9 @@
 
 Reports wall time split into calibration data (tokenising, drawing windows),
 Hessian accumulation, GPTQ solves, and the rest of the layer loop (the
-calibration forward passes, module swaps, transfers), plus peak host memory
-(max RSS). Defaults: SmolLM2-135M (llmq.realmodel), 128 windows of 512 tokens
+calibration forward passes, module swaps, transfers), every phase the method
+times (`phases_s`; AWQ: statistics, scale search, clip search, quantization),
+plus peak host memory (max RSS). Defaults: SmolLM2-135M (llmq.realmodel), 128 windows of 512 tokens
 of emma.txt, the protocol of BENCHMARKS.md.
 """
 
@@ -62,6 +63,8 @@ def main() -> None:
         "calibration_data_s": round(report.get("calibration_data", 0.0), 1),
         "forward_and_rest_s": round(forward, 1), "hessian_s": round(report.get("hessian", 0.0), 1),
         "solve_s": round(report.get("solve", 0.0), 1),
+        # Every phase the method times (GPTQ: hessian, solve; AWQ: stats, scales, clip, quantize; ...).
+        "phases_s": {k: round(v, 1) for k, v in report.items() if isinstance(v, float) and k != "total"},
         "peak_rss_mib": round(peak_host_memory() / 2**20),
         "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
