@@ -114,9 +114,8 @@ class ExpertTokens:
     fallback: dict[int, list[str]] = field(default_factory=dict)  # layer index -> expert linears
     fallback_rule: str = "were quantized by round-to-nearest"  # what the method does with them instead
 
-    def start_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor | None = None) -> "LayerExperts | None":
-        """hidden: the layer's input, this process's windows [windows, tokens, H] (needed for
-        `LayerExperts.positions`)."""
+    def start_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> "LayerExperts | None":
+        """hidden: the layer's input, this process's windows [windows, tokens, H]."""
         blocks = {name: q for name, q in layer.named_modules() if isinstance(q, QuantExperts)}
         if not blocks:
             return None
@@ -125,7 +124,9 @@ class ExpertTokens:
             q.record_tokens = True
             q.calibrate_all = self.mode == "all"
             q.visit_every_expert = distributed.active()  # every rank's hooks in one order
-        return LayerExperts(self, index, blocks, None if hidden is None else tuple(hidden.shape[:2]))
+        # With several processes: where this process's tokens lie in the whole calibration batch.
+        places = distributed.global_rows(*hidden.shape[:2], device=hidden.device)[0] if distributed.active() else None
+        return LayerExperts(self, index, blocks, places)
 
     def falls_back(self, rows: int) -> bool:
         """Whether an expert linear that saw `rows` calibration tokens (on this process; with several,
@@ -151,11 +152,11 @@ class LayerExperts:
     """ExpertTokens' view of one decoder layer (see ExpertTokens)."""
 
     def __init__(self, tokens: ExpertTokens, index: int, blocks: dict[str, QuantExperts],
-                 windows: tuple[int, int] | None = None):
+                 places: torch.Tensor | None = None):
         self.tokens = tokens
         self.index = index
         self.blocks = blocks
-        self.windows = windows  # (windows, tokens) of this process's share of the layer's input
+        self.places = places  # several processes: each of this process's tokens' index in the whole batch
         self.names = {f"{qname}.{local}" for qname, q in blocks.items() for local, m in q.named_modules()
                       if isinstance(m, nn.Linear) and "." in local}
 
@@ -164,12 +165,9 @@ class LayerExperts:
         batch (llmq.distributed.spread_rows), when several processes share it and x has lost its
         windows: the rows of an MoE block flattened to [tokens, H] (a router's, a shared expert's), or
         an expert's routed tokens. None otherwise (one process, or x still [windows, tokens, H])."""
-        if not distributed.active() or x.dim() == 3:
+        if self.places is None or x.dim() == 3:
             return None
-        if self.windows is None:
-            raise LlmqError(f"{name}: the layer's input shape is unknown, so its rows cannot be shared "
-                            "across processes: run without torchrun")
-        places, _ = distributed.global_rows(*self.windows, device=x.device)  # of this process's tokens
+        places = self.places
         expert = self.expert_of(name)
         routed = None if expert is None else self.blocks[expert[0]].routed_rows
         rows = x.numel() // x.shape[-1]

@@ -188,6 +188,26 @@ def _ppl(model, ids):
     return torch.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
+def _assert_same_perplexity(one, two):
+    """The checkpoints in folders one and two score within 0.1% of each other on fresh token windows."""
+    ids = random_ids(n=4, length=20, seed=3)
+    p1 = _ppl(llmq.from_pretrained(one), ids)
+    p2 = _ppl(llmq.from_pretrained(two), ids)
+    assert abs(p2 / p1 - 1) < 1e-3
+
+
+def _identical_codes(one: dict, two: dict, keys) -> float:
+    """The fraction of equal codes over the tensors `keys` of two checkpoints' tensors: 4-bit
+    `.qweight` words unpacked, W8A8's int8 weights as they are (there must be some)."""
+    same = total = 0
+    for k in keys:
+        a, b = (unpack_rows(one[k], 4), unpack_rows(two[k], 4)) if k.endswith(".qweight") else (one[k], two[k])
+        same += (a == b).sum().item()
+        total += a.numel()
+    assert total
+    return same / total
+
+
 @pytest.mark.parametrize("method,stream", [("gptq", "--stream"), ("gptq", "--no-stream"), ("awq", "--stream"),
                                            ("awq+gptq", "--no-stream")])
 def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
@@ -199,21 +219,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
     _quantize_by_two_ranks(src, tmp_path / "two", args)
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
-    same = total = 0
+    assert _identical_codes(one, two, [k for k in one if k.endswith(".qweight")]) > 0.95
     for k in one:
-        if k.endswith(".qweight"):
-            a, b = unpack_rows(one[k], 4), unpack_rows(two[k], 4)
-            same += (a == b).sum().item()
-            total += a.numel()
-        elif k.endswith("layernorm.weight") and method.startswith("awq"):
+        if k.endswith("layernorm.weight") and method.startswith("awq"):
             torch.testing.assert_close(one[k], two[k], msg=k)  # AWQ's scales folded in: equal up to rounding
-        elif not k.endswith((".scales", ".qzeros", ".g_idx")):
+        elif not k.endswith((".qweight", ".scales", ".qzeros", ".g_idx")):
             assert torch.equal(one[k], two[k]), k  # untouched tensors are copied exactly
-    assert total and same / total > 0.95
-    ids = random_ids(n=4, length=20, seed=3)
-    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
-    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
-    assert abs(p2 / p1 - 1) < 1e-3
+    _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("settings", [
@@ -230,17 +242,12 @@ def test_w8a8_with_two_gloo_ranks_matches_one_process(tmp_path, settings):
     _quantize_by_two_ranks(src, tmp_path / "two", args)
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
-    codes = [k for k in one if one[k].dtype == torch.int8]
-    same = sum((one[k] == two[k]).sum().item() for k in codes)
-    assert codes and same / sum(one[k].numel() for k in codes) > 0.95
+    assert _identical_codes(one, two, [k for k in one if one[k].dtype == torch.int8]) > 0.95
     scales = [k for k in one if k.endswith(".input_scale")]
     assert bool(scales) == ("static" in settings)
     for k in scales:  # the same maxima (or percentile), of activations equal up to summation order
         torch.testing.assert_close(one[k], two[k], rtol=1e-2, atol=0)
-    ids = random_ids(n=4, length=20, seed=3)
-    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
-    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
-    assert abs(p2 / p1 - 1) < 1e-3
+    _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("arch,mode", [("mixtral", "routed"), ("qwen3_moe", "all")])
@@ -260,17 +267,8 @@ def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch
     assert counts[0] and counts[0] == counts[1]
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
-    same = total = 0
-    for k in one:
-        if k.endswith(".qweight") and ".experts." in k:
-            a, b = unpack_rows(one[k], 4), unpack_rows(two[k], 4)
-            same += (a == b).sum().item()
-            total += a.numel()
-    assert total and same / total > 0.95
-    ids = random_ids(n=4, length=20, seed=3)
-    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
-    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
-    assert abs(p2 / p1 - 1) < 1e-3
+    assert _identical_codes(one, two, [k for k in one if k.endswith(".qweight") and ".experts." in k]) > 0.95
+    _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("arch,settings", [
@@ -293,20 +291,12 @@ def test_moe_awq_and_w8a8_with_two_gloo_ranks_match_one_process(tmp_path, arch, 
     _quantize_by_two_ranks(src, tmp_path / "two", args)
     one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
-    if "w8a8" in settings:
-        codes = {k: (one[k], two[k]) for k in one if one[k].dtype == torch.int8 and ".experts." in k}
-    else:
-        codes = {k: (unpack_rows(one[k], 4), unpack_rows(two[k], 4)) for k in one
-                 if k.endswith(".qweight") and ".experts." in k}
-    same = sum((a == b).sum().item() for a, b in codes.values())
-    assert codes and same / sum(a.numel() for a, _ in codes.values()) > 0.95
+    codes = [k for k in one if ".experts." in k and (k.endswith(".qweight") or one[k].dtype == torch.int8)]
+    assert _identical_codes(one, two, codes) > 0.95
     for k in one:
         if k.endswith(".input_scale"):  # the same maxima, of activations equal up to summation order
             torch.testing.assert_close(one[k], two[k], rtol=1e-2, atol=0)
-    ids = random_ids(n=4, length=20, seed=3)
-    p1 = _ppl(llmq.from_pretrained(tmp_path / "one"), ids)
-    p2 = _ppl(llmq.from_pretrained(tmp_path / "two"), ids)
-    assert abs(p2 / p1 - 1) < 1e-3
+    _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
 
 
 def test_too_few_windows_for_the_processes_are_refused(monkeypatch):

@@ -285,7 +285,7 @@ class AWQLayerStep(LayerStep):
         targets = list(unit.targets)
 
         def clip_and_quantize(indices: list[int]) -> list:
-            """(QuantizedWeight, the damping GPTQ raised to or None) of the targets at `indices`."""
+            """(QuantizedWeight, its GPTQStats or None) of the targets at `indices`."""
             t = time.perf_counter()
             clipped = []
             for i in indices:
@@ -298,9 +298,9 @@ class AWQLayerStep(LayerStep):
             t_clip = time.perf_counter()
             self.timings["clip"] += t_clip - t
             if hessian is not None:
-                out = [(qw, st.damp if st.damp_raised else None) for qw, st in gptq_quantize_many(
-                    clipped, hessian, bits=c.bits, group_size=gs, sym=c.sym, scale_dtype=self.scale_dtype,
-                    damp=c.damp, desc_act=c.desc_act, static_groups=c.static_groups)]
+                out = gptq_quantize_many(clipped, hessian, bits=c.bits, group_size=gs, sym=c.sym,
+                                         scale_dtype=self.scale_dtype, damp=c.damp, desc_act=c.desc_act,
+                                         static_groups=c.static_groups)
             else:
                 out = [(rtn_quantize(w, c.bits, gs, c.sym, self.scale_dtype), None) for w in clipped]
             self.timings["quantize"] += time.perf_counter() - t_clip
@@ -308,10 +308,9 @@ class AWQLayerStep(LayerStep):
 
         # Several processes clip and quantize the unit's linears in parallel and share the results.
         qws = {}
-        for n, (qw, damp) in zip(targets, distributed.solve_shared(clip_and_quantize, len(targets))):
+        for n, (qw, st) in zip(targets, distributed.solve_shared(clip_and_quantize, len(targets))):
             qws[n] = qw
-            if damp is not None:
-                self.damp_raised.append(f"{unit.targets[n]} (damp {damp:g})")
+            self.note_damping(unit.targets[n], st)
         t3 = time.perf_counter()
         for n, qw in qws.items():
             m = linears[n]

@@ -53,6 +53,11 @@ class LayerStep:
     def __call__(self, index: int, layer: nn.Module, hidden, args: tuple, kwargs: dict):
         raise NotImplementedError
 
+    def note_damping(self, name: str, stats) -> None:
+        """Record `name` when its GPTQ solve (stats: GPTQStats, or None for another solver) raised the damping."""
+        if stats is not None and stats.damp_raised:
+            self.damp_raised.append(f"{name} (damp {stats.damp:g})")
+
 
 class Method:
     """A quantization method; each module under llmq/methods/ defines one as METHOD.

@@ -87,8 +87,7 @@ class GPTQLayerStep(LayerStep):
                 m.weight.data = qw.dequantize(m.weight.dtype)
                 solved[local] = qw
                 errors.append(stats.output_mse)
-                if stats.damp_raised:
-                    self.damp_raised.append(f"{full} (damp {stats.damp:g})")
+                self.note_damping(full, stats)
         return hook
 
 

@@ -357,8 +357,7 @@ class W8A8LayerStep(LayerStep):
             for n, (qw, st) in zip(targets, results):
                 qw.g_idx = None  # one group per row: the group of every input is 0
                 qws[n] = qw
-                if st.damp_raised:
-                    self.damp_raised.append(f"{unit.targets[n]} (damp {st.damp:g})")
+                self.note_damping(unit.targets[n], st)
         else:
             qws = {n: rtn_quantize(linears[n].weight, 8, k, True, SCALE_DTYPE) for n in targets}
         for n, qw in qws.items():
