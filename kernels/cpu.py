@@ -217,13 +217,16 @@ def _dequant_weight_t(state: CpuState, dtype: torch.dtype) -> torch.Tensor:
 
 # The float dtypes' cast methods: a decode step's casts cost microseconds, .to(dtype) more.
 _CAST = {torch.float32: torch.Tensor.float, torch.float16: torch.Tensor.half, torch.bfloat16: torch.Tensor.bfloat16}
+_TO_COMPUTE = _CAST[COMPUTE_DTYPE]
 
 
 def _kernel(x2, state):
-    x2 = _CAST[COMPUTE_DTYPE](x2).contiguous()
+    # torch's own bindings of these operators: a microsecond less per call than torch.ops.aten's
+    # Python dispatch, as much as the cast of a decode step's row.
+    x2 = _TO_COMPUTE(x2).contiguous()
     if state.backend == "int4pack":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
-    return torch.ops.aten._weight_int8pack_mm(x2, state.weight, state.scales)
+        return torch._weight_int4pack_mm_for_cpu(x2, state.weight, state.group_size, state.scales)
+    return torch._weight_int8pack_mm(x2, state.weight, state.scales)
 
 
 def _dequant(x2, state, dtype):
