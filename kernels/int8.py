@@ -150,7 +150,8 @@ def _intmm(x2, w: Int8Weight, input_scale, bias, out_dtype):
         q, s = _quantize_into_scratch(x2, input_scale)
         # The int32 sums are written into the output's own memory and converted there, element by
         # element: the GEMM, not a later pass, pays for touching fresh memory, and every pass after
-        # it reads and writes memory the GEMM has just written (measured: 10 ms of a 320 ms prefill).
+        # it reads and writes memory the GEMM has just written (BENCHMARKS.md: "The int8 sums written
+        # where the output lives").
         y = torch.empty((q.shape[0], w.codes.shape[0]), dtype=torch.float32)
         acc = torch._int_mm(q, w.codes_t, out=y.view(torch.int32))
         y.copy_(acc)
