@@ -394,6 +394,24 @@ def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
     assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("20", "splitk"), ("20", "gemm")}
 
 
+def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
+    """scripts/gpu_checks.sh (the one command a lent GPU runs) writes each step's output and exit
+    status, goes on past a failed step, and stops a step at its limit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="", LLMQ_GPU_LIMITS="60 120 120 120 0.05")
+    run = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    steps = {p.stem: p.read_text().splitlines() for p in tmp_path.glob("*.txt")}
+    assert set(steps) == {"env", "check", "w8a8_dynamic", "w8a8_static", "int4"}
+    assert "device none" in steps["env"] and steps["env"][-1] == "exit status 0"
+    assert "no CUDA GPU found" in "\n".join(steps["check"]) and steps["check"][-1] == "exit status 1"
+    for name in ("w8a8_dynamic", "w8a8_static"):
+        assert "no CUDA GPU found" in "\n".join(steps[name]) and steps[name][-1] == "exit status 0"
+    assert steps["int4"][-1] == "exit status 124"  # 50 ms: too short to import torch
+
+
 def test_checkout_root_on_sys_path_loads_the_kernels_once():
     """transformers probes `import kernels`; from a checkout root that finds this repository's
     kernels/ folder, which must not define the modules or register the custom op a second time."""

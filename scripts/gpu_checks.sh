@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every check and figure llmq needs from a CUDA GPU, in one command, each step under a time limit.
+#
+#     OUT=DIR bash scripts/gpu_checks.sh          # from the repository root
+#
+# Steps, in order of what matters most if time runs out (each writes DIR/<step>.txt and ends it with
+# its exit status; a step that fails or runs out of time does not stop the next):
+#   env           the GPU, driver and the torch / triton / transformers versions
+#   check         scripts/check_kernels.py --quick: every kernel path against float64 and integer
+#                 references, CUDA graphs, quantized tiny Llamas eager and under torch.compile
+#   w8a8_dynamic  scripts/bench_kernels.py --w8a8: the Triton int8 GEMM with per-token activations
+#                 against cuBLAS fp16 at M = 1, 16, 256, 4096 on Llama-3.1-8B's linears
+#   w8a8_static   the same with static activation scales
+#   int4          scripts/bench_kernels.py: the int4 g128 dequantize-matmul kernels against cuBLAS fp16
+#
+# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4", default
+# "60 240 120 90 150": about 11 minutes at most. Without a GPU every step says so and ends.
+set -uo pipefail
+
+out=${OUT:-gpu-checks}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-60 240 120 90 150}"
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit} s)"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    echo "exit status ${PIPESTATUS[0]}" | tee -a "$out/$name.txt"
+}
+
+step env "${limits[0]}" bash -c "nvidia-smi; $python -c 'import torch, triton, transformers
+print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"transformers\", transformers.__version__)
+print(\"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\")'"
+step check "${limits[1]}" "$python" scripts/check_kernels.py --quick
+step w8a8_dynamic "${limits[2]}" "$python" scripts/bench_kernels.py --w8a8
+step w8a8_static "${limits[3]}" "$python" scripts/bench_kernels.py --w8a8 --act static
+step int4 "${limits[4]}" "$python" scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16 \
+    --m 1 16 256 2048
