@@ -149,14 +149,17 @@ def _parse_hf(spec: str) -> tuple[str, str | None, str | None, str]:
 
 def _hub_column(name: str, config: str | None, split: str, column: str, data_files) -> list:
     """One column of one split of a hub dataset, as a list of rows."""
-    import datasets
-
     where = f"{name}" + (f" ({config})" if config else "")
     if not _hub_answers():
         raise LlmqError(
             f"could not reach the Hugging Face hub to load {where}; {_LOCAL_HINT} "
             "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)"
         )
+    try:
+        import datasets
+    except ImportError as err:
+        raise LlmqError(f"loading {where} from the hub needs the `datasets` package (pip install datasets); "
+                        f"{_LOCAL_HINT}") from err
     try:
         dataset = datasets.load_dataset(name, config, split=split, data_files=data_files)
     except datasets.exceptions.DatasetNotFoundError as err:

@@ -223,6 +223,7 @@ class LlmqHfQuantizer(HfQuantizer):
             swap_in_quant_experts(model, header, qc, dtype)
             names = [n for n in w8a8_module_names(header) if not _inside_quant_experts(model, n)]
             swap_in_w8a8_linears(model, names, qc, dtype)
+            self.experts_all_quantized = not find_experts(model)
             check_against_model(model, header)
             return model
         if not quantized_module_names(header):
@@ -232,16 +233,20 @@ class LlmqHfQuantizer(HfQuantizer):
         swap_in_quant_experts(model, header, qc, dtype)
         names = [n for n in quantized_module_names(header) if not _inside_quant_experts(model, n)]
         swap_in_quant_linears(model, names, qc, dtype, header)
+        self.experts_all_quantized = not find_experts(model)
         check_against_model(model, header)
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, *model):
+        # transformers 5.24 passes the model too; 5.17 passes the conversions alone.
+        updated = super().update_weight_conversions(weight_conversions, *model)
         # W8A8 experts are stored per expert as int8 `weight`s, the names of the full-precision
-        # per-expert weights that the MoE converters stack into 3D parameters: here they load
-        # into the experts' own W8A8Linear modules instead. (llmq writes every experts module of a
-        # W8A8 model quantized, or none of them, so no full-precision expert needs the converters.)
-        updated = super().update_weight_conversions(weight_conversions, model)
-        if getattr(self, "int8_experts", False):
+        # per-expert weights that the MoE converters stack into 3D parameters: here they load into
+        # the experts' own W8A8Linear modules instead. And where no full-precision experts module is
+        # left, the converters have nothing to load, while transformers 5.17 matches their
+        # `experts.*.w1.weight` inside `experts.0.w1.weight_packed` (no name boundary), taking the
+        # tensors that llmq's own converters read.
+        if getattr(self, "int8_experts", False) or getattr(self, "experts_all_quantized", False):
             updated = [c for c in updated if not _merges_experts(c)]
         return updated
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import sys
 import time
 
 import pytest
@@ -88,7 +89,7 @@ def test_json_list_of_objects(tmp_path):
 
 
 def test_parquet(tmp_path):
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     texts = [random_text(8, seed=i) for i in range(5)]
@@ -117,7 +118,7 @@ def test_unknown_column_lists_columns(tmp_path):
     path.write_text(json.dumps({"body": "x", "title": "y"}) + "\n", encoding="utf-8")
     with pytest.raises(LlmqError, match="no column 'text'; columns: body, title"):
         load_text(str(path))
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
@@ -162,7 +163,7 @@ def test_hub_unreachable_here():
 
 
 def test_load_dataset_connection_failure_is_wrapped(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     def refuse(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'x' on the Hub")
@@ -173,8 +174,15 @@ def test_load_dataset_connection_failure_is_wrapped(monkeypatch):
         load_text("c4")
 
 
+def test_hub_dataset_without_the_datasets_package_is_one_line(monkeypatch):
+    monkeypatch.setattr(data, "_hub_answers", lambda timeout=5.0: True)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(LlmqError, match="needs the `datasets` package.*local text file"):
+        load_text("c4")
+
+
 def test_hub_spec_fields_and_column_check(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     seen = {}
 
@@ -280,7 +288,7 @@ def test_self_needs_model(tok):
 
 
 def test_named_hub_specs(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     calls = []
 

@@ -43,7 +43,10 @@ class FakeHub:
 
     def _check(self, repo_id):
         if repo_id != REPO:
-            from httpx2 import Request, Response  # the hub client's HTTP library
+            try:  # the hub client's HTTP library: httpx2 from huggingface_hub 2, httpx before
+                from httpx2 import Request, Response
+            except ImportError:
+                from httpx import Request, Response
 
             url = f"https://huggingface.co/api/models/{repo_id}"
             raise huggingface_hub.errors.RepositoryNotFoundError(

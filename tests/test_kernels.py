@@ -399,7 +399,7 @@ def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
     status, goes on past a failed step, and stops a step at its limit."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="", LLMQ_GPU_LIMITS="60 120 120 120 0.05")
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", LLMQ_GPU_LIMITS="60 120 120 120 0.05")
     run = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

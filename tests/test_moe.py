@@ -587,3 +587,42 @@ def test_expert_rows_are_placed_in_the_whole_batch_by_their_tokens(monkeypatch):
     assert experts.expert_of("mlp.experts.3.w2") == ("mlp.experts", 3) and experts.expert_of("mlp.gate") is None
     with pytest.raises(LlmqError, match="reads 4 rows, not the layer's 15 tokens"):
         experts.positions("mlp.gate", flat[:4])
+
+
+@pytest.mark.parametrize("skip_first_experts", [False, True])
+def test_loader_leaves_out_expert_merges_where_no_full_precision_experts_remain(tmp_path, monkeypatch,
+                                                                             skip_first_experts):
+    """transformers' MoE converters stack per-expert weights into 3D parameters. Where every experts
+    module is quantized there is none to fill, and transformers 5.17 matches their patterns inside
+    the quantized tensors' names, so the loader leaves them out; an experts module kept in full
+    precision keeps them. The quantizer takes the conversions alone, as transformers 5.17 calls it."""
+    from transformers.quantizers import HfQuantizer
+
+    from llmq.hf import LlmqHfQuantizer, _merges_experts
+
+    skip = ["lm_head"] + (["layers.0.mlp.experts"] if skip_first_experts else [])
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=GROUP, modules_to_not_convert=skip),
+                          progress=False)
+    llmq.save(model, tmp_path / "q")
+    returned, given = [], []
+    original = LlmqHfQuantizer.update_weight_conversions
+
+    def spy(self, weight_conversions, *model_arg):
+        given.append(list(weight_conversions))
+        returned.append(original(self, weight_conversions, *model_arg))
+        return returned[-1]
+
+    monkeypatch.setattr(LlmqHfQuantizer, "update_weight_conversions", spy)
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # The last call sets up the loading itself, after the quantized modules are in place.
+    assert any(_merges_experts(c) for c in given[-1])  # Mixtral's conversion mapping merges its experts
+    assert any(_merges_experts(c) for c in returned[-1]) == skip_first_experts
+
+    # transformers 5.17's call: the conversions alone, to a base method that takes nothing more.
+    quantizer = loaded.hf_quantizer
+    monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, weight_conversions: weight_conversions)
+    kept = original(quantizer, given[-1])
+    assert kept == ([c for c in given[-1] if not _merges_experts(c)] if not skip_first_experts else given[-1])
