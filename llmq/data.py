@@ -257,8 +257,11 @@ def _json_column(path: Path, column: str) -> list:
 
 
 def _parquet_column(path: Path, column: str) -> list:
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # it comes with `datasets`; an install without it lacks both
+        raise LlmqError(f"reading {str(path)!r} needs the `pyarrow` package (pip install pyarrow); or pass the "
+                        "text as a .txt, .jsonl or .json file") from err
     try:
         columns = pq.read_schema(path).names
     except Exception as err:  # pyarrow raises its own error types for bad files

@@ -181,6 +181,15 @@ def test_hub_dataset_without_the_datasets_package_is_one_line(monkeypatch):
         load_text("c4")
 
 
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(LlmqError, match="needs the `pyarrow` package"):
+        load_text(str(path))
+
+
 def test_hub_spec_fields_and_column_check(monkeypatch):
     datasets = pytest.importorskip("datasets")
 
