@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check and figure llmq needs from a CUDA GPU, in one command, each step under a time limit.
+# The checks and figures llmq needs most from a CUDA GPU (README, *Kernels*, lists the rest), in one
+# command, each step under a time limit.
 #
 #     OUT=DIR bash scripts/gpu_checks.sh          # from the repository root
 #
