@@ -26,14 +26,12 @@ is fp32); on the large-M path a dense [K, N] weight in x's dtype.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize
 from .layout import codes_per_word, group_width
+from .triton_modules import runs_triton, triton_module
 
 DECODE_MAX_M = 16
 GEMM_MAX_M = 128
@@ -43,21 +41,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _triton_module():
     """The Triton kernel module, or None when triton is not installed."""
-    try:
-        return importlib.import_module(f"{__package__}.triton_qmm")
-    except ImportError:
-        return None
+    return triton_module("triton_qmm")
 
 
 def uses_triton(device: torch.device) -> bool:
     """Whether dequant_matmul runs the Triton kernels for tensors on `device`."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    module = _triton_module()
-    # Kernels defined before the variable was set are compiled kernels, which cannot run on CPU.
-    return module is not None and module.INTERPRET
+    return runs_triton(device, "triton_qmm")
 
 
 def check_inputs(x, qweight, qzeros, scales, *, bits, group_size, g_idx=None, bias=None) -> int:

@@ -35,8 +35,6 @@ which costs more than the int8 GEMM itself at M = 1.
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 
 from . import cpu_select
 from .scratch import scratch
+from .triton_modules import runs_triton, triton_module
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT8_DECODE_MAX_M = 16
@@ -100,19 +99,12 @@ def int8_reference(x, weight, weight_scale, input_scale=None, bias=None):
 
 
 def _triton_module():
-    try:
-        return importlib.import_module(f"{__package__}.triton_int8")
-    except ImportError:
-        return None
+    return triton_module("triton_int8")
 
 
 def uses_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    module = _triton_module()
-    return module is not None and module.INTERPRET
+    """Whether int8_linear runs the Triton kernels for tensors on `device`."""
+    return runs_triton(device, "triton_int8")
 
 
 def _quantize_into_scratch(x2, input_scale):
