@@ -62,17 +62,22 @@ def m_bucket(m: int) -> int:
 
 
 @triton.jit
-def _row_scale_kernel(x_ptr, xs_ptr, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """One program per row: its scale max|x| / 127 (1 for an all-zero row)."""
-    row = tl.program_id(0)
+def _row_scale(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """The scale max|x| / 127 of one row of x (1 for an all-zero row)."""
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     scale = tl.max(amax, axis=0) / 127.0
-    scale = tl.where(scale > 0, scale, 1.0)
-    tl.store(xs_ptr + row, scale)
+    return tl.where(scale > 0, scale, 1.0)
+
+
+@triton.jit
+def _row_scale_kernel(x_ptr, xs_ptr, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """One program per row: its scale (_row_scale)."""
+    row = tl.program_id(0)
+    tl.store(xs_ptr + row, _row_scale(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K))
 
 
 @triton.jit
@@ -92,13 +97,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, xs_ptr, K, stride_xm, stride_xk, STATIC:
     if STATIC:
         scale = tl.load(xs_ptr)
     else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.max(amax, axis=0) / 127.0
-        scale = tl.where(scale > 0, scale, 1.0)
+        scale = _row_scale(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K)
         tl.store(xs_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)

@@ -24,6 +24,7 @@ themselves live on the meta device and are read from disk when reached.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -100,6 +101,19 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor,
 LayerStep = Callable[[int, nn.Module, torch.Tensor, tuple, dict], tuple[torch.Tensor, str]]
 
 
+@contextmanager
+def _visiting(layers: nn.ModuleList, i: int, device: torch.device, streamer):
+    """Layer i, read in first when streamed, on the device for the body of the with; back where it
+    was afterwards (a streamer's release, which needs the layer's output, comes after)."""
+    if streamer is not None:
+        streamer.load(i)
+    layer = layers[i]
+    home = next(layer.parameters()).device
+    layer.to(device)
+    yield layer
+    layer.to(home)
+
+
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
                progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None,
@@ -140,15 +154,10 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     bar = tqdm(range(first, len(layers)), desc=desc, unit="layer", disable=not progress, initial=first,
                total=len(layers))
     for i in bar:
-        if streamer is not None:
-            streamer.load(i)
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        args, kwargs = to_device(per_layer[i], device)
-        hidden, status = step(i, layer, hidden.to(device), args, kwargs)
-        hidden = store.put(hidden)
-        layer.to(home)
+        with _visiting(layers, i, device, streamer) as layer:
+            args, kwargs = to_device(per_layer[i], device)
+            hidden, status = step(i, layer, hidden.to(device), args, kwargs)
+            hidden = store.put(hidden)
         if streamer is not None:
             streamer.release(i, hidden)
         per_layer[i] = None  # free this layer's masks as soon as possible
@@ -171,13 +180,8 @@ def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, 
         indices = range(first, len(layers))
     bar = tqdm(indices, desc=desc, unit="layer", disable=not progress)
     for i in bar:
-        if streamer is not None:
-            streamer.load(i)
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        _, status = step(i, layer, None, (), {})
-        layer.to(home)
+        with _visiting(layers, i, device, streamer) as layer:
+            _, status = step(i, layer, None, (), {})
         if streamer is not None:
             streamer.release(i, None)
         if status:
