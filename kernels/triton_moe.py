@@ -19,6 +19,15 @@ use 64. Experts without tokens cost nothing: they own no tile.
 Output: [S, N] in slot order (S = number of slots), in x's dtype, fp32
 accumulation. No act-order (g_idx) here: QuantExperts uses this kernel only
 for experts without one.
+
+W8A8 experts (`grouped_int8_matmul`) run the same tiles through int8 x int8
+`tl.dot` into int32, with the scales in the epilogue as in `triton_int8`:
+
+    weight int8 [E, N, K]    weight_scale fp32 [E, N]    input_scale fp32 [E] (static) or None
+
+Dynamic activations are quantized once per token, before the launch
+(`triton_int8.quantize_rows`: a token's scale does not depend on the expert);
+static ones with each expert's own scale, inside the tile loads.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_int8 import _quantize_code, quantize_rows
 from .triton_qmm import INTERPRET, _dequant_tile
 
 
@@ -68,6 +78,49 @@ def _grouped_qmm_kernel(x_ptr, slots_ptr, block_expert_ptr, block_start_ptr, blo
         acc += b[None, :]
     out_ptrs = out_ptr + offs_s[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _grouped_int8_kernel(x_ptr, xs_ptr, slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+                         w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm,
+                         STATIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[s] = (q(x[slots[s]]) @ W_e^T) * s_x * s_w[e] (+ bias[e]). x: int8 codes of every token
+    (dynamic, xs their scales [T]) or the float tokens (static, xs the experts' scales [E])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    start = tl.load(block_start_ptr + pid_m)
+    end = tl.load(block_end_ptr + pid_m)
+    offs_s = start + tl.arange(0, BLOCK_M)
+    s_mask = offs_s < end
+    rows = tl.load(slots_ptr + offs_s, mask=s_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if STATIC:
+        xs = tl.load(xs_ptr + e + tl.zeros((BLOCK_M,), dtype=tl.int64))
+    else:
+        xs = tl.load(xs_ptr + rows, mask=s_mask, other=1.0)
+    w_e = w_ptr + e * N * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+        x_mask = s_mask[:, None] & k_mask[None, :]
+        if STATIC:
+            q = _quantize_code(tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32), xs[:, None])
+        else:
+            q = tl.load(x_ptrs, mask=x_mask, other=0)
+        w = tl.load(w_e + offs_n[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(q, w, acc, out_dtype=tl.int32)
+    ws = tl.load(ws_ptr + e * N + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y += b[None, :]
+    out_ptrs = out_ptr + offs_s[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
 
 
 # Rows per tile: a decode step gives each routed expert a handful of rows.
@@ -112,3 +165,37 @@ def grouped_dequant_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[in
         UPCAST_DOT=INTERPRET or x.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
+
+
+def grouped_int8_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], weight: torch.Tensor,
+                        weight_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = q(x[slots[s]]) @ W_e^T * s_x * s_w[e] (+ bias[e]) for the expert e owning slot s (module doc)."""
+    n, k = weight.shape[1], weight.shape[2]
+    block_m = DECODE_BLOCK_M if max(counts, default=0) <= DECODE_BLOCK_M else PREFILL_BLOCK_M
+    block_expert, block_start, block_end = tiles(counts, block_m, x.device)
+    out = torch.empty(slots.numel(), n, dtype=x.dtype, device=x.device)
+    if block_expert.numel() == 0:
+        return out
+    x = x.contiguous()
+    if input_scale is None:
+        xq, xs = quantize_rows(x, None)  # every token once: its codes serve each expert it is routed to
+    else:
+        xq, xs = x, input_scale.float().contiguous()
+    launch = int8_launch(block_m)
+    grid = (block_expert.numel(), triton.cdiv(n, launch["BLOCK_N"]))
+    _grouped_int8_kernel[grid](
+        xq, xs, slots.to(torch.int32).contiguous(), block_expert, block_start, block_end,
+        weight.contiguous(), weight_scale.float().contiguous(),
+        bias.float().contiguous() if bias is not None else weight_scale, out, n, k, xq.stride(0),
+        STATIC=input_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, **launch)
+    return out
+
+
+def int8_launch(block_m: int) -> dict:
+    """BLOCK_N, BLOCK_K and num_warps of a grouped int8 launch of block_m rows per tile. Gathering the
+    rows of x takes registers: ptxas (sm_90) spills with K tiles of 128, or with 4 warps at 64 rows,
+    and not at these (scripts/compile_kernels.py compiles them)."""
+    if INTERPRET:
+        return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
+    return dict(BLOCK_N=64, BLOCK_K=64, num_warps=4 if block_m <= DECODE_BLOCK_M else 8)

@@ -26,12 +26,16 @@ from the integer codes:
    and scales equal to `quantize_activations` bit for bit; CUDA graphs; W8A8
    tiny Llamas (dynamic and static) on CUDA against their CPU forward, eager
    and under torch.compile.
+7. Mixture-of-experts: a tiny Mixtral's experts block quantized weight-only
+   (int4 g32) and W8A8 (dynamic, static), its grouped kernels (one launch per
+   side over every expert) against the block's loop over experts on CPU,
+   for a decode step's few tokens and a prefill's many.
 
     python scripts/check_kernels.py            # needs a CUDA GPU
     python scripts/check_kernels.py --quick    # fewer cases
 
-With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1, 2 and 6's
-kernel checks on the interpreter (the test suite does this to keep the script working; it proves
+With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1, 2, 6's
+kernel checks and 7 on the interpreter (the test suite does this to keep the script working; it proves
 nothing about the GPU). Exit status 1 on the first failed check.
 """
 
@@ -337,6 +341,46 @@ def check_w8a8_model(act, dtype, compile_model, log):
     check(label, y.cpu(), ref, tol, log)
 
 
+def check_moe_blocks(device, log):
+    """Each grouped MoE kernel against the loop over experts on CPU (fp32), in one experts block."""
+    import transformers as T
+
+    import llmq
+    from llmq.modules.qexperts import QuantExperts
+    from llmq.modules.qlinear import set_cpu_backend
+
+    def mixtral():  # a config of its own for each model: quantizing records itself in the config
+        return T.MixtralForCausalLM(T.MixtralConfig(
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+
+    calibration = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(2))
+    settings = {"int4 g32": dict(bits=4, group_size=32, sym=False), "W8A8 dynamic": dict(scheme="w8a8"),
+                "W8A8 static": dict(scheme="w8a8", act="static")}
+    for name, options in settings.items():
+        torch.manual_seed(0)
+        model = llmq.quantize(mixtral(), llmq.QuantConfig(**options),
+                              dataset=calibration, progress=False)
+        block = next(m for m in model.modules() if isinstance(m, QuantExperts))
+        if "bits" in options:
+            set_cpu_backend(block, "dense")  # the loop's reference: each expert's dequantized weight in fp32
+        for tokens in (3, 70):
+            g = torch.Generator().manual_seed(tokens)
+            hidden = torch.randn(tokens, 128, generator=g)
+            index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)])
+            weights = torch.rand(tokens, 2, generator=g)
+            with torch.no_grad():
+                ref = block(hidden, index, weights).double()  # the loop over experts, CPU kernels
+                if device == "cuda":
+                    y = block.to("cuda")(hidden.cuda(), index.cuda(), weights.cuda()).cpu()
+                    block.to("cpu")
+                else:
+                    y = block.grouped_forward(hidden, index, weights)
+            # W8A8 on CUDA: an input that CUDA's float ops round across a level moves one code.
+            tol = 1e-2 if device == "cuda" and name.startswith("W8A8") else 1e-4
+            check(f"MoE {name} grouped, {tokens} tokens", y, ref, tol, log)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -357,7 +401,8 @@ def main(argv=None) -> int:
     log: list[tuple[str, float]] = []
     steps = [("matmul", lambda: check_matmul(args.device, args.quick, log)),
              ("poisoned outputs", lambda: check_poisoned(args.device, log)),
-             ("int8 matmul", lambda: check_int8_matmul(args.device, args.quick, log))]
+             ("int8 matmul", lambda: check_int8_matmul(args.device, args.quick, log)),
+             ("MoE grouped kernels", lambda: check_moe_blocks(args.device, log))]
     if args.device == "cuda":
         steps += [("cuda graphs", lambda: check_cuda_graphs(log)),
                   ("act-order layer", lambda: check_act_order_layer(log)),

@@ -11,7 +11,8 @@ instructions used.
 Specializations: every autotune config of each path (split-K decode, tiled
 GEMM, dequantize), for each bit width, act-order or not, activation dtype, and
 bias or not; the same for the W8A8 int8 kernels (split-K, GEMM, per-token
-scales), static activations or dynamic; `--quick` compiles every config once and every specialization
+scales), static activations or dynamic; and the grouped MoE kernels (weight-only
+and W8A8) at the tiles they launch with. `--quick` compiles every config once and every specialization
 with one config (what the test suite runs).
 
     python scripts/compile_kernels.py --arch 90 80
@@ -139,6 +140,64 @@ def int8_plan(ti, quick: bool):
     return every_config + [(s, configs[s.path][0]) for s in few]
 
 
+@dataclass
+class MoeSpec:
+    """One specialization of the grouped MoE kernels (llmq.kernels.triton_moe), with the tiles the host picks."""
+
+    path: str  # moe-packed | moe-int8
+    dtype: str
+    block_m: int  # DECODE_BLOCK_M or PREFILL_BLOCK_M
+    bits: int = 4  # moe-packed
+    group_size: int = 128  # moe-packed
+    static: bool = False  # moe-int8
+
+    def label(self) -> str:
+        what = f"b{self.bits} g{self.group_size}" if self.path == "moe-packed" else ("static" if self.static else "dyn")
+        return f"{self.path} {what} {DTYPES[self.dtype]} m{self.block_m}"
+
+
+def moe_kernel_source(tm, spec: MoeSpec, config):
+    from triton.compiler import ASTSource
+
+    t = DTYPES[spec.dtype]
+    tiles = {"slots_ptr": "*i32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "block_end_ptr": "*i32"}
+    if spec.path == "moe-packed":
+        fn = tm._grouped_qmm_kernel
+        sig = {"x_ptr": f"*{t}", **tiles, "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{t}", "bias_ptr": f"*{t}",
+               "out_ptr": f"*{t}", "N": "i32", "K": "i32", "stride_xm": "i32"}
+        const = dict(BITS=spec.bits, GROUP_SIZE=spec.group_size, HAS_BIAS=True, UPCAST_DOT=spec.dtype == "float32",
+                     **config.kwargs)
+    else:
+        fn = tm._grouped_int8_kernel
+        sig = {"x_ptr": f"*{t}" if spec.static else "*i8", "xs_ptr": "*fp32", **tiles, "w_ptr": "*i8",
+               "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{t}", "N": "i32", "K": "i32", "stride_xm": "i32"}
+        const = dict(STATIC=spec.static, HAS_BIAS=True, **config.kwargs)
+    sig.update({name: "constexpr" for name in const})
+    missing = set(fn.arg_names) - set(sig)
+    if missing:
+        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
+    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
+    return ASTSource(fn, sig, constexprs)
+
+
+def moe_plan(tm):
+    """The grouped kernels at the tiles grouped_dequant_matmul / grouped_int8_matmul launch on CUDA."""
+    import triton
+
+    jobs = []
+    for block_m, dtype in itertools.product((tm.DECODE_BLOCK_M, tm.PREFILL_BLOCK_M), DTYPES):
+        for bits, gs in itertools.product((4, 8), GROUP_SIZES):
+            block_k = max(32, min(128, gs)) if gs % 32 == 0 else 32
+            jobs.append((MoeSpec("moe-packed", dtype, block_m, bits=bits, group_size=gs),
+                         triton.Config(dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k))))
+        launch = tm.int8_launch(block_m)
+        warps = launch.pop("num_warps")
+        for static in (False, True):
+            jobs.append((MoeSpec("moe-int8", dtype, block_m, static=static),
+                         triton.Config(dict(BLOCK_M=block_m, **launch), num_warps=warps)))
+    return jobs
+
+
 def _torch_dtype(name):
     import torch
 
@@ -161,7 +220,8 @@ def compile_one(tq, spec, config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile
 
-    source = int8_kernel_source(tq, spec, config) if isinstance(spec, Int8Spec) else kernel_source(tq, spec, config)
+    source = (int8_kernel_source(tq, spec, config) if isinstance(spec, Int8Spec)
+              else moe_kernel_source(tq, spec, config) if isinstance(spec, MoeSpec) else kernel_source(tq, spec, config))
     kernel = compile(source, target=GPUTarget("cuda", arch, 32),
                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     usage = resource_usage(kernel.asm["cubin"])
@@ -201,6 +261,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import llmq.kernels.triton_int8 as ti
+    import llmq.kernels.triton_moe as tm
     import llmq.kernels.triton_qmm as tq
 
     if tq.INTERPRET:
@@ -214,6 +275,7 @@ def main(argv=None) -> int:
         print(f"  {'kernel':<34} {'config':<44} {'regs':>4} {'stack':>5} {'spill':>5} {'shared':>7}  mma")
         jobs = [(tq, spec, config) for spec, config in plan(tq, args.quick)]
         jobs += [(ti, spec, config) for spec, config in int8_plan(ti, args.quick)]
+        jobs += [(tm, spec, config) for spec, config in moe_plan(tm)]
         for module, spec, config in jobs:
             meta = " ".join(f"{k}={v}" for k, v in config.kwargs.items() if k != "GROUP_M")
             meta += f" w{config.num_warps} s{config.num_stages}"

@@ -361,15 +361,15 @@ def test_import_needs_no_triton_and_sets_nothing():
 
 
 def test_cuda_check_script_runs_on_the_interpreter():
-    """scripts/check_kernels.py (the GPU correctness run) stays runnable: its matmul and
-    poisoned-output checks pass on the interpreter."""
+    """scripts/check_kernels.py (the GPU correctness run) stays runnable: its matmul, poisoned-output,
+    int8 and MoE checks pass on the interpreter."""
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "check_kernels.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, script, "--device", "cpu", "--quick"], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ok  matmul" in run.stdout and "ok  poisoned outputs" in run.stdout and "checks passed" in run.stdout
-    assert "ok  int8 matmul" in run.stdout
+    assert "ok  int8 matmul" in run.stdout and "ok  MoE grouped kernels" in run.stdout
 
 
 def test_w8a8_gpu_benchmark_runs_on_the_interpreter():

@@ -94,3 +94,86 @@ def test_quant_experts_grouped_form_follows_an_experts_buffers_put_in_by_a_hook(
         expected = q(hidden, index, weights)
         got = q.grouped_forward(hidden, index, weights)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("static,tokens,dtype", [(False, 3, torch.float32), (False, 40, torch.bfloat16),
+                                                 (True, 5, torch.float32), (True, 40, torch.float16)])
+def test_grouped_int8_kernel_matches_the_integer_reference(static, tokens, dtype):
+    from llmq.kernels import quantize_activations
+    from llmq.kernels.moe import grouped_int8_matmul
+
+    e, n, k, top_k = 4, 48, 80, 2  # n and k are not multiples of the tiles: the masks are exercised
+    g = torch.Generator().manual_seed(200 + tokens)
+    w = torch.randint(-127, 128, (e, n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(e, n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(e, n, generator=g)
+    x = torch.randn(tokens, k, generator=g) * 2
+    x[:, 7] *= 40  # an outlier channel
+    x = x.to(dtype)
+    input_scale = torch.rand(e, generator=g) * 0.05 + 0.02 if static else None  # clips the outliers
+    choice = torch.stack([torch.randperm(e - 1, generator=g)[:top_k] for _ in range(tokens)])
+    flat = choice.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    slots = order // top_k
+    counts = torch.bincount(flat, minlength=e).tolist()
+    assert counts[e - 1] == 0
+    out = grouped_int8_matmul(x, slots, counts, w, ws, input_scale, bias)
+    # Reference: each slot's row quantized as int8_linear quantizes it (its token's scale, or its
+    # expert's static one), exact integer products, the scales and bias in float64.
+    rows = []
+    for i, ex in enumerate(flat[order].tolist()):
+        q, s = quantize_activations(x[slots[i]].reshape(1, k), None if input_scale is None else input_scale[ex:ex + 1])
+        acc = (q.long() @ w[ex].long().t()).double()
+        rows.append(acc[0] * s.double().reshape(()) * ws[ex].double() + bias[ex].double())
+    ref = torch.stack(rows)
+    assert out.dtype == dtype and out.shape == (slots.numel(), n)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.parametrize("arch,act", [("mixtral", "dynamic"), ("qwen2_moe", "static"), ("gpt_oss", "static")])
+def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act):
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from conftest import random_ids, tiny_model
+
+    model = llmq.quantize(tiny_model(arch), QuantConfig(scheme="w8a8", act=act),
+                          dataset=random_ids(n=8, length=32, seed=5), progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    assert q.grouped_kind() == "int8"
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(11, 64, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
+    weights = torch.rand(11, 2, generator=g)
+    with torch.no_grad():
+        expected = q(hidden, index, weights)  # the loop over experts: each W8A8Linear on its own (CPU kernels)
+        got = q.grouped_forward(hidden, index, weights)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_w8a8_grouped_form_follows_an_expert_written_in_place_and_refuses_unequal_static_scales():
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from conftest import random_ids, tiny_model
+
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8", act="static"),
+                          dataset=random_ids(n=8, length=32, seed=5), progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(9, 64, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=g)
+    with torch.no_grad():
+        q.grouped_forward(hidden, index, weights)  # the stacked form is built
+        down = q.expert(1)._modules[q.down_name]
+        down.weight.copy_(torch.randint(-127, 128, down.weight.shape, generator=g, dtype=torch.int8))
+        torch.testing.assert_close(q.grouped_forward(hidden, index, weights), q(hidden, index, weights),
+                                   atol=1e-5, rtol=1e-5)
+        # Gate and up of one expert with different static scales cannot share one quantized input.
+        up = q.expert(2)._modules[q.up_names[-1]]
+        up.input_scale.mul_(2)
+        assert q._grouped_form() is None
+        with pytest.raises(RuntimeError, match="different input scales"):
+            q.grouped_forward(hidden, index, weights)

@@ -24,7 +24,10 @@ function runs unchanged.
 On CUDA, a block whose projections are all QuantLinear without act-order
 runs through one grouped Triton dequantize-matmul per side (llmq.kernels.moe:
 tokens sorted by expert, every expert in one launch, a small tile for decode
-steps) instead of a loop over experts. On CPU the loop calls each expert's
+steps) instead of a loop over experts; so does a block of W8A8Linear
+projections, through the grouped int8 kernel (static activations: when each
+expert's gate and up projections hold one input scale, as they do having
+observed the same tensor). On CPU the loop calls each expert's
 QuantLinear, which runs torch's int4/int8 weight-only kernels; a single token
 (a decode step at batch 1) goes straight to its top-k experts, without the
 sort and scatter, and hook-free QuantLinears are called without the module
@@ -50,6 +53,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .qlinear import QuantLinear
+from .w8a8 import W8A8Linear
 
 
 def weightless_copy(module: nn.Module) -> nn.Module:
@@ -123,11 +127,21 @@ class QuantExperts(nn.Module):
         h = ups[0] if len(ups) == 1 else torch.cat(ups, dim=-1)
         return _project(linears[self.down_name], self._activate(h))
 
+    def grouped_kind(self) -> str | None:
+        """The grouped kernel that runs this block: "packed" (every projection a QuantLinear without
+        act-order, one bit width and group size), "int8" (every projection a W8A8Linear, all static or
+        all dynamic), or None."""
+        linears = self._quant_linears()
+        if all(type(m) is W8A8Linear for m in linears) and len({m.static for m in linears}) == 1:
+            return "int8"
+        if (all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
+                and len({(m.bits, m.group_size) for m in linears}) == 1):
+            return "packed"
+        return None
+
     def grouped_ready(self) -> bool:
-        """Whether every projection is a QuantLinear the grouped kernel runs (same bits and groups, no act-order)."""
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear) or isinstance(m, QuantLinear)]
-        return (bool(linears) and all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
-                and len({(m.bits, m.group_size) for m in linears}) == 1)
+        """Whether a grouped kernel runs this block (grouped_kind)."""
+        return self.grouped_kind() is not None
 
     def _quant_linears(self) -> list:
         return [self.expert(e)._modules[n] for e in range(self.num_experts) for n in self.up_names + (self.down_name,)]
@@ -137,44 +151,49 @@ class QuantExperts(nn.Module):
         # Placed on a CUDA device: the stacked form is built now, from the moved experts.
         self.__dict__.pop("_grouped", None)
         self.__dict__.pop("_grouped_key", None)
-        if self.grouped_ready() and self.expert(0)._modules[self.down_name].qweight.device.type == "cuda":
+        down = self.expert(0)._modules[self.down_name]
+        kind = self.grouped_kind()
+        if kind is not None and (down.weight if kind == "int8" else down.qweight).device.type == "cuda":
             self._grouped_form()
         return moved
 
     def _grouped_form(self):
-        """Each side's weights stacked over experts ([E, ...] per packed tensor).
+        """Each side's weights stacked over experts ([E, ...] per tensor), or None where a static W8A8
+        expert's gate and up projections hold different input scales (the loop runs it then).
 
         Built when the block is placed on a CUDA device, or on the first grouped call; built
         again when an expert's buffers changed since (each QuantLinear's form version moves
-        when its buffers are loaded, put in by an offloading hook, or moved).
+        when its buffers are loaded, put in by an offloading hook, or moved; a W8A8Linear's
+        buffers are followed by identity and version).
         The gate and up projections of an expert are concatenated along the outputs, which keeps
         the packing (codes along K, zero points along N in whole words). A copy: while it is
         cached, the experts take twice their memory on the device.
         """
-        key = tuple(m._form.version for m in self._quant_linears())
+        kind = self.grouped_kind()
+        key = (kind, *(_w8a8_key(m) if kind == "int8" else m._form.version for m in self._quant_linears()))
         if self.__dict__.get("_grouped_key") == key:
             return self._grouped
         sides = []
         for names in (self.up_names, (self.down_name,)):
             per = [[self.expert(e)._modules[n] for n in names] for e in range(self.num_experts)]
-            stacked = {name: torch.stack([torch.cat([getattr(m, name) for m in ms], dim=1 if name != "bias" else 0)
-                                          for ms in per])
-                       for name in ("qweight", "qzeros", "scales")}
-            first = per[0][0]
-            stacked["bias"] = (torch.stack([torch.cat([m.bias for m in ms]) for ms in per])
-                               if first.bias is not None else None)
-            stacked["bits"], stacked["group_size"] = first.bits, first.group_size
-            sides.append(stacked)
+            side = _stack_int8(per) if kind == "int8" else _stack_packed(per)
+            if side is None:
+                sides = None
+                break
+            sides.append(side)
         self.__dict__["_grouped"] = sides
         self.__dict__["_grouped_key"] = key
         return sides
 
     def grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                        top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The forward through the grouped Triton kernel: all experts of the block in one launch per side."""
-        from ..kernels.moe import grouped_dequant_matmul
-
-        up, down = self._grouped_form()
+                        top_k_weights: torch.Tensor, form: list | None = None) -> torch.Tensor:
+        """The forward through the grouped Triton kernel: all experts of the block in one launch per side.
+        form: the stacked weights (_grouped_form), when the caller has them."""
+        form = self._grouped_form() if form is None else form
+        if form is None:
+            raise RuntimeError("this block's static W8A8 experts hold different input scales for their gate and "
+                               "up projections: the grouped kernel cannot run it (the forward loops over experts)")
+        up, down = form
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -183,14 +202,8 @@ class QuantExperts(nn.Module):
         order = order[: sum(counts)]
         slots = order // top_k
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        h = grouped_dequant_matmul(x, slots, counts, up["qweight"], up["qzeros"], up["scales"].to(x.dtype),
-                                   bits=up["bits"], group_size=up["group_size"],
-                                   bias=None if up["bias"] is None else up["bias"].to(x.dtype))
-        h = self._activate(h)
-        seq = torch.arange(h.shape[0], device=h.device)
-        out = grouped_dequant_matmul(h, seq, counts, down["qweight"], down["qzeros"], down["scales"].to(h.dtype),
-                                     bits=down["bits"], group_size=down["group_size"],
-                                     bias=None if down["bias"] is None else down["bias"].to(h.dtype))
+        h = self._activate(_grouped_matmul(x, slots, counts, up))
+        out = _grouped_matmul(h, torch.arange(h.shape[0], device=h.device), counts, down)
         out = out * top_k_weights.reshape(-1)[order, None]
         final = torch.zeros_like(hidden_states)
         final.index_add_(0, slots, out.to(final.dtype))
@@ -199,7 +212,9 @@ class QuantExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args, **kwargs) -> torch.Tensor:
         if hidden_states.device.type == "cuda" and not self.record_tokens and self.grouped_ready():
-            return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
+            form = self._grouped_form()
+            if form is not None:
+                return self.grouped_forward(hidden_states, top_k_index, top_k_weights, form)
         if top_k_index.shape[0] == 1 and not (self.calibrate_all or self.record_tokens):  # one token
             return self.token_forward(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
@@ -247,3 +262,44 @@ class QuantExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, projections={self.up_names + (self.down_name,)}, "
                 f"gate={type(self.template).__name__ if self.has_gate else 'none'}")
+
+
+def _stack_packed(per: list[list[QuantLinear]]) -> dict:
+    """One side's packed tensors stacked over experts, each expert's projections concatenated along N."""
+    stacked = {name: torch.stack([torch.cat([getattr(m, name) for m in ms], dim=1) for ms in per])
+               for name in ("qweight", "qzeros", "scales")}
+    first = per[0][0]
+    stacked["bias"] = torch.stack([torch.cat([m.bias for m in ms]) for ms in per]) if first.bias is not None else None
+    stacked["bits"], stacked["group_size"] = first.bits, first.group_size
+    return stacked
+
+
+def _stack_int8(per: list[list[W8A8Linear]]) -> dict | None:
+    """One side's int8 weights [E, N, K], weight scales [E, N], static input scales [E] (or None) and
+    biases stacked over experts; None when an expert's projections hold different input scales."""
+    first = per[0][0]
+    if first.static and any(not torch.equal(m.input_scale, ms[0].input_scale) for ms in per for m in ms[1:]):
+        return None
+    return {"weight": torch.stack([torch.cat([m.weight for m in ms]) for ms in per]),
+            "weight_scale": torch.stack([torch.cat([m.weight_scale.reshape(-1) for m in ms]) for ms in per]).float(),
+            "input_scale": torch.cat([ms[0].input_scale.reshape(1) for ms in per]).float() if first.static else None,
+            "bias": torch.stack([torch.cat([m.bias for m in ms]) for ms in per]) if first.bias is not None else None}
+
+
+def _w8a8_key(m: W8A8Linear) -> tuple:
+    """What a stacked copy of a W8A8Linear's buffers was made from: each tensor's identity and version.
+    Read on every CUDA forward: the module tables directly, not the slower attribute lookup."""
+    b = m._buffers
+    tensors = (b["weight"], b["weight_scale"], b.get("input_scale"), m._parameters.get("bias"))
+    return tuple((id(t), None if t is None or t.is_inference() else t._version) for t in tensors)
+
+
+def _grouped_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], side: dict) -> torch.Tensor:
+    """One side of the block through its grouped kernel: W8A8 or packed weights, by the side's tensors."""
+    from ..kernels.moe import grouped_dequant_matmul, grouped_int8_matmul
+
+    bias = None if side["bias"] is None else side["bias"].to(x.dtype)
+    if "weight" in side:
+        return grouped_int8_matmul(x, slots, counts, side["weight"], side["weight_scale"], side["input_scale"], bias)
+    return grouped_dequant_matmul(x, slots, counts, side["qweight"], side["qzeros"], side["scales"].to(x.dtype),
+                                  bits=side["bits"], group_size=side["group_size"], bias=bias)
