@@ -154,17 +154,27 @@ def grouped_dequant_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[in
     if block_expert.numel() == 0:
         return out
     x = x.contiguous()
-    block_n = 32 if INTERPRET else 64
-    block_k = max(32, min(128, group_size)) if group_size % 32 == 0 else 32
-    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    launch = packed_launch(group_size, x.dtype)
+    grid = (block_expert.numel(), triton.cdiv(n, launch["BLOCK_N"]))
     _grouped_qmm_kernel[grid](
         x, slots.to(torch.int32).contiguous(), block_expert, block_start, block_end,
         qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
         bias.contiguous() if bias is not None else scales, out, n, k, x.stride(0),
         BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
-        UPCAST_DOT=INTERPRET or x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        UPCAST_DOT=INTERPRET or x.dtype == torch.float32, BLOCK_M=block_m, **launch)
     return out
+
+
+def packed_launch(group_size: int, dtype: torch.dtype) -> dict:
+    """BLOCK_N, BLOCK_K and num_warps of a grouped dequantize-matmul launch. fp32 activations multiply
+    in fp32 without tensor cores, whose tiles take more registers: ptxas (sm_90) spills kilobytes at
+    the K tiles of fp16/bf16, and next to nothing at 32-wide tiles over 8 warps
+    (scripts/compile_kernels.py compiles both)."""
+    if INTERPRET:
+        return dict(BLOCK_N=32, BLOCK_K=max(32, min(128, group_size)) if group_size % 32 == 0 else 32, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_K=32, num_warps=8)
+    return dict(BLOCK_N=64, BLOCK_K=max(32, min(128, group_size)) if group_size % 32 == 0 else 32, num_warps=4)
 
 
 def grouped_int8_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], weight: torch.Tensor,

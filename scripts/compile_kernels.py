@@ -187,9 +187,10 @@ def moe_plan(tm):
     jobs = []
     for block_m, dtype in itertools.product((tm.DECODE_BLOCK_M, tm.PREFILL_BLOCK_M), DTYPES):
         for bits, gs in itertools.product((4, 8), GROUP_SIZES):
-            block_k = max(32, min(128, gs)) if gs % 32 == 0 else 32
+            launch = tm.packed_launch(gs, _torch_dtype(dtype))
+            warps = launch.pop("num_warps")
             jobs.append((MoeSpec("moe-packed", dtype, block_m, bits=bits, group_size=gs),
-                         triton.Config(dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k))))
+                         triton.Config(dict(BLOCK_M=block_m, **launch), num_warps=warps)))
         launch = tm.int8_launch(block_m)
         warps = launch.pop("num_warps")
         for static in (False, True):
