@@ -13,16 +13,18 @@
 #                 against cuBLAS fp16 at M = 1, 16, 256, 4096 on Llama-3.1-8B's linears
 #   w8a8_static   the same with static activation scales
 #   int4          scripts/bench_kernels.py: the int4 g128 dequantize-matmul kernels against cuBLAS fp16
+#   moe           scripts/bench_moe_kernels.py: the grouped MoE kernels (int4 g128, W8A8) against the
+#                 fp16 experts block of a Qwen3-30B-A3B-shaped layer
 #
-# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4", default
-# "60 240 120 90 150": about 11 minutes at most. Without a GPU every step says so and ends.
+# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe", default
+# "60 240 120 90 150 120": about 13 minutes at most. Without a GPU every step says so and ends.
 set -uo pipefail
 
 out=${OUT:-gpu-checks}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
-read -r -a limits <<< "${LLMQ_GPU_LIMITS:-60 240 120 90 150}"
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-60 240 120 90 150 120}"
 
 step() {
     local name=$1 limit=$2
@@ -40,3 +42,4 @@ step w8a8_dynamic "${limits[2]}" "$python" scripts/bench_kernels.py --w8a8
 step w8a8_static "${limits[3]}" "$python" scripts/bench_kernels.py --w8a8 --act static
 step int4 "${limits[4]}" "$python" scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16 \
     --m 1 16 256 2048
+step moe "${limits[5]}" "$python" scripts/bench_moe_kernels.py

@@ -399,17 +399,40 @@ def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
     status, goes on past a failed step, and stops a step at its limit."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", LLMQ_GPU_LIMITS="60 120 120 120 0.05")
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", LLMQ_GPU_LIMITS="60 120 120 120 0.05 120")
     run = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     steps = {p.stem: p.read_text().splitlines() for p in tmp_path.glob("*.txt")}
-    assert set(steps) == {"env", "check", "w8a8_dynamic", "w8a8_static", "int4"}
+    assert set(steps) == {"env", "check", "w8a8_dynamic", "w8a8_static", "int4", "moe"}
     assert "device none" in steps["env"] and steps["env"][-1] == "exit status 0"
     assert "no CUDA GPU found" in "\n".join(steps["check"]) and steps["check"][-1] == "exit status 1"
     for name in ("w8a8_dynamic", "w8a8_static"):
         assert "no CUDA GPU found" in "\n".join(steps[name]) and steps[name][-1] == "exit status 0"
     assert steps["int4"][-1] == "exit status 124"  # 50 ms: too short to import torch
+    assert "no CUDA GPU found" in "\n".join(steps["moe"]) and steps["moe"][-1] == "exit status 0"
+
+
+def test_moe_gpu_benchmark_runs_on_the_interpreter():
+    """scripts/bench_moe_kernels.py (the grouped MoE kernels against the fp16 experts block, run on a
+    GPU) stays runnable: its checks pass and it prints a row per number of tokens on the interpreter."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts")
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {script!r})\n"
+        "import bench_moe_kernels as B\n"
+        "def timer(f, return_mode=None):\n"
+        "    start = time.perf_counter(); f(); return (time.perf_counter() - start) * 1e3\n"
+        "args = B.parse_args(['--hidden', '128', '--intermediate', '128', '--experts', '4', '--top-k', '2',\n"
+        "                     '--tokens', '1', '20'])\n"
+        "sys.exit(B.bench(args, timer, device='cpu'))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.split() and line.split()[0] in ("1", "20")]
+    assert len(rows) == 2 and all(len(r) == 8 for r in rows)  # tokens, fp, then time, speedup, error per kernel
+    assert all(float(r[4]) < 0.3 and float(r[7]) < 0.05 for r in rows)  # int4 and W8A8 against fp
 
 
 def test_checkout_root_on_sys_path_loads_the_kernels_once():
