@@ -170,11 +170,12 @@ def packed_launch(group_size: int, dtype: torch.dtype) -> dict:
     in fp32 without tensor cores, whose tiles take more registers: ptxas (sm_90) spills kilobytes at
     the K tiles of fp16/bf16, and next to nothing at 32-wide tiles over 8 warps
     (scripts/compile_kernels.py compiles both)."""
+    aligned = max(32, min(128, group_size)) if group_size % 32 == 0 else 32  # K tiles aligned with the groups
     if INTERPRET:
-        return dict(BLOCK_N=32, BLOCK_K=max(32, min(128, group_size)) if group_size % 32 == 0 else 32, num_warps=4)
+        return dict(BLOCK_N=32, BLOCK_K=aligned, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_K=32, num_warps=8)
-    return dict(BLOCK_N=64, BLOCK_K=max(32, min(128, group_size)) if group_size % 32 == 0 else 32, num_warps=4)
+    return dict(BLOCK_N=64, BLOCK_K=aligned, num_warps=4)
 
 
 def grouped_int8_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], weight: torch.Tensor,
