@@ -41,21 +41,28 @@ from .triton_qmm import INTERPRET, _dequant_tile
 
 
 @triton.jit
+def _tile(slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr, N, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """This program's tile: (its expert, its slots and their mask, the rows of x they read, its output
+    columns and their mask)."""
+    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
+    start = tl.load(block_start_ptr + tl.program_id(0))
+    end = tl.load(block_end_ptr + tl.program_id(0))
+    offs_s = start + tl.arange(0, BLOCK_M)
+    s_mask = offs_s < end
+    rows = tl.load(slots_ptr + offs_s, mask=s_mask, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, offs_s, s_mask, rows, offs_n, offs_n < N
+
+
+@triton.jit
 def _grouped_qmm_kernel(x_ptr, slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
                         qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_xm,
                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                         UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    start = tl.load(block_start_ptr + pid_m)
-    end = tl.load(block_end_ptr + pid_m)
-    offs_s = start + tl.arange(0, BLOCK_M)
-    s_mask = offs_s < end
-    rows = tl.load(slots_ptr + offs_s, mask=s_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    e, offs_s, s_mask, rows, offs_n, n_mask = _tile(slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr, N,
+                                                    BLOCK_M, BLOCK_N)
     PER: tl.constexpr = 32 // BITS
     groups = K // GROUP_SIZE
     qw_e = qw_ptr + e * (K // PER) * N
@@ -87,16 +94,8 @@ def _grouped_int8_kernel(x_ptr, xs_ptr, slots_ptr, block_expert_ptr, block_start
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[s] = (q(x[slots[s]]) @ W_e^T) * s_x * s_w[e] (+ bias[e]). x: int8 codes of every token
     (dynamic, xs their scales [T]) or the float tokens (static, xs the experts' scales [E])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    start = tl.load(block_start_ptr + pid_m)
-    end = tl.load(block_end_ptr + pid_m)
-    offs_s = start + tl.arange(0, BLOCK_M)
-    s_mask = offs_s < end
-    rows = tl.load(slots_ptr + offs_s, mask=s_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    e, offs_s, s_mask, rows, offs_n, n_mask = _tile(slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr, N,
+                                                    BLOCK_M, BLOCK_N)
     if STATIC:
         xs = tl.load(xs_ptr + e + tl.zeros((BLOCK_M,), dtype=tl.int64))
     else:

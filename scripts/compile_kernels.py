@@ -53,10 +53,20 @@ class Spec:
                 f"{DTYPES[self.dtype]}{' bias' if self.bias else ''}")
 
 
-def kernel_source(tq, spec: Spec, config):
-    """The ASTSource of one specialization with one config's meta-parameters."""
+def _source(fn, sig: dict, const: dict):
+    """The ASTSource of kernel fn: sig gives its runtime arguments' types, const its constexpr values."""
     from triton.compiler import ASTSource
 
+    sig = {**sig, **{name: "constexpr" for name in const}}
+    missing = set(fn.arg_names) - set(sig)
+    if missing:
+        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
+    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
+    return ASTSource(fn, sig, constexprs)
+
+
+def kernel_source(tq, spec: Spec, config):
+    """The ASTSource of one specialization with one config's meta-parameters."""
     t = DTYPES[spec.dtype]
     if spec.path == "dequant":
         fn = tq._dequant_kernel
@@ -72,12 +82,7 @@ def kernel_source(tq, spec: Spec, config):
         const = dict(BITS=spec.bits, GROUP_SIZE=spec.group_size, ACT_ORDER=spec.act_order, HAS_BIAS=spec.bias,
                      ATOMIC=spec.path == "splitk", DOT_PRECISION=tq._dot_precision(_torch_dtype(spec.dtype)),
                      UPCAST_DOT=False, **config.kwargs)
-    sig.update({name: "constexpr" for name in const})
-    missing = set(fn.arg_names) - set(sig)
-    if missing:
-        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
-    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
-    return ASTSource(fn, sig, constexprs)
+    return _source(fn, sig, const)
 
 
 @dataclass
@@ -94,8 +99,6 @@ class Int8Spec:
 
 
 def int8_kernel_source(ti, spec: Int8Spec, config):
-    from triton.compiler import ASTSource
-
     t = DTYPES[spec.dtype]
     if spec.path == "int8-rowscale":
         fn = ti._row_scale_kernel
@@ -114,12 +117,7 @@ def int8_kernel_source(ti, spec: Int8Spec, config):
                "out_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
                "M_BUCKET": "i32"}
         const = dict(STATIC=spec.static, HAS_BIAS=spec.bias, ATOMIC=splitk, X_INT8=not splitk, **config.kwargs)
-    sig.update({name: "constexpr" for name in const})
-    missing = set(fn.arg_names) - set(sig)
-    if missing:
-        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
-    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
-    return ASTSource(fn, sig, constexprs)
+    return _source(fn, sig, const)
 
 
 def int8_plan(ti, quick: bool):
@@ -157,8 +155,6 @@ class MoeSpec:
 
 
 def moe_kernel_source(tm, spec: MoeSpec, config):
-    from triton.compiler import ASTSource
-
     t = DTYPES[spec.dtype]
     tiles = {"slots_ptr": "*i32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "block_end_ptr": "*i32"}
     if spec.path == "moe-packed":
@@ -172,12 +168,7 @@ def moe_kernel_source(tm, spec: MoeSpec, config):
         sig = {"x_ptr": f"*{t}" if spec.static else "*i8", "xs_ptr": "*fp32", **tiles, "w_ptr": "*i8",
                "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{t}", "N": "i32", "K": "i32", "stride_xm": "i32"}
         const = dict(STATIC=spec.static, HAS_BIAS=True, **config.kwargs)
-    sig.update({name: "constexpr" for name in const})
-    missing = set(fn.arg_names) - set(sig)
-    if missing:
-        raise RuntimeError(f"{fn.__name__} has arguments this script does not know: {sorted(missing)}")
-    constexprs = {(fn.arg_names.index(name),): value for name, value in const.items()}
-    return ASTSource(fn, sig, constexprs)
+    return _source(fn, sig, const)
 
 
 def moe_plan(tm):

@@ -372,23 +372,31 @@ def test_cuda_check_script_runs_on_the_interpreter():
     assert "ok  int8 matmul" in run.stdout and "ok  MoE grouped kernels" in run.stdout
 
 
-def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
-    """scripts/bench_kernels.py --w8a8 (the int8 GEMM against cuBLAS, run on a GPU) stays runnable:
-    its correctness check passes and it prints a row for each path and M on the interpreter."""
+def _gpu_benchmark_on_the_interpreter(module: str, body: str) -> subprocess.CompletedProcess:
+    """Run `body` in a process of its own under TRITON_INTERPRET=1, with scripts/`module` imported as B and
+    `timer` standing in for triton's do_bench (interpreter timings mean nothing); it must exit 0."""
     script = os.path.join(os.path.dirname(__file__), "..", "scripts")
     code = (
         "import sys, time, torch\n"
         f"sys.path.insert(0, {script!r})\n"
-        "import bench_kernels as B\n"
+        f"import {module} as B\n"
         "def timer(f, return_mode=None):\n"
         "    start = time.perf_counter(); f(); return (time.perf_counter() - start) * 1e3\n"
-        "for act in ('dynamic', 'static'):\n"
-        "    args = B.parse_args(['--w8a8', '--shapes', '40x64', '--m', '1', '20', '--all-paths', '--act', act])\n"
-        "    assert B.bench_w8a8(args, torch.float16, timer, device='cpu') == 0\n"
-    )
+    ) + body
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
+    """scripts/bench_kernels.py --w8a8 (the int8 GEMM against cuBLAS, run on a GPU) stays runnable:
+    its correctness check passes and it prints a row for each path and M on the interpreter."""
+    run = _gpu_benchmark_on_the_interpreter(
+        "bench_kernels",
+        "for act in ('dynamic', 'static'):\n"
+        "    args = B.parse_args(['--w8a8', '--shapes', '40x64', '--m', '1', '20', '--all-paths', '--act', act])\n"
+        "    assert B.bench_w8a8(args, torch.float16, timer, device='cpu') == 0\n")
     rows = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("40x64")]
     assert len(rows) == 2 * 2 * 3, run.stdout  # (act) x (M) x (triton, splitk, gemm)
     assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("20", "splitk"), ("20", "gemm")}
@@ -416,20 +424,11 @@ def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
 def test_moe_gpu_benchmark_runs_on_the_interpreter():
     """scripts/bench_moe_kernels.py (the grouped MoE kernels against the fp16 experts block, run on a
     GPU) stays runnable: its checks pass and it prints a row per number of tokens on the interpreter."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts")
-    code = (
-        "import sys, time\n"
-        f"sys.path.insert(0, {script!r})\n"
-        "import bench_moe_kernels as B\n"
-        "def timer(f, return_mode=None):\n"
-        "    start = time.perf_counter(); f(); return (time.perf_counter() - start) * 1e3\n"
+    run = _gpu_benchmark_on_the_interpreter(
+        "bench_moe_kernels",
         "args = B.parse_args(['--hidden', '128', '--intermediate', '128', '--experts', '4', '--top-k', '2',\n"
         "                     '--tokens', '1', '20'])\n"
-        "sys.exit(B.bench(args, timer, device='cpu'))\n"
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        "sys.exit(B.bench(args, timer, device='cpu'))\n")
     rows = [line.split() for line in run.stdout.splitlines() if line.split() and line.split()[0] in ("1", "20")]
     assert len(rows) == 2 and all(len(r) == 8 for r in rows)  # tokens, fp, then time, speedup, error per kernel
     assert all(float(r[4]) < 0.3 and float(r[7]) < 0.05 for r in rows)  # int4 and W8A8 against fp

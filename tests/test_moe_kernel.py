@@ -15,6 +15,16 @@ def _experts(e, n, k, bits, group_size, seed):
     return qws, stack("qweight"), stack("qzeros"), stack("scales")
 
 
+def _routing(tokens, e, top_k, g):
+    """(slots, counts per expert, expert of each slot) of a random routing that leaves the last expert
+    without tokens: tokens sorted by expert, as the QuantExperts forward sorts them."""
+    flat = torch.stack([torch.randperm(e - 1, generator=g)[:top_k] for _ in range(tokens)]).reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e).tolist()
+    assert counts[e - 1] == 0
+    return order // top_k, counts, flat[order]
+
+
 @pytest.mark.parametrize("bits,group_size,tokens", [(4, 32, 3), (4, 16, 40), (8, 64, 5)])
 def test_grouped_kernel_matches_float64(bits, group_size, tokens):
     from llmq.kernels.triton_moe import grouped_dequant_matmul
@@ -24,17 +34,10 @@ def test_grouped_kernel_matches_float64(bits, group_size, tokens):
     g = torch.Generator().manual_seed(100 + tokens)
     x = torch.randn(tokens, k, generator=g)
     bias = torch.randn(e, n, generator=g)
-    # Routing with one expert left without tokens: tokens sorted by expert, as the QuantExperts forward sorts them.
-    choice = torch.stack([torch.randperm(e - 1, generator=g)[:top_k] for _ in range(tokens)])
-    flat = choice.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    slots = order // top_k
-    counts = torch.bincount(flat, minlength=e).tolist()
-    assert counts[e - 1] == 0
+    slots, counts, experts_of_slots = _routing(tokens, e, top_k, g)
     out = grouped_dequant_matmul(x, slots, counts, qweight, qzeros, scales, bits=bits, group_size=group_size,
                                  bias=bias)
     # Reference: each slot's row times its expert's weight, dequantized from the integer codes in float64.
-    experts_of_slots = flat[order]
     ref = torch.stack([
         x[slots[i]].double() @ ((qws[ex].codes.double() - qws[ex].zeros.double().repeat_interleave(group_size, 1))
                                 * qws[ex].scales.double().repeat_interleave(group_size, 1)).t() + bias[ex].double()
@@ -111,17 +114,12 @@ def test_grouped_int8_kernel_matches_the_integer_reference(static, tokens, dtype
     x[:, 7] *= 40  # an outlier channel
     x = x.to(dtype)
     input_scale = torch.rand(e, generator=g) * 0.05 + 0.02 if static else None  # clips the outliers
-    choice = torch.stack([torch.randperm(e - 1, generator=g)[:top_k] for _ in range(tokens)])
-    flat = choice.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    slots = order // top_k
-    counts = torch.bincount(flat, minlength=e).tolist()
-    assert counts[e - 1] == 0
+    slots, counts, experts_of_slots = _routing(tokens, e, top_k, g)
     out = grouped_int8_matmul(x, slots, counts, w, ws, input_scale, bias)
     # Reference: each slot's row quantized as int8_linear quantizes it (its token's scale, or its
     # expert's static one), exact integer products, the scales and bias in float64.
     rows = []
-    for i, ex in enumerate(flat[order].tolist()):
+    for i, ex in enumerate(experts_of_slots.tolist()):
         q, s = quantize_activations(x[slots[i]].reshape(1, k), None if input_scale is None else input_scale[ex:ex + 1])
         acc = (q.long() @ w[ex].long().t()).double()
         rows.append(acc[0] * s.double().reshape(()) * ws[ex].double() + bias[ex].double())
