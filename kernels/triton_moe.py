@@ -141,15 +141,20 @@ def tiles(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.
     return as_tensor(expert), as_tensor(start), as_tensor(end)
 
 
+def _plan(x: torch.Tensor, slots: torch.Tensor, counts: list[int], n: int):
+    """(rows per tile, the tiles, the output [S, N]) of a grouped launch: a decode step's few tokens per
+    expert take the smallest tl.dot tile."""
+    block_m = DECODE_BLOCK_M if max(counts, default=0) <= DECODE_BLOCK_M else PREFILL_BLOCK_M
+    return block_m, tiles(counts, block_m, x.device), torch.empty(slots.numel(), n, dtype=x.dtype, device=x.device)
+
+
 def grouped_dequant_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int], qweight: torch.Tensor,
                            qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int, group_size: int,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[s] = x[slots[s]] @ dequant(W_e)^T (+ bias_e) for the expert e owning slot s (see module doc)."""
     e, k_words, n = qweight.shape
     k = k_words * (32 // bits)
-    block_m = DECODE_BLOCK_M if max(counts, default=0) <= DECODE_BLOCK_M else PREFILL_BLOCK_M
-    block_expert, block_start, block_end = tiles(counts, block_m, x.device)
-    out = torch.empty(slots.numel(), n, dtype=x.dtype, device=x.device)
+    block_m, (block_expert, block_start, block_end), out = _plan(x, slots, counts, n)
     if block_expert.numel() == 0:
         return out
     x = x.contiguous()
@@ -182,9 +187,7 @@ def grouped_int8_matmul(x: torch.Tensor, slots: torch.Tensor, counts: list[int],
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[s] = q(x[slots[s]]) @ W_e^T * s_x * s_w[e] (+ bias[e]) for the expert e owning slot s (module doc)."""
     n, k = weight.shape[1], weight.shape[2]
-    block_m = DECODE_BLOCK_M if max(counts, default=0) <= DECODE_BLOCK_M else PREFILL_BLOCK_M
-    block_expert, block_start, block_end = tiles(counts, block_m, x.device)
-    out = torch.empty(slots.numel(), n, dtype=x.dtype, device=x.device)
+    block_m, (block_expert, block_start, block_end), out = _plan(x, slots, counts, n)
     if block_expert.numel() == 0:
         return out
     x = x.contiguous()

@@ -45,6 +45,15 @@ def test_grouped_kernel_matches_float64(bits, group_size, tokens):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+def _block_inputs(tokens, seed):
+    """(generator, (hidden states, top-2 expert indices, routing weights)) for a tiny model's experts block
+    (hidden size 64, 4 experts)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, 64, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)])
+    return g, (hidden, index, torch.rand(tokens, 2, generator=g))
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe"])
 def test_quant_experts_grouped_forward_matches_the_loop(arch):
     import llmq
@@ -55,10 +64,7 @@ def test_quant_experts_grouped_forward_matches_the_loop(arch):
     model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16, sym=False), progress=False)
     q = next(m for m in model.modules() if isinstance(m, QuantExperts))
     assert q.grouped_ready()
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(7, 64, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(7)])
-    weights = torch.rand(7, 2, generator=g)
+    _, (hidden, index, weights) = _block_inputs(7, seed=3)
     from llmq.modules.qlinear import set_cpu_backend
 
     set_cpu_backend(q, "dense")  # the loop's reference: each expert's dequantized weight, exact in fp32
@@ -82,10 +88,7 @@ def test_quant_experts_grouped_form_follows_an_experts_buffers_put_in_by_a_hook(
     model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=16, sym=False), progress=False)
     q = next(m for m in model.modules() if isinstance(m, QuantExperts))
     set_cpu_backend(q, "dense")
-    g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(9, 64, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
-    weights = torch.rand(9, 2, generator=g)
+    _, (hidden, index, weights) = _block_inputs(9, seed=4)
     with torch.no_grad():
         q.grouped_forward(hidden, index, weights)  # the stacked form is built
         last = q.expert(q.num_experts - 1)
@@ -140,10 +143,7 @@ def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act):
                           dataset=random_ids(n=8, length=32, seed=5), progress=False)
     q = next(m for m in model.modules() if isinstance(m, QuantExperts))
     assert q.grouped_kind() == "int8"
-    g = torch.Generator().manual_seed(5)
-    hidden = torch.randn(11, 64, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
-    weights = torch.rand(11, 2, generator=g)
+    _, (hidden, index, weights) = _block_inputs(11, seed=5)
     with torch.no_grad():
         expected = q(hidden, index, weights)  # the loop over experts: each W8A8Linear on its own (CPU kernels)
         got = q.grouped_forward(hidden, index, weights)
@@ -159,10 +159,7 @@ def test_w8a8_grouped_form_follows_an_expert_written_in_place_and_refuses_unequa
     model = llmq.quantize(tiny_model("mixtral"), QuantConfig(scheme="w8a8", act="static"),
                           dataset=random_ids(n=8, length=32, seed=5), progress=False)
     q = next(m for m in model.modules() if isinstance(m, QuantExperts))
-    g = torch.Generator().manual_seed(6)
-    hidden = torch.randn(9, 64, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
-    weights = torch.rand(9, 2, generator=g)
+    g, (hidden, index, weights) = _block_inputs(9, seed=6)
     with torch.no_grad():
         q.grouped_forward(hidden, index, weights)  # the stacked form is built
         down = q.expert(1)._modules[q.down_name]
