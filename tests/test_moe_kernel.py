@@ -172,3 +172,22 @@ def test_w8a8_grouped_form_follows_an_expert_written_in_place_and_refuses_unequa
         assert q._grouped_form() is None
         with pytest.raises(RuntimeError, match="different input scales"):
             q.grouped_forward(hidden, index, weights)
+
+
+def test_a_block_no_grouped_kernel_runs_has_no_grouped_form():
+    """A block with a full-precision projection among its QuantLinears (or one whose act-order layers the
+    kernel does not take) has no grouped kind: the CUDA forward then loops over its experts."""
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from conftest import tiny_model
+
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=16, sym=False), progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    assert q.grouped_kind() == "packed" and q._grouped_form() is not None
+    down = q.expert(2)._modules[q.down_name]
+    setattr(q.expert(2), q.down_name, torch.nn.Linear(down.in_features, down.out_features, bias=False))
+    assert q.grouped_kind() is None and not q.grouped_ready() and q._grouped_form() is None
+    _, (hidden, index, weights) = _block_inputs(5, seed=7)
+    with pytest.raises(RuntimeError, match="no grouped kernel runs this block"):
+        q.grouped_forward(hidden, index, weights)

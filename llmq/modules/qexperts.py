@@ -127,11 +127,11 @@ class QuantExperts(nn.Module):
         h = ups[0] if len(ups) == 1 else torch.cat(ups, dim=-1)
         return _project(linears[self.down_name], self._activate(h))
 
-    def grouped_kind(self) -> str | None:
+    def grouped_kind(self, linears: list | None = None) -> str | None:
         """The grouped kernel that runs this block: "packed" (every projection a QuantLinear without
         act-order, one bit width and group size), "int8" (every projection a W8A8Linear, all static or
-        all dynamic), or None."""
-        linears = self._quant_linears()
+        all dynamic), or None. linears: _quant_linears(), when the caller has them."""
+        linears = self._quant_linears() if linears is None else linears
         if all(type(m) is W8A8Linear for m in linears) and len({m.static for m in linears}) == 1:
             return "int8"
         if (all(isinstance(m, QuantLinear) and m.g_idx is None for m in linears)
@@ -144,7 +144,10 @@ class QuantExperts(nn.Module):
         return self.grouped_kind() is not None
 
     def _quant_linears(self) -> list:
-        return [self.expert(e)._modules[n] for e in range(self.num_experts) for n in self.up_names + (self.down_name,)]
+        """Every expert's projections, expert after expert. Read on every CUDA forward: the module
+        tables directly."""
+        names = self.up_names + (self.down_name,)
+        return [projections._modules[n] for projections in self._modules.values() for n in names]
 
     def _apply(self, fn, recurse=True):
         moved = super()._apply(fn, recurse)
@@ -158,8 +161,9 @@ class QuantExperts(nn.Module):
         return moved
 
     def _grouped_form(self):
-        """Each side's weights stacked over experts ([E, ...] per tensor), or None where a static W8A8
-        expert's gate and up projections hold different input scales (the loop runs it then).
+        """Each side's weights stacked over experts ([E, ...] per tensor), or None where no grouped kernel
+        runs the block (grouped_kind), or a static W8A8 expert's gate and up projections hold different
+        input scales (the loop runs it then).
 
         Built when the block is placed on a CUDA device, or on the first grouped call; built
         again when an expert's buffers changed since (each QuantLinear's form version moves
@@ -169,8 +173,11 @@ class QuantExperts(nn.Module):
         the packing (codes along K, zero points along N in whole words). A copy: while it is
         cached, the experts take twice their memory on the device.
         """
-        kind = self.grouped_kind()
-        key = (kind, *(_w8a8_key(m) if kind == "int8" else m._form.version for m in self._quant_linears()))
+        linears = self._quant_linears()
+        kind = self.grouped_kind(linears)
+        if kind is None:
+            return None
+        key = (kind, *(_w8a8_key(m) if kind == "int8" else m._form.version for m in linears))
         if self.__dict__.get("_grouped_key") == key:
             return self._grouped
         sides = []
@@ -191,8 +198,9 @@ class QuantExperts(nn.Module):
         form: the stacked weights (_grouped_form), when the caller has them."""
         form = self._grouped_form() if form is None else form
         if form is None:
-            raise RuntimeError("this block's static W8A8 experts hold different input scales for their gate and "
-                               "up projections: the grouped kernel cannot run it (the forward loops over experts)")
+            raise RuntimeError("no grouped kernel runs this block: its projections are not all QuantLinear without "
+                               "act-order or all W8A8Linear alike, or its static W8A8 experts hold different input "
+                               "scales for their gate and up projections (the forward loops over experts)")
         up, down = form
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -211,8 +219,8 @@ class QuantExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args, **kwargs) -> torch.Tensor:
-        if hidden_states.device.type == "cuda" and not self.record_tokens and self.grouped_ready():
-            form = self._grouped_form()
+        if hidden_states.device.type == "cuda" and not self.record_tokens:
+            form = self._grouped_form()  # None when no grouped kernel runs this block
             if form is not None:
                 return self.grouped_forward(hidden_states, top_k_index, top_k_weights, form)
         if top_k_index.shape[0] == 1 and not (self.calibrate_all or self.record_tokens):  # one token
