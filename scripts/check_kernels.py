@@ -364,18 +364,18 @@ def check_moe_blocks(device, log):
         block = next(m for m in model.modules() if isinstance(m, QuantExperts))
         if "bits" in options:
             set_cpu_backend(block, "dense")  # the loop's reference: each expert's dequantized weight in fp32
+        cases = []
         for tokens in (3, 70):
             g = torch.Generator().manual_seed(tokens)
-            hidden = torch.randn(tokens, 128, generator=g)
-            index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)])
-            weights = torch.rand(tokens, 2, generator=g)
+            inputs = (torch.randn(tokens, 128, generator=g),
+                      torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)]),
+                      torch.rand(tokens, 2, generator=g))
             with torch.no_grad():
-                ref = block(hidden, index, weights).double()  # the loop over experts, CPU kernels
-                if device == "cuda":
-                    y = block.to("cuda")(hidden.cuda(), index.cuda(), weights.cuda()).cpu()
-                    block.to("cpu")
-                else:
-                    y = block.grouped_forward(hidden, index, weights)
+                cases.append((tokens, inputs, block(*inputs).double()))  # the loop over experts, CPU kernels
+        block.to(device)
+        for tokens, inputs, ref in cases:
+            with torch.no_grad():  # the grouped kernels themselves, never the forward's fallback to the loop
+                y = block.grouped_forward(*(t.to(device) for t in inputs)).cpu()
             # W8A8 on CUDA: an input that CUDA's float ops round across a level moves one code.
             tol = 1e-2 if device == "cuda" and name.startswith("W8A8") else 1e-4
             check(f"MoE {name} grouped, {tokens} tokens", y, ref, tol, log)

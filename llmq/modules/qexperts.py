@@ -151,12 +151,12 @@ class QuantExperts(nn.Module):
 
     def _apply(self, fn, recurse=True):
         moved = super()._apply(fn, recurse)
-        # Placed on a CUDA device: the stacked form is built now, from the moved experts.
+        # Placed on a CUDA device, the stacked form is built now, from the moved experts (quantized
+        # projections hold their weights as buffers; _grouped_form builds nothing for a block that no
+        # grouped kernel runs).
         self.__dict__.pop("_grouped", None)
         self.__dict__.pop("_grouped_key", None)
-        down = self.expert(0)._modules[self.down_name]
-        kind = self.grouped_kind()
-        if kind is not None and (down.weight if kind == "int8" else down.qweight).device.type == "cuda":
+        if any(t.is_cuda for t in self.expert(0)._modules[self.down_name].buffers()):
             self._grouped_form()
         return moved
 
