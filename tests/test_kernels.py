@@ -421,6 +421,27 @@ def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
     assert "no CUDA GPU found" in "\n".join(steps["moe"]) and steps["moe"][-1] == "exit status 0"
 
 
+def test_gpu_checks_script_runs_the_named_steps_and_refuses_unknown_ones(tmp_path):
+    """LLMQ_GPU_STEPS runs only the steps it names (a second, shorter command on a GPU reruns those that
+    ran out of time); a step or limit list it cannot read stops the script with status 2 before any step."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+
+    def run(out, **extra):
+        return subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=root, env={**env, "OUT": str(out), **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    chosen = run(tmp_path / "chosen", LLMQ_GPU_STEPS="env")
+    assert chosen.returncode == 0, chosen.stdout[-3000:] + chosen.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "chosen").iterdir()) == ["env.txt"]
+    unknown = run(tmp_path / "unknown", LLMQ_GPU_STEPS="env int3")
+    assert unknown.returncode == 2 and "no step named int3" in unknown.stderr
+    short = run(tmp_path / "short", LLMQ_GPU_LIMITS="60 60")
+    assert short.returncode == 2 and "needs 6 numbers" in short.stderr
+    assert not (tmp_path / "unknown").exists() and not (tmp_path / "short").exists()
+
+
 def test_moe_gpu_benchmark_runs_on_the_interpreter():
     """scripts/bench_moe_kernels.py (the grouped MoE kernels against the fp16 experts block, run on a
     GPU) stays runnable: its checks pass and it prints a row per number of tokens on the interpreter."""
