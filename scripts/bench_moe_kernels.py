@@ -23,6 +23,7 @@ nothing). Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -49,19 +50,19 @@ def experts_blocks(args, device):
     import llmq
     from llmq.modules.qexperts import QuantExperts
 
-    def model():
-        torch.manual_seed(0)
-        config = T.Qwen3MoeConfig(vocab_size=256, hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
-                                  intermediate_size=args.intermediate, num_experts=args.experts,
-                                  num_experts_per_tok=args.top_k, num_hidden_layers=1, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=32)
-        return T.Qwen3MoeForCausalLM(config).eval()
-
-    fp = model().model.layers[0].mlp.experts.to(device=device, dtype=torch.float16)
+    torch.manual_seed(0)
+    config = T.Qwen3MoeConfig(vocab_size=256, hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
+                              intermediate_size=args.intermediate, num_experts=args.experts,
+                              num_experts_per_tok=args.top_k, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32)
+    # Initialised once (about 600 M random parameters on the host at the default shape) and copied for
+    # each setting, since quantize replaces the model's modules in place.
+    model = T.Qwen3MoeForCausalLM(config).eval()
     quantized = {}
     for name, options in SETTINGS.items():
-        q = llmq.quantize(model(), llmq.QuantConfig(**options), device=device, progress=False)
+        q = llmq.quantize(copy.deepcopy(model), llmq.QuantConfig(**options), device=device, progress=False)
         quantized[name] = next(m for m in q.modules() if isinstance(m, QuantExperts)).to(device)
+    fp = model.model.layers[0].mlp.experts.to(device=device, dtype=torch.float16)
     return fp, quantized
 
 

@@ -254,10 +254,15 @@ def test_w8a8_with_two_gloo_ranks_matches_one_process(tmp_path, settings):
 def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch, mode):
     # Every rank runs every expert (with no tokens where none was routed to it there), so the experts'
     # Hessians reduce in one order; the fallback rule and the reported counts take every rank's tokens.
+    # Act-order and the range search are off: each turns a last-bit difference of a Hessian (the ranks' sums
+    # add up in another order) into another column order or another clipping of a whole group, and layer 0's
+    # few such changes move layer 1's inputs, and a routed token near a tie between two experts with them
+    # (how many depends on the processor's float kernels). test_two_gloo_ranks_match_one_process covers both.
     src = tmp_path / "m"
     text = model_folder_with_text(src, arch)
     args = ["--method", "gptq", "--bits", "4", "--group-size", "16", "--dataset", str(text), "--nsamples", "8",
-            "--seqlen", "24", "--device", "cpu", "--moe-calibration", mode, "--moe-min-tokens", "24", "--stream"]
+            "--seqlen", "24", "--device", "cpu", "--moe-calibration", mode, "--moe-min-tokens", "24", "--stream",
+            "--no-act-order", "--no-clip-search"]
     capsys.readouterr()
     assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
     printed = capsys.readouterr().out
