@@ -33,10 +33,12 @@ kinds "int4" and "int8"):
 - "dequant": the layer's dense weight rebuilt on every call into a reused
   fp32 buffer from the checkpoint's codes, scales and zeros, w = (q - z) * s
   exactly as `dequantize` computes it, then an fp32 matmul with x: closer to
-  the float64 reference than the bf16 kernels, and on most processors the
-  fastest path for prefill;
+  the float64 reference than the bf16 kernels, and the fastest path for
+  prefill where bf16 matmuls are slow (an Intel Xeon without AMX,
+  BENCHMARKS.md);
 - "dequant_bf16": the same weight rounded to bf16 and a bf16 matmul (the
-  bf16 kernels' precision), which pays where bf16 matmuls are faster than fp32.
+  bf16 kernels' precision), which pays where bf16 matmuls are faster than fp32
+  (an AMD Zen 5: 3.4x-4.0x at 512 rows, `scripts/bench_cpu_matmul.py`).
 
 The dequant kernels' buffers are per thread and sized by the largest layer
 (1 + 4 bytes per weight of that one layer, + 2 for bf16), not per model.
