@@ -60,6 +60,18 @@ def test_hessian_running_mean_matches_float64():
     torch.testing.assert_close(acc.hessian.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("k", [300, 1100])  # 2 bands of rows (150 each), 8 bands of 137 or 138
+def test_hessian_by_bands_of_rows_matches_float64(k):
+    gen = _gen(2)
+    batches = [torch.randn(3, 70, k, generator=gen), torch.randn(400, k, generator=gen) * 2]
+    acc = HessianAccumulator(k)
+    for b in batches:
+        acc.add_batch(b)
+    ref = _hessian64(torch.cat([b.reshape(-1, k) for b in batches]))
+    # Both triangles, the one multiplied and the one copied from it.
+    torch.testing.assert_close(acc.hessian.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_hessian_bf16_mode_within_bf16_tolerance():
     gen = _gen(1)
     k = 64

@@ -54,6 +54,19 @@ _DAMP_TRIES = 6
 _DAMP_FLOOR = 1e-4
 
 
+# H = x^T x is symmetric: each band of its rows multiplies only from the diagonal rightwards, and
+# the part left of the diagonal is copied from the bands above, about (1 + 1/bands) / 2 of the
+# full product's arithmetic (BENCHMARKS.md: "The Hessian by bands of rows"). Bands narrower than
+# _MIN_BAND rows cost more in smaller products than they save.
+_MAX_BANDS = 8
+_MIN_BAND = 128
+
+
+def _band_edges(k: int) -> list[int]:
+    bands = min(_MAX_BANDS, max(1, k // _MIN_BAND))
+    return [k * i // bands for i in range(bands + 1)]
+
+
 class HessianAccumulator:
     """H = 2/n * sum x x^T over all rows seen, kept as a running mean in fp32.
 
@@ -101,20 +114,27 @@ class HessianAccumulator:
         H = self._H
         x = x.to(device=H.device, dtype=self.input_dtype or torch.float32)
         total = self.nsamples + n
-        # Running mean: H <- H * old/total + 2/total * x^T x, one matmul.
+        # Running mean: H <- H * old/total + 2/total * x^T x, band by band of rows.
         beta, alpha = self.nsamples / total, 2.0 / total
         self.nsamples = total
-        if x.dtype == torch.float32:
-            H.addmm_(x.t(), x, beta=beta, alpha=alpha)
-        elif H.device.type == "cuda" and self._out_dtype_ok:
+        edges = _band_edges(k)
+        for a, b in zip(edges, edges[1:]):
+            self._add_product(H[a:b, a:], x[:, a:b], x[:, a:], beta, alpha)
+            if b < k:
+                H[b:, a:b].copy_(H[a:b, b:].t())
+
+    def _add_product(self, out, left, right, beta, alpha) -> None:
+        """out <- beta * out + alpha * left^T right, into fp32 out."""
+        if left.dtype == torch.float32:
+            out.addmm_(left.t(), right, beta=beta, alpha=alpha)
+        elif out.device.type == "cuda" and self._out_dtype_ok:
             try:
-                torch.addmm(H, x.t(), x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=H)
-                return
+                torch.addmm(out, left.t(), right, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
             except (RuntimeError, TypeError):
                 self._out_dtype_ok = False
-                H.addmm_(x.t().float(), x.float(), beta=beta, alpha=alpha)
+                out.addmm_(left.t().float(), right.float(), beta=beta, alpha=alpha)
         else:
-            H.mul_(beta).add_(torch.mm(x.t(), x), alpha=alpha)
+            out.mul_(beta).add_(torch.mm(left.t(), right), alpha=alpha)
 
 
 @dataclass
