@@ -63,7 +63,7 @@ def test_quant_experts_grouped_forward_matches_the_loop(arch):
 
     model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16, sym=False), progress=False)
     q = next(m for m in model.modules() if isinstance(m, QuantExperts))
-    assert q.grouped_ready()
+    assert q.grouped_kind() == "packed"
     _, (hidden, index, weights) = _block_inputs(7, seed=3)
     from llmq.modules.qlinear import set_cpu_backend
 
@@ -187,7 +187,7 @@ def test_a_block_no_grouped_kernel_runs_has_no_grouped_form():
     assert q.grouped_kind() == "packed" and q._grouped_form() is not None
     down = q.expert(2)._modules[q.down_name]
     setattr(q.expert(2), q.down_name, torch.nn.Linear(down.in_features, down.out_features, bias=False))
-    assert q.grouped_kind() is None and not q.grouped_ready() and q._grouped_form() is None
+    assert q.grouped_kind() is None and q._grouped_form() is None
     _, (hidden, index, weights) = _block_inputs(5, seed=7)
     with pytest.raises(RuntimeError, match="no grouped kernel runs this block"):
         q.grouped_forward(hidden, index, weights)

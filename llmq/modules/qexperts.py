@@ -139,10 +139,6 @@ class QuantExperts(nn.Module):
             return "packed"
         return None
 
-    def grouped_ready(self) -> bool:
-        """Whether a grouped kernel runs this block (grouped_kind)."""
-        return self.grouped_kind() is not None
-
     def _quant_linears(self) -> list:
         """Every expert's projections, expert after expert. Read on every CUDA forward: the module
         tables directly."""
