@@ -38,27 +38,20 @@ config for sm_90 / sm_80, and ptxas reports register spills (stack) for the
 larger GEMM tiles and the BLOCK_N=128 decode tiles, which autotuning should
 steer away from; speed against cuBLAS is unmeasured.
 
-Autotuning: on CUDA, keyed on the M bucket, N and K. Under TRITON_INTERPRET=1
-(CPU tests) one fixed small config per path, still with SPLIT_K > 1 on the
-decode path.
+Autotuning (triton_tuning): on CUDA, keyed on the M bucket, N, K and static
+or dynamic; under TRITON_INTERPRET=1 one fixed small config per path.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_tuning import m_bucket, tuned_paths
+
 DECODE_MAX_M = 16
-_M_BUCKET_CAP = 256
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
-
-
-def m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), _M_BUCKET_CAP)
 
 
 @triton.jit
@@ -156,43 +149,16 @@ def _int8_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, st
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _cfg(bm, bn, bk, split_k, warps, stages, group_m=8):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m),
-                         num_warps=warps, num_stages=stages)
-
-
-def _decode_configs():
-    # 16 rows is the smallest tl.dot tile; decode is bound by weight bytes.
-    return [_cfg(16, bn, bk, sk, w, s)
-            for bn, bk, sk, w, s in [
-                (32, 128, 1, 4, 3), (64, 128, 1, 4, 3), (64, 256, 1, 4, 2),
-                (64, 128, 2, 4, 3), (128, 128, 2, 4, 3), (64, 256, 4, 4, 2),
-                (64, 128, 4, 4, 3), (128, 128, 4, 4, 3), (64, 128, 8, 4, 3),
-                (128, 256, 8, 8, 3), (64, 128, 16, 4, 3),
-            ]]
-
-
-def _gemm_configs():
-    return [_cfg(bm, bn, bk, 1, w, s)
-            for bm, bn, bk, w, s in [
-                (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
-                (128, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-            ]]
-
-
-_KEY = ["M_BUCKET", "N", "K", "STATIC"]
-
-if INTERPRET:
-    _decode = _int8_mm_kernel
-    _gemm = _int8_mm_kernel
-    _DECODE_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=8)
-    _GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
-else:
-    _decode = triton.autotune(configs=_decode_configs(), key=_KEY, reset_to_zero=["out_ptr"])(_int8_mm_kernel)
-    _gemm = triton.autotune(configs=_gemm_configs(), key=_KEY)(_int8_mm_kernel)
-    _DECODE_META = {}
-    _GEMM_META = {}
+_PATHS = tuned_paths(_int8_mm_kernel, ["M_BUCKET", "N", "K", "STATIC"], decode_tiles=[
+    (32, 128, 1, 4, 3), (64, 128, 1, 4, 3), (64, 256, 1, 4, 2),
+    (64, 128, 2, 4, 3), (128, 128, 2, 4, 3), (64, 256, 4, 4, 2),
+    (64, 128, 4, 4, 3), (128, 128, 4, 4, 3), (64, 128, 8, 4, 3),
+    (128, 256, 8, 8, 3), (64, 128, 16, 4, 3),
+], gemm_tiles=[
+    (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+    (128, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+])
 
 
 def row_scales(x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +195,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     else:
         # Decode: the few rows are quantized inside the tile loads; only their scales come first.
         xq, xs = x, input_scale if static else row_scales(x)
-    kernel, meta = (_decode, _DECODE_META) if atomic else (_gemm, _GEMM_META)
+    kernel, meta = (_PATHS.decode, _PATHS.decode_meta) if atomic else (_PATHS.gemm, _PATHS.gemm_meta)
     out = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic
            else torch.empty((m, n), dtype=x.dtype, device=x.device))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731

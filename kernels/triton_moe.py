@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .triton_int8 import _quantize_code, quantize_rows
-from .triton_qmm import INTERPRET, _dequant_tile
+from .triton_qmm import _dequant_tile
+from .triton_tuning import INTERPRET
 
 
 @triton.jit

@@ -29,29 +29,19 @@ Each K tile loads its packed words once, [BLOCK_K*b/32, BLOCK_N], and unpacks
 them in registers; a tile that holds several whole groups loads one row of
 scales and zeros per group.
 
-Autotuning: on CUDA each path is autotuned with the key bucketed on M (next
-power of two, capped), N, K and the quantization constants. Under
-TRITON_INTERPRET=1 (CPU tests) the autotuner cannot benchmark several configs,
-so one fixed config per path is used instead. The choice is made once, when
-this module is imported, by reading os.environ (nothing is set here).
+Autotuning (triton_tuning): on CUDA each path is autotuned, keyed on the M
+bucket, N, K and the quantization constants; under TRITON_INTERPRET=1 one fixed
+config per path.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_tuning import INTERPRET, m_bucket, tuned_paths
 
-# M buckets share one autotune result; beyond the cap all M tune alike.
-_M_BUCKET_CAP = 256
-
-
-def m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), _M_BUCKET_CAP)
 
 
 @triton.jit
@@ -185,46 +175,17 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K,
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "ACT_ORDER"]
 
 
-def _cfg(bm, bn, bk, split_k, warps, stages, group_m=8):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m),
-                         num_warps=warps, num_stages=stages)
-
-
-def _decode_configs():
-    # 16 rows is the smallest tl.dot tile; decode is bound by weight bytes, so
-    # the padded rows cost little. SPLIT_K trades atomics for SM occupancy.
-    return [_cfg(16, bn, bk, sk, w, s)
-            for bn, bk, sk, w, s in [
-                (32, 128, 1, 4, 3), (64, 128, 1, 4, 3), (32, 256, 1, 4, 2),
-                (32, 128, 2, 4, 3), (64, 128, 2, 4, 3), (64, 256, 2, 4, 2),
-                (32, 128, 4, 4, 3), (64, 128, 4, 4, 3), (128, 128, 4, 4, 3),
-                (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (128, 64, 8, 4, 3),
-                (64, 64, 16, 4, 4), (128, 128, 16, 8, 3),
-            ]]
-
-
-def _gemm_configs():
-    return [_cfg(bm, bn, bk, 1, w, s)
-            for bm, bn, bk, w, s in [
-                (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
-                (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
-            ]]
-
-
-if INTERPRET:
-    # The interpreter runs one program at a time on the host: one small config
-    # per path, still with SPLIT_K > 1 so the atomic reduction is exercised.
-    _decode = _qmm_kernel
-    _gemm = _qmm_kernel
-    _DECODE_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=8)
-    _GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
-else:
-    # reset_to_zero: autotuning runs the atomic kernel repeatedly on one buffer.
-    _decode = triton.autotune(configs=_decode_configs(), key=_KEY, reset_to_zero=["out_ptr"])(_qmm_kernel)
-    _gemm = triton.autotune(configs=_gemm_configs(), key=_KEY)(_qmm_kernel)
-    _DECODE_META = {}
-    _GEMM_META = {}
+_PATHS = tuned_paths(_qmm_kernel, _KEY, decode_tiles=[
+    (32, 128, 1, 4, 3), (64, 128, 1, 4, 3), (32, 256, 1, 4, 2),
+    (32, 128, 2, 4, 3), (64, 128, 2, 4, 3), (64, 256, 2, 4, 2),
+    (32, 128, 4, 4, 3), (64, 128, 4, 4, 3), (128, 128, 4, 4, 3),
+    (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (128, 64, 8, 4, 3),
+    (64, 64, 16, 4, 4), (128, 128, 16, 8, 3),
+], gemm_tiles=[
+    (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
+    (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+])
 _DEQUANT_META = dict(BLOCK_K=32, BLOCK_N=64)
 
 
@@ -256,13 +217,13 @@ def _launch_qmm(kernel, meta, atomic, x, qweight, qzeros, scales, g_idx, bias, b
 
 def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
     """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
-    return _launch_qmm(_decode, _DECODE_META, True, x, qweight, qzeros, scales, g_idx, bias, bits, group_size,
+    return _launch_qmm(_PATHS.decode, _PATHS.decode_meta, True, x, qweight, qzeros, scales, g_idx, bias, bits, group_size,
                        out_fp32)
 
 
 def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
     """Medium-M path. x [M, K], out [M, N] contiguous in x's dtype (every element written)."""
-    return _launch_qmm(_gemm, _GEMM_META, False, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out)
+    return _launch_qmm(_PATHS.gemm, _PATHS.gemm_meta, False, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out)
 
 
 def dequantize_into(qweight, qzeros, scales, g_idx, bits, group_size, w):

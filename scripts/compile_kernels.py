@@ -123,7 +123,7 @@ def int8_kernel_source(ti, spec: Int8Spec, config):
 def int8_plan(ti, quick: bool):
     import triton
 
-    configs = {"int8-splitk": ti._decode_configs(), "int8-gemm": ti._gemm_configs(),
+    configs = {"int8-splitk": ti._PATHS.decode_configs, "int8-gemm": ti._PATHS.gemm_configs,
                "int8-rowscale": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)],
                "int8-quantize": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)]}
     specs = [Int8Spec(path, dtype, static, bias)
@@ -226,7 +226,7 @@ def path_configs(tq):
     import triton
 
     dequant = triton.Config(dict(tq._DEQUANT_META), num_warps=4, num_stages=1)
-    return {"splitk": tq._decode_configs(), "gemm": tq._gemm_configs(), "dequant": [dequant]}
+    return {"splitk": tq._PATHS.decode_configs, "gemm": tq._PATHS.gemm_configs, "dequant": [dequant]}
 
 
 def plan(tq, quick: bool):

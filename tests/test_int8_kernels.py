@@ -15,9 +15,10 @@ import torch  # noqa: E402
 from llmq.kernels import int8_linear, quantize_activations  # noqa: E402
 
 pytest.importorskip("triton")
-from llmq.kernels import triton_int8  # noqa: E402
+from llmq.kernels import triton_int8, triton_tuning  # noqa: E402
 
-if not triton_int8.INTERPRET:
+if not triton_tuning.INTERPRET:  # imported before TRITON_INTERPRET was set: define the kernels again
+    importlib.reload(triton_tuning)
     triton_int8 = importlib.reload(triton_int8)
 
 PATHS = ["splitk", "gemm"]

@@ -30,9 +30,10 @@ from llmq.kernels import (CpuState, cpu_matmul, dequant_matmul, dequantize, prep
 from llmq.kernels import api  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from llmq.kernels import triton_qmm  # noqa: E402
+from llmq.kernels import triton_qmm, triton_tuning  # noqa: E402
 
-if not triton_qmm.INTERPRET:
+if not triton_tuning.INTERPRET:  # imported before TRITON_INTERPRET was set: define the kernels again
+    importlib.reload(triton_tuning)
     triton_qmm = importlib.reload(triton_qmm)
 
 

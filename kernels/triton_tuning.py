@@ -1,0 +1,65 @@
+"""How the Triton GEMM kernels are launched: interpreter or GPU, the M buckets of
+their autotune keys, and the configurations of their two paths.
+
+Each GEMM kernel (triton_qmm's dequantize-matmul, triton_int8's int8 GEMM)
+runs one of two paths:
+- decode: 16-row tiles (the smallest tl.dot tile; decode is bound by weight
+  bytes, so the padded rows cost little), SPLIT_K programs adding into an fp32
+  output with atomics, which trades the atomics for SM occupancy;
+- gemm: one program per output tile.
+
+On CUDA each path is autotuned over its own tiles, the key bucketed on M (next
+power of two, capped) so that one tuning serves nearby M. Under
+TRITON_INTERPRET=1 (CPU tests) the autotuner cannot benchmark several configs,
+so each path runs one fixed small config, the decode one still with SPLIT_K > 1
+so that the atomic reduction is exercised. The choice is made once, when this
+module is imported, by reading os.environ (nothing is set here).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# M buckets share one autotune result; beyond the cap all M tune alike.
+_M_BUCKET_CAP = 256
+_INTERPRET_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=8)
+_INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's stand-in for M."""
+    return min(triton.next_power_of_2(max(m, 1)), _M_BUCKET_CAP)
+
+
+def config(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m),
+                         num_warps=warps, num_stages=stages)
+
+
+class TunedPaths(NamedTuple):
+    """A kernel's two paths: what to launch and the meta-parameters to pass (none where the
+    autotuner picks them), and the configs the autotuner chooses from on CUDA."""
+
+    decode: object
+    gemm: object
+    decode_meta: dict
+    gemm_meta: dict
+    decode_configs: list
+    gemm_configs: list
+
+
+def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
+    """decode_tiles: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) of the 16-row decode tiles;
+    gemm_tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    decode_configs = [config(16, bn, bk, sk, w, s) for bn, bk, sk, w, s in decode_tiles]
+    gemm_configs = [config(bm, bn, bk, 1, w, s) for bm, bn, bk, w, s in gemm_tiles]
+    if INTERPRET:
+        return TunedPaths(kernel, kernel, _INTERPRET_DECODE, _INTERPRET_GEMM, decode_configs, gemm_configs)
+    # reset_to_zero: autotuning runs the atomic kernel repeatedly on one buffer.
+    return TunedPaths(triton.autotune(configs=decode_configs, key=key, reset_to_zero=["out_ptr"])(kernel),
+                      triton.autotune(configs=gemm_configs, key=key)(kernel), {}, {}, decode_configs, gemm_configs)
