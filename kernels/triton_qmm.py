@@ -43,7 +43,6 @@ import triton.language as tl
 from .triton_tuning import INTERPRET, m_bucket, tuned_paths
 
 
-
 @triton.jit
 def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,

@@ -2,12 +2,12 @@
 """W8A8 quality on real weights and real text: fp32, W8A16 and W8A8 variants on identical windows.
 
     python scripts/w8a8_quality.py [--model DIR] [--calib FILE] [--eval FILE] [--nsamples 32]
-        [--seqlen 512] [--windows 40] [--variants NAME,NAME ...] [--diagnose] [--json PATH]
+        [--seqlen 512] [--seed 0] [--windows 40] [--variants NAME,NAME ...] [--diagnose] [--json PATH]
 
 Defaults follow the dev-model protocol (REAL_DATA.md): SmolLM2-135M-Instruct in
-fp32 (`python -m llmq.realmodel`), calibration 32 x 512 tokens of emma.txt,
-evaluation on the first 40 non-overlapping 512-token windows of
-prideprejudice.txt. Every variant is quantized in memory from the same fp32
+fp32 (`python -m llmq.realmodel`), calibration 32 x 512 tokens of emma.txt
+(windows drawn with --seed), evaluation on the first 40 non-overlapping
+512-token windows of prideprejudice.txt. Every variant is quantized in memory from the same fp32
 model with llmq.quantize and scored on the same windows in one run; each row
 prints as soon as it is done (perplexity, change against fp32, quantize time).
 
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval", default=str(TEXTS / "prideprejudice.txt"))
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="draws the calibration windows")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--diagnose", action="store_true", help="per-kind static activation sensitivity")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     stream = tokenize(tok, eval_text(args.eval))
     windows = cut_windows(stream, args.seqlen, tok.bos_token_id if wants_bos(tok) else None, args.windows)
     print(f"model {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {Path(args.calib).name} "
-          f"(seed 0); evaluation {Path(args.eval).name}: {windows.shape[0]} windows x {args.seqlen} tokens, "
+          f"(seed {args.seed}); evaluation {Path(args.eval).name}: {windows.shape[0]} windows x {args.seqlen} tokens, "
           f"ppl = exp(mean NLL of every next-token prediction); torch threads {torch.get_num_threads()}",
           flush=True)
     rows = []
@@ -173,13 +174,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if VARIANTS[name] is not None:
             model = llmq.quantize(model, llmq.QuantConfig(**VARIANTS[name]), dataset=args.calib, tokenizer=tok,
-                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=0, progress=False)
+                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=False)
         score(name, model, time.perf_counter() - t0)
         del model
     if args.diagnose:
         base = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static"),
-                             dataset=args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                             progress=False)
+                             dataset=args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
+                             seed=args.seed, progress=False)
         few = windows if args.diagnose_windows is None else windows[: args.diagnose_windows]
         if args.diagnose_windows is not None:
             fp = perplexity(load_fp32(args.model), few, progress=False).perplexity
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                     m.input_scale = None  # per-token for every other linear
             score(f"static only on {kind}", model, 0.0, few)
     if args.asymmetric:
-        calib = calibration_windows(tok, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+        calib = calibration_windows(tok, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         model = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static", smooth="auto"),
                               dataset=calib, progress=False)
         ranges = input_ranges(model, calib)
