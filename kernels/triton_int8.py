@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import m_bucket, tuned_paths
+from .triton_tuning import grouped_tile, m_bucket, tuned_paths
 
 DECODE_MAX_M = 16
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
@@ -104,15 +104,8 @@ def _int8_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, st
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out[M, N] (+)= (q(x) @ weight^T) * s_x * s_w (+ bias); M_BUCKET is only the autotune key."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * grid_n
-    first_m = (pid // band) * GROUP_M
-    rows_in_band = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % rows_in_band
-    pid_n = (pid % band) // rows_in_band
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

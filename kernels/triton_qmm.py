@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import INTERPRET, m_bucket, tuned_paths
+from .triton_tuning import INTERPRET, grouped_tile, m_bucket, tuned_paths
 
 
 @triton.jit
@@ -114,18 +114,8 @@ def _qmm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, bias_ptr, out_ptr,
     the interpreter's tl.dot mis-reads bf16 operands (triton 3.x).
     """
     tl.static_assert(ATOMIC or SPLIT_K == 1)
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row tiles walk the columns together, so
-    # the weight tiles they share are still in L2.
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -1,5 +1,6 @@
 """How the Triton GEMM kernels are launched: interpreter or GPU, the M buckets of
-their autotune keys, and the configurations of their two paths.
+their autotune keys, the order of their output tiles, and the configurations of
+their two paths.
 
 Each GEMM kernel (triton_qmm's dequantize-matmul, triton_int8's int8 GEMM)
 runs one of two paths:
@@ -22,6 +23,7 @@ import os
 from typing import NamedTuple
 
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -34,6 +36,18 @@ _INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 def m_bucket(m: int) -> int:
     """The autotune key's stand-in for M."""
     return min(triton.next_power_of_2(max(m, 1)), _M_BUCKET_CAP)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in the grouped launch order: GROUP_M row tiles walk
+    the columns together, so the weight tiles they share are still in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * grid_n
+    first_m = (pid // band) * GROUP_M
+    rows_in_band = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % band) % rows_in_band, (pid % band) // rows_in_band
 
 
 def config(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
