@@ -206,13 +206,14 @@ def _launch_qmm(kernel, meta, atomic, x, qweight, qzeros, scales, g_idx, bias, b
 
 def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
     """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
-    return _launch_qmm(_PATHS.decode, _PATHS.decode_meta, True, x, qweight, qzeros, scales, g_idx, bias, bits, group_size,
-                       out_fp32)
+    return _launch_qmm(_PATHS.decode, _PATHS.decode_meta, True, x, qweight, qzeros, scales, g_idx, bias, bits,
+                       group_size, out_fp32)
 
 
 def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
     """Medium-M path. x [M, K], out [M, N] contiguous in x's dtype (every element written)."""
-    return _launch_qmm(_PATHS.gemm, _PATHS.gemm_meta, False, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out)
+    return _launch_qmm(_PATHS.gemm, _PATHS.gemm_meta, False, x, qweight, qzeros, scales, g_idx, bias, bits,
+                       group_size, out)
 
 
 def dequantize_into(qweight, qzeros, scales, g_idx, bits, group_size, w):

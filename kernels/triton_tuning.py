@@ -50,8 +50,8 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_m + (pid % band) % rows_in_band, (pid % band) // rows_in_band
 
 
-def config(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m),
+def _config(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=8),
                          num_warps=warps, num_stages=stages)
 
 
@@ -70,8 +70,8 @@ class TunedPaths(NamedTuple):
 def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
     """decode_tiles: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) of the 16-row decode tiles;
     gemm_tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
-    decode_configs = [config(16, bn, bk, sk, w, s) for bn, bk, sk, w, s in decode_tiles]
-    gemm_configs = [config(bm, bn, bk, 1, w, s) for bm, bn, bk, w, s in gemm_tiles]
+    decode_configs = [_config(16, bn, bk, sk, w, s) for bn, bk, sk, w, s in decode_tiles]
+    gemm_configs = [_config(bm, bn, bk, 1, w, s) for bm, bn, bk, w, s in gemm_tiles]
     if INTERPRET:
         return TunedPaths(kernel, kernel, _INTERPRET_DECODE, _INTERPRET_GEMM, decode_configs, gemm_configs)
     # reset_to_zero: autotuning runs the atomic kernel repeatedly on one buffer.

@@ -7,9 +7,10 @@
 Defaults follow the dev-model protocol (REAL_DATA.md): SmolLM2-135M-Instruct in
 fp32 (`python -m llmq.realmodel`), calibration 32 x 512 tokens of emma.txt
 (windows drawn with --seed), evaluation on the first 40 non-overlapping
-512-token windows of prideprejudice.txt. Every variant is quantized in memory from the same fp32
-model with llmq.quantize and scored on the same windows in one run; each row
-prints as soon as it is done (perplexity, change against fp32, quantize time).
+512-token windows of prideprejudice.txt. Every variant is quantized in memory
+from the same fp32 model with llmq.quantize and scored on the same windows in
+one run; each row prints as soon as it is done (perplexity, change against
+fp32, quantize time).
 
 --diagnose: which linears' static activation scales hurt most. The model is
 quantized once with static per-tensor scales (min-max, no smoothing); then, for
