@@ -65,6 +65,15 @@ class TunedPaths(NamedTuple):
     gemm_meta: dict
     decode_configs: list
     gemm_configs: list
+    kernel: object  # the jit function itself, for pinned()
+
+    def pinned(self, decode: triton.Config, gemm: triton.Config) -> TunedPaths:
+        """These paths launching one given config each, with no autotuning: checks of every config,
+        and checks across many specializations that would otherwise compile every config of each."""
+        def meta(config):
+            return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+        return self._replace(decode=self.kernel, gemm=self.kernel, decode_meta=meta(decode), gemm_meta=meta(gemm))
 
 
 def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
@@ -73,7 +82,8 @@ def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
     decode_configs = [_config(16, bn, bk, sk, w, s) for bn, bk, sk, w, s in decode_tiles]
     gemm_configs = [_config(bm, bn, bk, 1, w, s) for bm, bn, bk, w, s in gemm_tiles]
     if INTERPRET:
-        return TunedPaths(kernel, kernel, _INTERPRET_DECODE, _INTERPRET_GEMM, decode_configs, gemm_configs)
+        return TunedPaths(kernel, kernel, _INTERPRET_DECODE, _INTERPRET_GEMM, decode_configs, gemm_configs, kernel)
     # reset_to_zero: autotuning runs the atomic kernel repeatedly on one buffer.
     return TunedPaths(triton.autotune(configs=decode_configs, key=key, reset_to_zero=["out_ptr"])(kernel),
-                      triton.autotune(configs=gemm_configs, key=key)(kernel), {}, {}, decode_configs, gemm_configs)
+                      triton.autotune(configs=gemm_configs, key=key)(kernel), {}, {}, decode_configs, gemm_configs,
+                      kernel)

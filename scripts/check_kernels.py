@@ -30,21 +30,32 @@ from the integer codes:
    (int4 g32) and W8A8 (dynamic, static), its grouped kernels (one launch per
    side over every expert) against the block's loop over experts on CPU,
    for a decode step's few tokens and a prefill's many.
+8. Every autotune config of both GEMM kernels' paths, each launched alone on
+   sizes that leave partial tiles.
+
+On CUDA all checks but the CUDA graphs' launch one config per path instead of
+autotuning (`pinned`): autotuning compiles every config for each new
+specialization, seconds apiece, which the many cases of 1 and 6 would
+multiply; 8 covers the configs and the graphs the autotuner.
 
     python scripts/check_kernels.py            # needs a CUDA GPU
     python scripts/check_kernels.py --quick    # fewer cases
 
 With `--device cpu` under TRITON_INTERPRET=1 it runs checks 1, 2, 6's
 kernel checks and 7 on the interpreter (the test suite does this to keep the script working; it proves
-nothing about the GPU). Exit status 1 on the first failed check.
+nothing about the GPU). Each step stops at its first failed check, and every step runs;
+exit status 1 when any step failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
+import time
+import traceback
 
 import torch
 
@@ -309,7 +320,7 @@ def check_int8_cuda_graphs(log):
 
         graph, static_y = captured(run)
         for step in range(3):
-            static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 3)
+            static_x.copy_(torch.randn_like(static_x) * 3)  # int8_operands gives even M two leading dims
             graph.replay()
             torch.cuda.synchronize()
             check(f"int8 cuda graph M={m} replay {step}", static_y,
@@ -381,6 +392,66 @@ def check_moe_blocks(device, log):
             check(f"MoE {name} grouped, {tokens} tokens", y, ref, tol, log)
 
 
+TUNED_MODULES = ("triton_qmm", "triton_int8")
+
+
+@contextlib.contextmanager
+def pinned(decode_index=0, gemm_index=0):
+    """Both GEMM kernels launch one config per path instead of autotuning: the broad checks cover
+    many specializations, and autotuning would compile every config for each (seconds apiece on a
+    GPU). The configs are checked one by one in check_every_config; autotuning itself is exercised by
+    the CUDA graph checks and every point of scripts/bench_kernels.py."""
+    import importlib
+
+    modules = [importlib.import_module(f"llmq.kernels.{name}") for name in TUNED_MODULES]
+    saved = [m._PATHS for m in modules]
+    for m, paths in zip(modules, saved):
+        m._PATHS = paths.pinned(paths.decode_configs[decode_index % len(paths.decode_configs)],
+                                paths.gemm_configs[gemm_index % len(paths.gemm_configs)])
+    try:
+        yield
+    finally:
+        for m, paths in zip(modules, saved):
+            m._PATHS = paths
+
+
+def config_label(config) -> str:
+    kw = config.kwargs
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split {kw['SPLIT_K']} "
+            f"w{config.num_warps} s{config.num_stages}")
+
+
+def check_every_config(device, log):
+    """Each autotune config of both kernels and both paths, at sizes that leave partial tiles in M, N
+    and K: the autotuner may pick any of them."""
+    from llmq.kernels import dequant_matmul, int8_linear, triton_int8, triton_qmm
+
+    n, k = 1000, 1152  # 1000: no BLOCK_N divides it; 1152 = 9 * 128: partial K tiles of 256
+    for i in range(max(len(triton_qmm._PATHS.decode_configs), len(triton_qmm._PATHS.gemm_configs))):
+        bits, gs, dtype = (4, 128, torch.float16) if i % 2 == 0 else (8, 32, torch.bfloat16)
+        layer, w64 = layer_for(n, k, bits, gs, False, False, dtype, device, seed=i)
+        with pinned(i, i):
+            for m, path in ((3, "splitk"), (130, "gemm")):
+                configs = getattr(triton_qmm._PATHS, "decode_configs" if path == "splitk" else "gemm_configs")
+                if i >= len(configs):
+                    continue
+                x = torch.randn(m, k, device=device).to(dtype)
+                y = dequant_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], bits=bits, group_size=gs,
+                                   path=path)
+                check(f"matmul config {config_label(configs[i])} b{bits} g{gs}", y, x.double() @ w64.t(),
+                      TOL[dtype], log)
+    for i in range(max(len(triton_int8._PATHS.decode_configs), len(triton_int8._PATHS.gemm_configs))):
+        static = i % 2 == 1
+        with pinned(i, i):
+            for m, path in ((3, "splitk"), (130, "gemm")):
+                configs = getattr(triton_int8._PATHS, "decode_configs" if path == "splitk" else "gemm_configs")
+                if i >= len(configs):
+                    continue
+                args = int8_operands(m, n, k, static, torch.float16, True, device, seed=i)
+                check(f"int8 config {config_label(configs[i])} {'static' if static else 'dynamic'}",
+                      int8_linear(*args, path=path), int8_expected(*args), TOL[torch.float16], log)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -399,32 +470,52 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     log: list[tuple[str, float]] = []
-    steps = [("matmul", lambda: check_matmul(args.device, args.quick, log)),
-             ("poisoned outputs", lambda: check_poisoned(args.device, log)),
-             ("int8 matmul", lambda: check_int8_matmul(args.device, args.quick, log)),
-             ("MoE grouped kernels", lambda: check_moe_blocks(args.device, log))]
-    if args.device == "cuda":
+    # On CUDA every check but the CUDA graphs' runs pinned (see pinned); the graphs autotune.
+    def pinned_step(fn, *fn_args):
+        def run():
+            with pinned() if args.device == "cuda" else contextlib.nullcontext():
+                fn(*fn_args)
+        return run
+
+    def w8a8_models():
+        for act, dtype in itertools.product(("dynamic", "static"), (torch.float32, torch.float16)):
+            check_w8a8_model(act, dtype, False, log)
+
+    steps = [("int8 matmul", pinned_step(check_int8_matmul, args.device, args.quick, log)),
+             ("matmul", pinned_step(check_matmul, args.device, args.quick, log)),
+             ("poisoned outputs", pinned_step(check_poisoned, args.device, log)),
+             ("MoE grouped kernels", pinned_step(check_moe_blocks, args.device, log))]
+    if args.device == "cuda":  # the slowest last: torch.compile runs inductor's own compiler
+        steps[1:1] = [("every tile config", lambda: check_every_config(args.device, log))]
         steps += [("cuda graphs", lambda: check_cuda_graphs(log)),
-                  ("act-order layer", lambda: check_act_order_layer(log)),
-                  ("model", lambda: check_model(False, log)),
-                  ("torch.compile layer", lambda: check_compiled_layer(log)),
-                  ("torch.compile model", lambda: check_model(True, log)),
                   ("int8 cuda graphs", lambda: check_int8_cuda_graphs(log)),
-                  ("W8A8 model", lambda: [check_w8a8_model(act, dtype, False, log) for act in ("dynamic", "static")
-                                          for dtype in (torch.float32, torch.float16)]),
-                  ("W8A8 torch.compile model", lambda: check_w8a8_model("dynamic", torch.float16, True, log))]
-    for name, step in steps:
-        start = len(log)
+                  ("act-order layer", pinned_step(check_act_order_layer, log)),
+                  ("model", pinned_step(check_model, False, log)),
+                  ("W8A8 model", pinned_step(w8a8_models)),
+                  ("torch.compile layer", pinned_step(check_compiled_layer, log)),
+                  ("torch.compile model", pinned_step(check_model, True, log)),
+                  ("W8A8 torch.compile model", pinned_step(check_w8a8_model, "dynamic", torch.float16, True, log))]
+    failed = []
+    for name, step in steps:  # every step runs, so that one look at a GPU shows every failure
+        start, began = len(log), time.perf_counter()
         try:
             step()
         except CheckFailed as e:
-            print(f"FAILED {name}: {e}")
-            return 1
+            failed.append(name)
+            print(f"FAILED {name}: {e}", flush=True)
+            continue
+        except Exception:  # a kernel that does not compile or launch: report it, go on with the next step
+            failed.append(name)
+            print(f"FAILED {name}: raised\n{traceback.format_exc()}", flush=True)
+            continue
         worst = max(log[start:], key=lambda r: r[1])
-        print(f"ok  {name}: {len(log) - start} checks, worst relative error {worst[1]:.2e} ({worst[0]})", flush=True)
+        print(f"ok  {name}: {len(log) - start} checks in {time.perf_counter() - began:.0f} s, "
+              f"worst relative error {worst[1]:.2e} ({worst[0]})", flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(steps)} steps FAILED: {', '.join(failed)}")
+        return 1
     print(f"all {len(log)} checks passed")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

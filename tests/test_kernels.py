@@ -397,7 +397,7 @@ def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
         "bench_kernels",
         "for act in ('dynamic', 'static'):\n"
         "    args = B.parse_args(['--w8a8', '--shapes', '40x64', '--m', '1', '20', '--all-paths', '--act', act])\n"
-        "    assert B.bench_w8a8(args, torch.float16, timer, device='cpu') == 0\n")
+        "    assert B.bench_w8a8(args, torch.float16, B.Timer(timer, graphs=False), device='cpu') == 0\n")
     rows = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("40x64")]
     assert len(rows) == 2 * 2 * 3, run.stdout  # (act) x (M) x (triton, splitk, gemm)
     assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("20", "splitk"), ("20", "gemm")}
