@@ -15,7 +15,8 @@ Devices:
   use `llmq.kernels.cpu.prepare_cpu` / `cpu_matmul`, which convert once at load.
 
 The computation is registered as the custom op `llmq::dequant_matmul` (with a
-fake implementation), so it traces under torch.compile. The decode and GEMM
+fake implementation), so it traces under torch.compile; eager calls run it
+directly, without the op's dispatch. The decode and GEMM
 paths perform no host synchronisation, so they can be captured in CUDA graphs
 once the autotuner has seen each M bucket (run one warm-up call per bucket
 before capturing: autotuning benchmarks and synchronises). Allocations: the
@@ -126,10 +127,7 @@ def _triton(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path):
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("llmq::dequant_matmul", mutates_args=())
-def _dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                       g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-                       path: str) -> torch.Tensor:
+def _on_device(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path):
     if not uses_triton(x.device):
         return _reference(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
     if x.device.type == "cuda":
@@ -137,6 +135,13 @@ def _dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
         with torch.cuda.device(x.device):
             return _triton(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path)
     return _triton(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path)
+
+
+@torch.library.custom_op("llmq::dequant_matmul", mutates_args=())
+def _dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+                       path: str) -> torch.Tensor:
+    return _on_device(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path)
 
 
 @_dequant_matmul_op.register_fake
@@ -171,4 +176,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     gs = check_inputs(x, qweight, qzeros, scales, bits=bits, group_size=group_size, g_idx=g_idx, bias=bias)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    return _dequant_matmul_op(x, qweight, qzeros, scales, g_idx, bias, bits, gs, path)
+    args = (x, qweight, qzeros, scales, g_idx, bias, bits, gs, path)
+    # Eager calls skip the custom op's dispatch (it traces under torch.compile; eagerly it adds
+    # host work to every call, which at decode is more than the kernel's time on a GPU).
+    return _dequant_matmul_op(*args) if torch.compiler.is_compiling() else _on_device(*args)
