@@ -27,6 +27,10 @@ nothing). Example:
     python scripts/bench_kernels.py --shapes 4096x4096 --m 1 16 128 --all-paths
     python scripts/bench_kernels.py --act-order gather; python scripts/bench_kernels.py --act-order reorder
     python scripts/bench_kernels.py --w8a8 [--act static] [--all-paths]
+    python scripts/bench_kernels.py --w8a8 --shapes 4096x4096 --m 1 16 --profile
+
+`--profile` adds, under each point, each kernel's GPU time per call
+(torch.profiler): where a slow point's time goes.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def parse_args(argv=None):
                    help="also time each path forced (splitk, gemm, dequant; with --w8a8 splitk, gemm)")
     p.add_argument("--w8a8", action="store_true", help="the W8A8 int8 kernels instead (see above)")
     p.add_argument("--act", choices=("dynamic", "static"), default="dynamic", help="with --w8a8: activation scales")
+    p.add_argument("--profile", action="store_true",
+                   help="after each point, the GPU time of each kernel one call launches (torch.profiler)")
     args = p.parse_args(argv)
     args.shapes = args.shapes or (W8A8_SHAPES if args.w8a8 else SHAPES)
     args.m = args.m or (W8A8_ROWS if args.w8a8 else ROWS)
@@ -123,6 +129,21 @@ class Timer:
         torch.cuda.current_stream().wait_stream(stream)
         del graph, copies
         return Times(eager, sorted(times)[len(times) // 2])
+
+
+def print_profile(fn, calls: int = 20) -> None:
+    """The GPU microseconds per call of each kernel fn launches (its quantization, zeroing, GEMM,
+    cast...), from torch.profiler over `calls` eager calls: where a point's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(e.device_time_total / calls, e.count // calls, e.key) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    for us, per_call, name in sorted(kernels, reverse=True):
+        print(f"{'':>18}{us:>9.1f} us  x{per_call}  {name[:90]}")
 
 
 def reordered(layer, bits, group_size):
@@ -198,6 +219,8 @@ def main(argv=None) -> int:
                       f"{t_fp.eager / t.eager:>7.2f} {t.graph * 1e3:>8.1f} {t_fp.graph * 1e3:>8.1f} "
                       f"{t_fp.graph / t.graph:>7.2f} {rate / 1e9:>6.0f} {100 * rate / bandwidth:>5.0f}  {err:.1e}",
                       flush=True)
+                if args.profile:
+                    print_profile(ours)
         del layer, w64, w_fp
         torch.cuda.empty_cache()
     return 0
@@ -241,6 +264,8 @@ def bench_w8a8(args, dtype, timer, device="cuda") -> int:
                       f"{t_fp.eager / t.eager:>7.2f} {t.graph * 1e3:>8.1f} {t_fp.graph * 1e3:>8.1f} "
                       f"{t_fp.graph / t.graph:>7.2f} {t_mm * 1e3:>8.1f} {2 * m * n * k / (t.graph * 1e-3) / 1e12:>6.1f}"
                       f"  {err:.1e}", flush=True)
+                if args.profile and device == "cuda":
+                    print_profile(ours)
         del weight, w_fp
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -15,18 +15,20 @@
 #   int4          scripts/bench_kernels.py: the int4 g128 dequantize-matmul kernels against cuBLAS fp16
 #   moe           scripts/bench_moe_kernels.py: the grouped MoE kernels (int4 g128, W8A8) against the
 #                 fp16 experts block of a Qwen3-30B-A3B-shaped layer
+#   profile       bench_kernels.py --profile at decode sizes (M = 1, 16), W8A8 and int4: each kernel's
+#                 GPU time per call, where the decode paths' time goes
 #
-# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe", default
-# "30 150 85 45 85 50": each step took under its limit on an H200 (BENCHMARKS.md, "On an H200"), and
-# the whole run fits a 10-minute command. Without a GPU every step says so and ends.
+# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile",
+# default "30 150 85 45 85 50 60": each of the first six took under its limit on an H200 (BENCHMARKS.md,
+# "On an H200"), and the whole run fits a 10-minute command. Without a GPU every step says so and ends.
 #
 # LLMQ_GPU_STEPS names the steps to run, in the order given (default: all, in the order above), to run
 # again only those that failed or ran out of time, e.g. LLMQ_GPU_STEPS="int4 moe" LLMQ_GPU_LIMITS="0 0 0 0
-# 300 240". The output ends with a summary: each step's last result lines.
+# 300 240 0". The output ends with a summary: each step's last result lines.
 set -uo pipefail
 
-all_steps=(env check w8a8_dynamic w8a8_static int4 moe)
-read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50}"
+all_steps=(env check w8a8_dynamic w8a8_static int4 moe profile)
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 60}"
 read -r -a chosen <<< "${LLMQ_GPU_STEPS:-${all_steps[*]}}"
 if [ "${#limits[@]}" -ne "${#all_steps[@]}" ]; then
     echo "LLMQ_GPU_LIMITS needs ${#all_steps[@]} numbers, one per step (${all_steps[*]})" >&2
@@ -74,6 +76,9 @@ print(\"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else
         int4) step int4 "${bench[@]}" scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16 \
             --m 1 16 256 2048 ;;
         moe) step moe "${bench[@]}" scripts/bench_moe_kernels.py ;;
+        profile) step profile bash -c "$python scripts/bench_kernels.py --w8a8 --shapes 4096x4096 14336x4096 \
+            --m 1 16 --profile; $python scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16 \
+            --shapes 4096x4096 --m 1 16 --profile" ;;
     esac
 done
 
