@@ -36,7 +36,7 @@ from .triton_modules import runs_triton, triton_module
 
 DECODE_MAX_M = 16
 GEMM_MAX_M = 128
-PATHS = ("auto", "splitk", "gemm", "dequant")
+PATHS = ("auto", "splitk", "gemm", "dequant", "gemv")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -113,9 +113,10 @@ def _triton(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, path):
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
     path = pick_path(m) if path == "auto" else path
-    if path == "splitk":
+    if path in ("splitk", "gemv"):
         acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        tq.qmm_splitk(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size, acc)
+        launch = tq.qmm_splitk if path == "splitk" else tq.qmm_gemv
+        launch(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size, acc)
         y = acc if x.dtype == torch.float32 else acc.to(x.dtype)
     elif path == "gemm":
         y = tq.qmm_gemm(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size,
@@ -164,8 +165,9 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         g_idx:    int32 / int64 [K] or None (act-order): group of each input. Values
                   must lie in [0, G); they are not checked (that would synchronise).
         bias:     float [N] or None.
-        path:     "auto" (by M, see module doc), or force "splitk", "gemm", "dequant"
-                  (benchmarks and tests; ignored by the torch reference).
+        path:     "auto" (by M, see module doc), or force "splitk", "gemm", "dequant", or "gemv"
+                  (one row per program, no tl.dot: for M = 1, not yet measured on a GPU, so "auto"
+                  never picks it) (benchmarks and tests; ignored by the torch reference).
 
     Returns:
         [..., N] in x's dtype; accumulation in fp32.

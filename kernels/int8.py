@@ -46,7 +46,7 @@ from .triton_modules import runs_triton, triton_module
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT8_DECODE_MAX_M = 16
-PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "reference")
+PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "gemv", "reference")
 # Smallest positive normal fp32: the scale of an all-zero row (any positive
 # scale represents it exactly; this one needs no second pass to patch zeros).
 _TINY_SCALE = torch.finfo(torch.float32).tiny
@@ -192,7 +192,7 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
         return x.new_empty((*x.shape[:-1], n))
     if path == "auto":
         path = "triton" if x.device.type == "cuda" else cpu_kernel(m) if x.device.type == "cpu" else "reference"
-    if path in ("triton", "splitk", "gemm"):
+    if path in ("triton", "splitk", "gemm", "gemv"):
         tq = _triton_module()
         if tq is None:
             raise RuntimeError("int8_linear on CUDA needs triton: pip install triton")
@@ -252,7 +252,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         bias: float [N] or None.
         path: "auto" (Triton on CUDA, split-K for M <= 16; on CPU the kernel measured fastest,
             see the module doc), or force "intmm" / "dequant" (CPU), "triton" (split-K or GEMM
-            by M), "splitk" / "gemm", "reference".
+            by M), "splitk" / "gemm" / "gemv" (one row per program, for M = 1; not yet measured
+            on a GPU, so "auto" never picks it), "reference".
 
     Returns [..., N] in x's dtype.
     """

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import grouped_tile, m_bucket, tuned_paths
+from .triton_tuning import grouped_tile, m_bucket, tuned_gemv, tuned_paths
 
 DECODE_MAX_M = 16
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
@@ -154,6 +154,40 @@ _PATHS = tuned_paths(_int8_mm_kernel, ["M_BUCKET", "N", "K", "STATIC"], decode_t
 ])
 
 
+@triton.jit
+def _int8_gemv_kernel(q_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, N, K, STATIC: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[m] += (q[m] @ weight^T) * s_x[m] * s_w (+ bias) for the row m = program_id(2) of the int8
+    codes q [M, K], over every SPLIT_K-th K tile: each tile's int32 products reduced over K, which
+    runs along each thread's contiguous codes (no tl.dot, whose 16-row tiles one row would pad; an
+    elementwise [BLOCK_N, BLOCK_K] accumulator instead spills at every tile on sm_90).
+    out: zeroed fp32 [M, N], atomics."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        q = tl.load(q_ptr + row * K + offs_k, mask=k_mask, other=0).to(tl.int32)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        acc += tl.sum(w.to(tl.int32) * q[None, :], axis=1)
+    xs = tl.load(xs_ptr) if STATIC else tl.load(xs_ptr + row)
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32) * xs * ws
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + row * N + offs_n, y, mask=n_mask, sem="relaxed")
+
+
+_GEMV = tuned_gemv(_int8_gemv_kernel, ["N", "K", "STATIC"], tiles=[
+    (32, 128, 8, 4, 2), (64, 64, 8, 4, 2), (16, 256, 16, 4, 2), (32, 256, 8, 8, 2),
+    (64, 128, 4, 8, 2), (128, 64, 4, 8, 2), (64, 128, 4, 4, 1), (32, 256, 4, 4, 1),
+])
+
+
 def row_scales(x: torch.Tensor) -> torch.Tensor:
     """fp32 [M] per-token scales max|x_row| / 127 of x [M, K]."""
     m, k = x.shape
@@ -174,10 +208,19 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None):
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None, bias: torch.Tensor | None, path: str = "auto") -> torch.Tensor:
-    """[M, N] in x's dtype. path: "auto" (by M), "splitk" or "gemm"."""
+    """[M, N] in x's dtype. path: "auto" (by M), "splitk", "gemm" or "gemv" (x quantized by one
+    launch, then one row per program without tl.dot: for M = 1; not chosen by "auto" until measured
+    on a GPU)."""
     m, k = x.shape
     n = weight.shape[0]
     static = input_scale is not None
+    if path == "gemv":
+        xq, xs = quantize_rows(x, input_scale)
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)  # noqa: E731
+        _GEMV.kernel[grid](xq, weight, xs, weight_scale, bias if bias is not None else weight_scale, out, n, k,
+                           STATIC=static, HAS_BIAS=bias is not None, **_GEMV.meta)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     if path == "auto":
         path = "splitk" if m <= DECODE_MAX_M else "gemm"
     atomic = path == "splitk"

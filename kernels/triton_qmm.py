@@ -17,6 +17,9 @@ tile of rows and columns. It serves two dispatch paths:
 - tiled GEMM (medium M): SPLIT_K = 1, each program owns its output tile and
   stores it in the output dtype.
 
+`_qgemv_kernel` is a third, forced-only path for M = 1 ("gemv"): elementwise
+products reduced over K, no tl.dot, split-K atomics as above.
+
 `_dequant_kernel` writes the dense [K, N] weight for the large-M path
 (dequantize + cuBLAS).
 
@@ -40,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import INTERPRET, grouped_tile, m_bucket, tuned_paths
+from .triton_tuning import INTERPRET, grouped_tile, m_bucket, tuned_gemv, tuned_paths
 
 
 @triton.jit
@@ -161,6 +164,35 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K,
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _qgemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_xk,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[m] += x[m] @ dequant(W) for the row m = program_id(2), over every SPLIT_K-th K tile.
+
+    No tl.dot: a single row would fill one of its 16-row tiles, and the dequantized weights would
+    change layout for the tensor cores. Each tile's products are summed elementwise and reduced
+    over K once, at the end. out is a zeroed fp32 [M, N] buffer (atomics; bias from the first
+    split). Weights are read once per row: meant for M = 1.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, K, N,
+                          BITS, GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N)
+        acc += w * x[:, None]
+    y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + row * N + offs_n, y, mask=n_mask, sem="relaxed")
+
+
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "ACT_ORDER"]
 
 
@@ -174,6 +206,10 @@ _PATHS = tuned_paths(_qmm_kernel, _KEY, decode_tiles=[
     (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
     (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+])
+_GEMV = tuned_gemv(_qgemv_kernel, ["N", "K", "BITS", "GROUP_SIZE", "ACT_ORDER"], tiles=[
+    (64, 64, 4, 4, 3), (128, 64, 4, 4, 3), (128, 32, 8, 4, 3), (64, 128, 8, 4, 3),
+    (256, 32, 8, 8, 3), (128, 128, 4, 8, 3), (256, 64, 2, 8, 3),
 ])
 _DEQUANT_META = dict(BLOCK_K=32, BLOCK_N=64)
 
@@ -208,6 +244,18 @@ def qmm_splitk(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp
     """Decode path. x [M, K] (stride along K any), out_fp32 [M, N] fp32, ZEROED."""
     return _launch_qmm(_PATHS.decode, _PATHS.decode_meta, True, x, qweight, qzeros, scales, g_idx, bias, bits,
                        group_size, out_fp32)
+
+
+def qmm_gemv(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32):
+    """GEMV path (not chosen by "auto" until measured on a GPU). x [M, K], out_fp32 [M, N] fp32, ZEROED."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)  # noqa: E731
+    _GEMV.kernel[grid](x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+                       bias if bias is not None else scales, out_fp32, n, k, x.stride(0), x.stride(1),
+                       BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
+                       **_GEMV.meta)
+    return out_fp32
 
 
 def qmm_gemm(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):

@@ -30,6 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # M buckets share one autotune result; beyond the cap all M tune alike.
 _M_BUCKET_CAP = 256
 _INTERPRET_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=8)
+_INTERPRET_GEMV = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 _INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 
 
@@ -87,3 +88,27 @@ def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
     return TunedPaths(triton.autotune(configs=decode_configs, key=key, reset_to_zero=["out_ptr"])(kernel),
                       triton.autotune(configs=gemm_configs, key=key)(kernel), {}, {}, decode_configs, gemm_configs,
                       kernel)
+
+
+class TunedGemv(NamedTuple):
+    """A GEMV kernel (one row of x per program, no tl.dot): what to launch, its meta-parameters
+    (none where the autotuner picks them), its configs on CUDA and the jit function itself."""
+
+    kernel: object
+    meta: dict
+    configs: list
+    jit: object
+
+    def pinned(self, config: triton.Config) -> TunedGemv:
+        return self._replace(kernel=self.jit, meta=dict(config.kwargs, num_warps=config.num_warps,
+                                                        num_stages=config.num_stages))
+
+
+def tuned_gemv(kernel, key: list[str], tiles) -> TunedGemv:
+    """tiles: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages). The programs of one output tile add their
+    partial sums with atomics into out_ptr, which autotuning zeroes between its runs."""
+    configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk), num_warps=w, num_stages=s)
+               for bn, bk, sk, w, s in tiles]
+    if INTERPRET:
+        return TunedGemv(kernel, _INTERPRET_GEMV, configs, kernel)
+    return TunedGemv(triton.autotune(configs=configs, key=key, reset_to_zero=["out_ptr"])(kernel), {}, configs, kernel)

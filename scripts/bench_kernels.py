@@ -61,7 +61,8 @@ def parse_args(argv=None):
                    f"with --w8a8 {' '.join(W8A8_SHAPES)})")
     p.add_argument("--m", nargs="+", type=int, help=f"rows of x (default {ROWS}; with --w8a8 {W8A8_ROWS})")
     p.add_argument("--all-paths", action="store_true",
-                   help="also time each path forced (splitk, gemm, dequant; with --w8a8 splitk, gemm)")
+                   help="also time each path forced (splitk, gemm, dequant, and gemv to M = 16; with --w8a8 "
+                        "splitk, gemm, gemv)")
     p.add_argument("--w8a8", action="store_true", help="the W8A8 int8 kernels instead (see above)")
     p.add_argument("--act", choices=("dynamic", "static"), default="dynamic", help="with --w8a8: activation scales")
     p.add_argument("--profile", action="store_true",
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     if args.w8a8:
         return bench_w8a8(args, dtype, Timer(do_bench))
     print(f"bits {args.bits}  group_size {args.group_size}  {args.dtype}  act_order {args.act_order}")
-    paths = ["auto"] + (["splitk", "gemm", "dequant"] if args.all_paths else [])
+    paths = ["auto"] + (["splitk", "gemm", "dequant", "gemv"] if args.all_paths else [])
     timer = Timer(do_bench)
     print(f"{'shape':>11} {'M':>5} {'path':>8} {'ours us':>8} {'F.linear':>8} {'speedup':>7} {'graph us':>8} "
           f"{'F.linear':>8} {'speedup':>7} {'GB/s':>6} {'% bw':>5}  rel.err   (graph: CUDA graph replay)")
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
             ref = x.double() @ w64.t()
             t_fp = timer(lambda w: F.linear(x, w), w_fp)
             for path in paths:
+                if path == "gemv" and m > 16:
+                    continue  # one row per program: a decode path
                 def ours(w=layer):
                     xin = x if perm is None else x.index_select(-1, perm)
                     return dequant_matmul(xin, w["qweight"], w["qzeros"], w["scales"], bits=args.bits,
@@ -232,7 +235,7 @@ def bench_w8a8(args, dtype, timer, device="cuda") -> int:
     from llmq.kernels import int8_linear
     from llmq.kernels.int8 import int8_reference, quantize_activations
 
-    paths = ["triton"] + (["splitk", "gemm"] if args.all_paths else [])
+    paths = ["triton"] + (["splitk", "gemm", "gemv"] if args.all_paths else [])
     print(f"W8A8 int8, {args.act} activations, x in {args.dtype}; TOPS = 2 M N K / graph time; "
           "graph: CUDA graph replay")
     print(f"{'shape':>11} {'M':>5} {'path':>7} {'ours us':>8} {'cuBLAS':>8} {'speedup':>7} {'graph us':>8} "
@@ -252,6 +255,8 @@ def bench_w8a8(args, dtype, timer, device="cuda") -> int:
             t_mm = (timer(lambda w: torch._int_mm(q, w.t()), weight).graph
                     if m > 16 and n % 8 == 0 and k % 8 == 0 else float("nan"))
             for path in paths:
+                if path == "gemv" and m > 16:
+                    continue  # one row per program: a decode path
                 def ours(w=weight):
                     return int8_linear(x, w, weight_scale, input_scale, path=path)
                 err = ((ours().double() - ref).norm() / ref.norm()).item()

@@ -30,8 +30,10 @@ from the integer codes:
    (int4 g32) and W8A8 (dynamic, static), its grouped kernels (one launch per
    side over every expert) against the block's loop over experts on CPU,
    for a decode step's few tokens and a prefill's many.
-8. Every autotune config of both GEMM kernels' paths, each launched alone on
-   sizes that leave partial tiles.
+8. Every autotune config of both kernels' paths (split-K, GEMM, GEMV), each
+   launched alone on sizes that leave partial tiles.
+
+Checks 1 and 6 also run the forced-only GEMV path ("gemv") at decode sizes.
 
 On CUDA all checks but the CUDA graphs' launch one config per path instead of
 autotuning (`pinned`): autotuning compiles every config for each new
@@ -129,9 +131,11 @@ def check_matmul(device, quick, log):
         bias = torch.randn(n, device=device).to(dtype) if has_bias else None
         ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
         xin = x if perm is None else x.index_select(-1, perm)
-        for path in ("auto", "splitk", "gemm", "dequant"):
+        for path in ("auto", "splitk", "gemm", "dequant", "gemv"):
             if device == "cpu" and m > 256 and path != "auto":
                 continue  # the interpreter runs one program at a time: keep it to the dispatched path
+            if path == "gemv" and m > 17:
+                continue  # one row per program: a decode path
             y = dequant_matmul(xin, layer["qweight"], layer["qzeros"], layer["scales"], bits=bits, group_size=gs,
                                g_idx=layer["g_idx"], bias=bias, path=path)
             assert y.shape == (*lead, n) and y.dtype == dtype
@@ -289,9 +293,11 @@ def check_int8_matmul(device, quick, log):
             dtype, has_bias = dtypes[c % 3], c % 4 < 2
             args = int8_operands(m, n, k, static, dtype, has_bias, device, seed=c)
             ref = int8_expected(*args)
-            for path in ("auto", "splitk", "gemm"):
+            for path in ("auto", "splitk", "gemm", "gemv"):
                 if device == "cpu" and m > 256 and path != "auto":
                     continue  # the interpreter runs one program at a time: keep it to the dispatched path
+                if path == "gemv" and m > 17:
+                    continue  # one row per program: a decode path
                 y = int8_linear(*args, path="triton" if path == "auto" else path)
                 assert y.shape == ref.shape and y.dtype == dtype
                 label = (f"int8 M={m} {'static' if static else 'dynamic'} {str(dtype)[6:]} "
@@ -404,20 +410,21 @@ def pinned(decode_index=0, gemm_index=0):
     import importlib
 
     modules = [importlib.import_module(f"llmq.kernels.{name}") for name in TUNED_MODULES]
-    saved = [m._PATHS for m in modules]
-    for m, paths in zip(modules, saved):
+    saved = [(m._PATHS, m._GEMV) for m in modules]
+    for m, (paths, gemv) in zip(modules, saved):
         m._PATHS = paths.pinned(paths.decode_configs[decode_index % len(paths.decode_configs)],
                                 paths.gemm_configs[gemm_index % len(paths.gemm_configs)])
+        m._GEMV = gemv.pinned(gemv.configs[decode_index % len(gemv.configs)])
     try:
         yield
     finally:
-        for m, paths in zip(modules, saved):
-            m._PATHS = paths
+        for m, (paths, gemv) in zip(modules, saved):
+            m._PATHS, m._GEMV = paths, gemv
 
 
 def config_label(config) -> str:
     kw = config.kwargs
-    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split {kw['SPLIT_K']} "
+    return (f"{kw.get('BLOCK_M', 1)}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split {kw['SPLIT_K']} "
             f"w{config.num_warps} s{config.num_stages}")
 
 
@@ -427,12 +434,18 @@ def check_every_config(device, log):
     from llmq.kernels import dequant_matmul, int8_linear, triton_int8, triton_qmm
 
     n, k = 1000, 1152  # 1000: no BLOCK_N divides it; 1152 = 9 * 128: partial K tiles of 256
-    for i in range(max(len(triton_qmm._PATHS.decode_configs), len(triton_qmm._PATHS.gemm_configs))):
+
+    def configs_of(module, path):
+        return {"splitk": module._PATHS.decode_configs, "gemm": module._PATHS.gemm_configs,
+                "gemv": module._GEMV.configs}[path]
+
+    cases = ((3, "splitk"), (130, "gemm"), (1, "gemv"))
+    for i in range(max(len(configs_of(triton_qmm, path)) for _, path in cases)):
         bits, gs, dtype = (4, 128, torch.float16) if i % 2 == 0 else (8, 32, torch.bfloat16)
         layer, w64 = layer_for(n, k, bits, gs, False, False, dtype, device, seed=i)
         with pinned(i, i):
-            for m, path in ((3, "splitk"), (130, "gemm")):
-                configs = getattr(triton_qmm._PATHS, "decode_configs" if path == "splitk" else "gemm_configs")
+            for m, path in cases:
+                configs = configs_of(triton_qmm, path)
                 if i >= len(configs):
                     continue
                 x = torch.randn(m, k, device=device).to(dtype)
@@ -440,11 +453,11 @@ def check_every_config(device, log):
                                    path=path)
                 check(f"matmul config {config_label(configs[i])} b{bits} g{gs}", y, x.double() @ w64.t(),
                       TOL[dtype], log)
-    for i in range(max(len(triton_int8._PATHS.decode_configs), len(triton_int8._PATHS.gemm_configs))):
+    for i in range(max(len(configs_of(triton_int8, path)) for _, path in cases)):
         static = i % 2 == 1
         with pinned(i, i):
-            for m, path in ((3, "splitk"), (130, "gemm")):
-                configs = getattr(triton_int8._PATHS, "decode_configs" if path == "splitk" else "gemm_configs")
+            for m, path in cases:
+                configs = configs_of(triton_int8, path)
                 if i >= len(configs):
                     continue
                 args = int8_operands(m, n, k, static, torch.float16, True, device, seed=i)

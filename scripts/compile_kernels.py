@@ -41,7 +41,7 @@ GROUP_SIZES = (128, 32)  # 128: one group per K tile where BLOCK_K divides it; 3
 
 @dataclass
 class Spec:
-    path: str  # splitk | gemm | dequant
+    path: str  # splitk | gemm | dequant | gemv
     bits: int
     group_size: int
     act_order: bool
@@ -73,6 +73,13 @@ def kernel_source(tq, spec: Spec, config):
         sig = {"qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{t}", "gidx_ptr": "*i32", "w_ptr": f"*{t}",
                "N": "i32", "K": "i32"}
         const = dict(BITS=spec.bits, GROUP_SIZE=spec.group_size, ACT_ORDER=spec.act_order, **config.kwargs)
+    elif spec.path == "gemv":
+        fn = tq._qgemv_kernel
+        sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{t}", "gidx_ptr": "*i32",
+               "bias_ptr": f"*{t}", "out_ptr": "*fp32", "N": "i32", "K": "i32", "stride_xm": "i32",
+               "stride_xk": "i32"}
+        const = dict(BITS=spec.bits, GROUP_SIZE=spec.group_size, ACT_ORDER=spec.act_order, HAS_BIAS=spec.bias,
+                     **config.kwargs)
     else:
         fn = tq._qmm_kernel
         out = "fp32" if spec.path == "splitk" else t
@@ -89,7 +96,7 @@ def kernel_source(tq, spec: Spec, config):
 class Int8Spec:
     """One specialization of the W8A8 kernel (llmq.kernels.triton_int8)."""
 
-    path: str  # int8-splitk | int8-gemm | int8-rowscale | int8-quantize
+    path: str  # int8-splitk | int8-gemm | int8-gemv | int8-rowscale | int8-quantize
     dtype: str
     static: bool
     bias: bool
@@ -104,6 +111,11 @@ def int8_kernel_source(ti, spec: Int8Spec, config):
         fn = ti._row_scale_kernel
         sig = {"x_ptr": f"*{t}", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32"}
         const = dict(config.kwargs)
+    elif spec.path == "int8-gemv":
+        fn = ti._int8_gemv_kernel
+        sig = {"q_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+               "out_ptr": "*fp32", "N": "i32", "K": "i32"}
+        const = dict(STATIC=spec.static, HAS_BIAS=spec.bias, **config.kwargs)
     elif spec.path == "int8-quantize":
         fn = ti._quantize_rows_kernel
         sig = {"x_ptr": f"*{t}", "q_ptr": "*i8", "xs_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
@@ -124,6 +136,7 @@ def int8_plan(ti, quick: bool):
     import triton
 
     configs = {"int8-splitk": ti._PATHS.decode_configs, "int8-gemm": ti._PATHS.gemm_configs,
+               "int8-gemv": ti._GEMV.configs,
                "int8-rowscale": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)],
                "int8-quantize": [triton.Config(dict(BLOCK_K=1024), num_warps=4, num_stages=1)]}
     specs = [Int8Spec(path, dtype, static, bias)
@@ -226,7 +239,8 @@ def path_configs(tq):
     import triton
 
     dequant = triton.Config(dict(tq._DEQUANT_META), num_warps=4, num_stages=1)
-    return {"splitk": tq._PATHS.decode_configs, "gemm": tq._PATHS.gemm_configs, "dequant": [dequant]}
+    return {"splitk": tq._PATHS.decode_configs, "gemm": tq._PATHS.gemm_configs, "dequant": [dequant],
+            "gemv": tq._GEMV.configs}
 
 
 def plan(tq, quick: bool):

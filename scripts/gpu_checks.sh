@@ -15,8 +15,8 @@
 #   int4          scripts/bench_kernels.py: the int4 g128 dequantize-matmul kernels against cuBLAS fp16
 #   moe           scripts/bench_moe_kernels.py: the grouped MoE kernels (int4 g128, W8A8) against the
 #                 fp16 experts block of a Qwen3-30B-A3B-shaped layer
-#   profile       bench_kernels.py --profile at decode sizes (M = 1, 16), W8A8 and int4: each kernel's
-#                 GPU time per call, where the decode paths' time goes
+#   profile       bench_kernels.py --all-paths --profile at decode sizes (M = 1, 16), W8A8 and int4:
+#                 every path, the forced-only GEMV among them, and each kernel's GPU time per call
 #
 # Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile",
 # default "30 150 85 45 85 50 60": each of the first six took under its limit on an H200 (BENCHMARKS.md,
@@ -77,8 +77,8 @@ print(\"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else
             --m 1 16 256 2048 ;;
         moe) step moe "${bench[@]}" scripts/bench_moe_kernels.py ;;
         profile) step profile bash -c "$python scripts/bench_kernels.py --w8a8 --shapes 4096x4096 14336x4096 \
-            --m 1 16 --profile; $python scripts/bench_kernels.py --bits 4 --group-size 128 --dtype float16 \
-            --shapes 4096x4096 --m 1 16 --profile" ;;
+            --m 1 16 --all-paths --profile; $python scripts/bench_kernels.py --bits 4 --group-size 128 \
+            --dtype float16 --shapes 4096x4096 14336x4096 --m 1 16 --all-paths --profile" ;;
     esac
 done
 

@@ -21,7 +21,7 @@ if not triton_tuning.INTERPRET:  # imported before TRITON_INTERPRET was set: def
     importlib.reload(triton_tuning)
     triton_int8 = importlib.reload(triton_int8)
 
-PATHS = ["splitk", "gemm"]
+PATHS = ["splitk", "gemm", "gemv"]
 
 
 def _weights(n, k, g):

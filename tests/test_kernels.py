@@ -136,7 +136,7 @@ def test_dequant_matmul_interpreter(lead, n, k, bits, gs, act, dtype, has_bias, 
     assert_close(y, reference(x, w, bias), TOL[dtype])
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant", "gemv"])
 @pytest.mark.parametrize("m", [3, 130])
 def test_every_path_at_small_and_large_m(path, m):
     seed = 100 + m
@@ -152,7 +152,7 @@ def test_every_path_at_small_and_large_m(path, m):
 # tile is partial. Group sizes pick each way a tile finds its zeros and scales:
 # 8 (several whole groups per tile, the last one past K), 40 (a group size
 # that is no power of two: looked up per input), 200 (one group per tile).
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant", "gemv"])
 @pytest.mark.parametrize("bits,gs", [(4, 8), (8, 8), (4, 40), (8, -1)])
 def test_partial_k_tiles_and_every_group_layout(path, bits, gs):
     seed = 300 + bits + gs
@@ -162,7 +162,7 @@ def test_partial_k_tiles_and_every_group_layout(path, bits, gs):
     assert_close(y, reference(x, w, None), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dequant", "gemv"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_act_order_reordered_once_runs_without_g_idx(path, bits):
     """reorder_act_order's sorted qweight on x[..., perm] computes the act-order layer, g_idx-free."""
@@ -399,8 +399,9 @@ def test_w8a8_gpu_benchmark_runs_on_the_interpreter():
         "    args = B.parse_args(['--w8a8', '--shapes', '40x64', '--m', '1', '20', '--all-paths', '--act', act])\n"
         "    assert B.bench_w8a8(args, torch.float16, B.Timer(timer, graphs=False), device='cpu') == 0\n")
     rows = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("40x64")]
-    assert len(rows) == 2 * 2 * 3, run.stdout  # (act) x (M) x (triton, splitk, gemm)
-    assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("20", "splitk"), ("20", "gemm")}
+    assert len(rows) == 2 * (4 + 3), run.stdout  # (act) x (triton, splitk, gemm, and gemv at M = 1 only)
+    assert {(r[1], r[2]) for r in rows} == {("1", "splitk"), ("1", "gemm"), ("1", "gemv"), ("20", "splitk"),
+                                            ("20", "gemm")}
 
 
 def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
