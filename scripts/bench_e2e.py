@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Greedy decode speed and memory of a quantized model against its fp model, in one run.
 
-    python scripts/bench_e2e.py [--model FP_FOLDER] [--quantized CHECKPOINT | --quantize rtn:4:64:asym]
+    python scripts/bench_e2e.py [--model FP_FOLDER | --random-config NAME|CONFIG.json]
+        [--quantized CHECKPOINT | --quantize rtn:4:64:asym | --quantize w8a8]
         [--prompt-tokens 32] [--new-tokens 64] [--device cpu|cuda] [--dtype float16] [--threads N]
         [--json PATH]
 
@@ -12,6 +13,12 @@ the decode phase (prefill timed apart), the memory each model's weights take
 while it runs (parameters and buffers, plus on CPU the converted copies the
 int4/int8 kernels read), on CUDA the peak allocated memory during decode, and
 how many of the first generated tokens agree.
+
+`--random-config` times a model of that shape with random weights (seeded, the
+same for both copies) and a random prompt instead, where no real checkpoint is
+at hand (a GPU machine with no hub access): a name from RANDOM_CONFIGS or a
+transformers config.json. `--quantize w8a8` is W8A8 with dynamic activations,
+round-to-nearest weights and no smoothing (no calibration data needed).
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ import torch
 
 import llmq
 from llmq.loading import load_model
+
+# Shapes of public models, for --random-config: speed depends on the shapes alone.
+RANDOM_CONFIGS = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=8192),
+}
 
 
 def _model_bytes(model) -> int:
@@ -72,11 +86,34 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     return result
 
 
+def random_model(name: str, dtype):
+    """A model of config `name` (RANDOM_CONFIGS or a config.json path) with seeded random weights."""
+    import transformers as T
+
+    if name in RANDOM_CONFIGS:
+        options = dict(RANDOM_CONFIGS[name])
+        config = T.AutoConfig.for_model(options.pop("model_type"), **options)
+    else:
+        config = T.AutoConfig.from_pretrained(name)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    return model if dtype == "auto" else model.to(dtype)
+
+
+def quant_config(spec: str) -> llmq.QuantConfig:
+    if spec == "w8a8":
+        return llmq.QuantConfig(scheme="w8a8", act="dynamic")
+    method, bits, group, sym = spec.split(":")
+    return llmq.QuantConfig(method=method, bits=int(bits), group_size=int(group), sym=sym == "sym")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
+    p.add_argument("--random-config", default=None,
+                   help=f"random weights of this shape instead ({', '.join(RANDOM_CONFIGS)} or a config.json)")
     p.add_argument("--quantized", default=None, help="llmq checkpoint of --model")
-    p.add_argument("--quantize", default="rtn:4:64:asym", help="METHOD:BITS:GROUP:sym|asym, in memory")
+    p.add_argument("--quantize", default="rtn:4:64:asym", help="METHOD:BITS:GROUP:sym|asym or w8a8, in memory")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -85,16 +122,34 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the checkpoint's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_e2e: no CUDA GPU found for --device cuda. Nothing to do.")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model is None:
-        from llmq.realmodel import smollm2_path
-
-        args.model = str(smollm2_path())
     dtype = getattr(torch, args.dtype) if args.dtype else "auto"
-    fp, tokenizer = load_model(args.model, dtype=dtype)
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be"
-    prompt = tokenizer(text, return_tensors="pt").input_ids[:, : args.prompt_tokens].to(args.device)
+    if args.random_config:
+        args.model = f"random weights, {args.random_config}"
+        tokenizer = None
+
+        def fresh_model():
+            return random_model(args.random_config, dtype)
+
+        fp = fresh_model()
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, fp.config.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)
+    else:
+        if args.model is None:
+            from llmq.realmodel import smollm2_path
+
+            args.model = str(smollm2_path())
+
+        def fresh_model():
+            return load_model(args.model, dtype=dtype)[0]
+
+        fp, tokenizer = load_model(args.model, dtype=dtype)
+        text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be"
+        prompt = tokenizer(text, return_tensors="pt").input_ids[:, : args.prompt_tokens].to(args.device)
     fp = fp.to(args.device).eval()
     results = {"fp": {**decode(fp, prompt, args.new_tokens, args.repeats), "bytes": _model_bytes(fp)}}
     del fp
@@ -105,10 +160,7 @@ def main() -> None:
         q = llmq.from_pretrained(args.quantized, dtype=dtype)
         label = args.quantized
     else:
-        method, bits, group, sym = args.quantize.split(":")
-        model, _ = load_model(args.model, dtype=dtype)
-        q = llmq.quantize(model, llmq.QuantConfig(method=method, bits=int(bits), group_size=int(group),
-                                                  sym=sym == "sym"), progress=False)
+        q = llmq.quantize(fresh_model(), quant_config(args.quantize), progress=False)
         label = args.quantize
     q = q.to(args.device).eval()
     results["quantized"] = {"label": label, **decode(q, prompt, args.new_tokens, args.repeats),
@@ -131,8 +183,9 @@ def main() -> None:
         for name in ("fp", "quantized"):
             summary[f"{name}_peak_allocated_mib"] = round(results[name]["peak_allocated_bytes"] / 2**20, 1)
     print(json.dumps(summary, indent=1))
-    print("fp       :", tokenizer.decode(a[:24]))
-    print("quantized:", tokenizer.decode(b[:24]))
+    if tokenizer is not None:
+        print("fp       :", tokenizer.decode(a[:24]))
+        print("quantized:", tokenizer.decode(b[:24]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -17,18 +17,21 @@
 #                 fp16 experts block of a Qwen3-30B-A3B-shaped layer
 #   profile       bench_kernels.py --all-paths --profile at decode sizes (M = 1, 16), W8A8 and int4:
 #                 every path, the forced-only GEMV among them, and each kernel's GPU time per call
+#   e2e           scripts/bench_e2e.py on a Llama-3.2-1B-shaped model with random weights, fp16:
+#                 transformers' greedy decode, fp16 against RTN int4 g128 and against W8A8 dynamic
 #
-# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile",
-# default "30 150 85 45 85 50 60": each of the first six took under its limit on an H200 (BENCHMARKS.md,
-# "On an H200"), and the whole run fits a 10-minute command. Without a GPU every step says so and ends.
+# Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile e2e",
+# default "30 150 85 45 85 50 60 150": each of the first six took under its limit on an H200
+# (BENCHMARKS.md, "On an H200"). All steps take up to 11 minutes, more than one 10-minute command
+# allows: LLMQ_GPU_STEPS splits them. Without a GPU every step says so and ends.
 #
 # LLMQ_GPU_STEPS names the steps to run, in the order given (default: all, in the order above), to run
 # again only those that failed or ran out of time, e.g. LLMQ_GPU_STEPS="int4 moe" LLMQ_GPU_LIMITS="0 0 0 0
-# 300 240 0". The output ends with a summary: each step's last result lines.
+# 300 240 0 0". The output ends with a summary: each step's last result lines.
 set -uo pipefail
 
-all_steps=(env check w8a8_dynamic w8a8_static int4 moe profile)
-read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 60}"
+all_steps=(env check w8a8_dynamic w8a8_static int4 moe profile e2e)
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 60 150}"
 read -r -a chosen <<< "${LLMQ_GPU_STEPS:-${all_steps[*]}}"
 if [ "${#limits[@]}" -ne "${#all_steps[@]}" ]; then
     echo "LLMQ_GPU_LIMITS needs ${#all_steps[@]} numbers, one per step (${all_steps[*]})" >&2
@@ -79,6 +82,8 @@ print(\"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else
         profile) step profile bash -c "$python scripts/bench_kernels.py --w8a8 --shapes 4096x4096 14336x4096 \
             --m 1 16 --all-paths --profile; $python scripts/bench_kernels.py --bits 4 --group-size 128 \
             --dtype float16 --shapes 4096x4096 14336x4096 --m 1 16 --all-paths --profile" ;;
+        e2e) step e2e bash -c "for q in rtn:4:128:sym w8a8; do $python scripts/bench_e2e.py --device cuda \
+            --dtype float16 --random-config llama-3.2-1b --quantize \$q --new-tokens 64 --repeats 3; done" ;;
     esac
 done
 

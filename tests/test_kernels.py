@@ -410,18 +410,18 @@ def test_gpu_checks_script_runs_every_step_under_its_limit(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
-               LLMQ_GPU_LIMITS="60 120 120 120 0.05 120 120")
+               LLMQ_GPU_LIMITS="60 120 120 120 0.05 120 120 120")
     run = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     steps = {p.stem: p.read_text().splitlines() for p in tmp_path.glob("*.txt")}
-    assert set(steps) == {"env", "check", "w8a8_dynamic", "w8a8_static", "int4", "moe", "profile"}
+    assert set(steps) == {"env", "check", "w8a8_dynamic", "w8a8_static", "int4", "moe", "profile", "e2e"}
     assert "device none" in steps["env"] and steps["env"][-1] == "exit status 0"
     assert "no CUDA GPU found" in "\n".join(steps["check"]) and steps["check"][-1] == "exit status 1"
     for name in ("w8a8_dynamic", "w8a8_static"):
         assert "no CUDA GPU found" in "\n".join(steps[name]) and steps[name][-1] == "exit status 0"
     assert steps["int4"][-1] == "exit status 124"  # 50 ms: too short to import torch
-    for name in ("moe", "profile"):
+    for name in ("moe", "profile", "e2e"):
         assert "no CUDA GPU found" in "\n".join(steps[name]) and steps[name][-1] == "exit status 0"
 
 
@@ -442,7 +442,7 @@ def test_gpu_checks_script_runs_the_named_steps_and_refuses_unknown_ones(tmp_pat
     unknown = run(tmp_path / "unknown", LLMQ_GPU_STEPS="env int3")
     assert unknown.returncode == 2 and "no step named int3" in unknown.stderr
     short = run(tmp_path / "short", LLMQ_GPU_LIMITS="60 60")
-    assert short.returncode == 2 and "needs 7 numbers" in short.stderr
+    assert short.returncode == 2 and "needs 8 numbers" in short.stderr
     assert not (tmp_path / "unknown").exists() and not (tmp_path / "short").exists()
 
 
