@@ -165,9 +165,10 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         g_idx:    int32 / int64 [K] or None (act-order): group of each input. Values
                   must lie in [0, G); they are not checked (that would synchronise).
         bias:     float [N] or None.
-        path:     "auto" (by M, see module doc), or force "splitk", "gemm", "dequant", or "gemv"
-                  (one row per program, no tl.dot: for M = 1, not yet measured on a GPU, so "auto"
-                  never picks it) (benchmarks and tests; ignored by the torch reference).
+        path:     "auto" (by M, see module doc), or force "splitk", "gemm", "dequant" or "gemv"
+                  (benchmarks and tests; ignored by the torch reference). "gemv" runs one row per
+                  program without tl.dot, for M = 1; "auto" does not pick it until a GPU has
+                  timed it.
 
     Returns:
         [..., N] in x's dtype; accumulation in fp32.

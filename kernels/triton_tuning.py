@@ -1,6 +1,7 @@
 """How the Triton GEMM kernels are launched: interpreter or GPU, the M buckets of
 their autotune keys, the order of their output tiles, and the configurations of
-their two paths.
+their two paths and of the GEMV kernels (`tuned_gemv`: one row per program, no
+tl.dot, split-K atomics; forced-only until a GPU has timed them).
 
 Each GEMM kernel (triton_qmm's dequantize-matmul, triton_int8's int8 GEMM)
 runs one of two paths:
@@ -66,15 +67,18 @@ class TunedPaths(NamedTuple):
     gemm_meta: dict
     decode_configs: list
     gemm_configs: list
-    kernel: object  # the jit function itself, for pinned()
+    jit: object  # the jit function itself, for pinned()
 
     def pinned(self, decode: triton.Config, gemm: triton.Config) -> TunedPaths:
         """These paths launching one given config each, with no autotuning: checks of every config,
         and checks across many specializations that would otherwise compile every config of each."""
-        def meta(config):
-            return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        return self._replace(decode=self.jit, gemm=self.jit, decode_meta=_launch_meta(decode),
+                             gemm_meta=_launch_meta(gemm))
 
-        return self._replace(decode=self.kernel, gemm=self.kernel, decode_meta=meta(decode), gemm_meta=meta(gemm))
+
+def _launch_meta(config: triton.Config) -> dict:
+    """A config as the keyword arguments of a launch of the jit function itself."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def tuned_paths(kernel, key: list[str], decode_tiles, gemm_tiles) -> TunedPaths:
@@ -100,8 +104,8 @@ class TunedGemv(NamedTuple):
     jit: object
 
     def pinned(self, config: triton.Config) -> TunedGemv:
-        return self._replace(kernel=self.jit, meta=dict(config.kwargs, num_warps=config.num_warps,
-                                                        num_stages=config.num_stages))
+        """This kernel launching `config`, with no autotuning (see TunedPaths.pinned)."""
+        return self._replace(kernel=self.jit, meta=_launch_meta(config))
 
 
 def tuned_gemv(kernel, key: list[str], tiles) -> TunedGemv:

@@ -27,11 +27,13 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import time
 
 import torch
 
 import llmq
+from llmq.config import parse_config_spec
 from llmq.loading import load_model
 
 # Shapes of public models, for --random-config: speed depends on the shapes alone.
@@ -103,17 +105,17 @@ def random_model(name: str, dtype):
 def quant_config(spec: str) -> llmq.QuantConfig:
     if spec == "w8a8":
         return llmq.QuantConfig(scheme="w8a8", act="dynamic")
-    method, bits, group, sym = spec.split(":")
-    return llmq.QuantConfig(method=method, bits=int(bits), group_size=int(group), sym=sym == "sym")
+    return parse_config_spec(spec)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
     p.add_argument("--random-config", default=None,
                    help=f"random weights of this shape instead ({', '.join(RANDOM_CONFIGS)} or a config.json)")
     p.add_argument("--quantized", default=None, help="llmq checkpoint of --model")
-    p.add_argument("--quantize", default="rtn:4:64:asym", help="METHOD:BITS:GROUP:sym|asym or w8a8, in memory")
+    p.add_argument("--quantize", default="rtn:4:64:asym",
+                   help="METHOD:BITS:GROUP:sym|asym (llmq.config.parse_config_spec) or w8a8, in memory")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -121,10 +123,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (both models run there, one at a time)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the checkpoint's)")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_e2e: no CUDA GPU found for --device cuda. Nothing to do.")
-        return
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else "auto"
@@ -189,7 +191,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -324,6 +324,34 @@ def test_perplexity_script_quantizes_in_memory(folders, tmp_path):
     assert script.main([str(fp), "--quantize", "rtn:4"]) == 2
 
 
+def test_e2e_benchmark_times_random_weights_of_a_config(tmp_path):
+    """scripts/bench_e2e.py --random-config (the GPU run's end-to-end step) builds both models from
+    one seed and times the fp model against its W8A8 or int4 copy."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=256)))
+    a, b = script.random_model(str(config), torch.float32), script.random_model(str(config), torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    w8a8 = script.quant_config("w8a8")
+    assert (w8a8.scheme, w8a8.act, w8a8.smooth) == ("w8a8", "dynamic", None)
+    for i, quantize in enumerate(("w8a8", "rtn:4:32:sym")):
+        out = tmp_path / f"{i}.json"
+        assert script.main(["--random-config", str(config), "--quantize", quantize, "--new-tokens", "4",
+                            "--prompt-tokens", "6", "--repeats", "1", "--json", str(out)]) == 0
+        summary = json.loads(out.read_text())
+        assert summary["model"] == f"random weights, {config}" and summary["quantized"] == quantize
+        assert summary["quantized_weights_mib"] < summary["fp_weights_mib"]
+        assert summary["fp_tokens_per_s"] > 0 and summary["quantized_tokens_per_s"] > 0
+
+
 def test_eval_compares_a_w8a8_checkpoint(folders, tmp_path, capsys):
     fp, _, text, tok = folders
     calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
