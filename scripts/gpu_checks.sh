@@ -15,13 +15,13 @@
 #   int4          scripts/bench_kernels.py: the int4 g128 dequantize-matmul kernels against cuBLAS fp16
 #   moe           scripts/bench_moe_kernels.py: the grouped MoE kernels (int4 g128, W8A8) against the
 #                 fp16 experts block of a Qwen3-30B-A3B-shaped layer
-#   profile       bench_kernels.py --all-paths --profile at decode sizes (M = 1, 16), W8A8 and int4:
-#                 every path, the forced-only GEMV among them, and each kernel's GPU time per call
+#   profile       bench_kernels.py --all-paths --profile at decode sizes (M = 1, 16; int4 also 256), W8A8
+#                 and int4: every path, the forced-only GEMV among them, each kernel's GPU time per call
 #   e2e           scripts/bench_e2e.py on a Llama-3.2-1B-shaped model with random weights, fp16:
 #                 transformers' greedy decode, fp16 against RTN int4 g128 and against W8A8 dynamic
 #
 # Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile e2e",
-# default "30 150 85 45 85 50 60 150": each of the first six took under its limit on an H200
+# default "30 150 85 45 85 50 90 150": each of the first six took under its limit on an H200
 # (BENCHMARKS.md, "On an H200"). All steps take up to 11 minutes, more than one 10-minute command
 # allows: LLMQ_GPU_STEPS splits them. Without a GPU every step says so and ends.
 #
@@ -31,7 +31,7 @@
 set -uo pipefail
 
 all_steps=(env check w8a8_dynamic w8a8_static int4 moe profile e2e)
-read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 60 150}"
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 90 150}"
 read -r -a chosen <<< "${LLMQ_GPU_STEPS:-${all_steps[*]}}"
 if [ "${#limits[@]}" -ne "${#all_steps[@]}" ]; then
     echo "LLMQ_GPU_LIMITS needs ${#all_steps[@]} numbers, one per step (${all_steps[*]})" >&2
@@ -81,7 +81,7 @@ print(\"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else
         moe) step moe "${bench[@]}" scripts/bench_moe_kernels.py ;;
         profile) step profile bash -c "$python scripts/bench_kernels.py --w8a8 --shapes 4096x4096 14336x4096 \
             --m 1 16 --all-paths --profile; $python scripts/bench_kernels.py --bits 4 --group-size 128 \
-            --dtype float16 --shapes 4096x4096 14336x4096 --m 1 16 --all-paths --profile" ;;
+            --dtype float16 --shapes 4096x4096 14336x4096 --m 1 16 256 --all-paths --profile" ;;
         e2e) step e2e bash -c "for q in rtn:4:128:sym w8a8; do $python scripts/bench_e2e.py --device cuda \
             --dtype float16 --random-config llama-3.2-1b --quantize \$q --new-tokens 64 --repeats 3; done" ;;
     esac
