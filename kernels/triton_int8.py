@@ -160,7 +160,7 @@ def _int8_gemv_kernel(q_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, N, K, STA
     """out[m] += (q[m] @ weight^T) * s_x[m] * s_w (+ bias) for the row m = program_id(2) of the int8
     codes q [M, K], over every SPLIT_K-th K tile: each tile's int32 products reduced over K, which
     runs along each thread's contiguous codes (no tl.dot, whose 16-row tiles one row would pad; an
-    elementwise [BLOCK_N, BLOCK_K] accumulator instead spills at every tile on sm_90).
+    elementwise [BLOCK_N, BLOCK_K] accumulator instead spilled at most tiles on sm_90).
     out: zeroed fp32 [M, N], atomics."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
