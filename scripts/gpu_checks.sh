@@ -21,9 +21,11 @@
 #                 transformers' greedy decode, fp16 against RTN int4 g128 and against W8A8 dynamic
 #
 # Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile e2e",
-# default "30 150 85 45 85 50 90 150": each of the first six took under its limit on an H200
-# (BENCHMARKS.md, "On an H200"). All steps take up to 11 minutes, more than one 10-minute command
-# allows: LLMQ_GPU_STEPS splits them. Without a GPU every step says so and ends.
+# default "30 150 85 45 85 50 180 240": each of the first six took under its limit on an H200
+# (BENCHMARKS.md, "On an H200"); the last two are estimates (profile compiles every path's configs at
+# each M; e2e builds and quantizes a 1.2B-parameter model twice on the host). All steps take up to
+# 14 minutes, more than one 10-minute command allows: LLMQ_GPU_STEPS splits them. Without a GPU
+# every step says so and ends.
 #
 # LLMQ_GPU_STEPS names the steps to run, in the order given (default: all, in the order above), to run
 # again only those that failed or ran out of time, e.g. LLMQ_GPU_STEPS="int4 moe" LLMQ_GPU_LIMITS="0 0 0 0
@@ -31,7 +33,7 @@
 set -uo pipefail
 
 all_steps=(env check w8a8_dynamic w8a8_static int4 moe profile e2e)
-read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 90 150}"
+read -r -a limits <<< "${LLMQ_GPU_LIMITS:-30 150 85 45 85 50 180 240}"
 read -r -a chosen <<< "${LLMQ_GPU_STEPS:-${all_steps[*]}}"
 if [ "${#limits[@]}" -ne "${#all_steps[@]}" ]; then
     echo "LLMQ_GPU_LIMITS needs ${#all_steps[@]} numbers, one per step (${all_steps[*]})" >&2
