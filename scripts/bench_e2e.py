@@ -24,6 +24,7 @@ round-to-nearest weights and no smoothing (no calibration data needed).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -134,10 +135,11 @@ def main(argv=None) -> int:
         args.model = f"random weights, {args.random_config}"
         tokenizer = None
 
-        def fresh_model():
-            return random_model(args.random_config, dtype)
+        base = random_model(args.random_config, dtype)
+        fp = copy.deepcopy(base)  # faster than drawing the weights again
 
-        fp = fresh_model()
+        def fresh_model():
+            return base
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, fp.config.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)
     else:
