@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import grouped_tile, m_bucket, tuned_gemv, tuned_paths
+from .triton_tuning import gemv_grid, grouped_tile, m_bucket, tile_grid, tuned_gemv, tuned_paths
 
 DECODE_MAX_M = 16
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds fp32 v to the nearest even integer
@@ -214,28 +214,25 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     m, k = x.shape
     n = weight.shape[0]
     static = input_scale is not None
-    if path == "gemv":
-        xq, xs = quantize_rows(x, input_scale)
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)  # noqa: E731
-        _GEMV.kernel[grid](xq, weight, xs, weight_scale, bias if bias is not None else weight_scale, out, n, k,
-                           STATIC=static, HAS_BIAS=bias is not None, **_GEMV.meta)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
     if path == "auto":
         path = "splitk" if m <= DECODE_MAX_M else "gemm"
-    atomic = path == "splitk"
-    x_int8 = not atomic
-    if x_int8:
-        # GEMM: quantize x once (one launch) rather than in every N tile's loads.
-        xq, xs = quantize_rows(x, input_scale)
-    else:
+    atomic = path != "gemm"  # split-K and GEMV programs add partial sums into a zeroed fp32 output
+    if path == "splitk":
         # Decode: the few rows are quantized inside the tile loads; only their scales come first.
         xq, xs = x, input_scale if static else row_scales(x)
-    kernel, meta = (_PATHS.decode, _PATHS.decode_meta) if atomic else (_PATHS.gemm, _PATHS.gemm_meta)
+    else:
+        # GEMM and GEMV: quantize x once (one launch) rather than in every N tile's loads.
+        xq, xs = quantize_rows(x, input_scale)
     out = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic
            else torch.empty((m, n), dtype=x.dtype, device=x.device))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    kernel[grid](xq, weight, xs, weight_scale, bias if bias is not None else weight_scale, out,
-                 m, n, k, xq.stride(0), xq.stride(1), m_bucket(m),
-                 STATIC=static, HAS_BIAS=bias is not None, ATOMIC=atomic, X_INT8=x_int8, **meta)
+    bias_arg = bias if bias is not None else weight_scale
+    if path == "gemv":
+        _GEMV.kernel[gemv_grid(m, n)](xq, weight, xs, weight_scale, bias_arg, out, n, k,
+                                      STATIC=static, HAS_BIAS=bias is not None, **_GEMV.meta)
+    else:
+        kernel, meta = (_PATHS.decode, _PATHS.decode_meta) if atomic else (_PATHS.gemm, _PATHS.gemm_meta)
+        kernel[tile_grid(m, n)](xq, weight, xs, weight_scale, bias_arg, out,
+                                m, n, k, xq.stride(0), xq.stride(1), m_bucket(m),
+                                STATIC=static, HAS_BIAS=bias is not None, ATOMIC=atomic, X_INT8=path == "gemm",
+                                **meta)
     return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import INTERPRET, grouped_tile, m_bucket, tuned_gemv, tuned_paths
+from .triton_tuning import INTERPRET, gemv_grid, grouped_tile, m_bucket, tile_grid, tuned_gemv, tuned_paths
 
 
 @triton.jit
@@ -223,15 +223,11 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def _grid(m, n):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-
 def _launch_qmm(kernel, meta, atomic, x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out):
     m, k = x.shape
     n = qweight.shape[1]
     # Absent optional tensors are passed as any valid pointer; HAS_BIAS / ACT_ORDER keep them unread.
-    kernel[_grid(m, n)](
+    kernel[tile_grid(m, n)](
         x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else scales, out,
         m, n, k, x.stride(0), x.stride(1), m_bucket(m),
@@ -250,11 +246,10 @@ def qmm_gemv(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, out_fp32
     """GEMV path (not chosen by "auto" until measured on a GPU). x [M, K], out_fp32 [M, N] fp32, ZEROED."""
     m, k = x.shape
     n = qweight.shape[1]
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)  # noqa: E731
-    _GEMV.kernel[grid](x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
-                       bias if bias is not None else scales, out_fp32, n, k, x.stride(0), x.stride(1),
-                       BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
-                       **_GEMV.meta)
+    _GEMV.kernel[gemv_grid(m, n)](x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+                                  bias if bias is not None else scales, out_fp32, n, k, x.stride(0), x.stride(1),
+                                  BITS=bits, GROUP_SIZE=group_size, ACT_ORDER=g_idx is not None,
+                                  HAS_BIAS=bias is not None, **_GEMV.meta)
     return out_fp32
 
 

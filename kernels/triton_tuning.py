@@ -55,6 +55,17 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_m + (pid % band) % rows_in_band, (pid % band) // rows_in_band
 
 
+def tile_grid(m: int, n: int):
+    """The launch grid of the decode and gemm paths: one program per output tile (ordered by
+    grouped_tile) times SPLIT_K."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+
+def gemv_grid(m: int, n: int):
+    """The launch grid of a GEMV kernel: column tiles, SPLIT_K, and one program row per row of x."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
+
+
 def _config(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=8),
                          num_warps=warps, num_stages=stages)
