@@ -27,13 +27,23 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default where it says something: not for a default of None (the help
+    says what then happens) nor for an on/off switch."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser(
         "quantize", help="quantize a model and write an llmq checkpoint",
         description="Quantize the linear layers of a causal LM (hub id or local folder) and write a "
                     "safetensors checkpoint to OUT that `llmq.from_pretrained` / transformers (after "
                     "`import llmq`) load.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL", help="hub id (owner/name) or local model folder")
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--method", choices=METHODS, default="rtn",
@@ -48,7 +58,9 @@ def _add_quantize(sub) -> None:
                    help="w8a8: dynamic (per-token activation scales at run time, default) or static "
                         "(one scale per linear input, fixed on --dataset)")
     p.add_argument("--smooth", default=None, metavar="ALPHA|auto|off",
-                   help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per group) or off")
+                   help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per group) or off "
+                        "(default: auto when the run calibrates, i.e. --act static or --method gptq; "
+                        "off for data-free dynamic rtn)")
     p.add_argument("--act-observer", choices=ACT_OBSERVERS, default=None,
                    help="w8a8 --act static: how the activation scales are fixed from the calibration data")
     sym = p.add_mutually_exclusive_group()
@@ -134,6 +146,10 @@ def _run_quantize(args) -> int:
                         "or compressed-tensors")
     method = registry.for_config(config)
     method.check_data(config, args.dataset)
+    if args.dataset is not None and not method.calibrates(config) and not args.quiet:
+        use = "--smooth auto or --method gptq" if config.quantizes_activations else "--method gptq or awq"
+        print(f"note: --dataset is not read: this run needs no calibration data ({use} calibrates on it)",
+              file=sys.stderr)
     from .loading import load_model
     from .memory import peak_host_memory
     from .units import human_bytes
@@ -222,14 +238,15 @@ def _run_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    parser = argparse.ArgumentParser(prog="llmq", description="Weight-only quantization of Hugging Face LMs.")
+    parser = argparse.ArgumentParser(prog="llmq", description="Post-training quantization of Hugging Face causal LMs: "
+                                     "int4/int8 weights, or int8 weights and activations.")
     parser.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
     _add_info(sub)
     for module, (name, help_text) in EXTRA_COMMANDS.items():
         mod = importlib.import_module(module, __package__)
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     return parser

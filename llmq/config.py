@@ -20,6 +20,7 @@ W8A8_METHODS = ("rtn", "gptq")
 ACT_MODES = ("dynamic", "static")
 ACT_OBSERVERS = ("minmax", "percentile", "mse")
 DEFAULT_ACT_OBSERVER = "minmax"
+SMOOTH_OFF = "off"
 MOE_CALIBRATION = ("routed", "all")
 FORMAT_VERSION = 1
 W8A8_FORMAT_VERSION = 2
@@ -55,7 +56,8 @@ class QuantConfig:
         act: w8a8 only: "dynamic" (one activation scale per token, computed at run time;
             the default) or "static" (one scale per linear input, fixed on calibration data).
         smooth: w8a8 only: SmoothQuant migration strength alpha in [0, 1], "auto" (a
-            search per scale group) or None (off).
+            search per scale group) or "off". None (default): "auto" when the run calibrates
+            anyway (static activations or GPTQ weights), "off" for data-free dynamic RTN.
         act_observer: w8a8 static only: how calibration fixes each input's scale
             ("minmax", "percentile" or "mse").
         keep_routers: mixture-of-experts routers (and shared-expert gates) stay in full
@@ -80,7 +82,7 @@ class QuantConfig:
     calibration: dict[str, Any] = field(default_factory=dict)
     scheme: str = "weight-only"
     act: str | None = None
-    smooth: float | str | None = None
+    smooth: float | str | None = None  # w8a8: resolved to "off", "auto" or alpha; weight-only: None
     act_observer: str | None = None
     keep_routers: bool = True
     moe_calibration: str = "routed"
@@ -144,7 +146,18 @@ class QuantConfig:
                                 f"{', '.join(ACT_OBSERVERS)}")
         elif self.act_observer is not None:
             raise LlmqError("an activation observer applies to --act static only: drop it or add --act static")
+        if self.smooth is None:
+            # A run that calibrates smooths by default: static per-tensor scales collapse without it
+            # (+131% perplexity on the dev model, +2.9% with it; BENCHMARKS.md), and the search costs
+            # little beside the calibration pass the run makes anyway. Data-free runs have nothing
+            # to measure the activations on.
+            self.smooth = "auto" if self.act == "static" or self.method != "rtn" else SMOOTH_OFF
         self.smooth = parse_smooth(self.smooth)
+
+    @property
+    def smoothing(self) -> float | str | None:
+        """The SmoothQuant setting in force: alpha, "auto", or None when off (and for weight-only)."""
+        return None if self.smooth in (None, SMOOTH_OFF) else self.smooth
 
     @property
     def quantizes_activations(self) -> bool:
@@ -153,7 +166,7 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing reads calibration text."""
-        return self.method != "rtn" or self.act == "static" or self.smooth is not None
+        return self.method != "rtn" or self.act == "static" or self.smoothing is not None
 
     def group_size_for(self, in_features: int) -> int:
         """The number of input features per group for a layer of this width."""
@@ -182,15 +195,16 @@ class QuantConfig:
             raise LlmqError(f"checkpoint format version {version} is newer than this llmq understands "
                             f"({W8A8_FORMAT_VERSION}): upgrade llmq")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("scheme") == "w8a8" and d.get("smooth") is None:
+            d["smooth"] = SMOOTH_OFF  # a stored config is resolved: null meant off before "off" was written
+        return cls(**d)
 
 
-def parse_smooth(value) -> float | str | None:
-    """SmoothQuant setting from the command line or a config: None/"off", "auto" or alpha in [0, 1]."""
-    if value is None or value == "off":
-        return None
-    if value == "auto":
-        return "auto"
+def parse_smooth(value) -> float | str:
+    """SmoothQuant setting from the command line or a config: "off", "auto" or alpha in [0, 1]."""
+    if value in (SMOOTH_OFF, "auto"):
+        return value
     try:
         alpha = float(value)
     except (TypeError, ValueError):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .census import census
-from .config import QUANT_METHOD
+from .config import QUANT_METHOD, SMOOTH_OFF
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
@@ -113,7 +113,7 @@ def format_info(info: dict) -> str:
     ]
     if info.get("scheme") == "w8a8":
         smooth = info["smooth"]
-        smooth = "off" if smooth is None else smooth if smooth == "auto" else f"alpha {smooth:g}"
+        smooth = "off" if smooth in (None, SMOOTH_OFF) else smooth if smooth == "auto" else f"alpha {smooth:g}"
         act = ("dynamic per-token scales" if info["act"] == "dynamic" else
                f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
         lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")

@@ -50,7 +50,7 @@ def parse(spec: str) -> QuantConfig:
     parts = spec.split(":")
     if len(parts) == 5 and parts[0] == "w8a8":
         _, act, smooth, method, mode = parts
-        smooth = None if smooth == "off" else smooth if smooth == "auto" else float(smooth)
+        smooth = smooth if smooth in ("off", "auto") else float(smooth)
         return QuantConfig(scheme="w8a8", act=act, smooth=smooth, method=method, moe_calibration=mode)
     if len(parts) != 5 or parts[3] not in ("sym", "asym"):
         raise LlmqError(f"bad --quantize {spec!r}: write METHOD:BITS:GROUP:sym|asym:routed|all or "

@@ -55,12 +55,12 @@ TEXTS = texts_dir() or Path("../shared/data/texts")
 VARIANTS = {
     "fp32": None,
     "w8a16": dict(method="rtn", bits=8, group_size=-1, sym=True),
-    "dyn": dict(scheme="w8a8"),
+    "dyn": dict(scheme="w8a8", smooth="off"),
     "dyn-sq0.5": dict(scheme="w8a8", smooth=0.5),
     "dyn-auto": dict(scheme="w8a8", smooth="auto"),
     "dyn-auto-gptq": dict(scheme="w8a8", smooth="auto", method="gptq"),
-    "dyn-gptq": dict(scheme="w8a8", method="gptq"),
-    "static": dict(scheme="w8a8", act="static"),
+    "dyn-gptq": dict(scheme="w8a8", smooth="off", method="gptq"),
+    "static": dict(scheme="w8a8", act="static", smooth="off"),
     "static-sq0.5": dict(scheme="w8a8", act="static", smooth=0.5),
     "static-auto": dict(scheme="w8a8", act="static", smooth="auto"),
     "static-auto-pct": dict(scheme="w8a8", act="static", smooth="auto", act_observer="percentile"),
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         score(name, model, time.perf_counter() - t0)
         del model
     if args.diagnose:
-        base = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static"),
+        base = llmq.quantize(load_fp32(args.model), llmq.QuantConfig(scheme="w8a8", act="static", smooth="off"),
                              dataset=args.calib, tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
                              seed=args.seed, progress=False)
         few = windows if args.diagnose_windows is None else windows[: args.diagnose_windows]

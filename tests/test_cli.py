@@ -103,3 +103,28 @@ def test_argparse_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["quantize"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "convert"])
+def test_help_shows_the_defaults_that_say_something(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    # None means "see the help text", and a switch's True/False reads as if the switch were on or off.
+    for meaningless in ("(default: None)", "(default: True)", "(default: False)"):
+        assert meaningless not in text.replace("\n", " ").replace("  ", " "), meaningless
+    if command == "quantize":
+        assert "(default: 128)" in " ".join(text.split())  # --nsamples
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--group-size", "32"], "--method gptq or awq"),
+    (["--scheme", "w8a8"], "--smooth auto or --method gptq"),
+])
+def test_a_dataset_the_run_does_not_read_is_reported(tmp_path, tiny_llama_dir, capsys, argv, hint):
+    text = tmp_path / "text.txt"
+    text.write_text("calibration text that a data-free run never reads. " * 20)
+    code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--dataset", str(text), *argv)
+    assert code == 0
+    assert "note: --dataset is not read" in err and hint in err, err

@@ -45,7 +45,6 @@ def test_gemma3_layers_get_their_own_masks():
 def test_activations_kept_on_host_give_the_same_output(monkeypatch):
     model = tiny_model("llama")
     ids = random_ids(n=2, length=8)
-    seen_devices = []
 
     def plain(i, layer, hidden, args, kwargs):
         return layer_output(layer(hidden, *args, **kwargs)), ""

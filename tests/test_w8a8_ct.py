@@ -44,6 +44,12 @@ def _compressor_export(quantized, act, out):
                               strategy="tensor" if static else "token", observer="minmax" if static else None)
     apply_quantization_config(fp, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=["Linear"], weights=weights, input_activations=inputs)}, ignore=["lm_head"]))
+    w8a8 = {name for name, layer in quantized.named_modules() if isinstance(layer, W8A8Linear)}
+    fp_state = fp.state_dict()
+    with torch.no_grad():
+        for key, value in quantized.state_dict().items():  # the norms, with any smoothing folded in
+            if key.rpartition(".")[0] not in w8a8:
+                fp_state[key].copy_(value)
     for name, layer in quantized.named_modules():
         if isinstance(layer, W8A8Linear):
             target = fp.get_submodule(name)

@@ -14,7 +14,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.description = DESCRIPTION
     p.add_argument("models", metavar="MODEL", nargs="+", help="models to compare; the first is the reference")
     p.add_argument("--dataset", default="wikitext2",

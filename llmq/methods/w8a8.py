@@ -325,7 +325,7 @@ class W8A8LayerStep(LayerStep):
         linears = {n: layer.get_submodule(n) for n in unit.linears}
         weights = [m.weight for m in linears.values()]
         s = None
-        if unit.group is not None and c.smooth is not None:
+        if unit.group is not None and c.smoothing is not None:
             sample = _activation_sample(x, positions)
             if c.smooth == "auto":
                 res = search_smoothing(sample, weights, static=c.act == "static", tie=unit.tie)
@@ -401,13 +401,13 @@ class W8A8(Method):
                             "pass --dataset (a .txt file, wikitext2, self ...) or use --act dynamic")
 
     def check(self, job: Job) -> None:
-        if job.config.smooth is not None and job.spec.awq is None:
+        if job.config.smoothing is not None and job.spec.awq is None:
             raise LlmqError(f"SmoothQuant folds its factors into the operation before each group of linears, and "
                             f"llmq knows none for architecture {getattr(job.model.config, 'model_type', '?')!r}: "
                             "add `awq` scale groups to its ArchSpec in llmq.arch.ARCHITECTURES, or pass --smooth off")
 
     def plan_layer(self, job: Job, index: int, layer: nn.Module, targets: dict[str, str]) -> list[W8A8Unit]:
-        return build_w8a8_units(job.spec, layer, targets, job.model.config, job.config.smooth)
+        return build_w8a8_units(job.spec, layer, targets, job.model.config, job.config.smoothing)
 
     def layer_step(self, job: Job, plans) -> LayerStep:
         if self.calibrates(job.config):
