@@ -271,7 +271,9 @@ def test_default_static_run_folds_smoothing_into_the_norms(calibration):
 
 from llmq import arch, pipeline  # noqa: E402
 from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing  # noqa: E402
-from llmq.solvers.smoothquant import search_smoothing, smoothing_factors, static_scale  # noqa: E402
+from llmq.kernels.int8 import int8_reference  # noqa: E402
+from llmq.solvers.smoothquant import (int8_weight_codes, search_smoothing, smoothing_factors,  # noqa: E402
+                                      static_scale, w8a8_product)
 
 
 @pytest.mark.parametrize("name, kept", [("llama", None), ("qwen3", None), ("gemma3", None), ("opt", None),
@@ -333,6 +335,50 @@ def test_smoothing_search_never_scores_worse_than_no_smoothing(static):
     res = search_smoothing(x, w, static=static)
     assert res.error <= res.plain_error
     assert res.alpha is not None and res.error < 0.5 * res.plain_error  # outliers: smoothing pays
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_smoothing_search_scores_the_w8a8_output_error(static):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [2, 9]] *= 40
+    w = torch.randn(48, 64, generator=g)
+    res = search_smoothing(x, [w], static=static)
+
+    def error(s):  # float64 from the integer reference, independently of the search's own code
+        xs, ws = x / s, w * s
+        input_scale = (xs.abs().max() / 127).reshape(1) if static else None
+        codes, scale = int8_weight_codes(ws)
+        return ((int8_reference(xs, codes, scale, input_scale) - x.double() @ w.double().t()) ** 2).sum().item()
+
+    assert res.plain_error == pytest.approx(error(torch.ones(64)), rel=1e-4)
+    s = smoothing_factors(x.abs().amax(0), [w], res.alpha)
+    assert res.error == pytest.approx(error(s), rel=1e-4)
+
+
+def test_int8_weight_codes_are_the_stored_codes():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g)
+    w[3] = -w[3].abs()  # a row whose largest magnitude is negative takes the extra code
+    codes, scale = int8_weight_codes(w)
+    w64 = w.double()  # symmetric: the smallest scale keeping max and min inside [-128, 127] steps
+    ref_scale = torch.maximum(w64.amax(1).clamp(min=0) / 127, -w64.amin(1).clamp(max=0) / 128).float()
+    torch.testing.assert_close(scale.squeeze(1), ref_scale, rtol=0, atol=0)
+    ref_codes = torch.round(w64 / ref_scale.double()[:, None]).clamp(-128, 127)
+    assert codes.dtype == torch.int8 and torch.equal(codes.long(), ref_codes.long())
+    assert codes[3].min() == -128
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("rows", [5, 300])  # few rows take the decode kernel on CPU
+def test_w8a8_product_is_the_integer_product(static, rows):
+    g = torch.Generator().manual_seed(12 + rows)
+    x = torch.randn(rows, 96, generator=g) * 3
+    w = torch.randn(40, 96, generator=g)
+    input_scale = torch.tensor([0.02]) if static else None  # clips: |x| reaches past 127 steps
+    codes, scale = int8_weight_codes(w)
+    expected = int8_reference(x, codes, scale, input_scale)  # int64 products, float64 rescale
+    torch.testing.assert_close(w8a8_product(x, w, input_scale).double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _outlier_model():
