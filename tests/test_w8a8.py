@@ -356,6 +356,29 @@ def test_smoothing_search_scores_the_w8a8_output_error(static):
     assert res.error == pytest.approx(error(s), rel=1e-4)
 
 
+@pytest.mark.parametrize("settings", [dict(act="static"), dict(method="gptq")])
+def test_the_calibration_pass_feeds_on_what_the_quantized_layer_computes(monkeypatch, calibration, settings):
+    """Each layer's output in the calibration pass, the next layer's calibration input, is what the
+    layer computes once quantized: every target, the first of its unit too, runs as W8A8Linear."""
+    from llmq.engine import layer_output
+    from llmq.methods.w8a8 import W8A8LayerStep
+
+    gaps = []
+    step = W8A8LayerStep.__call__
+
+    def checked(self, index, layer, hidden, args, kwargs):
+        out, note = step(self, index, layer, hidden, args, kwargs)
+        with torch.no_grad():
+            again = layer_output(layer(hidden, *args, **kwargs))  # its targets are W8A8Linear now
+        gaps.append(((out - again).norm() / again.norm()).item())
+        return out, note
+
+    monkeypatch.setattr(W8A8LayerStep, "__call__", checked)
+    llmq.quantize(_outlier_model(), QuantConfig(scheme="w8a8", **settings), dataset=calibration, progress=False)
+    # Rounding alone moves a few activation codes (about 1e-4 here); a linear run in full precision, 1e-2.
+    assert len(gaps) == 2 and max(gaps) < 1e-3, gaps
+
+
 def test_int8_weight_codes_are_the_stored_codes():
     g = torch.Generator().manual_seed(11)
     w = torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g)
