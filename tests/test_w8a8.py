@@ -272,8 +272,8 @@ def test_default_static_run_folds_smoothing_into_the_norms(calibration):
 from llmq import arch, pipeline  # noqa: E402
 from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing  # noqa: E402
 from llmq.kernels.int8 import int8_reference  # noqa: E402
-from llmq.solvers.smoothquant import (int8_weight_codes, search_smoothing, smoothing_factors,  # noqa: E402
-                                      static_scale, w8a8_product)
+from llmq.solvers.smoothquant import (channel_absmax, int8_weight_codes, search_smoothing,  # noqa: E402
+                                      smoothing_factors, static_scale, w8a8_product)
 
 
 @pytest.mark.parametrize("name, kept", [("llama", None), ("qwen3", None), ("gemma3", None), ("opt", None),
@@ -377,6 +377,16 @@ def test_the_calibration_pass_feeds_on_what_the_quantized_layer_computes(monkeyp
     llmq.quantize(_outlier_model(), QuantConfig(scheme="w8a8", **settings), dataset=calibration, progress=False)
     # Rounding alone moves a few activation codes (about 1e-4 here); a linear run in full precision, 1e-2.
     assert len(gaps) == 2 and max(gaps) < 1e-3, gaps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_absmax_is_the_largest_magnitude_per_channel(dtype):
+    g = torch.Generator().manual_seed(14)
+    x = (torch.randn(3, 50, 24, generator=g) * torch.rand(24, generator=g) * 9).to(dtype)
+    x[1, 7, 5] = -100.0  # a channel whose extreme is negative
+    got = channel_absmax(x)
+    assert got.dtype == torch.float32 and got[5] == 100.0
+    assert torch.equal(got.double(), x.double().abs().reshape(-1, 24).max(0).values)
 
 
 def test_int8_weight_codes_are_the_stored_codes():
