@@ -79,7 +79,7 @@ def sample_rows(x: torch.Tensor, max_rows: int = SEARCH_ROWS) -> torch.Tensor:
 def channel_absmax(x: torch.Tensor) -> torch.Tensor:
     """max |x_j| per input channel over every row of x [..., K], fp32 [K]."""
     x = x.reshape(-1, x.shape[-1])
-    # max(max x, -min x): two reductions, without the |x| temporary, which costs three times more.
+    # max(max x, -min x): two reductions, without an |x| temporary as large as x, which costs more than both.
     return torch.maximum(x.amax(0), x.amin(0).neg_()).float()
 
 
