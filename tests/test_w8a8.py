@@ -359,7 +359,7 @@ def test_smoothing_search_scores_the_w8a8_output_error(static):
 @pytest.mark.parametrize("settings", [dict(act="static"), dict(method="gptq")])
 def test_the_calibration_pass_feeds_on_what_the_quantized_layer_computes(monkeypatch, calibration, settings):
     """Each layer's output in the calibration pass, the next layer's calibration input, is what the
-    layer computes once quantized: every target, the first of its unit too, runs as W8A8Linear."""
+    layer computes once quantized: every target, the first of its unit too, computes as W8A8Linear."""
     from llmq.engine import layer_output
     from llmq.methods.w8a8 import W8A8LayerStep
 

@@ -15,12 +15,13 @@ with the unit's input x:
    per-row weight scales, exactly), and the unit's weights multiplied by s;
 2. static activations: the observer fixes the input scale from x / s;
 3. the weights are quantized: round-to-nearest, or GPTQ with the Hessian of x / s;
-4. every target of the unit then computes what W8A8Linear computes on x / s:
-   through W8A8Linear's own int8 kernels where they run (CPU; CUDA with
-   triton), several times faster than an fp32 matmul; elsewhere with the
-   dequantized weights on the int8 round-trip of x / s. So the layer's output,
+4. every linear of the unit then computes with the dequantized weights on the
+   int8 round-trip of x / s: what W8A8Linear computes. So the layer's output,
    the next layer's calibration input, is the quantized model's, and each
-   unit's statistics see the quantized units before it.
+   unit's statistics see the quantized units before it. (W8A8Linear's own
+   int8 kernels would be faster here, but their rounding differs with the
+   number of rows and with the kernel each process measures fastest, which
+   sends the processes of a torchrun run apart.)
 
 After the forward the targets are swapped for W8A8Linear.
 
@@ -43,7 +44,6 @@ from torch import nn
 from .. import arch, distributed
 from ..config import QuantConfig
 from ..errors import LlmqError
-from ..kernels.int8 import uses_triton
 from ..modules.replace import replace_module
 from ..modules.w8a8 import W8A8Linear
 from ..qweight import QuantizedWeight
@@ -267,18 +267,12 @@ class W8A8LayerStep(LayerStep):
         block_inputs: dict[str, torch.Tensor] = {}
         if experts is not None:
             hooks += [(name, _keep_input(block_inputs, name)) for name in experts.blocks]
-        targets = [layer.get_submodule(n) for unit in units for n in unit.targets]
-        if _runs_int8(hidden.device):
-            for m in targets:
-                m.forward = _CalibrationForward(m)
         try:
             out = forward_with_pre_hooks(layer, hooks, hidden, args, kwargs, after=None if experts is None else (
                 lambda: self._calibrate_on_every_token(units, transforms, experts, owner, block_inputs, pass_all)))
         finally:
             if experts is not None:
                 experts.finish_counts()
-            for m in targets:
-                m.__dict__.pop("forward", None)
         for u, unit in enumerate(units):
             if u not in transforms:
                 raise RuntimeError(f"the forward pass never reached {next(iter(unit.targets.values()))}: "
@@ -311,9 +305,7 @@ class W8A8LayerStep(LayerStep):
             s, input_scale = transforms[u]
             if s is not None:
                 x = (x.float() / s).to(x.dtype)
-            if quantized and not isinstance(module.__dict__.get("forward"), _CalibrationForward):
-                x = fake_quantize_activations(x, input_scale)  # else its forward quantizes x
-            return (x, *args[1:])
+            return (fake_quantize_activations(x, input_scale) if quantized else x, *args[1:])
         return hook
 
     @torch.no_grad()
@@ -378,37 +370,11 @@ class W8A8LayerStep(LayerStep):
             errors.append(((w - eff).norm() / w.norm().clamp(min=1e-30)).item())
             m.weight.data = eff.to(m.weight.dtype)
             solved[n] = qw
-            forward = m.__dict__.get("forward")
-            if isinstance(forward, _CalibrationForward):
-                bias = None if m.bias is None else m.bias.detach()
-                forward.quantized = W8A8Linear.from_quantized(qw, bias, input_scale)
         t3 = time.perf_counter()
         self.timings["smooth"] += t1 - t0
         self.timings["observe"] += t2 - t1
         self.timings["quantize"] += t3 - t2
         return s, input_scale
-
-
-def _runs_int8(device: torch.device) -> bool:
-    """Whether W8A8Linear's int8 kernels run on `device`."""
-    return device.type == "cpu" or uses_triton(device)
-
-
-class _CalibrationForward:
-    """A target linear's forward during its layer's calibration pass: its own until its unit is
-    solved, then that of the W8A8Linear it becomes (`quantized`, set by the solve, built from the
-    weights as they are then; the module swapped in after the pass is built from `solved`, which a
-    later unit's smoothing may still fold into). Installed before the pass, because a module's
-    forward is looked up before its pre-hooks run, and the first of a unit's pre-hooks solves it."""
-
-    def __init__(self, linear: nn.Linear):
-        self.linear = linear
-        self.quantized: W8A8Linear | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized is None:
-            return type(self.linear).forward(self.linear, x)
-        return self.quantized(x)
 
 
 def _expert_of(experts: LayerExperts, unit: W8A8Unit) -> tuple[str, int] | None:
