@@ -54,9 +54,9 @@ def w8a8_product(x: torch.Tensor, w: torch.Tensor, input_scale: torch.Tensor | N
     """q(x) q(w)^T, fp32 [n, N], for x [n, K] and w [N, K]: what W8A8Linear computes. Where an int8
     GEMM runs (CPU, or CUDA with triton), through it: the int32 sums are exact and the int8 GEMM is
     several times faster than an fp32 matmul of the rounded operands, which the searches otherwise
-    spend most of their time in; elsewhere that fp32 matmul. One kernel, not the one measured
-    fastest for the number of rows, nor split-K's atomics: every process of a torchrun run, with
-    its own rows, rounds alike."""
+    spend most of their time in; elsewhere that fp32 matmul. One named kernel, not the one each
+    process measures fastest, and no split-K atomics, so that the processes of a torchrun run,
+    each scoring its own rows, round as one process does."""
     codes, scale = int8_weight_codes(w)
     if x.device.type == "cpu":
         return int8_linear(x.float(), codes, scale, input_scale, path="intmm")
