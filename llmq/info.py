@@ -113,7 +113,7 @@ def format_info(info: dict) -> str:
     ]
     if info.get("scheme") == "w8a8":
         smooth = info["smooth"]
-        smooth = "off" if smooth in (None, SMOOTH_OFF) else smooth if smooth == "auto" else f"alpha {smooth:g}"
+        smooth = smooth if smooth in (SMOOTH_OFF, "auto") else f"alpha {smooth:g}"
         act = ("dynamic per-token scales" if info["act"] == "dynamic" else
                f"static per-tensor scales ({info['act_observer']}), {info['static_layers']} input scales stored")
         lines.append(f"activations       int8 symmetric, {act}; SmoothQuant {smooth}")

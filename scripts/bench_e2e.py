@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         base = random_model(args.random_config, dtype)
         fp = copy.deepcopy(base)  # faster than drawing the weights again
 
-        def fresh_model():
+        def model_to_quantize():
             return base
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, fp.config.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
             args.model = str(smollm2_path())
 
-        def fresh_model():
+        def model_to_quantize():
             return load_model(args.model, dtype=dtype)[0]
 
         fp, tokenizer = load_model(args.model, dtype=dtype)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         q = llmq.from_pretrained(args.quantized, dtype=dtype)
         label = args.quantized
     else:
-        q = llmq.quantize(fresh_model(), quant_config(args.quantize), progress=False)
+        q = llmq.quantize(model_to_quantize(), quant_config(args.quantize), progress=False)
         label = args.quantize
     q = q.to(args.device).eval()
     results["quantized"] = {"label": label, **decode(q, prompt, args.new_tokens, args.repeats),

@@ -23,9 +23,9 @@
 # Limits (seconds) come from LLMQ_GPU_LIMITS="env check w8a8_dynamic w8a8_static int4 moe profile e2e",
 # default "30 150 85 45 85 50 180 240": each of the first six took under its limit on an H200
 # (BENCHMARKS.md, "On an H200"); the last two are estimates (profile compiles every path's configs at
-# each M; e2e draws and quantizes a 1.2B-parameter model on the host, once per quantization). All steps take up to
-# 14 minutes, more than one 10-minute command allows: LLMQ_GPU_STEPS splits them. Without a GPU
-# every step says so and ends.
+# each M; e2e draws and quantizes a 1.2B-parameter model on the host, once per quantization). All
+# steps take up to 14 minutes, more than one 10-minute command allows: LLMQ_GPU_STEPS splits them.
+# Without a GPU every step says so and ends.
 #
 # LLMQ_GPU_STEPS names the steps to run, in the order given (default: all, in the order above), to run
 # again only those that failed or ran out of time, e.g. LLMQ_GPU_STEPS="int4 moe" LLMQ_GPU_LIMITS="0 0 0 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._version import __version__
-from ..config import SMOOTH_OFF, QuantConfig
+from ..config import QuantConfig
 from ..qweight import w8a8_module_names
 from .compressed_tensors import QUANT_METHOD, config_envelope
 from .engines import EngineSupport
@@ -121,11 +121,11 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         else:
             out.pop(f"{name}.input_zero_point", None)
     meta = cfg.get("llmq") or {}  # what llmq records of its own exports; another tool's has none
-    qc = QuantConfig(method=meta.get("method") if meta.get("method") in ("rtn", "gptq") else "rtn", scheme="w8a8",
-                     act=act, smooth=SMOOTH_OFF if meta.get("smooth") is None else meta["smooth"],
-                     act_observer=meta.get("act_observer") if act == "static" else None,
-                     modules_to_not_convert=["lm_head"],
-                     calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})
+    # from_dict: a stored config, whose absent smoothing setting reads as off.
+    qc = QuantConfig.from_dict(dict(
+        method=meta.get("method") if meta.get("method") in ("rtn", "gptq") else "rtn", scheme="w8a8", act=act,
+        smooth=meta.get("smooth"), act_observer=meta.get("act_observer") if act == "static" else None,
+        modules_to_not_convert=["lm_head"], calibration=meta.get("calibration") or {"source_format": QUANT_METHOD}))
     return out, qc
 
 

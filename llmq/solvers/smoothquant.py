@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.int8 import int8_linear, quantize_activations, uses_triton
-from .rtn import find_qparams
+from .rtn import rtn_quantize
 
 PERCENTILE = 99.99
 # Rows scored by the searches. With 512 the per-group choice of alpha was
@@ -45,9 +45,8 @@ SEARCH_ROWS = 2048
 def int8_weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [N, K], fp32 scales [N, 1]) of w [N, K] as W8A8 stores it (rtn_quantize, symmetric,
     one scale per row)."""
-    w = w.float()
-    scale = find_qparams(w, 8, True, torch.float32)[0].unsqueeze(1)
-    return torch.div(w, scale).round_().clamp_(-128, 127).to(torch.int8), scale
+    qw = rtn_quantize(w, 8, w.shape[1], True, torch.float32)
+    return (qw.codes.short() - 128).to(torch.int8), qw.scales.reshape(-1, 1)  # zero point 128
 
 
 def w8a8_product(x: torch.Tensor, w: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
