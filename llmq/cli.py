@@ -80,7 +80,8 @@ def _add_quantize(sub) -> None:
                         "--method gptq, except with --format compressed-tensors, which cannot store g_idx")
     p.add_argument("--static-groups", action="store_true",
                    help="GPTQ with --act-order: fix group scales before the solve (contiguous groups)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--damp", type=float, default=None,
+                   help=f"GPTQ damping, fraction of the mean Hessian diagonal (default: {QuantConfig.damp})")
     p.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                    help="GPTQ: plain min-max group ranges instead of the shrink search that minimises "
                         "each group's quantization error")
@@ -136,7 +137,8 @@ def _run_quantize(args) -> int:
                         "--format gptq, add --static-groups, or drop --act-order")
     config = QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-        desc_act=args.act_order, static_groups=args.static_groups, damp=args.damp, clip_search=args.clip_search,
+        desc_act=args.act_order, static_groups=args.static_groups, clip_search=args.clip_search,
+        damp=QuantConfig.damp if args.damp is None else args.damp,
         modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
         scheme=args.scheme, act=args.act, smooth=args.smooth, act_observer=args.act_observer,
         keep_routers=args.keep_routers, moe_calibration=args.moe_calibration, moe_min_tokens=args.moe_min_tokens,
@@ -150,6 +152,11 @@ def _run_quantize(args) -> int:
         use = "--smooth auto or --method gptq" if config.quantizes_activations else "--method gptq or awq"
         print(f"note: --dataset is not read: this run needs no calibration data ({use} calibrates on it)",
               file=sys.stderr)
+    unread = [flag for flag, given in (("--damp", args.damp is not None), ("--no-clip-search", not args.clip_search))
+              if given]
+    if unread and not registry.runs_gptq(config.method) and not args.quiet:
+        print(f"note: {' and '.join(unread)} set GPTQ's solve, which --method {config.method} does not run: "
+              "not read", file=sys.stderr)
     from .loading import load_model
     from .memory import peak_host_memory
     from .units import human_bytes

@@ -40,9 +40,10 @@ class QuantConfig:
         desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal;
             the checkpoint then carries a g_idx per layer. None (default): on for
             method "gptq" (it closes much more of the gap, see BENCHMARKS.md), off
-            otherwise.
+            otherwise; refused for methods that do not run GPTQ (rtn, awq).
         static_groups: with desc_act, compute each group's scale from the original
-            weights before the solve (keeps groups contiguous in the original order).
+            weights before the solve (keeps groups contiguous in the original order);
+            refused without desc_act.
         damp: GPTQ damping as a fraction of the mean Hessian diagonal.
         clip_search: GPTQ picks each group's range by a shrink search that
             minimises the group's quantization error, instead of plain min-max.
@@ -104,8 +105,12 @@ class QuantConfig:
             raise LlmqError(f"damping {self.damp} is out of range: use a fraction such as 0.01")
         if self.desc_act is None:
             self.desc_act = self.method == "gptq"
+        elif self.desc_act and not registry.runs_gptq(self.method):
+            raise LlmqError(f"act-order orders GPTQ's solve, and --method {self.method} does not run GPTQ: drop "
+                            "--act-order or use --method gptq or awq+gptq")
         if self.static_groups and not self.desc_act:
-            self.static_groups = False  # static groups only change anything under act-order
+            raise LlmqError("static groups fix the group scales of a GPTQ act-order solve: add --act-order "
+                            "(with --method gptq or awq+gptq) or drop --static-groups")
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
         if self.moe_calibration not in MOE_CALIBRATION:
             raise LlmqError(f"unknown MoE calibration {self.moe_calibration!r}: choose one of "
@@ -174,7 +179,7 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         """True when module_name is left in full precision."""
-        return any(module_name == p or module_name.endswith("." + p) for p in self.modules_to_not_convert)
+        return any(names_module(p, module_name) for p in self.modules_to_not_convert)
 
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` entry of config.json."""
@@ -196,9 +201,18 @@ class QuantConfig:
                             f"({W8A8_FORMAT_VERSION}): upgrade llmq")
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
+        if d.get("desc_act") and not registry.runs_gptq(d.get("method", "rtn")):
+            # rtn/awq checkpoints once recorded a requested act-order that nothing ran (no g_idx stored)
+            d["desc_act"] = d["static_groups"] = False
         if d.get("scheme") == "w8a8" and d.get("smooth") is None:
             d["smooth"] = SMOOTH_OFF  # a stored config is resolved: null meant off before "off" was written
         return cls(**d)
+
+
+def names_module(pattern: str, module_name: str) -> bool:
+    """Whether a modules_to_not_convert pattern names a module: its dotted name equals the pattern or
+    ends with "." + pattern."""
+    return module_name == pattern or module_name.endswith("." + pattern)
 
 
 def parse_smooth(value) -> float | str:

@@ -8,8 +8,8 @@ and `llmq.save`):
   may never be or contain the current folder or the home folder (`/`, `~`, `.`,
   `..` are refused whatever the flags).
 - An existing non-empty OUT is replaced only with overwrite, and only when it
-  is itself a model or checkpoint folder; anything else is refused with a note
-  of what it holds.
+  is itself a quantized checkpoint's folder; anything else (other files, a
+  full-precision model) is refused with a note of what it holds.
 - The new checkpoint is written into a hidden sibling `.OUT.partial-<pid>-*`
   and published by one rename. With overwrite, the old folder is swapped out
   atomically (renameat2 RENAME_EXCHANGE where the kernel has it) and removed
@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -104,6 +105,21 @@ def foreign_entries(folder: Path) -> list[str]:
     return foreign
 
 
+def replace_refusal(folder: Path) -> str | None:
+    """Why --overwrite may not replace `folder`, or None: only a quantized checkpoint's folder may be
+    replaced, never other files nor a full-precision model (a typo in OUT must not cost a download)."""
+    foreign = foreign_entries(folder)
+    if foreign:
+        return f"is not a model or checkpoint folder (it holds {_summary(foreign)})"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not config.get("quantization_config"):
+        return "holds a full-precision model (its config.json has no quantization_config)"
+    return None
+
+
 def _summary(entries: list[str], limit: int = 5) -> str:
     shown = ", ".join(entries[:limit])
     return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
@@ -127,11 +143,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=(), *, con
     if contents and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise LlmqError(f"output folder {given} is not empty: choose another path or pass --overwrite")
-        foreign = foreign_entries(out)
-        if foreign:
-            raise LlmqError(f"output folder {given} is not a model or checkpoint folder (it holds "
-                            f"{_summary(foreign)}): --overwrite only replaces a checkpoint folder; choose "
-                            "another path")
+        refusal = replace_refusal(out)
+        if refusal:
+            raise LlmqError(f"output folder {given} {refusal}: --overwrite only replaces a quantized checkpoint; "
+                            "choose another path")
     check_writable(out, replacing=out.is_dir())
     return out
 
@@ -272,11 +287,11 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
             kept = _keep_finished(tmp, out)
             raise LlmqError(f"{out} appeared while llmq was running and was left as it is; the finished "
                             f"checkpoint is in {kept}: move it into place yourself")
-        foreign = foreign_entries(out)
-        if foreign:
+        refusal = replace_refusal(out)
+        if refusal:
             kept = _keep_finished(tmp, out)
-            raise LlmqError(f"{out} was replaced during the run by a folder that is not a checkpoint (it holds "
-                            f"{_summary(foreign)}) and was left as it is; the finished checkpoint is in {kept}")
+            raise LlmqError(f"{out} was replaced during the run by a folder that {refusal} and was left as it "
+                            f"is; the finished checkpoint is in {kept}")
         if _exchange(tmp, out):
             aside = tmp  # tmp now names the old checkpoint
         else:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import arch
-from .config import QuantConfig
+from .config import QuantConfig, names_module
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
@@ -21,7 +21,7 @@ from .modules.siblings import link_siblings
 
 # The steps a user may pick as group size; the error for a group size that does
 # not divide a layer lists those of them that would work.
-_GROUP_SIZE_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
+_GROUP_SIZE_CHOICES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_finite: bool = True) -> Job:
@@ -35,6 +35,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
 
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
+    _check_skips(model, prefix, layers, config)
     # Mixture-of-experts blocks first: each experts module becomes a QuantExperts of
     # per-expert nn.Linear views, planned and quantized as linears; the routers join
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
@@ -54,6 +55,27 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
         _check_finite(model)
     return Job(model=model, config=config, spec=spec, layers=layers, targets=targets,
                scale_dtype=scale_dtype_for(next(model.parameters()).dtype), device=device)
+
+
+def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:
+    """Refuse a modules_to_not_convert pattern that names no linear layer or experts module: the layer
+    its user meant to keep would be quantized."""
+    from .experts import find_experts
+
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    experts = [f"{prefix}.{i}.{local}" for i, layer in enumerate(layers) for local in find_experts(layer)]
+    for pattern in config.modules_to_not_convert:
+        # "lm_head" is the default, and heads are never quantized: a head named otherwise
+        # (GPT-NeoX's embed_out) is kept all the same.
+        if pattern == "lm_head" or any(names_module(pattern, n) for n in linears + experts):
+            continue
+        first = next(iter(arch.layer_linears(layers[0])), None) if len(layers) else None
+        example = f"{prefix}.0.{first} or {first}" if first else "a linear layer's name"
+        if experts:
+            example += f", or an experts module: {experts[0].removeprefix(prefix + '.0.')}"
+        raise LlmqError(f"--skip {pattern!r} names no linear layer of this model, so it would keep nothing: a "
+                        f"name matches a module whose dotted name equals it or ends with it after a dot, as "
+                        f"the model has them loaded (e.g. {example})")
 
 
 def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
@@ -144,7 +166,8 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
     if tokenizer is None:
         what = "--scheme w8a8 with static activations, smoothing or GPTQ" if method == "w8a8" else f"--method {method}"
         raise LlmqError(f"{what} needs calibration text, and this model has no tokenizer: "
-                        "add the tokenizer files to the model folder or pass tokenizer=")
+                        "add the tokenizer files to the model folder (from Python: pass tokenizer= to "
+                        "llmq.quantize)")
     spec = dataset or DEFAULT_DATASET
     windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)
     return windows, {"dataset": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
@@ -156,7 +179,8 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:
         n, k = module.out_features, module.in_features
         if n % per or k % per:
             raise LlmqError(f"layer {name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
-                            f"to be multiples of {per}: add it to modules_to_not_convert")
+                            f"to be multiples of {per}: keep it in full precision with --skip {name} "
+                            "(modules_to_not_convert)")
     bad = [name for name, m in targets.items() if m.in_features % config.group_size_for(m.in_features)]
     if bad:
         widths = sorted({m.in_features for m in targets.values()})

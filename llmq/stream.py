@@ -317,6 +317,9 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
         else:
             writer = ShardWriter(tmp, max_shard_size) if writing else None
             resume_from = (0, None)
+            if resume and progress and writing:
+                print(f"note: --resume found no interrupted run of {out} to continue: starting from the first "
+                      "layer", file=sys.stderr)
         checkpoint = {"folder": tmp, "fingerprint": fingerprint}
         streamer = LayerStreamer(model, skeleton, writer, checkpoint=checkpoint, resume_from=resume_from)
         try:

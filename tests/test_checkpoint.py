@@ -73,8 +73,10 @@ def test_dtype_and_device_map(tmp_path):
 
 
 def test_act_order_buffers_round_trip(tmp_path):
-    model = _quantized(desc_act=True)
-    # RTN has no act-order; build a layer with a g_idx by hand so the buffer path is exercised.
+    model = _quantized()
+    # RTN has no act-order: build a layer with a g_idx by hand, and record what a GPTQ act-order run
+    # would, so the buffer path is exercised.
+    model.config.quantization_config.update(method="gptq", desc_act=True)
     layer = model.model.layers[0].mlp.down_proj
     qw = layer.quantized_weight()
     qw.g_idx = torch.randperm(qw.shape[1]) // qw.group_size
@@ -169,3 +171,16 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         llmq.save(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stored_act_order_that_rtn_never_ran_is_read_as_off(tmp_path):
+    """rtn checkpoints once recorded a requested act-order with no g_idx stored; they load as what they are."""
+    model = _quantized()
+    llmq.save(model, tmp_path / "q")
+    config_file = tmp_path / "q" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"].update(desc_act=True, static_groups=True)
+    config_file.write_text(json.dumps(config))
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmq.cli import main
-from conftest import tiny_model
+from conftest import model_folder_with_text, tiny_model
 
 
 def _run(capsys, *argv):
@@ -128,3 +128,50 @@ def test_a_dataset_the_run_does_not_read_is_reported(tmp_path, tiny_llama_dir, c
     code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--dataset", str(text), *argv)
     assert code == 0
     assert "note: --dataset is not read" in err and hint in err, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "rtn", "--act-order"], "--method rtn does not run GPTQ"),
+    (["--method", "awq", "--act-order"], "--method awq does not run GPTQ"),
+    (["--scheme", "w8a8", "--act-order"], "--method rtn does not run GPTQ"),
+    (["--method", "gptq", "--no-act-order", "--static-groups"], "add --act-order"),
+    (["--static-groups"], "add --act-order"),
+])
+def test_gptq_settings_for_a_run_without_them_are_refused(tmp_path, tiny_llama_dir, capsys, argv, match):
+    """A setting nothing would run is refused: an rtn run with act-order once wrote a checkpoint that
+    promised g_idx tensors it did not hold."""
+    code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), *argv)
+    _assert_clean_failure(code, err, tmp_path, match)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch, pattern", [("llama", "nonexistent"), ("llama", "proj"), ("llama", "model"),
+                                           ("mixtral", "block_sparse_moe.experts")])
+def test_a_skip_that_names_no_layer_is_refused(tmp_path, capsys, arch, pattern):
+    path = tmp_path / "m"
+    tiny_model(arch).save_pretrained(path)
+    code, _, err = _run(capsys, "quantize", str(path), str(tmp_path / "q"), "--group-size", "32",
+                        "--skip", "q_proj", "--skip", pattern)
+    _assert_clean_failure(code, err, tmp_path, f"--skip {pattern!r} names no linear layer")
+    assert "self_attn.q_proj" in err and ("mlp.experts" in err) == (arch == "mixtral")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv, noted", [
+    (["--damp", "0.05"], "--damp set"),
+    (["--damp", "0.05", "--no-clip-search"], "--damp and --no-clip-search set"),
+    (["--scheme", "w8a8", "--no-clip-search"], "--no-clip-search set"),
+    (["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--damp", "0.05"], None),
+])
+def test_gptq_settings_a_run_does_not_read_are_reported(tmp_path, capsys, argv, noted):
+    text = model_folder_with_text(tmp_path / "m")
+    group = [] if "w8a8" in argv else ["--group-size", "32"]
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--dataset", str(text),
+                        *group, *argv)
+    assert code == 0, err
+    if noted:
+        assert f"note: {noted} GPTQ's solve, which --method rtn does not run: not read" in err, err
+    else:
+        assert "GPTQ's solve" not in err, err
+    damp = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["damp"]
+    assert damp == (0.05 if "0.05" in argv else 0.01)

@@ -34,9 +34,11 @@ def _exact_cpu_forward(monkeypatch):
 
 
 def _quantized(sym=True, bits=4, group_size=32, act_order=False, seed=0):
-    model = llmq.quantize(tiny_model(seed=seed), QuantConfig(group_size=group_size, sym=sym, bits=bits,
-                                                             desc_act=act_order), progress=False)
-    if act_order:  # RTN has no act-order: give every layer a permuted g_idx so the g_idx path is exercised
+    model = llmq.quantize(tiny_model(seed=seed), QuantConfig(group_size=group_size, sym=sym, bits=bits),
+                          progress=False)
+    if act_order:  # RTN has no act-order: give every layer a permuted g_idx so the g_idx path is exercised,
+        # and record what a GPTQ act-order run would
+        model.config.quantization_config.update(method="gptq", desc_act=True)
         g = torch.Generator().manual_seed(5)
         for name, layer in list(model.named_modules()):
             if isinstance(layer, QuantLinear):

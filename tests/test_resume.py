@@ -84,10 +84,12 @@ def test_without_resume_a_stale_folder_is_reported_and_left_alone(tmp_path, caps
     assert (out / "config.json").is_file()
 
 
-def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path):
+def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path, capsys):
     src = tmp_path / "m"
     text = model_folder_with_text(src)
-    assert main(["quantize", *_args(src, tmp_path / "a", text, "--resume")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", *_args(src, tmp_path / "a", text)[:-1], "--resume"]) == 0  # without --quiet
+    assert "note: --resume found no interrupted run" in capsys.readouterr().err
     assert main(["quantize", *_args(src, tmp_path / "b", text)]) == 0
     a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

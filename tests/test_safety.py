@@ -225,6 +225,19 @@ def test_overwrite_refuses_a_folder_without_config(tmp_path, model_dir, capsys):
     assert (out / "model.safetensors").read_text() == "x"
 
 
+def test_overwrite_refuses_a_full_precision_model(tmp_path, model_dir, capsys):
+    """A typo in OUT must not delete a downloaded model: --overwrite replaces only a quantized checkpoint."""
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    before = _tree(other)
+    code, _, err = _run(capsys, "quantize", model_dir, other, "--overwrite", *QUANT)
+    _one_error(code, err, "full-precision model", "quantization_config")
+    _checkpoint(model_dir, tmp_path / "q4", bits=4)
+    code, _, err = _run(capsys, "convert", tmp_path / "q4", other, "--format", "gptq", "--overwrite")
+    _one_error(code, err, "full-precision model")
+    assert _tree(other) == before and _hidden(tmp_path) == []
+
+
 def test_overwrite_replaces_a_checkpoint(tmp_path, model_dir, capsys):
     _checkpoint(model_dir, tmp_path / "q", bits=8)
     code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "q", "--bits", "4", "--overwrite", *QUANT)
@@ -285,7 +298,7 @@ def test_overwrite_refuses_other_files_that_appeared(tmp_path, model_dir, capsys
 
     _appear_during_quantize(monkeypatch, replaced_by_user)
     code, _, err = _run(capsys, "quantize", model_dir, out, "--overwrite", *QUANT)
-    _one_error(code, err, "not a checkpoint", "mine.txt", f"{out}.new")
+    _one_error(code, err, "not a model or checkpoint folder", "mine.txt", f"{out}.new")
     assert (out / "mine.txt").read_text() == "keep"
 
 

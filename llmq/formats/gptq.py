@@ -123,7 +123,11 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         warnings.warn(f"{wrapped} zero points of this v1 GPTQ checkpoint are stored as {(1 << bits) - 1} (a wrapped "
                       "-1): llmq reads them as 0, what the quantizer meant; v1 engines compute with "
                       f"{1 << bits} there", stacklevel=2)
-    desc_act = bool(cfg.get("desc_act")) and group_size != -1 or not trivial
+    meta = cfg.get("meta") or {}
+    method = meta.get("llmq_method") if meta.get("llmq_method") in registry.names() else "gptq"
+    # An rtn/awq export once recorded a requested act-order with the trivial g_idx: nothing was reordered.
+    flagged = bool(cfg.get("desc_act")) and (registry.runs_gptq(method) or not trivial)
+    desc_act = flagged and group_size != -1 or not trivial
     for name in names:
         if desc_act and f"{name}.g_idx" not in out:
             raise LlmqError(f"GPTQ checkpoint uses act-order but {name}.g_idx is missing: it is damaged")
@@ -131,8 +135,6 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
             out.pop(f"{name}.g_idx", None)
         else:
             out[f"{name}.g_idx"] = out[f"{name}.g_idx"].to(torch.int32)
-    meta = cfg.get("meta") or {}
-    method = meta.get("llmq_method") if meta.get("llmq_method") in registry.names() else "gptq"
     qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
                      desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
                      damp=float(cfg.get("damp_percent") or 0.01),

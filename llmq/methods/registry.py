@@ -24,6 +24,7 @@ class MethodEntry:
     name: str  # the value of QuantConfig.method and --method
     module: str  # dotted module that defines METHOD
     summary: str  # one line for --help
+    runs_gptq: bool = False  # solves the codes with GPTQ: reads act-order, static groups, damping, clip search
 
 
 _TABLE: dict[str, MethodEntry] = {}
@@ -44,6 +45,11 @@ def entries() -> tuple[MethodEntry, ...]:
     return tuple(_TABLE.values())
 
 
+def runs_gptq(name: str) -> bool:
+    """Whether method `name` solves its codes with GPTQ (and so reads GPTQ's settings)."""
+    return _TABLE[name].runs_gptq
+
+
 def get(name: str):
     """The Method object of a registered method (imports its module)."""
     return importlib.import_module(_TABLE[name].module).METHOD
@@ -60,6 +66,6 @@ def for_config(config):
 
 
 register(MethodEntry("rtn", "llmq.methods.rtn", "round-to-nearest, no data"))
-register(MethodEntry("gptq", "llmq.methods.gptq", "second-order error correction"))
+register(MethodEntry("gptq", "llmq.methods.gptq", "second-order error correction", runs_gptq=True))
 register(MethodEntry("awq", "llmq.methods.awq", "activation-aware scaling"))
-register(MethodEntry("awq+gptq", "llmq.methods.awq_gptq", "AWQ scaling then GPTQ codes"))
+register(MethodEntry("awq+gptq", "llmq.methods.awq_gptq", "AWQ scaling then GPTQ codes", runs_gptq=True))
