@@ -64,8 +64,13 @@ _SELF = ("self", "model")
 # Texts shipped with llmq (package data in llmq/texts/): spec -> file name.
 _BUILTIN = {"builtin": "emma-volume-1.txt"}
 _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_KNOWN = "builtin, wikitext2, c4, pileval, self, hf:owner/name[:config][:split][:column], a .txt/.jsonl/.json/.parquet file or a folder of .txt files"
-_LOCAL_HINT = "pass a local text file instead (a .txt, .jsonl, .json or .parquet file, or a folder of .txt files), or use `self` to calibrate on text sampled from the model"
+_TEXTS = ("builtin, wikitext2, c4, pileval, hf:owner/name[:config][:split][:column], a .txt/.jsonl/.json/.parquet "
+          "file or a folder of .txt files")
+_LOCAL_FILE = "a local text file instead (a .txt, .jsonl, .json or .parquet file, or a folder of .txt files)"
+_KNOWN = f"{_TEXTS}, or self"
+_LOCAL_HINT = f"pass {_LOCAL_FILE}, or use `self` to calibrate on text sampled from the model"
+# Evaluation scores a model on real text: its messages never offer `self` (see load_text).
+_EVAL_HINT = f"pass {_LOCAL_FILE}, or use `builtin` (text shipped with llmq)"
 
 # Openings for `self`: each row starts from the first token of one of these
 # words, so that rows differ from the first token on and a batch needs no padding
@@ -79,7 +84,8 @@ _OPENINGS = (
 # --------------------------------------------------------------------------- text
 
 
-def load_text(spec: str, *, split: str | None = None, max_chars: int | None = None) -> str:
+def load_text(spec: str, *, split: str | None = None, max_chars: int | None = None,
+              evaluation: bool = False) -> str:
     """The raw text a spec names (see the module docstring for the specs).
 
     Args:
@@ -91,13 +97,21 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
             the user chose it. Ignored for local files.
         max_chars: stop joining rows once this many characters are collected
             (the rows kept are the first ones, in order); None keeps all.
+        evaluation: the text is to score a model on: ``self`` is refused as
+            such, and no message offers it.
 
     Raises:
         LlmqError: unreachable hub, unknown dataset, missing file, unknown
             column (the message lists the columns), or no text.
     """
     if spec in _SELF:
+        if evaluation:
+            raise LlmqError(f"`{spec}` is text sampled from the model itself, and a model scored on its own samples "
+                            "gives no meaningful perplexity: evaluate on real text, `builtin` (shipped with llmq, "
+                            "works offline) or a local text file (.txt, .jsonl, .json, .parquet, or a folder of .txt "
+                            "files)")
         raise LlmqError(f"`{spec}` samples text from the model; use calibration_windows(..., model=model)")
+    hint = _EVAL_HINT if evaluation else _LOCAL_HINT
     if spec in _BUILTIN:
         text = resources.files("llmq").joinpath("texts", _BUILTIN[spec]).read_text(encoding="utf-8")
         text = text if max_chars is None else text[:max_chars]
@@ -109,14 +123,14 @@ def load_text(spec: str, *, split: str | None = None, max_chars: int | None = No
             if split not in files:
                 raise LlmqError(f"{spec} has splits {', '.join(files)}, not {split!r}")
             data_files = {split: files[split]}
-        rows = _hub_column(name, config, split, column, data_files)
+        rows = _hub_column(name, config, split, column, data_files, hint)
         text = _join(rows, max_chars)
     elif spec.startswith("hf:"):
         name, config, hub_split, column = _parse_hf(spec)
-        rows = _hub_column(name, config, hub_split or split or "train", column, None)
+        rows = _hub_column(name, config, hub_split or split or "train", column, None, hint)
         text = _join(rows, max_chars)
     else:
-        text = _load_local(spec, max_chars)
+        text = _load_local(spec, max_chars, _TEXTS if evaluation else _KNOWN)
     if not text.strip():
         raise LlmqError(f"{spec} contains no text; pass a dataset or file with text in it")
     return text
@@ -147,25 +161,26 @@ def _parse_hf(spec: str) -> tuple[str, str | None, str | None, str]:
     return name, config or None, split or None, column or "text"
 
 
-def _hub_column(name: str, config: str | None, split: str, column: str, data_files) -> list:
-    """One column of one split of a hub dataset, as a list of rows."""
+def _hub_column(name: str, config: str | None, split: str, column: str, data_files, hint: str) -> list:
+    """One column of one split of a hub dataset, as a list of rows; `hint` says what to use instead when
+    the hub or the dataset cannot be had."""
     where = f"{name}" + (f" ({config})" if config else "")
     if not _hub_answers():
         raise LlmqError(
-            f"could not reach the Hugging Face hub to load {where}; {_LOCAL_HINT} "
+            f"could not reach the Hugging Face hub to load {where}; {hint} "
             "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)"
         )
     try:
         import datasets
     except ImportError as err:
         raise LlmqError(f"loading {where} from the hub needs the `datasets` package (pip install datasets); "
-                        f"{_LOCAL_HINT}") from err
+                        f"{hint}") from err
     try:
         dataset = datasets.load_dataset(name, config, split=split, data_files=data_files)
     except datasets.exceptions.DatasetNotFoundError as err:
-        raise LlmqError(f"no dataset {where} on the Hugging Face hub ({err}); check the name or {_LOCAL_HINT}") from err
+        raise LlmqError(f"no dataset {where} on the Hugging Face hub ({err}); check the name or {hint}") from err
     except (ConnectionError, OSError, TimeoutError) as err:
-        raise LlmqError(f"could not reach the Hugging Face hub to load {where} ({err}); {_LOCAL_HINT}") from err
+        raise LlmqError(f"could not reach the Hugging Face hub to load {where} ({err}); {hint}") from err
     except ValueError as err:  # unknown split or config
         raise LlmqError(f"could not load {where} split {split!r}: {err}") from err
     _check_column(column, dataset.column_names, where)
@@ -179,7 +194,8 @@ def _hub_answers(timeout: float = 5.0) -> bool:
     the check so that `datasets` serves its cache. The request goes through
     huggingface_hub's own HTTP session, so proxy settings apply.
     """
-    if any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE") for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+           for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return True
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
@@ -207,10 +223,10 @@ def _split_column(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def _load_local(spec: str, max_chars: int | None) -> str:
+def _load_local(spec: str, max_chars: int | None, known: str) -> str:
     path, column = _split_column(spec)
     if not path.exists():
-        raise LlmqError(f"no file or folder {str(path)!r}, and {spec!r} is not a known dataset; use one of: {_KNOWN}")
+        raise LlmqError(f"no file or folder {str(path)!r}, and {spec!r} is not a known dataset; use one of: {known}")
     if path.is_dir():
         try:
             files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
@@ -374,7 +390,8 @@ def calibration_windows(
     return start_with_bos(torch.stack([stream[s : s + span] for s in starts.tolist()]), bos)
 
 
-def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int = 32, max_new_tokens: int = 128) -> torch.Tensor:
+def sample_tokens(model, tokenizer, ntokens: int, *, seed: int, batch_size: int = 32,
+                  max_new_tokens: int = 128) -> torch.Tensor:
     """At least `ntokens` tokens of text sampled from the model itself.
 
     Each row starts (after BOS when `wants_bos`) from the first token of a

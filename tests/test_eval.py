@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -255,11 +256,9 @@ def test_in_memory_models_and_factories(folders):
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # --------------------------------------------------------------------------- lm-evaluation-harness
@@ -365,3 +364,124 @@ def test_eval_compares_a_w8a8_checkpoint(folders, tmp_path, capsys):
     assert quant["perplexity"] == pytest.approx(perplexity(llmq.from_pretrained(path), windows).perplexity, rel=1e-6)
     assert quant["label"] == "rtn w8 per-row sym a8 static smooth 0.5"
     assert quant["kl_mean"] > 0 and 0 < quant["top1_agreement"] <= 1
+
+
+def test_eval_reads_every_format_llmq_reads_with_llmq(folders, tmp_path):
+    """An asymmetric compressed-tensors export (stock transformers stops on its zero points) and a gptq
+    folder (transformers wants optimum for it) are scored on llmq's layers, exactly like their native twin."""
+    from llmq.formats.convert import convert
+
+    fp, q, text, _ = folders
+    convert(q, tmp_path / "ct", "compressed-tensors")
+    convert(q, tmp_path / "gptq", "gptq")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(fp), str(q), str(tmp_path / "ct"), str(tmp_path / "gptq"), "--dataset", str(text),
+                 "--seqlen", "32", "--max-windows", "3", "--json", str(out), "--quiet"]) == 0
+    _, native, *foreign = json.loads(out.read_text())["models"]
+    for row in foreign:
+        assert row["label"] == native["label"] == "rtn w4 g32 asym"
+        for key in ("perplexity", "kl_mean", "top1_agreement"):
+            assert row[key] == native[key], (row["model"], key)
+
+
+def test_eval_turns_a_foreign_loader_failure_into_one_line(folders, tmp_path, capsys, monkeypatch):
+    """A format llmq does not read goes to transformers, whose loader fails with RuntimeError among others."""
+    import shutil
+
+    import transformers
+
+    fp, _, text, _ = folders
+    other = tmp_path / "other"
+    shutil.copytree(fp, other)
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (other / "config.json").write_text(json.dumps(config))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error.\nreport follows")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fails)
+    assert main(["eval", str(other), "--dataset", str(text), "--seqlen", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmq: error: transformers could not load the 'bitsandbytes'")
+    assert "RuntimeError: You set `ignore_mismatched_sizes`" in err and "llmq itself reads llmq, gptq" in err
+
+
+# --------------------------------------------------------------------------- bad input, refused up front
+
+
+def _no_model_loads(monkeypatch):
+    import importlib
+
+    evaluate_module = importlib.import_module("llmq.eval.evaluate")  # llmq.eval.evaluate is also the function
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(evaluate_module, "_materialise", fail)
+
+
+@pytest.mark.parametrize("option,target,message", [
+    ("--json", "missing/eval.json", r"--json .*missing/eval\.json: the folder .*missing does not exist"),
+    ("--json", ".", r"--json .* is a folder: give a file name"),
+    ("--plot", "missing/eval.png", r"--plot .*missing/eval\.png: the folder .*missing does not exist"),
+    ("--plot", ".", r"--plot .* is a folder: give a file name"),
+    ("--plot", "eval.gif", r"the extension \.gif names no format llmq draws in; end it with one of \.png, \.pdf"),
+    ("--plot", "eval.pgf", r"the extension \.pgf names no format"),
+    ("--plot", "eval", r"the name has no extension"),
+])
+def test_output_paths_are_checked_before_any_model_loads(folders, tmp_path, capsys, monkeypatch, option, target,
+                                                          message):
+    if option == "--plot" and not _has_matplotlib():
+        pytest.skip("matplotlib is not installed")
+    fp, _, text, _ = folders
+    _no_model_loads(monkeypatch)
+    assert main(["eval", str(fp), "--dataset", str(text), "--seqlen", "32", option, str(tmp_path / target),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmq: error: ") and re.search(message, err), err
+    assert not (tmp_path / "missing").exists()  # no folder is created on the way
+
+
+@pytest.mark.parametrize("spec", ["self", "model"])
+def test_eval_refuses_text_sampled_from_the_model(folders, capsys, monkeypatch, spec):
+    fp, _, _, _ = folders
+    _no_model_loads(monkeypatch)
+    assert main(["eval", str(fp), "--dataset", spec, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"`{spec}` is text sampled from the model itself" in err
+    assert "no meaningful perplexity" in err and "`builtin`" in err and "local text file" in err
+    assert "calibration_windows" not in err
+
+
+def test_eval_offers_real_text_when_the_hub_is_unreachable(folders, tmp_path, capsys, monkeypatch):
+    from llmq import data
+
+    fp, _, _, _ = folders
+    _no_model_loads(monkeypatch)
+    monkeypatch.setattr(data, "_hub_answers", lambda timeout=5.0: False)
+    assert main(["eval", str(fp), "--quiet"]) == 2  # wikitext2 by default
+    err = capsys.readouterr().err
+    assert "could not reach the Hugging Face hub" in err and "`builtin`" in err and "self" not in err
+    assert main(["eval", str(fp), "--dataset", str(tmp_path / "absent.txt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a known dataset; use one of: builtin" in err and "self" not in err
+    # Calibration still offers text sampled from the model, which is what it is for.
+    with pytest.raises(LlmqError, match="use `self` to calibrate"):
+        data.load_text("wikitext2")
+
+
+def test_eval_help_names_builtin_and_local_files(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "builtin (text shipped with llmq, works offline)" in out and "a local .txt/.jsonl/.json/.parquet file" in out
+
+
+def test_a_write_that_fails_after_the_run_is_one_line(tmp_path):
+    from llmq.eval import write_json
+
+    # The folder was checked up front but went away while the models ran.
+    with pytest.raises(LlmqError, match=r"could not write --json .*gone/eval\.json \(No such file or directory\)"):
+        write_json({"models": []}, tmp_path / "gone" / "eval.json")
+    assert not (tmp_path / "gone").exists()

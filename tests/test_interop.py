@@ -17,7 +17,7 @@ from llmq import LlmqError, QuantConfig, QuantLinear
 from llmq.cli import main
 from llmq.formats.convert import convert
 from llmq.modules.replace import replace_module
-from conftest import random_ids, tiny_model
+from conftest import checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 needs_ct = pytest.mark.skipif(not HAS_CT, reason="the compressed-tensors package is not installed "
@@ -222,6 +222,40 @@ def test_compressed_tensors_round_trip_and_reference(tmp_path, sym, bits, group_
     assert ignore == ["lm_head"]
 
 
+def test_gptq_compressed_tensors_export_reads_back_without_act_order(tmp_path, capsys):
+    """GPTQ defaults to act-order, but compressed-tensors holds contiguous groups only: its export must read
+    back as plain groups (no g_idx expected), and the layers --skip kept must survive in the metadata."""
+    from llmq.info import checkpoint_info
+
+    src = tmp_path / "fp"
+    text = model_folder_with_text(src)
+    run = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(text), "--nsamples", "8",
+           "--seqlen", "64", "--skip", "lm_head", "--skip", "down_proj", "--no-stream", "--quiet"]
+    ct, native, back = tmp_path / "ct", tmp_path / "native", tmp_path / "back"
+    assert main(["quantize", str(src), str(ct), *run, "--format", "compressed-tensors"]) == 0
+    assert main(["quantize", str(src), str(native), *run, "--no-act-order"]) == 0
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(ct)(ids).logits, llmq.from_pretrained(native)(ids).logits)
+    info = checkpoint_info(ct)
+    assert info["desc_act"] is False and info["modules_to_not_convert"] == ["lm_head", "down_proj"]
+    capsys.readouterr()
+    assert main(["info", str(ct)]) == 0
+    assert "act-order" not in capsys.readouterr().out
+    assert main(["convert", str(ct), str(back), "--quiet"]) == 0
+    a, b = checkpoint_tensors(native), checkpoint_tensors(back)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    qc = llmq.from_pretrained(back).config.quantization_config.quant_config
+    assert (qc.desc_act, qc.modules_to_not_convert) == (False, ["lm_head", "down_proj"])
+
+    # A folder written by another tool has no llmq record: the ignore list names what stayed in full precision.
+    config = json.loads((ct / "config.json").read_text())
+    del config["quantization_config"]["llmq"]
+    (ct / "config.json").write_text(json.dumps(config))
+    assert checkpoint_info(ct)["modules_to_not_convert"] == [
+        "lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
 def test_act_order_refused_by_compressed_tensors(tmp_path):
     _, native = _saved(tmp_path, act_order=True)
     with pytest.raises(LlmqError, match="act-order.*--format gptq"):
@@ -238,7 +272,8 @@ def test_compressed_tensors_package_decompresses_to_the_same_weights(tmp_path, s
     model, native = _saved(tmp_path, sym=sym, bits=bits, group_size=group_size)
     convert(native, tmp_path / "ct", "compressed-tensors")
     qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**qcfg["config_groups"]["group_0"]["weights"]))
+    weights = QuantizationArgs(**qcfg["config_groups"]["group_0"]["weights"])
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     sd = load_file(tmp_path / "ct" / "model.safetensors")
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):

@@ -173,3 +173,28 @@ def test_llmq_reads_the_export_back_with_identical_logits(tmp_path, act, calibra
     ids = random_ids(seed=5)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_import_keeps_act_order_and_skipped_layers_as_recorded(tmp_path, calibration):
+    """Per-row int8 weights have no g_idx: whether the GPTQ solve ran act-order is what llmq's export
+    recorded (not gptq's default), and what --skip kept survives; another tool's folder names its kept
+    linears in `ignore` and claims no act-order."""
+    from llmq.info import checkpoint_info
+
+    config = QuantConfig(scheme="w8a8", method="gptq", desc_act=False, modules_to_not_convert=["lm_head", "down_proj"])
+    llmq.save(llmq.quantize(tiny_model(), config, dataset=calibration, progress=False), tmp_path / "native")
+    ours = tmp_path / "ours"
+    assert main(["convert", str(tmp_path / "native"), str(ours), "--format", "compressed-tensors", "--quiet"]) == 0
+    info = checkpoint_info(ours)
+    assert (info["method"], info["desc_act"]) == ("gptq", False)
+    assert info["modules_to_not_convert"] == ["lm_head", "down_proj"]
+    assert main(["convert", str(ours), str(tmp_path / "back"), "--quiet"]) == 0
+    back = llmq.from_pretrained(tmp_path / "back").config.quantization_config.quant_config
+    assert (back.desc_act, back.modules_to_not_convert) == (False, ["lm_head", "down_proj"])
+
+    cfg = json.loads((ours / "config.json").read_text())
+    del cfg["quantization_config"]["llmq"]
+    (ours / "config.json").write_text(json.dumps(cfg))
+    info = checkpoint_info(ours)
+    assert info["desc_act"] is False
+    assert info["modules_to_not_convert"] == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]

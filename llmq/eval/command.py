@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import LlmqError
 
 DESCRIPTION = (
     "Evaluate models one after another on identical token windows: perplexity (GPTQ protocol: text "
     "tokenised once, non-overlapping windows, tail dropped), and for every model after the first, KL "
     "divergence of its next-token distribution from the first model's and top-1 agreement. Models: hub "
-    "ids, full-precision folders, llmq checkpoints, or other formats transformers reads.")
+    "ids, full-precision folders, checkpoints llmq reads (llmq, gptq, awq, compressed-tensors: loaded by "
+    "llmq), or other quantized formats transformers reads.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.add_argument("models", metavar="MODEL", nargs="+", help="models to compare; the first is the reference")
     p.add_argument("--dataset", default="wikitext2",
-                   help="evaluation text: wikitext2, c4, pileval, hf:owner/name[:config][:split][:column], "
-                        "a .txt/.jsonl/.json/.parquet file or a folder of .txt files")
+                   help="evaluation text: wikitext2 (default; from the hub), builtin (text shipped with llmq, "
+                        "works offline), a local .txt/.jsonl/.json/.parquet file or a folder of .txt files, c4, "
+                        "pileval, or hf:owner/name[:config][:split][:column]")
     p.add_argument("--split", default=None, help="split of a hub dataset (default: test for wikitext2, "
                                                   "validation for c4 and pileval)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
@@ -34,8 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-dtype", default="float16", choices=["float16", "float32"],
                    help="storage of the reference log-probs (disk: tokens scored x vocab x 2 or 4 bytes)")
     p.add_argument("--tmp-dir", default=None, help="folder for the reference log-probs (default: system temp)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write every figure and the protocol as JSON")
-    p.add_argument("--plot", default=None, metavar="PATH", help="draw perplexity and size per model (PNG)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write every figure and the protocol as JSON (into an existing folder)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="draw perplexity and size per model; the extension names the format: .png, .pdf, .svg ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -43,13 +46,13 @@ def run(args, models=None, names=None) -> int:
     """Evaluate args.models (or `models`, e.g. with in-memory factories, named
     `names`), print the table, write --json / --plot."""
     from .evaluate import evaluate
-    from .report import format_table, plot, write_json
+    from .report import check_output_file, check_plot_file, format_table, plot, write_json
 
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401  (fail before the long run, not after)
-        except ImportError as e:
-            raise LlmqError("--plot needs matplotlib: pip install matplotlib") from e
+    # Fail before the long run, not after it.
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_plot_file(args.plot)
     models = models if models is not None else args.models
     result = evaluate(models, names=names, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
                       max_windows=args.max_windows, device=args.device, dtype=args.dtype,

@@ -38,12 +38,14 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
     is deleted before returning, also on error.
 
     Args:
-        models: each a hub id or local folder (fp, llmq checkpoint or another
-            format transformers reads: loaded here and freed after scoring),
+        models: each a hub id or local folder (fp; a checkpoint llmq reads,
+            loaded by llmq.from_pretrained; or another quantized format
+            transformers reads: loaded here and freed after scoring),
             an nn.Module (used as is, on `device`), or a zero-argument callable
             returning one (called when its turn comes, dropped after).
-        dataset, split: text spec as for calibration (wikitext2, c4, pileval,
-            hf:..., a local .txt/.jsonl/.json/.parquet file or folder); named
+        dataset, split: text spec as for calibration (wikitext2, builtin, c4,
+            pileval, hf:..., a local .txt/.jsonl/.json/.parquet file or folder;
+            not `self`: a model scored on its own samples says nothing); named
             hub datasets default to their test/validation split.
         seqlen, max_windows: window length; keep only the first N windows.
         device: where the models run ("auto": CUDA when available).

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import LlmqError
+from ..formats.table import READ_FORMATS
 from ..loading import from_pretrained, load_model, load_tokenizer, read_config, resolve_dtype  # noqa: F401
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -21,26 +22,33 @@ def quant_method(source: str) -> str | None:
 
 
 def load_any(source: str | os.PathLike, dtype="auto"):
-    """(model, tokenizer or None) for a hub id, a full-precision folder, an llmq
-    checkpoint, or another quantized folder transformers reads (GPTQ, AWQ,
-    compressed-tensors ... when their packages are installed), on the CPU.
-    """
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer or None) for a hub id, a full-precision folder, or a quantized folder, on the CPU.
 
+    Every format llmq reads (llmq, gptq, awq, compressed-tensors: READ_FORMATS) loads through
+    `llmq.from_pretrained`, onto llmq's layers, as it would be run; only other quantized formats
+    go to transformers' own loader, which needs their packages installed. A failure of that loader
+    is a one-line LlmqError.
+    """
     source = str(source)
     method = quant_method(source)
     if method is None:
         return load_model(source, dtype)
-    if method == "llmq":
+    if method in READ_FORMATS:
         model = from_pretrained(source, dtype=resolve_dtype(dtype))
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
-        except (ImportError, OSError, ValueError) as e:
-            raise LlmqError(f"transformers could not load the {method!r} checkpoint {source} "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): install the package "
-                            "that format needs") from e
+        model = _load_with_transformers(source, method, dtype)
     return model.eval(), load_tokenizer(source)
+
+
+def _load_with_transformers(source: str, method: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
+    except Exception as e:  # a foreign loader fails in its own ways (ImportError, RuntimeError, ...): name it
+        raise LlmqError(f"transformers could not load the {method!r} checkpoint {source} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); llmq itself reads {', '.join(READ_FORMATS)}: "
+                        "install the package transformers needs for this format, or repair the folder") from e
 
 
 def size_on_disk(source: str | os.PathLike) -> int | None:

@@ -48,15 +48,58 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str | os.PathLike) -> Path:
+# --plot formats: what matplotlib writes with its own backends, and through Pillow (one of its
+# dependencies). Not pgf (needs a LaTeX installation) nor avif (needs a Pillow built with it), which
+# would fail only once every model has been scored.
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse a --json / --plot path that could not be written, before any model is loaded: the
+    path must not be a folder, and its folder must exist (none is created) and be writable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    if path.is_dir():
+        raise LlmqError(f"{option} {path} is a folder: give a file name inside it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise LlmqError(f"{option} {path}: the folder {folder} does not exist; create it first or write elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LlmqError(f"{option} {path}: the folder {folder} is not writable; write elsewhere")
     return path
 
 
+def check_plot_file(path: str | os.PathLike) -> Path:
+    """check_output_file, and an extension that names a format PLOT_FORMATS holds and matplotlib writes."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase  # imported only when a plot is asked for
+    except ImportError as e:
+        raise LlmqError("--plot needs matplotlib: pip install matplotlib") from e
+    path = check_output_file(path, "--plot")
+    ext = path.suffix.lower().removeprefix(".")
+    if ext not in PLOT_FORMATS or ext not in FigureCanvasBase.get_supported_filetypes():
+        what = f"the extension .{ext} names no format" if ext else "the name has no extension to name a format"
+        raise LlmqError(f"--plot {path}: {what} llmq draws in; end it with one of "
+                        f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    return path
+
+
+def _written(path: Path, option: str, write) -> Path:
+    try:
+        write(path)
+    except OSError as e:  # checked up front; the folder can still change while the models run
+        raise LlmqError(f"could not write {option} {path} ({e.strerror or e}): check that folder and the free "
+                        "disk space, or write elsewhere") from e
+    return path
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write `result` as JSON to path (its folder must exist)."""
+    return _written(Path(path), "--json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+
+
 def plot(result: dict, path: str | os.PathLike) -> Path:
-    """Bar charts of perplexity and size on disk per model, written as PNG."""
+    """Bar charts of perplexity and size on disk per model, written in the format path's extension
+    names (PNG, PDF, SVG ...: check_plot_file); its folder must exist."""
     try:
         # A bare Figure renders with Agg and touches no pyplot or backend state.
         from matplotlib.figure import Figure
@@ -91,7 +134,4 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     fig.suptitle(f"{p['dataset']}, seqlen {p['seqlen']}, {p['windows']} windows, {p['tokens_scored']} tokens, "
                  f"{'BOS' if p['bos'] else 'no BOS'}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _written(Path(path), "--plot", lambda p: fig.savefig(p, dpi=120))

@@ -24,8 +24,8 @@ def eval_split(spec: str, split: str | None = None) -> str | None:
 
 
 def eval_text(spec: str, split: str | None = None) -> str:
-    """The raw evaluation text of a dataset spec (rows joined with "\\n\\n")."""
-    return load_text(spec, split=eval_split(spec, split))
+    """The raw evaluation text of a dataset spec (rows joined with "\\n\\n"); `self` is refused."""
+    return load_text(spec, split=eval_split(spec, split), evaluation=True)
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -105,7 +105,8 @@ def export_config(qc: QuantConfig, ignore: list[str], native_scale_dtype: torch.
         "dynamic": False,
         "observer": "minmax",
     }
-    meta = {"method": qc.method, "calibration": qc.calibration, "llmq_version": __version__}
+    meta = {"method": qc.method, "modules_to_not_convert": qc.modules_to_not_convert, "calibration": qc.calibration,
+            "llmq_version": __version__}
     if native_scale_dtype is not None:
         meta["scale_dtype"] = str(native_scale_dtype).removeprefix("torch.")
     return config_envelope(PACKED, weights, None, ignore, meta)
@@ -173,6 +174,13 @@ def native_scale_dtype(cfg: dict) -> torch.dtype | None:
     return _NATIVE_SCALE_DTYPES.get((cfg.get("llmq") or {}).get("scale_dtype"))
 
 
+def not_converted(cfg: dict) -> list[str]:
+    """modules_to_not_convert of a compressed-tensors folder: the patterns llmq's own export recorded
+    (what the user skipped, as given), else the config's `ignore` list of linears kept in full precision."""
+    recorded = (cfg.get("llmq") or {}).get("modules_to_not_convert")
+    return list(recorded if recorded is not None else cfg.get("ignore") or [])
+
+
 def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], QuantConfig]:
     """compressed-tensors tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
     if cfg.get("quantization_status", "compressed") != "compressed":
@@ -200,8 +208,10 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         else:
             out[f"{name}.qzeros"] = tensors[f"{name}.weight_zero_point"].t().contiguous()
     method = meta.get("method") if meta.get("method") in registry.names() else "rtn"
-    qc = QuantConfig(method=method, bits=s["bits"], group_size=s["group_size"], sym=s["sym"],
-                     modules_to_not_convert=["lm_head"],
+    # The format holds contiguous groups only (no g_idx), so the layers are never act-order, whatever
+    # the method (QuantConfig would default gptq to act-order and expect a g_idx per layer).
+    qc = QuantConfig(method=method, bits=s["bits"], group_size=s["group_size"], sym=s["sym"], desc_act=False,
+                     modules_to_not_convert=not_converted(cfg),
                      calibration=meta.get("calibration") or {"source_format": QUANT_METHOD})
     return out, qc
 

@@ -23,7 +23,7 @@ import torch
 from .._version import __version__
 from ..config import QuantConfig
 from ..qweight import w8a8_module_names
-from .compressed_tensors import QUANT_METHOD, config_envelope
+from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted
 from .engines import EngineSupport
 from .spec import Checkpoint, Format
 
@@ -48,8 +48,9 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     inputs = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
               "strategy": "tensor" if static else "token", "dynamic": not static,
               "observer": "minmax" if static else None}
-    meta = {"method": qc.method, "scheme": qc.scheme, "act": qc.act, "smooth": qc.smooth,
-            "act_observer": qc.act_observer, "calibration": qc.calibration, "llmq_version": __version__}
+    meta = {"method": qc.method, "desc_act": qc.desc_act, "scheme": qc.scheme, "act": qc.act, "smooth": qc.smooth,
+            "act_observer": qc.act_observer, "modules_to_not_convert": qc.modules_to_not_convert,
+            "calibration": qc.calibration, "llmq_version": __version__}
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
@@ -91,8 +92,8 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     for g in groups:
         fmt = g.get("format") or cfg.get("format")
         w, a = g.get("weights") or {}, g.get("input_activations") or {}
-        ok_w = (fmt == INT_QUANTIZED and w.get("type", "int") == "int" and w.get("num_bits") == 8 and w.get("symmetric", True)
-                and w.get("strategy") == "channel")
+        ok_w = (fmt == INT_QUANTIZED and w.get("type", "int") == "int" and w.get("num_bits") == 8
+                and w.get("symmetric", True) and w.get("strategy") == "channel")
         ok_a = (a.get("type", "int") == "int" and a.get("num_bits") == 8 and a.get("symmetric", True)
                 and (a.get("strategy"), bool(a.get("dynamic"))) in (("token", True), ("tensor", False)))
         if not (ok_w and ok_a) or g.get("output_activations"):
@@ -121,11 +122,15 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         else:
             out.pop(f"{name}.input_zero_point", None)
     meta = cfg.get("llmq") or {}  # what llmq records of its own exports; another tool's has none
-    # from_dict: a stored config, whose absent smoothing setting reads as off.
+    # from_dict: a stored config, whose absent smoothing setting reads as off. Per-row int8 weights have no
+    # g_idx: act-order only says how a GPTQ solve ran, so it is what llmq's export recorded, else off (the
+    # method's default would claim it for any gptq folder).
     qc = QuantConfig.from_dict(dict(
-        method=meta.get("method") if meta.get("method") in ("rtn", "gptq") else "rtn", scheme="w8a8", act=act,
+        method=meta.get("method") if meta.get("method") in ("rtn", "gptq") else "rtn",
+        desc_act=bool(meta.get("desc_act")), scheme="w8a8", act=act,
         smooth=meta.get("smooth"), act_observer=meta.get("act_observer") if act == "static" else None,
-        modules_to_not_convert=["lm_head"], calibration=meta.get("calibration") or {"source_format": QUANT_METHOD}))
+        modules_to_not_convert=not_converted(cfg),
+        calibration=meta.get("calibration") or {"source_format": QUANT_METHOD}))
     return out, qc
 
 
