@@ -9,7 +9,8 @@
 Defaults: the real offline SmolLM2-135M (llmq.realmodel) in fp32 against an
 in-memory RTN int4 g64 asymmetric copy. Both decode the same prompt greedily
 with the KV cache (transformers' generate, no sampling); reported: tokens/s of
-the decode phase (prefill timed apart), the memory each model's weights take
+the decode phase (the tokens after the first, timed inside each generate call
+as each token is chosen; the prefill is the time to the first), the memory each model's weights take
 while it runs (parameters and buffers, plus on CPU the converted copies the
 int4/int8 kernels read), on CUDA the peak allocated memory during decode, and
 how many of the first generated tokens agree.
@@ -32,6 +33,7 @@ import sys
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import llmq
 from llmq.config import parse_config_spec
@@ -62,6 +64,20 @@ def _model_bytes(model) -> int:
     return total
 
 
+class _TokenClock(StoppingCriteria):
+    """Stops nothing; notes the time at which each new token is chosen, so that one generate call
+    splits into its prefill (up to the first token) and its decode (the tokens after it)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times = cuda, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     cuda = prompt.device.type == "cuda"
@@ -71,17 +87,12 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     best_prefill, best_decode, out = float("inf"), float("inf"), None
     for _ in range(repeats):
+        clock = _TokenClock(cuda)
         t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, do_sample=False, min_new_tokens=1)
-        if cuda:
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        best_prefill = min(best_prefill, t1 - t0)
-        best_decode = min(best_decode, (t2 - t1) - (t1 - t0))
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+        best_prefill = min(best_prefill, clock.times[0] - t0)
+        best_decode = min(best_decode, clock.times[-1] - clock.times[0])
     result = {"tokens": out[0, prompt.shape[1]:].tolist(), "prefill_s": best_prefill,
               "decode_tokens_per_s": (new_tokens - 1) / best_decode}
     if cuda:
@@ -125,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the checkpoint's)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2: the decode phase is the tokens after the first")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_e2e: no CUDA GPU found for --device cuda. Nothing to do.")
         return 0
