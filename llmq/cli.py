@@ -13,7 +13,8 @@ import argparse
 import importlib
 import sys
 
-from .config import ACT_MODES, ACT_OBSERVERS, METHODS, SCHEMES, QuantConfig
+from .config import ACT_MODES, ACT_OBSERVERS, DEFAULT_ACT_OBSERVER, METHODS, SCHEMES, QuantConfig
+from .data import DEFAULT_CALIBRATION
 from .methods import registry
 from .errors import LlmqError
 from ._version import __version__
@@ -62,16 +63,18 @@ def _add_quantize(sub) -> None:
                         "(default: auto when the run calibrates, i.e. --act static or --method gptq; "
                         "off for data-free dynamic rtn)")
     p.add_argument("--act-observer", choices=ACT_OBSERVERS, default=None,
-                   help="w8a8 --act static: how the activation scales are fixed from the calibration data")
+                   help="w8a8 --act static: how the activation scales are fixed from the calibration data "
+                        f"(default: {DEFAULT_ACT_OBSERVER})")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True,
-                     help="symmetric: zero point fixed at 2^(bits-1)")
+                     help="symmetric (the default): zero point fixed at 2^(bits-1)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric: a zero point per group")
     p.add_argument("--dataset", default=None,
                    help="calibration data (gptq/awq): builtin (a public-domain novel excerpt shipped with "
                         "llmq, works offline), wikitext2, c4, pileval, hf:owner/name[:config][:split]"
                         "[:column], a .txt/.jsonl/.json/.parquet file, a folder of text files, or 'self' "
-                        "(text sampled from the model, works offline)")
+                        f"(text sampled from the model, works offline); default {DEFAULT_CALIBRATION}, "
+                        "except that --act static needs it named")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
@@ -94,7 +97,8 @@ def _add_quantize(sub) -> None:
                    help="experts routed fewer calibration tokens than this are quantized by round-to-nearest "
                         "(w8a8: calibrated on every calibration token instead; reported per layer)")
     p.add_argument("--quantize-routers", dest="keep_routers", action="store_false",
-                   help="also quantize MoE routers that are linear layers (kept in full precision by default)")
+                   help="also quantize MoE routers, where they are linear layers (kept in full precision by "
+                        "default; refused where a router is not a linear, as transformers 5's top-k routers)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype to load the model in")
@@ -111,7 +115,7 @@ def _add_quantize(sub) -> None:
                    help="continue the interrupted streamed run of the same model, data and options into OUT "
                         "from its first unfinished layer (implies --stream)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, notes or summary; errors only")
     p.set_defaults(func=_run_quantize)
 
 

@@ -61,6 +61,8 @@ _HUB = {
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation", None, "text"),
 }
 _SELF = ("self", "model")
+DEFAULT_CALIBRATION = "wikitext2"  # the calibration text of a run that names none
+
 # Texts shipped with llmq (package data in llmq/texts/): spec -> file name.
 _BUILTIN = {"builtin": "emma-volume-1.txt"}
 _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")

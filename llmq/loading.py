@@ -35,6 +35,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise LlmqError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LlmqError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LlmqError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

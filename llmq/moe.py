@@ -52,9 +52,16 @@ def prepare_experts(model: nn.Module, prefix: str, layers: nn.ModuleList, config
         raise LlmqError(f"--scheme w8a8 quantizes every experts module of a model or keeps all of them, but "
                         f"{kept[0]} is kept and {quantized} is quantized: skip `mlp.experts` everywhere "
                         "or nowhere")
+    routers = {name: model.get_submodule(name) for name in find_routers(model, found)}
+    others = [(name, m) for name, m in routers.items() if not isinstance(m, nn.Linear)]
+    if not config.keep_routers and others:
+        # Such a router would stay in full precision while the run says it quantizes routers.
+        name, router = others[0]
+        raise LlmqError(f"--quantize-routers quantizes routers that are linear layers, and {name} is a "
+                        f"{type(router).__name__}: drop --quantize-routers")
     if config.keep_routers:
         keep = list(config.modules_to_not_convert)
-        for name in find_routers(model, found):
+        for name in routers:
             local = name[len(prefix) + 1:].partition(".")[2]  # relative to its decoder layer
             if local and local not in keep:
                 keep.append(local)

@@ -142,7 +142,8 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=(), *, con
         raise LlmqError(f"output {given} exists and is not a folder: choose another path")
     if contents and out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise LlmqError(f"output folder {given} is not empty: choose another path or pass --overwrite")
+            raise LlmqError(f"output folder {given} is not empty: choose another path or pass --overwrite "
+                            "(overwrite=True from Python)")
         refusal = replace_refusal(out)
         if refusal:
             raise LlmqError(f"output folder {given} {refusal}: --overwrite only replaces a quantized checkpoint; "

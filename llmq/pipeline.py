@@ -13,6 +13,7 @@ from torch import nn
 
 from . import arch
 from .config import QuantConfig, names_module
+from .data import DEFAULT_CALIBRATION
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
@@ -150,15 +151,16 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     return model
 
 
-DEFAULT_DATASET = "wikitext2"
-
-
 def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed) -> tuple[torch.Tensor, dict]:
     """(token windows [n, seqlen], what they are, for the checkpoint's quantization_config)."""
     if isinstance(dataset, torch.Tensor):
         if dataset.dim() != 2 or dataset.is_floating_point() or dataset.is_complex() or not dataset.numel():
             raise LlmqError(f"calibration windows must be a non-empty integer tensor [windows, tokens] of token "
                             f"ids, not {dataset.dtype} of shape {tuple(dataset.shape)}")
+        vocab = model.get_input_embeddings().num_embeddings
+        if dataset.min() < 0 or dataset.max() >= vocab:
+            raise LlmqError(f"calibration windows hold token ids from {int(dataset.min())} to {int(dataset.max())}, "
+                            f"outside this model's vocabulary of {vocab}: tokenise with the model's own tokenizer")
         n, length = dataset.shape
         return dataset, {"dataset": "token windows", "nsamples": n, "seqlen": length}
     from .data import calibration_windows
@@ -168,7 +170,7 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
         raise LlmqError(f"{what} needs calibration text, and this model has no tokenizer: "
                         "add the tokenizer files to the model folder (from Python: pass tokenizer= to "
                         "llmq.quantize)")
-    spec = dataset or DEFAULT_DATASET
+    spec = dataset or DEFAULT_CALIBRATION
     windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)
     return windows, {"dataset": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
 

@@ -55,7 +55,8 @@ def stream_blocker(skeleton: Skeleton, fmt: str = "llmq", dataset=None,
     if skeleton.blocker:
         return skeleton.blocker
     if fmt != "llmq":
-        return f"--format {fmt} is written from a model in memory"
+        return (f"--format {fmt} is written from a model in memory (a model too large for that streams to "
+                f"--format llmq, then `llmq convert OUT DST --format {fmt}`)")
     if isinstance(dataset, str) and dataset in _SAMPLED_DATASETS:
         return f"--dataset {dataset} samples text from the whole model"
     return None

@@ -25,7 +25,8 @@ from test_interop import awq_pack
 def _native(tmp_path, sym, bits, group_size, act_order=False, dtype=torch.float32, arch="llama"):
     model = llmq.quantize(tiny_model(arch, dtype=dtype), QuantConfig(bits=bits, group_size=group_size, sym=sym),
                           progress=False)
-    if act_order:  # a permuted g_idx on every layer, as GPTQ's act-order writes
+    if act_order:  # a permuted g_idx on every layer, as GPTQ's act-order writes, and its config
+        model.config.quantization_config.update(method="gptq", desc_act=True)
         g = torch.Generator().manual_seed(5)
         for name, layer in list(model.named_modules()):
             if isinstance(layer, QuantLinear):

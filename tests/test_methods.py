@@ -52,6 +52,15 @@ def test_bad_calibration_windows_are_refused(bad):
                       progress=False)
 
 
+@pytest.mark.parametrize("low, high", [(-1, 5), (0, 10_000)])
+def test_calibration_token_ids_outside_the_vocabulary_are_refused(low, high):
+    model = tiny_model("llama")
+    windows = torch.randint(0, 5, (2, 8))
+    windows[0, 0], windows[1, 3] = low, high
+    with pytest.raises(LlmqError, match=f"token ids from {low} to {high}, outside this model's vocabulary"):
+        llmq.quantize(model, QuantConfig(method="gptq", group_size=32), windows, device="cpu", progress=False)
+
+
 def test_a_registered_method_is_used_by_quantize(monkeypatch):
     # A new method is one module with METHOD and one table entry; here a calibrated
     # round-to-nearest that records which layers it saw and the shape of their inputs.

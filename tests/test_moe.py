@@ -626,3 +626,12 @@ def test_loader_leaves_out_expert_merges_where_no_full_precision_experts_remain(
     monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, weight_conversions: weight_conversions)
     kept = original(quantizer, given[-1])
     assert kept == ([c for c in given[-1] if not _merges_experts(c)] if not skip_first_experts else given[-1])
+
+
+@pytest.mark.parametrize("arch", list(TINY_MOE_CONFIGS))
+def test_quantize_routers_is_refused_where_a_router_is_not_a_linear(arch):
+    """transformers 5's top-k routers are modules of their own, not nn.Linear: --quantize-routers would
+    leave them in full precision while saying it quantizes them."""
+    pattern = r"--quantize-routers quantizes routers that are linear layers, and model\.layers\.\d\.mlp\.\w+ is a "
+    with pytest.raises(LlmqError, match=pattern + r"\w+Top[kK]Router: drop --quantize-routers"):
+        llmq.quantize(tiny_model(arch), QuantConfig(group_size=32, keep_routers=False), progress=False)
