@@ -59,16 +59,19 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
 
 
 def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:
-    """Refuse a modules_to_not_convert pattern that names no linear layer or experts module: the layer
-    its user meant to keep would be quantized."""
-    from .experts import find_experts
+    """Refuse a modules_to_not_convert pattern that names no linear layer, experts module or router: the
+    layer its user meant to keep would be quantized."""
+    from .experts import find_experts, find_routers
 
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    experts = [f"{prefix}.{i}.{local}" for i, layer in enumerate(layers) for local in find_experts(layer)]
+    found = {f"{prefix}.{i}.{local}": m for i, layer in enumerate(layers) for local, m in find_experts(layer).items()}
+    experts = list(found)
+    # Routers too: a stored config names them (they are kept by default), and the run keeps them again.
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] + experts
+    names += find_routers(model, found)
     for pattern in config.modules_to_not_convert:
         # "lm_head" is the default, and heads are never quantized: a head named otherwise
         # (GPT-NeoX's embed_out) is kept all the same.
-        if pattern == "lm_head" or any(names_module(pattern, n) for n in linears + experts):
+        if pattern == "lm_head" or any(names_module(pattern, n) for n in names):
             continue
         first = next(iter(arch.layer_linears(layers[0])), None) if len(layers) else None
         example = f"{prefix}.0.{first} or {first}" if first else "a linear layer's name"

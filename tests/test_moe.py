@@ -635,3 +635,12 @@ def test_quantize_routers_is_refused_where_a_router_is_not_a_linear(arch):
     pattern = r"--quantize-routers quantizes routers that are linear layers, and model\.layers\.\d\.mlp\.\w+ is a "
     with pytest.raises(LlmqError, match=pattern + r"\w+Top[kK]Router: drop --quantize-routers"):
         llmq.quantize(tiny_model(arch), QuantConfig(group_size=32, keep_routers=False), progress=False)
+
+
+def test_a_stored_config_quantizes_another_model_the_same_way():
+    """A checkpoint's config names the routers it kept; quantizing with it again is accepted."""
+    first = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=32), progress=False)
+    stored = QuantConfig.from_dict(first.config.quantization_config)
+    assert "mlp.gate" in stored.modules_to_not_convert
+    again = llmq.quantize(tiny_model("mixtral", seed=1), stored, progress=False)
+    assert isinstance(again.model.layers[0].mlp.experts, QuantExperts)
