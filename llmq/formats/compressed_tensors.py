@@ -36,7 +36,7 @@ from ..errors import LlmqError
 from ..methods import registry
 from ..qweight import quantized_module_names
 from ..census import router_names
-from .engines import EngineSupport, marlin_problem, moe_engine_support
+from .engines import EngineSupport, experts_fused_on_disk, marlin_problem, moe_engine_support
 from ..kernels.layout import codes_per_word, group_width, pack_rows
 from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
@@ -236,6 +236,11 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
                                   "size mismatch; the package's own output fails too); load with "
                                   "quantization_config=CompressedTensorsConfig(dequantize=True) (dense weights, "
                                   "checked by llmq's tests)"))
+    if experts_fused_on_disk(shapes):
+        rows[-1] = EngineSupport("transformers + compressed-tensors", False,
+                                 "this architecture's experts are fused on disk (gpt-oss): transformers has no "
+                                 "mapping from per-expert tensors and loads its experts unset, without an error: "
+                                 "load the folder with llmq")
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows

@@ -70,7 +70,8 @@ def engine_support(qc: QuantConfig, experts: bool = False) -> list[EngineSupport
                                                      "scales: quantize with --act dynamic"))
         rows.append(EngineSupport("transformers + compressed-tensors", False,
                                   "transformers stacks per-expert weights into its fused experts parameters and "
-                                  "stops on int8 ones: load the folder with llmq"))
+                                  "stops on int8 ones (or, where the experts are fused on disk, as gpt-oss's, "
+                                  "loads them unset without an error): load the folder with llmq"))
     else:
         rows.append(EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"))
     return rows

@@ -9,6 +9,7 @@ stock transformers with the compressed-tensors package.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..config import QuantConfig
@@ -55,6 +56,14 @@ def format_report(title: str, rows: list[EngineSupport]) -> str:
     lines = [f"{title} (from the engines' published loader rules; not run here):"]
     lines += [r.line() for r in rows]
     return "\n".join(lines)
+
+
+def experts_fused_on_disk(names) -> bool:
+    """Whether the per-expert layer names keep the fused `gate_up_proj` (llmq.experts: an architecture whose
+    checkpoints store their experts fused, gpt-oss). transformers gathers per-expert tensors into its fused
+    experts only through its checkpoint conversion mapping, which has no such names: it loads those
+    experts unset, with no error."""
+    return any(re.search(r"\.experts\.\d+\.gate_up_proj$", name) for name in names)
 
 
 def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
