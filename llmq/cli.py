@@ -89,7 +89,7 @@ def _add_quantize(sub) -> None:
                    help="GPTQ: plain min-max group ranges instead of the shrink search that minimises "
                         "each group's quantization error")
     p.add_argument("--skip", action="append", default=None, metavar="NAME",
-                   help="module name (or suffix) to keep in full precision; repeatable (default: lm_head)")
+                   help="module name (or suffix) to keep in full precision, beside lm_head; repeatable")
     p.add_argument("--moe-calibration", choices=["routed", "all"], default="routed",
                    help="mixture-of-experts, gptq/awq/w8a8: each expert calibrates on the tokens routed to it, or on "
                         "every calibration token (only the routed outputs flow on)")
@@ -143,7 +143,7 @@ def _run_quantize(args) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
         desc_act=args.act_order, static_groups=args.static_groups, clip_search=args.clip_search,
         damp=QuantConfig.damp if args.damp is None else args.damp,
-        modules_to_not_convert=args.skip if args.skip is not None else ["lm_head"],
+        modules_to_not_convert=list(dict.fromkeys(["lm_head", *(args.skip or [])])),  # the head is never quantized
         scheme=args.scheme, act=args.act, smooth=args.smooth, act_observer=args.act_observer,
         keep_routers=args.keep_routers, moe_calibration=args.moe_calibration, moe_min_tokens=args.moe_min_tokens,
     )

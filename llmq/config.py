@@ -90,6 +90,7 @@ class QuantConfig:
     moe_min_tokens: int = 16
 
     def __post_init__(self):
+        self._check_types()
         if self.method not in registry.names():
             raise LlmqError(f"unknown method {self.method!r}: choose one of {', '.join(registry.names())}")
         self._check_scheme()
@@ -117,6 +118,31 @@ class QuantConfig:
                             f"{', '.join(MOE_CALIBRATION)}")
         if not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
             raise LlmqError(f"moe_min_tokens {self.moe_min_tokens!r} is invalid: use a count >= 0")
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong kind before they are read as something else (the string "false"
+        would be a true `sym`; a single string in modules_to_not_convert a list of its letters)."""
+        def fail(name, wanted):
+            raise LlmqError(f"QuantConfig {name}={getattr(self, name)!r} is invalid: use {wanted}")
+
+        for name in ("sym", "static_groups", "clip_search", "keep_routers"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.desc_act is not None and not isinstance(self.desc_act, bool):
+            fail("desc_act", "True, False or None")
+        for name in ("bits", "moe_min_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                fail(name, "an integer")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)):
+            fail("damp", "a number such as 0.01")
+        if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(p, str) for p in self.modules_to_not_convert or []):
+            fail("modules_to_not_convert", "a list of module names, e.g. ['lm_head']")
+        if self.calibration is None:
+            self.calibration = {}
+        if not isinstance(self.calibration, dict):
+            fail("calibration", "a dict")
 
     def _check_scheme(self) -> None:
         """Resolve the scheme's defaults and refuse settings it cannot hold."""

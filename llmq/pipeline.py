@@ -122,6 +122,11 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         model = model_or_path
     if getattr(model.config, "quantization_config", None):
         raise LlmqError("this model is already quantized: start from the full-precision model")
+    if isinstance(dataset, os.PathLike):
+        dataset = os.fspath(dataset)
+    if dataset is not None and not isinstance(dataset, (str, torch.Tensor)):
+        raise LlmqError(f"dataset must be a dataset spec (e.g. 'builtin' or a text file's path) or an integer "
+                        f"tensor [windows, tokens] of token ids, not {type(dataset).__name__}")
     method = registry.for_config(config)
     method.check_data(config, dataset)
     calibrates = method.calibrates(config)

@@ -175,3 +175,11 @@ def test_gptq_settings_a_run_does_not_read_are_reported(tmp_path, capsys, argv, 
         assert "GPTQ's solve" not in err, err
     damp = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["damp"]
     assert damp == (0.05 if "0.05" in argv else 0.01)
+
+
+def test_skip_adds_to_the_kept_head(tmp_path, tiny_llama_dir, capsys):
+    code, _, err = _run(capsys, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--group-size", "32",
+                        "--skip", "down_proj", "--skip", "lm_head", "--quiet")
+    assert code == 0, err
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["lm_head", "down_proj"]

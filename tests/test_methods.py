@@ -1,5 +1,6 @@
 """The method table: one list of methods, each looked up by quantize, and a new one plugs in."""
 
+import re
 import sys
 import types
 
@@ -47,6 +48,7 @@ def test_architecture_resolved_once_and_caller_config_untouched(monkeypatch, met
 @pytest.mark.parametrize("bad", [torch.zeros(4, 8), torch.zeros(8, dtype=torch.long),
                                  torch.zeros(0, 8, dtype=torch.long)])
 def test_bad_calibration_windows_are_refused(bad):
+    """Each malformed window tensor is refused by name (see below for other kinds of dataset)."""
     with pytest.raises(LlmqError, match="calibration windows must be a non-empty integer tensor"):
         llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32), bad, device="cpu",
                       progress=False)
@@ -103,3 +105,22 @@ def test_short_config_spec_of_the_scripts():
     for bad in ("gptq:4:64", "nope:4:64:sym", "rtn:4:64:sym:fast", "rtn:four:64:sym"):
         with pytest.raises(LlmqError, match="bad config spec"):
             parse_config_spec(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("sym", "false"), ("sym", None), ("desc_act", "yes"), ("clip_search", "no"), ("keep_routers", 0),
+    ("static_groups", 1), ("bits", 4.0), ("bits", True), ("damp", "0.01"), ("damp", None),
+    ("modules_to_not_convert", "lm_head"), ("modules_to_not_convert", [1, 2]), ("moe_min_tokens", True),
+    ("calibration", "x"),
+])
+def test_config_values_of_the_wrong_kind_are_refused(field, value):
+    """A value of another kind would be read as something else: the string "false" as a true sym."""
+    with pytest.raises(LlmqError, match=re.escape(f"QuantConfig {field}={value!r} is invalid")):
+        QuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize("dataset", [[[1, 2, 3], [4, 5, 6]], {"text": "x"}, 3])
+def test_a_dataset_of_another_kind_is_refused(dataset):
+    with pytest.raises(LlmqError, match=f"dataset must be a dataset spec .* not {type(dataset).__name__}"):
+        llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32), dataset, device="cpu",
+                      progress=False)
