@@ -644,3 +644,16 @@ def test_a_stored_config_quantizes_another_model_the_same_way():
     assert "mlp.gate" in stored.modules_to_not_convert
     again = llmq.quantize(tiny_model("mixtral", seed=1), stored, progress=False)
     assert isinstance(again.model.layers[0].mlp.experts, QuantExperts)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_the_kept_routers_survive_a_round_trip_through_another_format(tmp_path, fmt):
+    from llmq.formats.convert import convert
+
+    model = llmq.quantize(tiny_model("qwen2_moe"), QuantConfig(group_size=32), progress=False)
+    llmq.save(model, tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "other", fmt)
+    convert(tmp_path / "other", tmp_path / "back", "llmq")
+    kept = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+            for d in ("native", "back")]
+    assert kept[0] == kept[1] == ["lm_head", "mlp.gate", "mlp.shared_expert_gate"]

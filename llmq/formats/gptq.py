@@ -84,7 +84,8 @@ def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
         "true_sequential": True,
         "damp_percent": qc.damp,
         "lm_head": False,
-        "meta": {"quantizer": [f"llmq:{__version__}"], "llmq_method": qc.method, "calibration": qc.calibration},
+        "meta": {"quantizer": [f"llmq:{__version__}"], "llmq_method": qc.method, "calibration": qc.calibration,
+                 "llmq_modules_to_not_convert": qc.modules_to_not_convert},
     }
     if skipped_linears:
         cfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in skipped_linears}
@@ -140,7 +141,9 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
                      desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
                      damp=float(cfg.get("damp_percent") or 0.01),
-                     modules_to_not_convert=["lm_head"] if not cfg.get("lm_head") else [],
+                     # what llmq's export recorded (routers, --skip), else the head that GPTQ leaves whole
+                     modules_to_not_convert=meta.get("llmq_modules_to_not_convert")
+                     or (["lm_head"] if not cfg.get("lm_head") else []),
                      calibration=meta.get("calibration") or {"source_format": fmt})
     return out, qc
 
