@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import LlmqError
+from .folder_io import read_folder_config
 
 PARTIAL_TAG = "partial"  # .OUT.partial-<pid>-<random>: a checkpoint being written
 ASIDE_TAG = "old"  # .OUT.old-<pid>-<random>: the replaced checkpoint, until the new one is in place
@@ -112,10 +112,10 @@ def replace_refusal(folder: Path) -> str | None:
     if foreign:
         return f"is not a model or checkpoint folder (it holds {_summary(foreign)})"
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict) or not config.get("quantization_config"):
+        config = read_folder_config(folder)
+    except LlmqError:  # damaged: not a checkpoint llmq would replace
+        config = {}
+    if not config.get("quantization_config"):
         return "holds a full-precision model (its config.json has no quantization_config)"
     return None
 

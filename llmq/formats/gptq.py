@@ -126,11 +126,10 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
                       f"{1 << bits} there", stacklevel=2)
     meta = cfg.get("meta") or {}
     method = meta.get("llmq_method") if meta.get("llmq_method") in registry.names() else "gptq"
-    # An rtn/awq export once recorded a requested act-order with the trivial g_idx: nothing was reordered.
-    flagged = bool(cfg.get("desc_act")) and (registry.runs_gptq(method) or not trivial)
-    desc_act = flagged and group_size != -1 or not trivial
     if not trivial and not registry.runs_gptq(method):
         method = "gptq"  # a permuted g_idx is GPTQ's act-order, whatever the metadata names
+    # An rtn/awq export once recorded a requested act-order with the trivial g_idx: nothing was reordered.
+    desc_act = bool(cfg.get("desc_act")) and registry.runs_gptq(method) and group_size != -1 or not trivial
     for name in names:
         if desc_act and f"{name}.g_idx" not in out:
             raise LlmqError(f"GPTQ checkpoint uses act-order but {name}.g_idx is missing: it is damaged")
