@@ -19,6 +19,7 @@ from .kernels.layout import codes_per_word
 from .qweight import PACKED_TENSORS, quantized_module_names, w8a8_module_names
 
 _EXPERT = re.compile(r"\.experts\.\d+\.")
+_EXPERTS_MODULE = re.compile(r"\.experts\.")  # per-expert tensors, or fused ones ("experts.gate_up_proj")
 
 
 @dataclass
@@ -97,6 +98,9 @@ def census(header: dict[str, tuple], bits: int) -> Census:
             c.linears += 1
             c.linear_params += params
     c.experts_modules = len(expert_parents)
+    # A block's router is a router whether its experts were quantized or kept (--skip): the kept
+    # experts are named under "other", the router is not.
+    expert_parents |= {key[: match.start()] for key in header if (match := _EXPERTS_MODULE.search(key))}
     for key, (shape, _) in header.items():
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf in quantized[module][1]:

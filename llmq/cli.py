@@ -273,12 +273,14 @@ def _quiet() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def _partial_fate() -> str:
+def _partial_fate(announced: bool) -> str:
+    """What became of the output, for the exit line; `announced`: a streamed run not --quiet has
+    already said where it keeps its finished layers (llmq.stream), which is not repeated."""
     from .outdir import KEPT
 
     if KEPT:  # a streamed run's finished layers
-        return f"finished layers kept in {KEPT[-1]}: rerun with --resume to continue"
-    return "partial output removed"
+        return "" if announced else f"; finished layers kept in {KEPT[-1]}: rerun with --resume to continue"
+    return "; partial output removed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         _quiet()
+    announced = not getattr(args, "quiet", False)
     previous = cleanup_on_signals()  # SIGTERM unwinds like Ctrl-C: partial folders and temp stores are removed
     try:
         return args.func(args)
@@ -297,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"llmq: interrupted; {_partial_fate()}", file=sys.stderr)
+        print(f"llmq: interrupted{_partial_fate(announced)}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"llmq: terminated; {_partial_fate()}", file=sys.stderr)
+        print(f"llmq: terminated{_partial_fate(announced)}", file=sys.stderr)
         return 143
     finally:
         restore_signals(previous)

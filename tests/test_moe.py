@@ -208,6 +208,12 @@ def test_skipped_experts_stay_whole_and_load(tmp_path):
     loaded = llmq.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
+    # The report names the kept experts, and counts both layers' routers as routers.
+    from llmq.info import checkpoint_info
+
+    c = checkpoint_info(tmp_path / "q")["census"]
+    assert c.other and all(".layers.0." in name and ".experts." in name for name in c.other)
+    assert c.kept["routers"] == 2 * fp.config.num_local_experts * fp.config.hidden_size
 
 
 def test_skipping_one_projection_of_the_experts_is_refused():

@@ -96,16 +96,19 @@ def test_resume_with_nothing_to_resume_runs_from_the_start(tmp_path, capsys):
     assert main(["quantize", *_args(src, tmp_path / "c", text, "--resume", "--no-stream")]) == 2
 
 
-def test_sigterm_keeps_the_finished_layers_and_says_so(tmp_path):
+@pytest.mark.parametrize("quiet", [True, False])
+def test_sigterm_keeps_the_finished_layers_and_says_so_once(tmp_path, quiet):
     src = tmp_path / "m"
     text = model_folder_with_text(src)
     out = tmp_path / "q"
     env = dict(os.environ, LLMQ_TEST_SIGNAL_AT="layer-0:SIGTERM", PYTHONPATH=os.getcwd())
-    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *_args(src, out, text)], env=env,
-                       capture_output=True, text=True)
+    args = [a for a in _args(src, out, text) if quiet or a != "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *args], env=env, capture_output=True, text=True)
     assert r.returncode == 143, r.stderr
     [partial] = stale_partials(out)
-    assert f"finished layers kept in {partial}" in r.stderr and "--resume" in r.stderr
+    assert r.stderr.count(f"finished layers are kept in {partial}" if not quiet
+                          else f"finished layers kept in {partial}") == 1
+    assert r.stderr.count("--resume") == 1 and "llmq: terminated" in r.stderr
     assert json.loads((partial / "resume.json").read_text())["layers_done"] == 1
     assert main(["quantize", *_args(src, out, text, "--resume")]) == 0 and (out / "config.json").is_file()
 
