@@ -293,3 +293,26 @@ def test_w8a8_replaced_or_changed_buffers_are_concatenated_again(intmm):
         for name in ("q_proj", "k_proj", "v_proj"):
             assert torch.equal(getattr(attn, name)(x), getattr(alone, name)(x))
         assert len(intmm) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (8, -1, True)])
+def test_checkpoint_tensors_copied_in_place_are_what_the_model_computes_with(tmp_path, arch, bits, group_size, sym):
+    """Writing a checkpoint's tensors over a loaded model's (its state dict's tensors, in place) after
+    prefill and decode have built the CPU forms, fused groups and experts' forms from the old ones."""
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
+    for seed, name in ((0, "a"), (1, "b")):
+        fp = _model(arch) if arch == "llama" else tiny_model(arch, seed=seed)
+        if arch == "llama":
+            with torch.no_grad():
+                for p in fp.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.01 * seed)
+        llmq.save(llmq.quantize(fp, config, progress=False), tmp_path / name)
+    a, b = llmq.from_pretrained(tmp_path / "a"), llmq.from_pretrained(tmp_path / "b")
+    expected = _decode(b)
+    assert not torch.equal(_decode(a), expected)  # the forms of a's values are built
+    other = b.state_dict()
+    with torch.no_grad():
+        for key, tensor in a.state_dict().items():
+            tensor.copy_(other[key])
+    assert torch.equal(_decode(a), expected)

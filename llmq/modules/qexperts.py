@@ -163,7 +163,7 @@ class QuantExperts(nn.Module):
 
         Built when the block is placed on a CUDA device, or on the first grouped call; built
         again when an expert's buffers changed since (each QuantLinear's form version moves
-        when its buffers are loaded, put in by an offloading hook, or moved; a W8A8Linear's
+        when its buffers are loaded, put in by an offloading hook, moved or written in place; a W8A8Linear's
         buffers are followed by identity and version).
         The gate and up projections of an expert are concatenated along the outputs, which keeps
         the packing (codes along K, zero points along N in whole words). A copy: while it is
@@ -173,7 +173,7 @@ class QuantExperts(nn.Module):
         kind = self.grouped_kind(linears)
         if kind is None:
             return None
-        key = (kind, *(_w8a8_key(m) if kind == "int8" else m._form.version for m in linears))
+        key = (kind, *(_w8a8_key(m) if kind == "int8" else m.form_version() for m in linears))
         if self.__dict__.get("_grouped_key") == key:
             return self._grouped
         sides = []

@@ -35,8 +35,11 @@ transformers loader call; `load_state_dict` does the same) and again whenever `.
 offloading hooks, which write `module._buffers[name]` directly) drops the
 form built from the old tensor on the spot (`_WatchedBuffers`); the next call
 builds it again from the new one. So does the first call of a layer whose
-buffers were filled in place without `post_load()`. A dense CPU weight is
-kept in the activation dtype: an input of another dtype rebuilds it.
+buffers were filled in place without `post_load()`, and the first call after a
+buffer was written in place (`layer.scales.mul_(2)`, or copying a checkpoint's
+tensors over `state_dict()`'s): the form records the buffers' version counters
+it was built from. A dense CPU weight is kept in the activation dtype: an
+input of another dtype rebuilds it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ class RuntimeForm:
     cpu: the CPU backend's form (llmq.kernels.CpuState), or None.
     act_dtype: the activation dtype the CPU form was last built for.
     version: bumped whenever the buffers change, for forms built from several layers
-    (QuantExperts' stacked experts).
+    (QuantExperts' stacked experts, modules/siblings.py).
+    built_from: the buffers' version counters when the form was last built (`buffer_versions`),
+    or None: a buffer written in place since makes the form stale.
     """
 
     def __init__(self):
@@ -69,11 +74,13 @@ class RuntimeForm:
         self.cpu = None
         self.act_dtype = None
         self.version = 0
+        self.built_from = None
 
     def invalidate(self) -> None:
         self.kernel_ready = False
         self.cpu = None
         self.version += 1
+        self.built_from = None
 
 
 class _WatchedBuffers(dict):
@@ -103,6 +110,20 @@ class _WatchedBuffers(dict):
         # A copy (deepcopy, pickle) is rebuilt without notifications: it shares the copied
         # layer's form, which stays valid for the copied tensors.
         return _watched_buffers, (self.form, dict(self))
+
+
+def buffer_versions(buffers: dict) -> tuple:
+    """The version counters of a QuantLinear's checkpoint buffers (its `_buffers` table): each
+    in-place write moves its tensor's. Read on every CPU call, so spelled out. Inference-mode
+    tensors (a layer built under inference mode) have none: (), untracked."""
+    qweight, g_idx = buffers["qweight"], buffers.get("g_idx")
+    if qweight.is_inference():
+        return ()
+    try:
+        return (qweight._version, buffers["qzeros"]._version, buffers["scales"]._version,
+                None if g_idx is None else g_idx._version)
+    except RuntimeError:  # another buffer is an inference-mode tensor
+        return ()
 
 
 def _watched_buffers(form: RuntimeForm, items: dict) -> _WatchedBuffers:
@@ -221,14 +242,24 @@ class QuantLinear(nn.Module):
             self._form.cpu = self._prepare_cpu(self._form.cpu.dtype)
             self._form.version += 1  # forms built from the old one (modules/siblings.py) are stale
 
+    def form_version(self) -> int:
+        """The runtime form's version, after dropping the form if a buffer was written in place since
+        it was built (what forms built from several layers key on)."""
+        form = self._form
+        if form.built_from is not None and form.built_from != buffer_versions(self._buffers):
+            form.invalidate()
+        return form.version
+
     def _prepare_cpu(self, dtype: torch.dtype):
+        self._form.built_from = buffer_versions(self._buffers)
         return prepare_cpu(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits,
                            self.group_size, dtype, backend=self.cpu_backend, prefill_dense=self.cpu_prefill_dense)
 
     def _cpu_form(self, dtype: torch.dtype):
+        self.form_version()
         state = self._form.cpu
-        # None: buffers filled in place without post_load(), or put in since (an offloading
-        # hook); a dense weight is kept in the activation dtype.
+        # None: buffers filled in place without post_load(), written in place or put in since
+        # (an offloading hook); a dense weight is kept in the activation dtype.
         if state is None or (state.backend == "dense" and state.dtype != dtype):
             self._form.act_dtype = dtype
             state = self._form.cpu = self._prepare_cpu(dtype)
@@ -245,6 +276,7 @@ class QuantLinear(nn.Module):
                 self.qweight.copy_(sorted_form[0])
                 self.perm = sorted_form[1].to(torch.int32)
         self._form.kernel_ready = True
+        self._form.built_from = buffer_versions(self._buffers)
 
     def _apply(self, fn, recurse=True):
         before = [self._buffers.get(name) for name in CHECKPOINT_BUFFERS]

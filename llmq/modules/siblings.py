@@ -121,9 +121,10 @@ class Siblings:
         return packed_matmul(x, fused.state, bias), fused.sizes
 
     def _fused_form(self, dtype: torch.dtype, rows: int) -> _Fused | None:
-        # The members' forms change only with their versions (modules/qlinear.py), so an unchanged
-        # key means unchanged forms: read on every call, the members' forms are built only on a change.
-        key = (dtype, *[m._form.version for m in self.members])
+        # The members' forms change only with their versions (modules/qlinear.py, which also notices
+        # buffers written in place), so an unchanged key means unchanged forms: read on every call,
+        # the members' forms are built only on a change.
+        key = (dtype, *[m.form_version() for m in self.members])
         if self._fused_key != key:
             states = [m._cpu_form(dtype) for m in self.members]
             self._fused, self._fused_key, self._first = _concatenate(self.members, states), key, states[0]
