@@ -136,6 +136,8 @@ class QuantConfig:
                 fail(name, "an integer")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)):
             fail("damp", "a number such as 0.01")
+        if isinstance(self.smooth, bool):  # float(False) would be the strength 0, not "off"
+            fail("smooth", "a migration strength in [0, 1], 'auto' or 'off'")
         if isinstance(self.modules_to_not_convert, str) or not all(
                 isinstance(p, str) for p in self.modules_to_not_convert or []):
             fail("modules_to_not_convert", "a list of module names, e.g. ['lm_head']")

@@ -162,9 +162,11 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
 def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed) -> tuple[torch.Tensor, dict]:
     """(token windows [n, seqlen], what they are, for the checkpoint's quantization_config)."""
     if isinstance(dataset, torch.Tensor):
-        if dataset.dim() != 2 or dataset.is_floating_point() or dataset.is_complex() or not dataset.numel():
+        if (dataset.dim() != 2 or dataset.is_floating_point() or dataset.is_complex() or dataset.dtype == torch.bool
+                or not dataset.numel()):
             raise LlmqError(f"calibration windows must be a non-empty integer tensor [windows, tokens] of token "
                             f"ids, not {dataset.dtype} of shape {tuple(dataset.shape)}")
+        dataset = dataset.long()  # what embeddings take; and a uint8 range check would wrap
         vocab = model.get_input_embeddings().num_embeddings
         if dataset.min() < 0 or dataset.max() >= vocab:
             raise LlmqError(f"calibration windows hold token ids from {int(dataset.min())} to {int(dataset.max())}, "

@@ -46,7 +46,7 @@ def test_architecture_resolved_once_and_caller_config_untouched(monkeypatch, met
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(4, 8), torch.zeros(8, dtype=torch.long),
-                                 torch.zeros(0, 8, dtype=torch.long)])
+                                 torch.zeros(0, 8, dtype=torch.long), torch.zeros(4, 8, dtype=torch.bool)])
 def test_bad_calibration_windows_are_refused(bad):
     """Each malformed window tensor is refused by name (see below for other kinds of dataset)."""
     with pytest.raises(LlmqError, match="calibration windows must be a non-empty integer tensor"):
@@ -61,6 +61,15 @@ def test_calibration_token_ids_outside_the_vocabulary_are_refused(low, high):
     windows[0, 0], windows[1, 3] = low, high
     with pytest.raises(LlmqError, match=f"token ids from {low} to {high}, outside this model's vocabulary"):
         llmq.quantize(model, QuantConfig(method="gptq", group_size=32), windows, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_calibration_windows_of_any_integer_type_calibrate_as_int64_ones(dtype):
+    windows = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(7))
+    config = QuantConfig(method="gptq", group_size=32)
+    expected = llmq.quantize(tiny_model("llama"), config, windows, device="cpu", progress=False).state_dict()
+    got = llmq.quantize(tiny_model("llama"), config, windows.to(dtype), device="cpu", progress=False).state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
 def test_a_registered_method_is_used_by_quantize(monkeypatch):
@@ -111,7 +120,7 @@ def test_short_config_spec_of_the_scripts():
     ("sym", "false"), ("sym", None), ("desc_act", "yes"), ("clip_search", "no"), ("keep_routers", 0),
     ("static_groups", 1), ("bits", 4.0), ("bits", True), ("damp", "0.01"), ("damp", None),
     ("modules_to_not_convert", "lm_head"), ("modules_to_not_convert", [1, 2]), ("moe_min_tokens", True),
-    ("calibration", "x"),
+    ("calibration", "x"), ("smooth", False), ("smooth", True),
 ])
 def test_config_values_of_the_wrong_kind_are_refused(field, value):
     """A value of another kind would be read as something else: the string "false" as a true sym."""
