@@ -159,6 +159,21 @@ def test_w8a8_checkpoint_reloads_with_identical_logits(tmp_path, calibration, se
         assert torch.equal(loaded(ids).logits, expected)
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to(torch.bfloat16).float()])
+def test_casting_the_model_keeps_the_scales_in_fp32(tmp_path, calibration, cast):
+    model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8", act="static", smooth="off"),
+                          dataset=calibration, progress=False)
+    scales = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_scale")}
+    assert len(scales) == 28 and all(v.dtype == torch.float32 for v in scales.values())
+    cast(model)
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in scales.items())
+    llmq.save(model, tmp_path / "q")
+    loaded = llmq.from_pretrained(tmp_path / "q").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in scales.items())
+
+
 def test_w8a8_forward_equals_a_float64_simulation():
     """Each layer computes round(x / s_x) . codes^T * s_x * s_w; rebuild the model's output from that."""
     fp = tiny_model("llama")

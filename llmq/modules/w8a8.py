@@ -8,6 +8,8 @@ Buffers, named and shaped as in the checkpoint (and as compressed-tensors'
     input_scale   float32 [1]      static activations only: the calibrated scale
     bias          float   [N]      only when the layer has one
 
+The scales stay float32 when the model is cast to another dtype.
+
 Forward: the input is quantized to int8 (per token at run time, or with the
 static scale), multiplied with the int8 weight into int32 and rescaled
 (llmq.kernels.int8_linear: on CPU torch._int_mm or an fp32 matmul of the
@@ -65,6 +67,17 @@ class W8A8Linear(nn.Module):
         if bias is not None:
             layer.bias.data.copy_(bias)
         return layer
+
+    def _apply(self, fn, recurse=True):
+        # The scales stay fp32 wherever the layer goes (`.to(torch.bfloat16)`, `.half()`): the
+        # kernels and the checkpoint format take them so, and a cast there and back would round them.
+        scales = {name: t for name in ("weight_scale", "input_scale") if (t := self._buffers.get(name)) is not None}
+        moved = super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return moved
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The [N, K] weight this layer computes with."""
