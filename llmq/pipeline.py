@@ -92,7 +92,8 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True,
              report: dict | None = None):
-    """Quantize a model in memory and return it, its linears replaced by QuantLinear.
+    """Quantize a model in memory and return it, its linears replaced by QuantLinear (a loaded model is
+    changed in place and returned).
 
     Args:
         model_or_path: a transformers causal LM, a local folder or a hub id.
@@ -102,7 +103,7 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
             tensor [windows, tokens] of token ids used as given.
         tokenizer: used to tokenise the calibration text (loaded with the model when a path is given).
         device: where each layer is quantized ("auto": CUDA when available).
-        dtype: dtype to load a model path in ("auto": as stored).
+        dtype: dtype to load a model path in ("auto": as stored); a loaded model keeps its own.
         nsamples, seqlen, seed: calibration windows drawn from a dataset spec.
         progress: show a progress bar over layers.
         report: if given, filled with where the time went (seconds: "calibration_data",
@@ -119,6 +120,9 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         model, loaded_tokenizer = load_model(model_or_path, resolve_dtype(dtype))
         tokenizer = tokenizer or loaded_tokenizer
     else:
+        if dtype != "auto" and resolve_dtype(dtype) != next(model_or_path.parameters()).dtype:
+            raise LlmqError(f"dtype={dtype!r} sets the dtype a model path is loaded in; this model is loaded "
+                            "already: cast it first (model.to(dtype)) or drop dtype")
         model = model_or_path
     if getattr(model.config, "quantization_config", None):
         raise LlmqError("this model is already quantized: start from the full-precision model")

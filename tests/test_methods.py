@@ -63,6 +63,13 @@ def test_calibration_token_ids_outside_the_vocabulary_are_refused(low, high):
         llmq.quantize(model, QuantConfig(method="gptq", group_size=32), windows, device="cpu", progress=False)
 
 
+def test_a_dtype_for_a_model_already_loaded_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(LlmqError, match="dtype='bfloat16' sets the dtype a model path is loaded in"):
+        llmq.quantize(model, QuantConfig(group_size=32), dtype="bfloat16", progress=False)
+    assert llmq.quantize(model, QuantConfig(group_size=32), dtype=torch.float32, progress=False) is model
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
 def test_calibration_windows_of_any_integer_type_calibrate_as_int64_ones(dtype):
     windows = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(7))

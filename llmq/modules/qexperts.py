@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from .input_grad import wants_input_gradient
 from .qlinear import QuantLinear
 from .w8a8 import W8A8Linear
 
@@ -215,7 +216,8 @@ class QuantExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args, **kwargs) -> torch.Tensor:
-        if hidden_states.device.type == "cuda" and not self.record_tokens:
+        # The grouped kernels have no backward; the loop's linears give the input a gradient (input_grad).
+        if hidden_states.device.type == "cuda" and not self.record_tokens and not wants_input_gradient(hidden_states):
             form = self._grouped_form()  # None when no grouped kernel runs this block
             if form is not None:
                 return self.grouped_forward(hidden_states, top_k_index, top_k_weights, form)

@@ -27,6 +27,9 @@ for its number of rows, the kernel measured fastest on this processor
 (llmq.kernels.cpu_select). `cpu_backend` picks the form: "auto" (default), "int4pack", "int8pack", or "dense"
 (exact in the activation dtype; as much memory as the unquantized layer).
 
+An input that requires a gradient (grad mode on) gets one, through the
+dequantized weight (modules/input_grad.py); the kernels have no backward.
+
 When the runtime form is decided: a layer is placed once its buffers hold
 checkpoint values (`post_load()`, which `from_quantized` and llmq's
 transformers loader call; `load_state_dict` does the same) and again whenever `.to()`, `.cuda()`,
@@ -50,6 +53,7 @@ from torch import nn
 from ..kernels.layout import codes_per_word, group_width, pack_rows, unpack_cols, unpack_rows
 from ..kernels import cpu_matmul, dequant_matmul, prepare_cpu, reorder_act_order
 from ..qweight import QuantizedWeight
+from .input_grad import wants_input_gradient, with_input_gradient
 
 
 # The buffers a runtime form is built from.
@@ -304,6 +308,8 @@ class QuantLinear(nn.Module):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through llmq.kernels.dequant_matmul (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+        if wants_input_gradient(x):
+            return with_input_gradient(self, x, QuantLinear.kernel_forward)
         if not self._form.kernel_ready:  # not placed on a CUDA device (the interpreter), or buffers put in since
             if torch.compiler.is_compiling():  # rewrite the buffers eagerly, outside the graph
                 _kernel_layout_outside_graph(self)
@@ -324,6 +330,8 @@ class QuantLinear(nn.Module):
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of a CPU input (what `forward` runs on CPU; callers that own the layer's
         calls, such as QuantExperts, call it directly to skip the module call's overhead)."""
+        if wants_input_gradient(x):
+            return with_input_gradient(self, x, QuantLinear.cpu_forward)
         compiling = torch.compiler.is_compiling()
         siblings = self.__dict__.get("_siblings")  # linears reading the same input (modules/siblings.py)
         if siblings is not None and not compiling:

@@ -16,6 +16,8 @@ static scale), multiplied with the int8 weight into int32 and rescaled
 dequantized codes, whichever was measured faster on this processor; Triton on
 CUDA). On CPU the W8A8 linears of a layer that read one input (q/k/v, gate/up)
 quantize it once and share one int8 GEMM (modules/siblings.py).
+An input that requires a gradient gets one through the dequantized weight
+(modules/input_grad.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from ..kernels import int8_linear
 from ..kernels.int8 import Int8Weight, cpu_int8_linear, int8_weight
 from ..qweight import QuantizedWeight
+from .input_grad import wants_input_gradient, with_input_gradient
 
 
 class W8A8Linear(nn.Module):
@@ -84,6 +87,8 @@ class W8A8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale.float()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_input_gradient(x):
+            return with_input_gradient(self, x, W8A8Linear.forward)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             # Buffers in their built form: skip int8_linear's checks, which cost as much as the
             # int8 GEMM of a decode step (so do nn.Module's attribute lookups: the tables directly).
