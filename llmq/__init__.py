@@ -11,6 +11,7 @@ does nothing else: no GPU probe, no global flags.
 
 from ._version import __version__
 from .config import QuantConfig  # noqa: E402
+from .dequantize import dequantize  # noqa: E402
 from .errors import LlmqError  # noqa: E402
 from .formats.native import save  # noqa: E402
 from .hf import register as _register  # noqa: E402
@@ -20,4 +21,5 @@ from .pipeline import quantize  # noqa: E402
 
 _register()
 
-__all__ = ["QuantConfig", "LlmqError", "QuantLinear", "quantize", "save", "from_pretrained", "__version__"]
+__all__ = ["QuantConfig", "LlmqError", "QuantLinear", "quantize", "save", "from_pretrained", "dequantize",
+           "__version__"]

@@ -261,6 +261,11 @@ class LlmqHfQuantizer(HfQuantizer):
         link_siblings(model)
         return model
 
+    def _dequantize(self, model, dtype=None):
+        from .dequantize import dequantize_modules
+
+        return dequantize_modules(model, dtype or torch.float32)
+
     @property
     def is_trainable(self) -> bool:
         return False

@@ -1,0 +1,76 @@
+"""A quantized model back to full-precision modules (llmq.dequantize, transformers' model.dequantize())."""
+
+import pytest
+import torch
+import transformers
+
+import llmq
+from llmq import QuantConfig
+from llmq.modules.qexperts import QuantExperts
+from llmq.modules.qlinear import QuantLinear
+from llmq.modules.w8a8 import W8A8Linear
+from conftest import random_ids, tiny_model
+
+QUANTIZED = (QuantLinear, W8A8Linear, QuantExperts)
+INT4 = QuantConfig(bits=4, group_size=32, sym=False)
+
+
+def _quantized_weights(model) -> dict:
+    """{linear or expert projection name: the weight it computes with, float32}, in checkpoint names."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, W8A8Linear)):
+            out[name] = m.dequantize_weight(torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("llama", INT4), ("opt", INT4), ("llama", QuantConfig(scheme="w8a8", smooth="off")),
+    ("mixtral", INT4), ("qwen3_moe", INT4), ("gpt_oss", INT4), ("qwen2_moe", QuantConfig(bits=8, group_size=-1)),
+])
+def test_a_dequantized_checkpoint_saves_as_a_plain_model_that_computes_its_weights(tmp_path, arch, config):
+    model = llmq.quantize(tiny_model(arch), config, dataset=random_ids(n=4, length=16, seed=2), progress=False)
+    llmq.save(model, tmp_path / "q")
+    loaded = llmq.from_pretrained(tmp_path / "q")
+    ids = random_ids(n=2, length=10, seed=3)
+    with torch.no_grad():
+        quantized_logits = loaded(ids).logits
+    weights = _quantized_weights(loaded)
+    fp = loaded.dequantize()  # transformers' call, through llmq's quantizer
+    assert fp is loaded and not any(isinstance(m, QUANTIZED) for m in fp.modules())
+    assert getattr(fp.config, "quantization_config", None) is None and not fp.is_quantized
+    fp.save_pretrained(tmp_path / "fp")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp")  # no quantization config
+    assert not any(isinstance(m, QUANTIZED) for m in plain.modules())
+    with torch.no_grad():
+        fp_logits, plain_logits = fp(ids).logits, plain(ids).logits
+    assert torch.equal(fp_logits, plain_logits)
+    # The plain model holds the weights the quantized one computed with; the logits differ only by the
+    # quantized kernels' rounding (bf16, or W8A8's int8 activations).
+    unrolled = llmq.quantize(plain, QuantConfig(bits=8, group_size=-1), progress=False)  # per-expert linears
+    names = {n for n, m in unrolled.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
+    assert names == set(weights)
+    error = ((fp_logits - quantized_logits).norm() / quantized_logits.norm()).item()
+    assert error < (0.05 if config.scheme == "w8a8" else 0.01), error
+
+
+def test_dequantize_in_memory_gives_back_the_weights_of_every_layer():
+    model = llmq.quantize(tiny_model("mixtral"), INT4, progress=False)
+    weights = _quantized_weights(model)
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+    llmq.dequantize(model)
+    assert "quantization_config" not in model.config.to_dict()
+    for name, w in weights.items():
+        if ".experts." in name:  # <block>.experts.<e>.<projection>, stacked back into the fused parameters
+            block, _, rest = name.partition(".experts.")
+            e, projection = rest.split(".")
+            q = experts[block + ".experts"]
+            fused = model.get_submodule(block + ".experts")
+            param = "down_proj" if projection == q.down_name else "gate_up_proj"
+            rows = fused.gate_up_proj.shape[1] // 2
+            part = q.up_names.index(projection) if param == "gate_up_proj" else 0
+            got = getattr(fused, param)[int(e)][part * rows:(part + 1) * rows] if param == "gate_up_proj" \
+                else fused.down_proj[int(e)]
+        else:
+            got = model.get_submodule(name).weight
+        assert torch.equal(got, w), name
