@@ -263,6 +263,46 @@ def test_act_order_refused_by_compressed_tensors(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+_ROTATION = {"type": "hadamard", "apply": [
+    {"targets": ["re:.*down_proj$"], "location": "input", "inverse": False, "ignore": []},
+    {"targets": ["re:.*down_proj$"], "location": "weight_input", "inverse": True, "ignore": []}]}
+_FUSED_ROTATION = {"type": "hadamard", "apply": [
+    {"targets": ["re:.*v_proj$"], "location": "weight_output", "inverse": False, "ignore": []},
+    {"targets": ["re:.*o_proj$"], "location": "weight_input", "inverse": True, "ignore": []}]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q.update(transform_config={"config_groups": {"R4": _ROTATION}}), "applies transforms at run time"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                         "symmetric": True}), "quantizes the kv cache"),
+    (lambda q: q["config_groups"]["group_0"].update(targets=["Linear", "Embedding"]), "quantizes Embedding modules"),
+    (lambda q: q.update(sparsity_config={"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}),
+     "stores sparse weights"),
+    (lambda q: q.update(transform_config={"config_groups": {"R2": _FUSED_ROTATION}}), None),
+])
+def test_compressed_tensors_needs_that_llmq_does_not_run_are_refused(tmp_path, capsys, edit, message):
+    """Read as plain quantized linears these folders compute wrong outputs; transforms fused into the
+    weights when they were written need nothing at run time."""
+    _, native = _saved(tmp_path)
+    ct = tmp_path / "ct"
+    convert(native, ct, "compressed-tensors")
+    config = json.loads((ct / "config.json").read_text())
+    edit(config["quantization_config"])
+    (ct / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    for argv in (["info", str(ct)], ["convert", str(ct), str(tmp_path / "back"), "--format", "llmq"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        if message is None:
+            assert code == 0, err
+        else:
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    if message is not None:
+        with pytest.raises(LlmqError, match=message):
+            llmq.from_pretrained(ct)
+        assert not (tmp_path / "back").exists()
+
+
 @needs_ct
 @pytest.mark.parametrize("sym,bits,group_size", [(True, 4, 32), (False, 4, 32), (True, 8, -1), (False, 8, 64)])
 def test_compressed_tensors_package_decompresses_to_the_same_weights(tmp_path, sym, bits, group_size):

@@ -133,6 +133,36 @@ def config_envelope(fmt: str, weights: dict, input_activations: dict | None, ign
     }
 
 
+# Transform locations applied to the weights when they were written; any other is applied at run time.
+_OFFLINE_TRANSFORMS = ("weight_input", "weight_output")
+
+
+def refuse_runtime_needs(cfg: dict) -> None:
+    """Refuse a folder whose outputs need what llmq does not run (read as plain quantized linears, its
+    outputs would be wrong): transforms applied at run time, a quantized kv cache, sparse storage,
+    quantized modules other than linear layers."""
+    online = sorted({a.get("location") for group in ((cfg.get("transform_config") or {}).get("config_groups")
+                                                    or {}).values()
+                     for a in group.get("apply") or [] if a.get("location") not in _OFFLINE_TRANSFORMS})
+    if online:
+        raise LlmqError(f"this compressed-tensors checkpoint applies transforms at run time (transform_config, "
+                        f"locations {', '.join(map(str, online))}: rotations such as SpinQuant's), which llmq does "
+                        "not run: its outputs would be wrong; serve it with vLLM")
+    if cfg.get("kv_cache_scheme"):
+        raise LlmqError("this compressed-tensors checkpoint quantizes the kv cache (kv_cache_scheme), which llmq "
+                        "does not run; serve it with vLLM, or remove kv_cache_scheme from config.json to run the "
+                        "cache in full precision")
+    sparse = (cfg.get("sparsity_config") or {}).get("format")
+    if sparse not in (None, "dense"):
+        raise LlmqError(f"this compressed-tensors checkpoint stores sparse weights ({sparse!r}), which llmq does "
+                        "not read")
+    for group in (cfg.get("config_groups") or {}).values():
+        classes = [t for t in group.get("targets") or [] if not str(t).startswith("re:") and t != "Linear"]
+        if classes:
+            raise LlmqError(f"this compressed-tensors checkpoint quantizes {', '.join(map(str, classes))} modules; "
+                            "llmq reads quantized linear layers only")
+
+
 def _weights_scheme(cfg: dict) -> dict:
     fmt = cfg.get("format")
     groups = cfg.get("config_groups") or {}
@@ -185,6 +215,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     """compressed-tensors tensors + quantization_config -> (native tensors, QuantConfig), codes bit-exact."""
     if cfg.get("quantization_status", "compressed") != "compressed":
         raise LlmqError("this compressed-tensors checkpoint is not in compressed form: llmq reads packed weights")
+    refuse_runtime_needs(cfg)
     s = _weights_scheme(cfg)
     names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
     if not names:

@@ -23,7 +23,7 @@ import torch
 from .._version import __version__
 from ..config import QuantConfig
 from ..qweight import w8a8_module_names
-from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted
+from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
 from .engines import EngineSupport
 from .spec import Checkpoint, Format
 
@@ -88,6 +88,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
     if cfg.get("quantization_status", "compressed") != "compressed":
         raise LlmqError("this compressed-tensors checkpoint is not in compressed form: llmq reads int8 weights")
+    refuse_runtime_needs(cfg)
     groups = list((cfg.get("config_groups") or {}).values())
     acts = set()
     for g in groups:
