@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import ACT_MODES, ACT_OBSERVERS, DEFAULT_ACT_OBSERVER, METHODS, SCHEMES, QuantConfig
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"llmq: terminated{_partial_fate(announced)}", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # the reader of stdout left (`llmq info X | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
+        return 141
     finally:
         restore_signals(previous)
         from .distributed import teardown

@@ -48,7 +48,8 @@ def read_config(source: str | os.PathLike) -> dict | None:
     return read_folder_config(source)
 
 
-def _check_source(source: str) -> None:
+def check_source(source: str) -> None:
+    """Refuse a source that is no model folder and no reachable hub id, before any work."""
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise LlmqError(f"{source} is a file: pass the model's folder (with config.json) or a hub id")
@@ -128,7 +129,7 @@ def check_model_source(source: str) -> dict | None:
     """
     from .folder_io import read_header
 
-    _check_source(source)
+    check_source(source)
     config = read_config(source)
     if config is None:
         return None
@@ -252,7 +253,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
 
     register()
     source = str(path)
-    _check_source(source)
+    check_source(source)
     config = read_config(source)
     if config is not None:
         qc = config.get("quantization_config")

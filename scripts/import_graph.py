@@ -11,8 +11,8 @@ higher one, often lazily inside a function).
 
 from __future__ import annotations
 
+import argparse
 import ast
-import sys
 from pathlib import Path
 
 
@@ -84,4 +84,10 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="a checkout of llmq (default: this one)")
+    root = parser.parse_args().root
+    if not (root / "llmq").is_dir():
+        parser.error(f"{root} holds no llmq/ package: give a checkout of llmq")
+    main(root)

@@ -30,6 +30,20 @@ def test_quantize_and_info_end_to_end(tmp_path, tiny_llama_dir, capsys):
     assert "x larger" in text
 
 
+def test_a_reader_that_left_stops_the_output_quietly(tmp_path, tiny_llama_dir, capsys):
+    """`llmq info X | head -1`: stdout's reader is gone, so the first write fails (a closed pipe here)."""
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "8", "--group-size", "-1",
+                 "--quiet"]) == 0
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "llmq", "info", str(tmp_path / "q")], stdout=write,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == ""
+
+
 def test_console_script_runs(tmp_path, tiny_llama_dir):
     exe = os.path.join(os.path.dirname(sys.executable), "llmq")
     r = subprocess.run([exe, "quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "8",

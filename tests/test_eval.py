@@ -443,6 +443,14 @@ def test_output_paths_are_checked_before_any_model_loads(folders, tmp_path, caps
     assert not (tmp_path / "missing").exists()  # no folder is created on the way
 
 
+def test_a_missing_model_is_named_before_any_model_loads(folders, tmp_path, capsys, monkeypatch):
+    fp, q, text, _ = folders
+    _no_model_loads(monkeypatch)
+    assert main(["eval", str(fp), str(q), str(tmp_path / "typo"), "--dataset", str(text), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "typo' not found" in err, err
+
+
 @pytest.mark.parametrize("spec", ["self", "model"])
 def test_eval_refuses_text_sampled_from_the_model(folders, capsys, monkeypatch, spec):
     fp, _, _, _ = folders

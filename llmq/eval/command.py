@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 DESCRIPTION = (
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args, models=None, names=None) -> int:
     """Evaluate args.models (or `models`, e.g. with in-memory factories, named
     `names`), print the table, write --json / --plot."""
+    from ..loading import check_source
     from .evaluate import evaluate
     from .report import check_output_file, check_plot_file, format_table, plot, write_json
 
@@ -54,6 +56,9 @@ def run(args, models=None, names=None) -> int:
     if args.plot:
         check_plot_file(args.plot)
     models = models if models is not None else args.models
+    for source in models:  # a mistyped last model fails now, not after the others were scored
+        if isinstance(source, (str, os.PathLike)):
+            check_source(str(source))
     result = evaluate(models, names=names, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
                       max_windows=args.max_windows, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, tokenizer=args.tokenizer, kl=args.kl,
