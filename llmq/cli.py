@@ -10,6 +10,7 @@ argparse's own usage errors exit with 2 as well.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -284,6 +285,13 @@ def _partial_fate(announced: bool) -> str:
     return "; partial output removed"
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota, however the writer reports it (OSError, or safetensors' own error)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__name__ == "SafetensorError" and f"os error {errno.ENOSPC})" in str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outdir import Terminated, cleanup_on_signals, restore_signals
 
@@ -309,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout left (`llmq info X | head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         return 141
+    except Exception as e:
+        if not _out_of_space(e):
+            raise
+        print(f"llmq: error: no space left on the device ({e}): free some or write elsewhere"
+              f"{_partial_fate(announced)}", file=sys.stderr)
+        return 2
     finally:
         restore_signals(previous)
         from .distributed import teardown

@@ -337,6 +337,21 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_positions(config, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (config: a transformers config or config.json's
+    dict): learned position embeddings have no row past them, and rotary ones compute positions
+    the model never saw, so the activations calibrated or scored would not be the model's."""
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    for c in (config, config.get("text_config") or {}):
+        limit = c.get("max_position_embeddings")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            if seqlen > limit:
+                raise LlmqError(f"--seqlen {seqlen} is longer than this model's {limit} positions "
+                                "(max_position_embeddings): lower --seqlen")
+            return
+
+
 def calibration_windows(
     tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int, model=None
 ) -> torch.Tensor:

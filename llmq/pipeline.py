@@ -13,7 +13,7 @@ from torch import nn
 
 from . import arch
 from .config import QuantConfig, names_module
-from .data import DEFAULT_CALIBRATION
+from .data import DEFAULT_CALIBRATION, check_positions
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
 from .loading import load_model, resolve_device, resolve_dtype
@@ -176,6 +176,7 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
             raise LlmqError(f"calibration windows hold token ids from {int(dataset.min())} to {int(dataset.max())}, "
                             f"outside this model's vocabulary of {vocab}: tokenise with the model's own tokenizer")
         n, length = dataset.shape
+        check_positions(model.config, length)
         return dataset, {"dataset": "token windows", "nsamples": n, "seqlen": length}
     from .data import calibration_windows
 
@@ -185,6 +186,7 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
                         "add the tokenizer files to the model folder (from Python: pass tokenizer= to "
                         "llmq.quantize)")
     spec = dataset or DEFAULT_CALIBRATION
+    check_positions(model.config, seqlen)
     windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)
     return windows, {"dataset": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
 

@@ -197,3 +197,57 @@ def test_skip_adds_to_the_kept_head(tmp_path, tiny_llama_dir, capsys):
     assert code == 0, err
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["modules_to_not_convert"] == ["lm_head", "down_proj"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # rotary positions, and OPT's learned position table
+def test_windows_longer_than_the_models_positions_are_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                              arch):
+    import conftest
+
+    full = conftest.TINY_CONFIGS[arch]
+    monkeypatch.setitem(conftest.TINY_CONFIGS, arch, lambda: full().__class__(**{
+        **full().to_diff_dict(), "max_position_embeddings": 32}))
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, arch)
+    capsys.readouterr()
+    message = "--seqlen 40 is longer than this model's 32 positions"
+    for argv in (["quantize", str(src), str(tmp_path / "q"), "--method", "gptq", "--group-size", "32",
+                  "--dataset", str(text), "--nsamples", "2", "--seqlen", "40", "--quiet"],
+                 ["eval", str(src), "--dataset", str(text), "--seqlen", "40", "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q").exists()
+    assert main(["eval", str(src), "--dataset", str(text), "--seqlen", "32", "--quiet"]) == 0
+
+
+def test_token_windows_longer_than_the_models_positions_are_refused():
+    import llmq
+
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 16
+    with pytest.raises(llmq.LlmqError, match="--seqlen 20 is longer than this model's 16 positions"):
+        llmq.quantize(model, llmq.QuantConfig(method="gptq", group_size=32), torch.randint(0, 200, (2, 20)),
+                      progress=False)
+
+
+@pytest.mark.parametrize("error", [
+    lambda: OSError(28, "No space left on device"),
+    lambda: __import__("safetensors").SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_llama_dir, capsys, monkeypatch, error):
+    from llmq.formats import convert
+
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "8", "--group-size", "-1",
+                 "--quiet"]) == 0
+
+    def full(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(convert, "save_file", full)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "g"), "--format", "gptq", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmq: error: no space left on the device") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["q", tiny_llama_dir.name])

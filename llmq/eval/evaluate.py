@@ -10,7 +10,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
-from ..data import text_span, tokenize, window_bos
+from ..data import check_positions, text_span, tokenize, window_bos
 from ..errors import LlmqError
 from ..loading import read_config, resolve_device
 from ..outdir import test_point
@@ -74,7 +74,7 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
     device = resolve_device(device)
     if kl and len(models) > 1:
         check_store_dir(tmp_dir)  # before any model is loaded
-    _check_vocab_configs(models, names)
+    _check_configs(models, names, seqlen)
     text = eval_text(dataset, split)  # before any model: a missing dataset fails at once
 
     rows: list[dict] = []
@@ -86,6 +86,7 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
         for i, (entry, name) in enumerate(zip(models, names)):
             model, own_tokenizer = _materialise(entry, dtype)
             try:
+                check_positions(model.config, seqlen)  # a model built in memory, or a hub id
                 if i == 0:
                     tok = _reference_tokenizer(tokenizer, own_tokenizer, name)
                     ref_vocab = vocab_size(model)
@@ -150,11 +151,14 @@ def _reference_tokenizer(given, own, name: str):
     return own
 
 
-def _check_vocab_configs(models, names) -> None:
-    """Fail before loading anything when local config.json files disagree on vocab_size."""
+def _check_configs(models, names, seqlen: int) -> None:
+    """Fail before loading anything when local config.json files disagree on vocab_size, or hold fewer
+    positions than a window."""
     sizes = []
     for entry, name in zip(models, names):
         config = read_config(entry) if isinstance(entry, (str, os.PathLike)) else None
+        if config:
+            check_positions(config, seqlen)
         if config and config.get("vocab_size"):
             sizes.append((name, config["vocab_size"]))
     for name, size in sizes[1:]:
