@@ -382,6 +382,8 @@ def calibration_windows(
     """
     if nsamples < 1 or seqlen < 2:
         raise LlmqError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    if not -(2**63) <= seed < 2**64:  # what torch's generators take
+        raise LlmqError(f"--seed {seed} is out of range: use a number below 2^64, such as 0")
     bos = window_bos(tokenizer)
     span = text_span(seqlen, bos)
     if spec in _SELF:

@@ -50,6 +50,8 @@ def read_config(source: str | os.PathLike) -> dict | None:
 
 def check_source(source: str) -> None:
     """Refuse a source that is no model folder and no reachable hub id, before any work."""
+    if not str(source).strip():
+        raise LlmqError("the model is an empty name: pass a model folder or a hub id")
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise LlmqError(f"{source} is a file: pass the model's folder (with config.json) or a hub id")
@@ -134,7 +136,24 @@ def check_model_source(source: str) -> dict | None:
     if config is None:
         return None
     refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
+    _refuse_unknown_architecture(source, config)
     return config
+
+
+def _refuse_unknown_architecture(source: str, config: dict) -> None:
+    """A model type transformers does not ship: its modeling code would come from the folder
+    (auto_map), which llmq never runs, or from a newer transformers."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if config.get("auto_map"):
+        raise LlmqError(f"{source} needs its own modeling code (auto_map in config.json, model type "
+                        f"{model_type!r}), which llmq does not run: llmq quantizes architectures transformers ships")
+    raise LlmqError(f"{source} has model type {model_type!r}, which transformers {transformers.__version__} does "
+                    "not know: upgrade transformers, or check config.json's model_type")
 
 
 def refuse_quantized(source: str, config: dict, header: dict[str, tuple[list[int], str]]) -> None:

@@ -68,12 +68,44 @@ def fingerprint(source: str, config: QuantConfig, device: torch.device, dtype, w
         digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
         digest += f":{list(windows.shape)}"
     return {"llmq": __version__, "config": config.to_dict(), "source": str(folder), "files": files,
-            "device": device.type, "dtype": str(dtype), "dataset": dataset if isinstance(dataset, str) else None,
+            "device": device.type, "dtype": str(dtype), "dataset": _dataset_key(dataset),
             "windows": digest, "processes": distributed.world()}
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+# What each part of a fingerprint is, to the user.
+_PARTS = {"llmq": "llmq version", "source": "model", "files": "model files (changed since)", "device": "device",
+          "dtype": "dtype", "dataset": "--dataset", "processes": "number of processes",
+          "windows": "calibration windows (--nsamples, --seqlen, --seed or the text itself)"}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in the user's words: a setting by name, with both values."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "config":
+            was, now = old.get(key) or {}, new.get(key) or {}
+            out += [f"{name} (was {was.get(name)!r}, now {now.get(name)!r})"
+                    for name in sorted(set(was) | set(now)) if was.get(name) != now.get(name)]
+        elif key in ("files", "windows"):
+            out.append(_PARTS[key])
+        else:
+            out.append(f"{_PARTS.get(key, key)} (was {old.get(key)!r}, now {new.get(key)!r})")
+    return out
+
+
+def _dataset_key(dataset) -> str | None:
+    """The dataset spec as the fingerprint holds it: a local file or folder by its absolute path, so
+    that `words.txt` and `./words.txt` are one dataset."""
+    if not isinstance(dataset, str):
+        return None
+    path, column = dataset, None
+    if not Path(path).exists() and ":" in dataset:
+        path, column = dataset.rsplit(":", 1)
+    if not Path(path).exists():
+        return dataset
+    return str(Path(path).resolve()) + ("" if column is None else f":{column}")
 
 
 def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
@@ -97,8 +129,8 @@ def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
     matching = [(f, s) for f, s in candidates if s.get("fingerprint") == fp]
     if not matching:
         folder, state = candidates[-1]
-        diff = ", ".join(_differences(state.get("fingerprint", {}), fp))
-        raise LlmqError(f"the interrupted run in {folder} was made with a different {diff}: resume with the same "
+        diff = "; ".join(_differences(state.get("fingerprint", {}), fp))
+        raise LlmqError(f"the interrupted run in {folder} differs from this one in: {diff}; resume with the same "
                         "model, data and options, or run without --resume (add --overwrite to remove it)")
     return max(matching, key=lambda fs: fs[1]["layers_done"])
 

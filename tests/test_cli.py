@@ -251,3 +251,27 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_llama_dir, ca
     err = capsys.readouterr().err
     assert err.startswith("llmq: error: no space left on the device") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["q", tiny_llama_dir.name])
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"model_type": "foobar"}, "has model type 'foobar', which transformers"),
+    ({"model_type": "mycustom", "auto_map": {"AutoModelForCausalLM": "modeling_mycustom.MyModel"}},
+     "needs its own modeling code (auto_map"),
+])
+def test_an_architecture_transformers_does_not_ship_is_refused(tmp_path, tiny_llama_dir, capsys, edit, message):
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (tiny_llama_dir / "config.json").write_text(json.dumps({**config, **edit}))
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--bits", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_an_empty_model_name_and_a_seed_out_of_range_are_refused(tmp_path, capsys):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src)
+    capsys.readouterr()
+    assert main(["quantize", "", str(tmp_path / "q")]) == 2
+    assert "the model is an empty name" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "gptq", "--group-size", "32", "--dataset",
+                 str(text), "--seed", str(2**64), "--quiet"]) == 2
+    assert f"--seed {2**64} is out of range" in capsys.readouterr().err and not (tmp_path / "q").exists()

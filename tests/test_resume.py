@@ -48,12 +48,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
     # Different options, or a different dataset: refused with exit 2, nothing touched.
     capsys.readouterr()
     assert main(["quantize", *_args(src, out, text, "--resume", "--damp", "0.05")]) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "differs from this one in: damp (was 0.01, now 0.05);" in capsys.readouterr().err
     original = text.read_text()
     text.write_text(" ".join(reversed(original.split())))  # same file name, other text
     assert main(["quantize", *_args(src, out, text, "--resume")]) == 2
     err = capsys.readouterr().err
-    assert "different windows" in err and "--resume" in err
+    assert "differs from this one in: calibration windows" in err and "--resume" in err
+
     text.write_text(original)
     assert stale_partials(out) == [partial] and _snapshot(partial) == before and not out.exists()
 
@@ -134,3 +135,15 @@ def test_w8a8_and_moe_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ar
     ref, got = checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(out)
     assert ref.keys() == got.keys() and any(k.endswith(marker) for k in got)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_dataset_file_named_another_way_is_the_same_dataset(tmp_path, monkeypatch):
+    from llmq.resume import _dataset_key
+
+    text = tmp_path / "words.jsonl"
+    text.write_text('{"text": "a b c"}\n')
+    monkeypatch.chdir(tmp_path)
+    same = {_dataset_key(spec) for spec in ("words.jsonl", "./words.jsonl", str(text), f"{tmp_path}/./words.jsonl")}
+    assert same == {str(text)}
+    assert _dataset_key("words.jsonl:text") == f"{text}:text" == _dataset_key("./words.jsonl:text")
+    assert _dataset_key("builtin") == "builtin" and _dataset_key(None) is None
