@@ -278,8 +278,10 @@ def _quiet() -> None:
 def _partial_fate(announced: bool) -> str:
     """What became of the output, for the exit line; `announced`: a streamed run not --quiet has
     already said where it keeps its finished layers (llmq.stream), which is not repeated."""
-    from .outdir import KEPT
+    from .outdir import KEPT, PUBLISHED
 
+    if PUBLISHED:  # interrupted after the output was in place
+        return f"; {PUBLISHED[-1]} was written whole before"
     if KEPT:  # a streamed run's finished layers
         return "" if announced else f"; finished layers kept in {KEPT[-1]}: rerun with --resume to continue"
     return "; partial output removed"
@@ -295,9 +297,10 @@ def _out_of_space(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from .outdir import Terminated, cleanup_on_signals, restore_signals
 
-    from .outdir import KEPT
+    from .outdir import KEPT, PUBLISHED
 
-    KEPT.clear()  # what this run keeps, not an earlier call's
+    KEPT.clear()  # what this run keeps and writes, not an earlier call's
+    PUBLISHED.clear()
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         _quiet()

@@ -41,6 +41,7 @@ from .folder_io import read_folder_config
 PARTIAL_TAG = "partial"  # .OUT.partial-<pid>-<random>: a checkpoint being written
 ASIDE_TAG = "old"  # .OUT.old-<pid>-<random>: the replaced checkpoint, until the new one is in place
 _TAGS = (PARTIAL_TAG, ASIDE_TAG)
+PUBLISHED: list[Path] = []  # output folders put in place whole (publish): an interruption after that lost nothing
 KEPT: list[Path] = []  # partial folders kept on an error because they hold resumable work (atomic_folder keep_if)
 
 # What a model or checkpoint folder holds (Hugging Face, llmq, gptq, awq,
@@ -304,6 +305,7 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
             except BaseException:
                 os.replace(aside, out)  # the old checkpoint goes back; tmp is removed by the caller
                 raise
+        PUBLISHED.append(out)
         test_point("swapped")
         shutil.rmtree(aside, ignore_errors=True)
         return
@@ -315,6 +317,7 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
         kept = _keep_finished(tmp, out)
         raise LlmqError(f"{out} appeared while llmq was running and was left as it is; the finished "
                         f"checkpoint is in {kept}: move it into place yourself") from e
+    PUBLISHED.append(out)
     test_point("swapped")
 
 

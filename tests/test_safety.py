@@ -363,6 +363,15 @@ def test_sigterm_and_sigint_remove_the_partial_folder(tmp_path, model_dir, sig, 
     assert _tree(out) == old and _hidden(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_after_the_output_is_in_place_says_it_is_whole(tmp_path, model_dir, sig, code):
+    out = tmp_path / "q"
+    _checkpoint(model_dir, out, bits=8)
+    rc, _, err = _killed_at("swapped", model_dir, out, "--bits", "4", "--overwrite", sig=sig)
+    assert rc == code and f"{out} was written whole before" in err and "removed" not in err, err
+    assert _bits(out) == 4 and _hidden(tmp_path) == []
+
+
 def test_sigterm_during_gptq_export_leaves_nothing(tmp_path, model_dir):
     rc, _, err = _killed_at("written", model_dir, tmp_path / "g", "--format", "gptq", sig="SIGTERM")
     assert rc == 143
