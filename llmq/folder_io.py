@@ -30,7 +30,9 @@ def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], st
     for f in files:
         f = str(f)
         if not f.endswith(".safetensors"):
-            raise LlmqError(f"{f} is not a safetensors file: llmq checkpoints are safetensors only")
+            raise LlmqError(f"{f} is not a safetensors file: llmq reads safetensors weights only")
+        if not os.access(f, os.R_OK):  # safetensors would say "no such file"
+            raise LlmqError(f"cannot read {f} (permission denied): give this user read access to it")
         try:
             with safe_open(f, framework="pt") as sf:
                 for key in sf.keys():

@@ -404,6 +404,16 @@ def test_read_only_parent_fails_before_any_work(tmp_path, model_dir):
     ro.chmod(0o755)
 
 
+@pytest.mark.skipif(not _have_setpriv() and os.geteuid() == 0, reason="needs setpriv to drop root's override")
+def test_an_unreadable_weight_file_is_named_as_such(tmp_path, model_dir):
+    [shard] = model_dir.glob("*.safetensors")
+    shard.chmod(0o000)
+    prefix = NO_DAC if os.geteuid() == 0 else ()
+    code, _, err = _cli("quantize", model_dir, tmp_path / "q", *QUANT, prefix=prefix)
+    shard.chmod(0o644)
+    _one_error(code, err, f"cannot read {shard} (permission denied)")
+
+
 # ---- 6. missing or unexpected weights; folders that hold a quantized checkpoint ----------------------------
 
 def _edit_weights(folder: Path, edit) -> Path:
