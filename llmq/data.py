@@ -248,10 +248,15 @@ def _load_local(spec: str, max_chars: int | None, known: str) -> str:
     return text[:max_chars] if max_chars is not None else text
 
 
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".lz4")
+
+
 def _read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
+        if path.suffix.lower() in _COMPRESSED:
+            raise LlmqError(f"{str(path)!r} is compressed ({path.suffix}): decompress it first") from err
         raise LlmqError(f"{str(path)!r} is not UTF-8 text ({err}); convert it to UTF-8") from err
     except OSError as err:  # unreadable: permissions, a folder named like a file, I/O error
         raise LlmqError(f"cannot read {str(path)!r} ({err.strerror or err}); check its permissions") from err

@@ -319,3 +319,16 @@ def test_named_hub_specs(monkeypatch):
     ]
     with pytest.raises(LlmqError, match="c4 has splits validation, train"):
         load_text("c4", split="test")
+
+
+def test_compressed_and_non_utf8_files_are_named(tmp_path):
+    import gzip
+
+    packed = tmp_path / "emma.txt.gz"
+    packed.write_bytes(gzip.compress("Emma Woodhouse, handsome, clever, and rich ".encode() * 50))
+    with pytest.raises(data.LlmqError, match=r"is compressed \(\.gz\): decompress it first"):
+        load_text(str(packed))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café ".encode("latin-1") * 50)
+    with pytest.raises(data.LlmqError, match="is not UTF-8 text .* convert it to UTF-8"):
+        load_text(str(latin))
