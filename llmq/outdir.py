@@ -201,9 +201,10 @@ def stale_partials(out: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def handle_stale_partials(out: str | os.PathLike, overwrite: bool, report=None) -> list[Path]:
-    """Report the stale siblings of OUT; with overwrite, remove them. Returns those found."""
-    stale = stale_partials(out)
+def handle_stale_partials(out: str | os.PathLike, overwrite: bool, report=None, keep: Path | None = None) -> list[Path]:
+    """Report the stale siblings of OUT but `keep` (the one a resumed run continues in); with overwrite,
+    remove them. Returns those found."""
+    stale = [d for d in stale_partials(out) if keep is None or d != keep]
     if not stale:
         return stale
     report = report or _stderr

@@ -36,7 +36,7 @@ from .errors import LlmqError
 from .experts import experts_layout, find_experts, unroll
 from .folder_io import names_on_load
 from .modules.replace import replace_module
-from .outdir import atomic_folder
+from .outdir import atomic_folder, handle_stale_partials
 from .loading import resolve_device
 from .memory import available_host_memory, return_freed_memory_promptly
 from .pipeline import check_finite, plan
@@ -306,6 +306,8 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     found = distributed.from_writer(lambda: resuming.find(out, fingerprint)) if resume else None  # refuses a
     adopt, state = found if found else (None, None)  # mismatch before touching anything
     writing = distributed.is_writer()  # with several processes, rank 0 writes
+    if resume and writing:  # the others (a run killed after it finished, other settings)
+        handle_stale_partials(out, overwrite, keep=adopt)
     with contextlib.ExitStack() as stack:
         # Every process records its share of the next layer's inputs in the partial folder (llmq.resume).
         tmp = distributed.from_writer(lambda: stack.enter_context(atomic_folder(

@@ -147,3 +147,22 @@ def test_a_dataset_file_named_another_way_is_the_same_dataset(tmp_path, monkeypa
     assert same == {str(text)}
     assert _dataset_key("words.jsonl:text") == f"{text}:text" == _dataset_key("./words.jsonl:text")
     assert _dataset_key("builtin") == "builtin" and _dataset_key(None) is None
+
+
+def test_resume_reports_the_folders_it_does_not_continue(tmp_path):
+    """A run killed after its checkpoint was complete (no resume state left, not yet renamed): --resume
+    starts again and names the folder left behind, as a run without --resume does."""
+    src = tmp_path / "m"
+    text = model_folder_with_text(src)
+    out = tmp_path / "q"
+    env = dict(os.environ, LLMQ_TEST_SIGNAL_AT="written:SIGKILL", PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *_args(src, out, text)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == -9
+    [left] = stale_partials(out)
+    args = [a for a in _args(src, out, text, "--resume") if a != "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "llmq", "quantize", *args], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert r.returncode == 0, r.stderr
+    assert "found no interrupted run" in r.stderr and f"left by an interrupted run of {out}" in r.stderr
+    assert left.name in r.stderr and stale_partials(out) == [left]  # reported, not removed without --overwrite
