@@ -154,10 +154,12 @@ def _run_quantize(args) -> int:
                         "or compressed-tensors")
     method = registry.for_config(config)
     method.check_data(config, args.dataset)
-    if args.dataset is not None and not method.calibrates(config) and not args.quiet:
-        use = "--smooth auto or --method gptq" if config.quantizes_activations else "--method gptq or awq"
-        print(f"note: --dataset is not read: this run needs no calibration data ({use} calibrates on it)",
-              file=sys.stderr)
+    if args.dataset is not None and not method.calibrates(config):
+        if not args.quiet:
+            use = "--smooth auto or --method gptq" if config.quantizes_activations else "--method gptq or awq"
+            print(f"note: --dataset is not read: this run needs no calibration data ({use} calibrates on it)",
+                  file=sys.stderr)
+        args.dataset = None  # said once, here
     unread = [flag for flag, given in (("--damp", args.damp is not None), ("--no-clip-search", not args.clip_search))
               if given]
     if unread and not registry.runs_gptq(config.method) and not args.quiet:

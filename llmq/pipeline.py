@@ -134,6 +134,8 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     method = registry.for_config(config)
     method.check_data(config, dataset)
     calibrates = method.calibrates(config)
+    if dataset is not None and not calibrates:
+        warnings.warn("dataset is not read: this run needs no calibration data", stacklevel=2)
     job = plan(model, config, device)
     model.eval()
     method.check(job)

@@ -140,3 +140,8 @@ def test_a_dataset_of_another_kind_is_refused(dataset):
     with pytest.raises(LlmqError, match=f"dataset must be a dataset spec .* not {type(dataset).__name__}"):
         llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32), dataset, device="cpu",
                       progress=False)
+
+
+def test_a_dataset_a_run_does_not_read_is_said(recwarn):
+    llmq.quantize(tiny_model("llama"), QuantConfig(group_size=32), "builtin", progress=False)
+    assert any("dataset is not read" in str(w.message) for w in recwarn.list)
