@@ -169,8 +169,13 @@ def _run_quantize(args) -> int:
     from .memory import peak_host_memory
     from .units import human_bytes
 
-    if distributed.active() and not method.calibrates(config) and not distributed.is_writer():
-        return 0  # without calibration there is nothing to share: rank 0 does it
+    if distributed.active() and not method.calibrates(config):
+        # Without calibration there is nothing to share: rank 0 does it alone, as one process (a streamed
+        # run's collectives would wait for ranks that left), and the others stop here.
+        writer = distributed.is_writer()
+        distributed.teardown()
+        if not writer:
+            return 0
     report: dict = {}
     out = _quantize_from_shards(args, config, report) if args.stream is not False else None
     if out is not None:

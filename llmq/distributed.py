@@ -93,6 +93,11 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
+# This rank's number of calibration windows in the run under way (my_windows): a linear whose input the
+# modeling code flattened to rows ([windows * tokens, K]: OPT's MLP) holds that many windows' rows.
+_share = {"windows": 0}
+
+
 def my_windows(windows: torch.Tensor) -> torch.Tensor:
     """This rank's share of the calibration windows."""
     if not active():
@@ -100,7 +105,9 @@ def my_windows(windows: torch.Tensor) -> torch.Tensor:
     if windows.shape[0] < world():
         raise LlmqError(f"{windows.shape[0]} calibration windows cannot be shared by {world()} processes: "
                         "raise --nsamples or use fewer processes")
-    return windows[rank()::world()]
+    share = windows[rank()::world()]
+    _share["windows"] = share.shape[0]
+    return share
 
 
 def _collective(what: str, fn: Callable):
@@ -176,17 +183,20 @@ def spread_rows(x: torch.Tensor, max_rows: int, positions: torch.Tensor | None =
     evenly spread over it (torch.linspace(0, n - 1, max_rows).round() of its n rows in batch order),
     or all of them.
 
-    x: this rank's share [windows, tokens, K] (my_windows), or any rows [m, K] with `positions`, the
-    index of each of them in the whole batch's order, ascending (an expert's routed tokens: its n rows
-    are every rank's, ordered by position). The result [m', K], in this rank's order.
+    x: this rank's share [windows, tokens, K] (my_windows), or the same rows in another shape, window
+    after window ([windows * tokens, K] where the modeling code flattened them; [windows, heads, tokens,
+    K]), or any rows [m, K] with `positions`, the index of each of them in the whole batch's order,
+    ascending (an expert's routed tokens: its n rows are every rank's, ordered by position). The
+    result [m', K], in this rank's order.
     """
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if positions is None:
-        if x.dim() != 3:
-            raise LlmqError(f"statistics across processes need inputs shaped [windows, tokens, features], got "
-                            f"{tuple(x.shape)}: run without torchrun")
-        where, n = global_rows(x.shape[0], x.shape[1], device=x.device)
+        windows = x.shape[0] if x.dim() == 3 else _share["windows"]
+        if not windows or rows.shape[0] % windows:
+            raise LlmqError(f"statistics across processes need a linear's input to hold whole calibration "
+                            f"windows, got {tuple(x.shape)} for {windows} windows: run without torchrun")
+        where, n = global_rows(windows, rows.shape[0] // windows, device=x.device)
         everyone = None  # every position 0 .. n - 1 is some rank's row
     else:
         where = positions.to(device=x.device, dtype=torch.long)

@@ -228,6 +228,38 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method, stream):
     _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.parametrize("arch,settings", [
+    ("llama", ["--method", "rtn", "--stream"]),
+    ("mixtral", ["--scheme", "w8a8", "--smooth", "off", "--stream"]),
+])
+def test_a_streamed_run_without_calibration_by_two_ranks_is_one_processs(tmp_path, arch, settings):
+    """Rank 0 does it alone; the others stop at once (no collective waits for them)."""
+    src = tmp_path / "m"
+    model_folder_with_text(src, arch)
+    args = ["--bits", "8", "--group-size", "-1", "--device", "cpu", "--quiet", *settings]
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    _quantize_by_two_ranks(src, tmp_path / "two", args)
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.parametrize("arch,settings", [
+    ("opt", ["--method", "awq", "--bits", "4", "--group-size", "32"]),  # fc1/fc2 read rows [windows * tokens, H]
+    ("deepseek_v3", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto"]),  # kv_b_proj: [w, 1, tokens, K]
+])
+def test_linears_whose_inputs_the_model_flattens_are_calibrated_by_two_ranks_as_by_one(tmp_path, arch, settings):
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, arch)
+    args = ["--dataset", str(text), "--nsamples", "8", "--seqlen", "24", "--device", "cpu", "--quiet", *settings]
+    assert llmq.cli.main(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    _quantize_by_two_ranks(src, tmp_path / "two", args)
+    one, two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    codes = [k for k in one if k.endswith(".qweight") or one[k].dtype == torch.int8]
+    assert _identical_codes(one, two, codes) > 0.95
+    _assert_same_perplexity(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize("settings", [
     ["--act", "static", "--smooth", "auto", "--method", "gptq", "--no-stream"],
     ["--act", "static", "--act-observer", "percentile", "--smooth", "0.5", "--stream"],
