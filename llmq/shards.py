@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import LlmqError
 from .folder_io import SAFETENSORS_DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -122,6 +123,21 @@ class SourceShards:
         self.close()
 
 
+def _shard_names(n: int) -> list[str]:
+    """The safetensors files of n parts, as transformers names them."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _holds_whole(path: Path, data_size: int) -> bool:
+    """Whether the safetensors file at path was written to its end: its header, then data_size bytes."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+        return path.stat().st_size == 8 + header_size + data_size
+    except OSError:
+        return False
+
+
 class ShardWriter:
     """Write tensors into safetensors shards of at most max_shard_size bytes, as they arrive."""
 
@@ -136,7 +152,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
         path = self.folder / f".part-{len(self.parts) + 1:05d}.data"
-        self.parts.append({"data": path, "entries": {}, "size": 0})
+        self.parts.append({"data": path, "entries": {}, "size": 0, "done": False})
         self._file = open(path, "wb")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -164,18 +180,26 @@ class ShardWriter:
 
     @classmethod
     def resume(cls, folder: str | os.PathLike, state: dict) -> "ShardWriter":
-        """A writer that continues from state(): bytes written after it (an unfinished layer) are cut off."""
+        """A writer that continues from state(): bytes written after it (an unfinished layer) are cut off.
+
+        A run interrupted inside finish() has turned some parts into their safetensors files already
+        (each part's data is removed once its file is whole): those parts are done, and finish() writes
+        the others."""
         writer = cls(folder, state["max_shard_size"])
-        for part in state["parts"]:
+        names = _shard_names(len(state["parts"]))  # only finish() removes data, after every part was added
+        for part, name in zip(state["parts"], names):
             path = writer.folder / part["data"]
-            if not path.is_file() or path.stat().st_size < part["size"]:
-                raise ValueError(f"{path} is shorter than the resume state records")
             entries = {k: (v[0], v[1], v[2], v[3]) for k, v in part["entries"].items()}
-            writer.parts.append({"data": path, "entries": entries, "size": part["size"]})
+            done = not path.exists() and _holds_whole(writer.folder / name, part["size"])
+            if not done and (not path.is_file() or path.stat().st_size < part["size"]):
+                raise LlmqError(f"{path} is shorter than the interrupted run recorded: the folder is damaged; run "
+                                "without --resume (add --overwrite to remove it)")
+            writer.parts.append({"data": path, "entries": entries, "size": part["size"], "done": done})
             writer._names.update(entries)
         for part in writer.parts:
-            os.truncate(part["data"], part["size"])
-        if writer.parts:
+            if not part["done"]:
+                os.truncate(part["data"], part["size"])
+        if writer.parts and not writer.parts[-1]["done"]:
             writer._file = open(writer.parts[-1]["data"], "ab")
         return writer
 
@@ -189,13 +213,15 @@ class ShardWriter:
             self._file.close()
             self._file = None
         n = len(self.parts)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = _shard_names(n)
         weight_map = {}
         for part, name in zip(self.parts, names):
             header = {"__metadata__": {"format": "pt", **(metadata or {})}}
             for key, (dtype, shape, start, end) in sorted(part["entries"].items()):
                 header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
                 weight_map[key] = name
+            if part.get("done"):  # written whole before an interruption (resume)
+                continue
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
             with open(self.folder / name, "wb") as out, open(part["data"], "rb") as src:

@@ -152,3 +152,53 @@ def test_peak_host_memory_reported(tmp_path, tiny_llama_dir, capsys):
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q2"), "--group-size", "32", "--no-stream"]) == 0
     assert "peak host memory" in capsys.readouterr().out
     assert checkpoint_tensors(tmp_path / "q").keys() == checkpoint_tensors(tmp_path / "q2").keys()
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])  # killed while writing the second or the third file
+def test_a_writer_interrupted_while_finishing_resumes_to_the_same_files(tmp_path, monkeypatch, stop_at):
+    import shutil
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {f"t{i}": torch.randn(5, 3, generator=g) for i in range(6)}
+
+    def write(folder):
+        folder.mkdir()
+        writer = ShardWriter(folder, max_shard_size=120)
+        for k, t in tensors.items():
+            writer.add(k, t)
+        return writer
+
+    reference = write(tmp_path / "ref")
+    files = [p.name for p in reference.finish()]
+    assert len(files) == 3
+    writer = write(tmp_path / "run")
+    state = writer.state()
+    copies, copy = [], shutil.copyfileobj
+
+    def dies_midway(src, dst, length=0):
+        copies.append(1)
+        if len(copies) > stop_at:
+            dst.write(src.read(7))  # a part of the data, then the process is gone
+            raise KeyboardInterrupt
+        copy(src, dst, length)
+
+    monkeypatch.setattr(shutil, "copyfileobj", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        writer.finish()
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    assert sum(p.name.endswith(".data") for p in (tmp_path / "run").iterdir()) == 3 - stop_at  # whole files' removed
+    resumed = ShardWriter.resume(tmp_path / "run", state)
+    assert [p.name for p in resumed.finish()] == files
+    for name in files + ["model.safetensors.index.json"]:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert not any(p.name.endswith(".data") for p in (tmp_path / "run").iterdir())
+
+
+def test_a_writer_whose_recorded_data_is_gone_is_refused_in_one_line(tmp_path):
+    writer = ShardWriter(tmp_path, max_shard_size=120)
+    writer.add("t", torch.randn(5, 3))
+    state = writer.state()
+    writer._file.close()
+    (tmp_path / state["parts"][0]["data"]).unlink()
+    with pytest.raises(llmq.LlmqError, match="is shorter than the interrupted run recorded: the folder is damaged"):
+        ShardWriter.resume(tmp_path, state)
