@@ -142,6 +142,15 @@ class ExpertTokens:
             rows = int(distributed.all_reduce_sum(torch.tensor([float(rows)], dtype=torch.float64)).item())
         return rows < self.min_tokens
 
+    def state(self) -> dict:
+        """What the report holds so far, as JSON (recorded with a streamed run's finished layers)."""
+        return {"counts": self.counts, "fallback": {str(i): names for i, names in self.fallback.items()}}
+
+    def restore(self, state: dict) -> None:
+        """Take up the report of the finished layers of an interrupted run (state())."""
+        self.counts = {name: list(c) for name, c in state["counts"].items()}
+        self.fallback = {int(i): list(names) for i, names in state["fallback"].items()}
+
     def summary(self) -> list[str]:
         """One line per experts module: tokens per expert; one per layer with fallbacks."""
         lines = []

@@ -135,8 +135,10 @@ def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
     return max(matching, key=lambda fs: fs[1]["layers_done"])
 
 
-def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hidden: torch.Tensor | None) -> None:
-    """Record that layers_done layers are finished (their tensors in writer_state).
+def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hidden: torch.Tensor | None,
+         report: dict | None = None) -> None:
+    """Record that layers_done layers are finished (their tensors in writer_state; report: what the run
+    reports of them, as JSON, which a resumed run takes up).
 
     Every process calls it: each writes its share of the hidden states, then
     rank 0 (which holds the writer) replaces the state, then the older hidden
@@ -153,7 +155,7 @@ def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hi
     if rank == 0:
         tmp = folder / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": fp, "layers_done": layers_done, "writer": writer_state,
-                                   "hidden": layers_done if hidden is not None else None}))
+                                   "hidden": layers_done if hidden is not None else None, "report": report}))
         with open(tmp) as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / STATE_FILE)

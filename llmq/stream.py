@@ -225,9 +225,10 @@ class LayerStreamer:
         for original in self._experts[index].values():  # its loaded 3D weights, which the unrolled views shared
             original.to("meta")
         if self.checkpoint is not None:
+            report = self.checkpoint.get("report")
             resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1,
                         self.writer.state() if self.writer is not None else None,
-                        hidden)
+                        hidden, report() if report is not None else None)
         test_point(f"layer-{index}")  # lets the tests kill the run here
 
     def captured(self) -> None:
@@ -331,6 +332,11 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             method.check(job)
             plans = {i: method.plan_layer(job, i, job.layers[i], names) for i, names in job.targets.items()}
             step = method.layer_step(job, plans)
+            experts = getattr(step, "expert_tokens", None)
+            if experts is not None:  # the report covers the layers an interrupted run finished
+                if state and state.get("report"):
+                    experts.restore(state["report"])
+                checkpoint["report"] = experts.state
             t1 = time.perf_counter()
             if calibrates:
                 run_layers(model, windows, step, device=device, progress=progress, desc=method.name,
