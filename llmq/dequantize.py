@@ -65,23 +65,23 @@ def _experts(q: QuantExperts, dtype: torch.dtype) -> nn.Module:
 
 
 def dequantize_modules(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace model's quantized modules with full-precision ones in dtype; returns model."""
+    """Replace model's quantized modules with full-precision ones, and cast the model to dtype (one
+    dtype throughout: the other modules may be in another one); returns model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantExperts):
             replace_module(model, name, _experts(module, dtype))
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, W8A8Linear)):
             replace_module(model, name, _linear(module, dtype))
-    return model
+    return model.to(dtype)
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace model's quantized modules with full-precision ones in dtype (default: the dtype its
-    config records, else float32); returns model, no longer marked quantized."""
-    dtype = dtype or getattr(model.config, "dtype", None) or torch.float32
+    """Replace model's quantized modules with full-precision ones; returns model, no longer marked
+    quantized. dtype: the whole model's dtype afterwards (default: the one it computes in now)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    dequantize_modules(model, dtype)
+    dequantize_modules(model, dtype or model.get_input_embeddings().weight.dtype)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)  # what transformers' model.dequantize() does after

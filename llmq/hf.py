@@ -264,7 +264,9 @@ class LlmqHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         from .dequantize import dequantize_modules
 
-        return dequantize_modules(model, dtype or torch.float32)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return dequantize_modules(model, dtype or model.get_input_embeddings().weight.dtype)
 
     @property
     def is_trainable(self) -> bool:

@@ -279,6 +279,10 @@ _FUSED_ROTATION = {"type": "hadamard", "apply": [
     (lambda q: q.update(sparsity_config={"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}),
      "stores sparse weights"),
     (lambda q: q.update(transform_config={"config_groups": {"R2": _FUSED_ROTATION}}), None),
+    # Targets named exactly, as compressed-tensors also matches them.
+    (lambda q: q["config_groups"]["group_0"].update(targets=[f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]), None),
 ])
 def test_compressed_tensors_needs_that_llmq_does_not_run_are_refused(tmp_path, capsys, edit, message):
     """Read as plain quantized linears these folders compute wrong outputs; transforms fused into the

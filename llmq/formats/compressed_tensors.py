@@ -157,7 +157,9 @@ def refuse_runtime_needs(cfg: dict) -> None:
         raise LlmqError(f"this compressed-tensors checkpoint stores sparse weights ({sparse!r}), which llmq does "
                         "not read")
     for group in (cfg.get("config_groups") or {}).values():
-        classes = [t for t in group.get("targets") or [] if not str(t).startswith("re:") and t != "Linear"]
+        # A target is a module class (CamelCase), a module's name or a "re:" pattern of names.
+        classes = [t for t in group.get("targets") or [] if str(t)[:1].isupper() and "." not in str(t)
+                   and t != "Linear"]
         if classes:
             raise LlmqError(f"this compressed-tensors checkpoint quantizes {', '.join(map(str, classes))} modules; "
                             "llmq reads quantized linear layers only")
