@@ -208,7 +208,7 @@ def test_cli_end_to_end_json_and_plot(folders, tmp_path, capsys):
     assert quant["tokens_scored"] == 4 * 31 and quant["label"] == "rtn w4 g32 asym"
     assert 0 < quant["size_bytes"] < ref["size_bytes"]
 
-    assert printed.startswith("protocol: ") and "124 tokens scored" in printed
+    assert printed.startswith("protocol: ") and "124 tokens scored" in printed and "3 windows per forward" in printed
     assert f"{quant['perplexity']:.3f}" in printed
     assert list(spill.iterdir()) == []  # the reference log-probs are gone
     if _has_matplotlib():

@@ -16,7 +16,8 @@ def protocol_line(protocol: dict) -> str:
     windows = f"{protocol['windows']} of {protocol['windows_available']} windows"
     return (f"protocol: {protocol['dataset']}{split}, seqlen {protocol['seqlen']}, {windows} "
             f"(non-overlapping, tail dropped), {protocol['tokens_scored']} tokens scored, "
-            f"{protocol['bos_rule']}; ppl = exp(total NLL / tokens scored)")
+            f"{protocol['bos_rule']}; ppl = exp(total NLL / tokens scored)"
+            + (f"; {protocol['batch_size']} windows per forward" if protocol.get("batch_size") else ""))
 
 
 
