@@ -167,9 +167,14 @@ def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: i
     return None
 
 
+def _up_param(experts: nn.Module) -> str:
+    """The experts module's up-side parameter: gate and up concatenated, or up alone."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
     """The layout of one experts module (see the module doc)."""
-    up_param = "gate_up_proj" if experts.has_gate else "up_proj"
+    up_param = _up_param(experts)
     up = experts._parameters[up_param]
     e = up.shape[0]
     if experts.is_transposed:
@@ -192,7 +197,7 @@ def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tenso
     return w.t() if transposed else w  # [out, in]
 
 
-def _linear_view(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def linear_view(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear whose weight (and bias) are views of the given tensors, without copying."""
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
@@ -213,13 +218,34 @@ def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
         b_up = None if up_bias is None else up_bias.data[e]
         parts = len(layout.up_names)
         rows = w_up.shape[0] // parts
-        linears = {name: _linear_view(w_up[i * rows:(i + 1) * rows],
+        linears = {name: linear_view(w_up[i * rows:(i + 1) * rows],
                                       None if b_up is None else b_up[i * rows:(i + 1) * rows])
                    for i, name in enumerate(layout.up_names)}
-        linears[layout.down_name] = _linear_view(_expert_matrix(down, e, layout.transposed),
+        linears[layout.down_name] = linear_view(_expert_matrix(down, e, layout.transposed),
                                                  None if down_bias is None else down_bias.data[e])
         per_expert.append(ExpertProjections(linears))
     return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
+
+
+def rolled(q: QuantExperts, weight_of) -> nn.Module:
+    """The architecture's experts module (q's template) holding q's experts stacked back into its 3D
+    parameters, in its layout: `unroll` reversed. weight_of(linear) gives a projection's (weight
+    [out, in], bias or None); gate and up are concatenated as they were split."""
+    template = q.template
+    transposed = bool(template.is_transposed)
+    module = weightless_copy(template)
+    for param, names in ((_up_param(template), q.up_names), ("down_proj", (q.down_name,))):
+        weights, biases = [], []
+        for e in range(q.num_experts):
+            parts = [weight_of(q.expert(e)._modules[n]) for n in names]
+            weights.append(torch.cat([w for w, _ in parts]))
+            biases.append(None if parts[0][1] is None else torch.cat([b for _, b in parts]))
+        stacked = torch.stack(weights)
+        module._parameters[param] = nn.Parameter(stacked.transpose(1, 2).contiguous() if transposed else stacked,
+                                                 requires_grad=False)
+        if biases[0] is not None:
+            module._parameters[f"{param}_bias"] = nn.Parameter(torch.stack(biases), requires_grad=False)
+    return module
 
 
 def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) -> QuantExperts:

@@ -264,9 +264,7 @@ class LlmqHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         from .dequantize import dequantize_modules
 
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        return dequantize_modules(model, dtype or model.get_input_embeddings().weight.dtype)
+        return dequantize_modules(model, dtype)
 
     @property
     def is_trainable(self) -> bool:
