@@ -201,6 +201,57 @@ def test_gptq_v1_import_adds_one(tmp_path):
                        load_file(native / "model.safetensors")[f"{LAYER}.qzeros"])
 
 
+@pytest.mark.parametrize("sym,stated", [(False, None), (True, None), (False, True)])
+def test_gptq_symmetry_is_read_from_the_zero_points(tmp_path, sym, stated):
+    # A config without "sym" (or with a wrong one) must not make an asymmetric model export as symmetric
+    # v1, whose zero points other engines take as implied.
+    _, native = _saved(tmp_path, sym=sym, bits=4)
+    convert(native, tmp_path / "g", "gptq")
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    cfg["quantization_config"].pop("sym")
+    del cfg["quantization_config"]["meta"]
+    if stated is not None:
+        cfg["quantization_config"]["sym"] = stated
+    (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "g" / "quantize_config.json").write_text(json.dumps(cfg["quantization_config"]))
+    if stated and not sym:
+        with pytest.warns(UserWarning, match="says sym=true"):
+            convert(tmp_path / "g", tmp_path / "again", "gptq")
+    else:
+        convert(tmp_path / "g", tmp_path / "again", "gptq")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["sym"] is sym and again["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
+    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")[f"{LAYER}.qzeros"],
+                       load_file(tmp_path / "g" / "model.safetensors")[f"{LAYER}.qzeros"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_v1_with_wrapped_zero_points_reads_as_gptqmodel_wrote_it(tmp_path, bits):
+    # GPTQModel writes an asymmetric v1 checkpoint by subtracting 1 from every zero point of a 32-bit word
+    # at once, so a zero point of 0 wraps and borrows from the one above it; its reader adds them back.
+    _, native = _saved(tmp_path, sym=False, bits=bits)
+    convert(native, tmp_path / "v1", "gptq")
+    sd = load_file(tmp_path / "v1" / "model.safetensors")
+    per = 32 // bits
+    true_zeros = {}
+    for k in [k for k in sd if k.endswith(".qzeros")]:
+        fields = _field(_words(sd[k]).unsqueeze(-1), torch.arange(per), bits)  # [G, N/per, per]
+        fields[..., ::3] = 0  # zero points of 0 below others in every word: the borrow case
+        true_zeros[k] = fields
+        true_words = (fields << (bits * torch.arange(per))).sum(-1)
+        stored = (true_words - sum(1 << (bits * i) for i in range(per))) % 2**32  # GPTQModel's v2 -> v1
+        sd[k] = torch.where(stored >= 2**31, stored - 2**32, stored).to(torch.int32)
+    cfg = json.loads((tmp_path / "v1" / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq"
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, tmp_path / "v1" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="wrapped -1"):
+        convert(tmp_path / "v1", tmp_path / "back", "llmq")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    for k, fields in true_zeros.items():
+        assert torch.equal(_field(_words(back[k]).unsqueeze(-1), torch.arange(per), bits), fields), k
+
+
 # ---- compressed-tensors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sym,bits,group_size", [(True, 4, 32), (False, 4, 32), (True, 8, -1), (False, 8, 64)])

@@ -11,8 +11,13 @@ the differences are in the zero points and the config:
 - checkpoint_format "gptq_v2" stores the true z. An asymmetric model can have
   z = 0, which v1 would store as -1 and wrap: it is always written as v2.
 
-Reading accepts both. A v1 checkpoint whose stored zero is 2^b - 1 (the wrapped
--1 of an asymmetric v1 export) is read as z = 0, what its quantizer meant.
+Reading accepts both. An asymmetric v1 export stores z = 0 as a wrapped -1, and
+how it wraps depends on the writer: GPTQModel subtracts 1 from every zero point
+of a word at once (0x11111111 for 4 bits), so a wrapped one borrows from the
+zero point above it in the word; AutoGPTQ's packer fills the rest of the word
+with ones. v1 is read as GPTQModel and transformers read it, adding 1 to each
+zero point of a word at once, carries included: exact for GPTQModel's files,
+and AutoGPTQ's lost zero points read as 0.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ QUANT_METHOD = "gptq"
 
 
 def shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
-    """Add delta to every packed zero point, modulo 2^bits (int32 [G, N*b/32])."""
-    z = unpack_cols(qzeros, bits).to(torch.int64)
-    return pack_cols((z + delta) % (1 << bits), bits)
+    """Add delta (+1 or -1) to every zero point of int32 [G, N*b/32] as v1's writers and readers do:
+    one addition per 32-bit word, so that a zero point that wraps carries into (or borrows from) the
+    one above it in its word. Reading v1 (+1) so undoes GPTQModel's writing (-1) exactly, wrapped
+    zero points included; llmq writes v1 for symmetric models only, where nothing wraps."""
+    ones = sum(1 << (bits * i) for i in range(32 // bits))  # 0x11111111 for 4 bits
+    words = (qzeros.to(torch.int64) + delta * ones) & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 def stored_format(cfg: dict) -> str:
@@ -110,6 +119,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
         raise LlmqError("config.json says GPTQ but the checkpoint holds no '.qweight' tensors: it is damaged")
     out = dict(tensors)
     trivial = True
+    centred = True  # every zero point 2^(b-1): what symmetric quantization writes
     wrapped = 0
     for name in names:
         k = tensors[f"{name}.qweight"].shape[0] * codes_per_word(bits)
@@ -117,13 +127,17 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
             stored = unpack_cols(tensors[f"{name}.qzeros"], bits)
             wrapped += int((stored == (1 << bits) - 1).sum())
             out[f"{name}.qzeros"] = shift_zeros(tensors[f"{name}.qzeros"], bits, 1)
+        centred = centred and bool((unpack_cols(out[f"{name}.qzeros"], bits) == 1 << (bits - 1)).all())
         g = tensors.get(f"{name}.g_idx")
         if g is not None and not torch.equal(g.long(), group_index(k, group_size)):
             trivial = False
     if wrapped:
-        warnings.warn(f"{wrapped} zero points of this v1 GPTQ checkpoint are stored as {(1 << bits) - 1} (a wrapped "
-                      "-1): llmq reads them as 0, what the quantizer meant; v1 engines compute with "
-                      f"{1 << bits} there", stacklevel=2)
+        warnings.warn(f"{wrapped} zero points of this asymmetric v1 GPTQ checkpoint are stored as {(1 << bits) - 1} "
+                      "(a wrapped -1): llmq reads them as GPTQModel and transformers do, as 0 with the carry into the "
+                      "next zero point of their word (exact for GPTQModel's files; AutoGPTQ's packer lost the zero "
+                      "points above a wrapped one, which read as 0); v1 kernels (vLLM's gptq) compute with "
+                      f"{1 << bits} there: convert it to gptq_v2", stacklevel=2)
+    sym = _symmetric(cfg.get("sym"), centred)
     meta = cfg.get("meta") or {}
     method = meta.get("llmq_method") if meta.get("llmq_method") in registry.names() else "gptq"
     if not trivial and not registry.runs_gptq(method):
@@ -137,7 +151,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
             out.pop(f"{name}.g_idx", None)
         else:
             out[f"{name}.g_idx"] = out[f"{name}.g_idx"].to(torch.int32)
-    qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=bool(cfg.get("sym", True)),
+    qc = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym,
                      desc_act=desc_act, static_groups=bool(cfg.get("static_groups", False)) and desc_act,
                      damp=float(cfg.get("damp_percent") or 0.01),
                      # what llmq's export recorded (routers, --skip), else the head that GPTQ leaves whole
@@ -145,6 +159,19 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
                      or (["lm_head"] if not cfg.get("lm_head") else []),
                      calibration=meta.get("calibration") or {"source_format": fmt})
     return out, qc
+
+
+def _symmetric(stated, centred: bool) -> bool:
+    """Whether a gptq checkpoint is symmetric: as its config says, checked against its zero points (a
+    symmetric one has 2^(b-1) everywhere), or read from them where the config does not say. Symmetric
+    exports are v1 with implied zero points, so a wrong "sym" would decode wrong in other engines."""
+    if stated is None:
+        return centred
+    if stated and not centred:
+        warnings.warn("this GPTQ checkpoint's config says sym=true but its zero points are not all 2^(bits-1): "
+                      "llmq reads it as asymmetric, with its zero points", stacklevel=3)
+        return False
+    return bool(stated)
 
 
 def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
