@@ -31,7 +31,7 @@ import torch
 from ..config import QuantConfig
 from ..errors import LlmqError
 from ..methods import registry
-from ..kernels.layout import codes_per_word, group_index, pack_cols, unpack_cols
+from ..kernels.layout import codes_per_word, group_index, unpack_cols
 from ..qweight import quantized_module_names
 from .engines import EngineSupport, marlin_problem, moe_engine_support
 from .spec import Checkpoint, Format, Relayout
