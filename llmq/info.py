@@ -10,7 +10,8 @@ from .census import census
 from .config import QUANT_METHOD, SMOOTH_OFF
 from .errors import LlmqError
 from .kernels.layout import codes_per_word
-from .formats.convert import detect_format, read_checkpoint, read_folder_quant_config
+from .formats.convert import detect_format, read_checkpoint
+from .formats.table import read_folder_quant_config
 from .folder_io import SAFETENSORS_DTYPES, checkpoint_files, read_header
 from .units import human_bytes
 from .qweight import PACKED_TENSORS, quantized_module_names, w8a8_module_names

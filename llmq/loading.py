@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import LlmqError
-from .folder_io import read_folder_config
-from .formats.table import side_config
+from .formats.table import read_folder_quant_config
 
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -42,10 +41,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def read_config(source: str | os.PathLike) -> dict | None:
-    """config.json of a local folder, or None when source is not a local folder."""
+    """config.json of a local folder (with the quantization settings of an older GPTQ or AWQ folder's
+    side file folded in), or None when source is not a local folder."""
     if not Path(source).is_dir():
         return None
-    return read_folder_config(source)
+    return read_folder_quant_config(source)
 
 
 def check_source(source: str) -> None:
@@ -161,11 +161,6 @@ def refuse_quantized(source: str, config: dict, header: dict[str, tuple[list[int
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise LlmqError(f"{source} is already quantized ({method}): quantize the full-precision model instead")
-    folder = Path(source)
-    side = side_config(folder) if folder.is_dir() else None
-    if side is not None:
-        raise LlmqError(f"{source} is already quantized (a {side[0].name} checkpoint: its {side[1].name}): "
-                        "quantize the full-precision model instead")
     for key, (_, dtype) in header.items():
         kind = next((k for suffix, k in _QUANTIZED_TENSORS.items() if key.endswith(suffix)), None)
         if kind or dtype in _QUANTIZED_DTYPES:

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from .errors import LlmqError
-from .folder_io import names_on_load, read_folder_config
+from .folder_io import names_on_load
+from .formats.table import read_folder_quant_config
 from .loading import check_model_source, refuse_quantized, resolve_dtype
 from .shards import SourceShards
 
@@ -96,7 +97,7 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
         hub = open_hub_model(source)
         shards = SourceShards.from_hub(hub)
         folder = str(shards.folder)
-        refuse_quantized(source, read_folder_config(folder),
+        refuse_quantized(source, read_folder_quant_config(folder),
                          {k: v for name in hub.headers for k, v in hub.headers[name].items()})
         files = None
         # The dtype from the first shard's header, as transformers reads it from the file itself.

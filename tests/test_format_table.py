@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmq.errors import LlmqError
-from llmq.formats import awq, convert, gptq
+from llmq.formats import awq, convert, gptq, table
 
 
 def test_lists_of_formats_come_from_the_table():
@@ -16,6 +16,7 @@ def test_lists_of_formats_come_from_the_table():
     assert convert.FORMATS["awq"].read is awq.import_checkpoint and convert.FORMATS["awq"].encode is None
     assert callable(convert.FORMATS["compressed-tensors"].read)  # dispatches weight-only and W8A8 folders
     assert convert.FORMATS["gptq"].extra_json == "quantize_config.json"
+    assert convert.FORMATS["awq"].extra_json == "quant_config.json"  # AutoAWQ's first releases
 
 
 def test_unknown_or_read_only_formats_are_refused():
@@ -66,17 +67,27 @@ def test_every_entry_reads_what_it_writes_and_loads_it_in_flight_alike(tmp_path,
 
 def test_a_folder_with_only_the_side_file_is_read_as_its_format(tmp_path):
     """Older AutoGPTQ folders keep their settings in quantize_config.json (the gptq entry's side file)
-    and none in config.json: the table names the format, and the codes come back bit for bit."""
+    and none in config.json: the table names the format, the codes come back bit for bit, and the
+    folder loads and evaluates as its twin with the settings in config.json."""
     import json
+
+    import llmq
+    from llmq.eval.models import quant_method
+    from conftest import random_ids
 
     ckpt = _native_checkpoint(tmp_path, sym=False, group_size=32)
     convert.convert(tmp_path / "native", tmp_path / "old", "gptq")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     del config["quantization_config"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    assert convert.side_config(tmp_path / "old")[0] is convert.FORMATS["gptq"]
-    assert convert.side_config(tmp_path / "native") is None
+    assert table.side_config(tmp_path / "old")[0] is convert.FORMATS["gptq"]
+    assert table.side_config(tmp_path / "native") is None
     back = convert.read_checkpoint(tmp_path / "old")
     assert back.source_format == "gptq"
     for key, tensor in ckpt.tensors.items():
         assert torch.equal(back.tensors[key], tensor), key
+    assert quant_method(str(tmp_path / "old")) == "gptq"  # llmq eval loads it as gptq, not as a model to refuse
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "old")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "native")(ids).logits)

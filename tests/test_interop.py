@@ -405,7 +405,8 @@ def awq_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def test_awq_import(tmp_path):
+@pytest.mark.parametrize("settings", ["config.json", "quant_config.json"])
+def test_awq_import(tmp_path, settings):
     fp = tiny_model("qwen2")  # q/k/v projections with biases
     fp.save_pretrained(tmp_path / "fp")
     sd = load_file(tmp_path / "fp" / "model.safetensors")
@@ -424,8 +425,12 @@ def test_awq_import(tmp_path):
     folder = tmp_path / "awq"
     folder.mkdir()
     cfg = json.loads((tmp_path / "fp" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True,
-                                  "version": "gemm", "modules_to_not_convert": None}
+    if settings == "config.json":
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True,
+                                      "version": "gemm", "modules_to_not_convert": None}
+    else:  # AutoAWQ's first releases: the settings in a side file, under their old names
+        (folder / settings).write_text(json.dumps({"zero_point": True, "q_group_size": gs, "w_bit": 4,
+                                                   "version": "GEMM"}))
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
 

@@ -90,4 +90,5 @@ FORMAT = Format(
     read=import_checkpoint,
     small_tensors=(".qzeros", ".scales"),
     in_flight=in_flight,
+    extra_json="quant_config.json",  # where AutoAWQ's first releases kept the settings
 )

@@ -31,8 +31,8 @@ from ..errors import LlmqError
 from .checks import check_native_tensors, read_small_tensors
 from .engines import EngineSupport, format_report
 from .spec import Checkpoint
-from .table import FORMATS, READ_FORMATS, WRITE_FORMATS, side_config, stored_format
-from ..folder_io import checkpoint_files, read_folder_config, read_header
+from .table import FORMATS, READ_FORMATS, WRITE_FORMATS, read_folder_quant_config, stored_format
+from ..folder_io import checkpoint_files, read_header
 from ..outdir import atomic_folder, check_output_dir
 
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json") + tuple(
@@ -53,17 +53,6 @@ def detect_format(config: dict) -> str:
         raise LlmqError(f"quantization format {str(qc.get('quant_method', '')).lower()!r} is not readable by "
                         f"llmq: it reads {', '.join(READ_FORMATS)}")
     return form.name
-
-
-def read_folder_quant_config(folder: Path) -> dict:
-    """config.json, with the settings of a format's side file folded in where config.json has none
-    (older AutoGPTQ folders keep them in quantize_config.json only)."""
-    config = read_folder_config(folder)
-    side = side_config(folder)
-    if not config.get("quantization_config") and side is not None:
-        form, path = side
-        config["quantization_config"] = {"quant_method": form.name, **json.loads(path.read_text())}
-    return config
 
 
 def _load_tensors(files: list[Path], shapes_only: bool, small: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,10 @@ quant_method: one entry, which hands each folder and each model to the layout th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ..folder_io import read_folder_config
 from . import awq, compressed_tensors, compressed_tensors_w8a8, gptq, native
 from .spec import Format, with_variant
 
@@ -35,3 +37,14 @@ def side_config(folder: Path) -> tuple[Format, Path] | None:
     `extra_json`, which older loaders read: AutoGPTQ's quantize_config.json), else None."""
     return next(((f, folder / f.extra_json) for f in FORMATS.values()
                  if f.extra_json and (folder / f.extra_json).is_file()), None)
+
+
+def read_folder_quant_config(folder: Path) -> dict:
+    """config.json, with the settings of a format's side file folded in where config.json has none
+    (older AutoGPTQ and AutoAWQ folders keep them in quantize_config.json or quant_config.json only)."""
+    config = read_folder_config(folder)
+    side = side_config(Path(folder))
+    if not config.get("quantization_config") and side is not None:
+        form, path = side
+        config["quantization_config"] = {"quant_method": form.name, **json.loads(path.read_text())}
+    return config
