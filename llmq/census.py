@@ -84,8 +84,10 @@ def router_names(shapes: dict[str, list[int]]) -> list[str]:
 
 def census(header: dict[str, tuple], bits: int) -> Census:
     """Count quantized and kept parameters from {tensor name: (shape, dtype)}."""
-    c = Census(kept={"routers": 0, "embeddings and head": 0, "norms and biases": 0, "other": 0})
     quantized = _quantized(header, bits)
+    # A GPTQ checkpoint may quantize its output head (GPTQModel's lm_head=true): then only embeddings are kept.
+    embeddings = "embeddings" if any(n.rpartition(".")[2] == "lm_head" for n in quantized) else "embeddings and head"
+    c = Census(kept={"routers": 0, embeddings: 0, "norms and biases": 0, "other": 0})
     expert_parents = set()
     for name in sorted(quantized):
         params = quantized[name][0]
@@ -113,7 +115,7 @@ def census(header: dict[str, tuple], bits: int) -> Census:
         elif module.rpartition(".")[0] in expert_parents:
             kind = "routers"
         elif any(word in key for word in ("embed", "lm_head", "wte", "wpe")):
-            kind = "embeddings and head"
+            kind = embeddings
         else:
             kind = "other"
             c.other.append(key)

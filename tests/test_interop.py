@@ -6,6 +6,7 @@ in float64, from the raw packed int32 words; they share no code with llmq.
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -486,6 +487,61 @@ def test_engine_report_follows_vllm_rules():
     assert "576 input features" in rows["vLLM (gptq_marlin, fast path)"].why
     rows = {r.engine: r for r in compressed_tensors.engine_support(QuantConfig(group_size=128, sym=False), shapes)}
     assert rows["vLLM (compressed-tensors WNA16)"].why == "Marlin fast path"
+
+
+def _gptq_export(tmp_path, kept, quantize_head=False):
+    """A tiny llama with the linears `kept` in full precision (and its head quantized), written as gptq:
+    (its quantization_config, {engine: row}, every linear's name, the quantized ones)."""
+    from llmq.formats import convert as convert_mod
+    from llmq.solvers.rtn import rtn_quantize
+
+    model = llmq.quantize(tiny_model(), QuantConfig(group_size=32, modules_to_not_convert=["lm_head", *kept]),
+                          progress=False)
+    if quantize_head:
+        head = model.lm_head
+        replace_module(model, "lm_head", QuantLinear.from_quantized(
+            rtn_quantize(head.weight.detach(), 4, 32, True, torch.float16)))
+        model.config.tie_word_embeddings = False
+    llmq.save(model, tmp_path / "native")
+    ckpt = convert_mod.read_checkpoint(tmp_path / "native")
+    cfg, _, engines = convert_mod.encode(ckpt, "gptq")
+    quantized = set(ckpt.layer_shapes())
+    return cfg, {r.engine: r for r in engines}, ckpt.skeleton.inside + ckpt.skeleton.outside, quantized
+
+
+@pytest.mark.parametrize("kept", [
+    ["model.layers.0.self_attn.o_proj"],  # one layer's: full names
+    ["o_proj"],  # every layer's: names within a layer
+    ["model.layers.1.self_attn.q_proj"],  # a member of vLLM's fused q/k/v
+])
+def test_gptq_export_names_the_linears_it_quantizes_for_each_loader(tmp_path, kept):
+    # optimum (transformers) gives every linear of a layer a GPTQ module unless modules_in_block_to_quantize
+    # leaves it out (names matched by their ends); vLLM matches its names' parts (substrings).
+    cfg, engines, linears, quantized = _gptq_export(tmp_path, kept)
+    listed = sum(cfg["modules_in_block_to_quantize"], [])
+    layer_linears = [n for n in linears if n.startswith("model.layers.")]
+    assert {n for n in layer_linears if any(n.endswith(m) for m in listed)} == quantized
+    assert {n for n in layer_linears if any(m in n for m in listed)} == quantized
+    assert (listed == sorted({n.split(".", 3)[3] for n in quantized})) == (kept == ["o_proj"])
+    assert all(not re.match(rule[2:], n) for rule in cfg["dynamic"] for n in quantized)
+    fused_split = "q_proj" in kept[0]
+    for engine in ("vLLM (gptq_marlin, fast path)", "vLLM (gptq kernel, --quantization gptq)", "SGLang", "TGI"):
+        assert ("quantized whole or not at all" in engines[engine].why) is fused_split, engine
+        assert not (fused_split and engines[engine].loads), engine
+    assert engines["vLLM (gptq kernel, --quantization gptq)"].loads is not fused_split
+    assert engines["transformers (optimum + gptqmodel)"].loads
+
+
+def test_gptq_export_with_its_head_quantized(tmp_path):
+    # GPTQModel writes a quantized head as "lm_head": true, which vLLM reads; optimum would leave it unset.
+    cfg, engines, _, quantized = _gptq_export(tmp_path, [], quantize_head=True)
+    assert "lm_head" in quantized and cfg["lm_head"] is True and "modules_in_block_to_quantize" not in cfg
+    assert not engines["transformers (optimum + gptqmodel)"].loads
+    convert(tmp_path / "native", tmp_path / "g", "gptq")
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "g")(ids).logits,
+                           llmq.from_pretrained(tmp_path / "native")(ids).logits)
 
 
 def test_cli_quantize_format_gptq_and_convert(tmp_path, tiny_llama_dir, capsys):

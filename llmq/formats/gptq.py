@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -75,13 +76,10 @@ def export_tensors(tensors: dict[str, torch.Tensor], qc: QuantConfig) -> dict[st
     return out
 
 
-def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
-    """config.json["quantization_config"] (also written as quantize_config.json).
-
-    skipped_linears: linears inside the decoder layers left in full precision;
-    they are listed as GPTQModel "dynamic" negative rules, which vLLM honours.
-    """
-
+def export_config(qc: QuantConfig, layout: "ExportLayout | None" = None) -> dict:
+    """config.json["quantization_config"] (also written as quantize_config.json), for a model whose
+    quantized linears `layout` describes (None: every decoder-layer linear and nothing else)."""
+    layout = layout or ExportLayout()
     cfg = {
         "quant_method": QUANT_METHOD,
         "checkpoint_format": checkpoint_format(qc),
@@ -92,12 +90,15 @@ def export_config(qc: QuantConfig, skipped_linears: list[str] = ()) -> dict:
         "static_groups": qc.static_groups,
         "true_sequential": True,
         "damp_percent": qc.damp,
-        "lm_head": False,
+        "lm_head": layout.lm_head,
         "meta": {"quantizer": [f"llmq:{__version__}"], "llmq_method": qc.method, "calibration": qc.calibration,
                  "llmq_modules_to_not_convert": qc.modules_to_not_convert},
     }
-    if skipped_linears:
-        cfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in skipped_linears}
+    if layout.skipped:
+        # Each loader reads its own list: GPTQModel and vLLM negative "dynamic" rules, optimum (transformers)
+        # only the linears in modules_in_block_to_quantize, giving any other one a GPTQ layer to fill.
+        cfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in layout.skipped}
+        cfg["modules_in_block_to_quantize"] = [list(layout.in_block)]
     return cfg
 
 
@@ -174,16 +175,22 @@ def _symmetric(stated, centred: bool) -> bool:
     return bool(stated)
 
 
-def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
+def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
+                   layout: "ExportLayout | None" = None) -> list[EngineSupport]:
     """What each engine does with this model written as gptq (shapes: name -> (N, K))."""
+    layout = layout or ExportLayout()
     rows = []
-    marlin = marlin_problem(qc, shapes, zero_points_ok=False)
+    split = (f"{layout.split_fused[0]} stays in full precision while its siblings are quantized, and vLLM "
+             "loads q/k/v and gate/up as one linear, quantized whole or not at all") if layout.split_fused else None
+    marlin = split or marlin_problem(qc, shapes, zero_points_ok=False)
     if marlin is None:
         rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", True,
                                   "symmetric, 4/8-bit, Marlin group size and shapes (at tensor parallel 1)"))
     else:
         rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", False, marlin))
-    if qc.sym:
+    if split:
+        rows.append(EngineSupport("vLLM (gptq kernel, --quantization gptq)", False, split))
+    elif qc.sym:
         rows.append(EngineSupport("vLLM (gptq kernel, --quantization gptq)", True, "v1 zero points"))
     else:
         rows.append(EngineSupport("vLLM (gptq kernel, --quantization gptq)", True,
@@ -191,9 +198,20 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
                                   "late 2025); older versions decode garbage"))
     rows.append(EngineSupport("SGLang", marlin is None,
                               "same Marlin rules as vLLM" if marlin is None else f"Marlin path refuses: {marlin}"))
-    rows.append(EngineSupport("transformers (optimum + gptqmodel)", True,
-                              "GPTQModel reads gptq and gptq_v2"))
-    rows.append(EngineSupport("TGI", qc.sym, "v1 symmetric GPTQ" if qc.sym else "no gptq_v2 (asymmetric) support known"))
+    if layout.lm_head:
+        rows.append(EngineSupport("transformers (optimum + gptqmodel)", False,
+                                  "optimum quantizes decoder-layer linears only: the quantized lm_head would "
+                                  "load unset"))
+    else:
+        rows.append(EngineSupport("transformers (optimum + gptqmodel)", True,
+                                  "GPTQModel reads gptq and gptq_v2" + (
+                                      "; the linears kept in full precision are left out of "
+                                      "modules_in_block_to_quantize" if layout.skipped else "")))
+    if split:
+        rows.append(EngineSupport("TGI", False, split.replace("vLLM", "TGI")))
+    else:
+        rows.append(EngineSupport("TGI", qc.sym,
+                                  "v1 symmetric GPTQ" if qc.sym else "no gptq_v2 (asymmetric) support known"))
     return rows
 
 
@@ -204,26 +222,64 @@ def refuse_w8a8(ckpt: Checkpoint, fmt: str) -> None:
                         "write --format compressed-tensors or keep the llmq format")
 
 
-def _skipped_linears(ckpt: Checkpoint) -> list[str]:
-    """Decoder-layer linears left in full precision; refuses a model that quantizes a linear outside them."""
+# Sibling projections that vLLM loads as one fused linear (its packed_modules_mapping): quantized whole or
+# not at all, else it stops with "Detected some but not all shards ... are quantized".
+_VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """Which linears a gptq export quantizes, as GPTQ loaders need to be told."""
+
+    skipped: tuple[str, ...] = ()  # decoder-layer linears left in full precision
+    in_block: tuple[str, ...] = ()  # the quantized decoder-layer linears, as modules_in_block_to_quantize lists them
+    lm_head: bool = False  # the output head quantized too (GPTQModel's "lm_head": true)
+    split_fused: tuple[str, ...] = ()  # skipped linears whose vLLM fused siblings are quantized
+
+
+def _in_block(layers: str, quantized: list[str], linears: list[str]) -> tuple[str, ...]:
+    """modules_in_block_to_quantize's names (optimum matches their ends, vLLM finds them inside its
+    names): the names within a layer ("self_attn.q_proj") where each is quantized in every layer that
+    has it, else the full names."""
+    def split(name):
+        index, _, rest = name[len(layers) + 1:].partition(".")
+        return index, rest
+
+    quantized, quantized_rest = set(quantized), {split(n)[1] for n in quantized}
+    if all((split(name)[1] in quantized_rest) == (name in quantized) for name in linears):
+        return tuple(sorted(quantized_rest))
+    return tuple(sorted(quantized))
+
+
+def export_layout(ckpt: Checkpoint) -> ExportLayout:
+    """What ckpt quantizes, for its gptq config and engine report; refuses a model that quantizes a linear
+    that GPTQ checkpoints cannot hold (one outside the decoder layers other than the output head)."""
     refuse_w8a8(ckpt, QUANT_METHOD)
     quantized = set(ckpt.layer_shapes())
-    inside, outside = ckpt.linears
-    # GPTQ loaders quantize decoder-layer linears and keep the rest (lm_head ...) in full precision.
-    if any(n in quantized for n in outside):
-        raise LlmqError("GPTQ checkpoints quantize decoder-layer linears only, and this model quantizes "
-                        "a linear outside them: export with --format compressed-tensors")
-    return [n for n in inside if n not in quantized]
+    skeleton = ckpt.skeleton
+    if any(n in quantized and n != skeleton.head for n in skeleton.outside):
+        raise LlmqError("GPTQ checkpoints quantize decoder-layer linears (and the output head) only, and this "
+                        "model quantizes another linear outside them: export with --format compressed-tensors")
+    skipped = tuple(n for n in skeleton.inside if n not in quantized)
+    if not skipped:
+        return ExportLayout(lm_head=skeleton.head in quantized)
+    in_layers = sorted(n for n in quantized if n.startswith(skeleton.layers + "."))
+    split = tuple(n for n in skipped for group in _VLLM_FUSED
+                  if n.rpartition(".")[2] in group
+                  and any(f"{n.rpartition('.')[0]}.{sibling}" in quantized for sibling in group))
+    return ExportLayout(skipped, _in_block(skeleton.layers, in_layers, sorted(set(in_layers) | set(skipped))),
+                        skeleton.head in quantized, split)
 
 
 def _encode(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    _skipped_linears(ckpt)
+    export_layout(ckpt)
     return export_tensors(ckpt.tensors, ckpt.quant_config)
 
 
 def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
     shapes = ckpt.layer_shapes()
-    return engine_support(ckpt.quant_config, shapes) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes)
+    return engine_support(ckpt.quant_config, shapes, export_layout(ckpt)) + moe_engine_support(
+        QUANT_METHOD, ckpt.quant_config, shapes)
 
 
 def _g_idx_int32(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,7 +303,7 @@ FORMAT = Format(
     read=import_checkpoint,
     small_tensors=(".qzeros", ".scales", ".g_idx"),
     encode=_encode,
-    config=lambda ckpt: export_config(ckpt.quant_config, _skipped_linears(ckpt)),
+    config=lambda ckpt: export_config(ckpt.quant_config, export_layout(ckpt)),
     engines=_engines,
     in_flight=in_flight,
     extra_json="quantize_config.json",

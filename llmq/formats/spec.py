@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -38,8 +38,8 @@ class Checkpoint:
         return {name: (q.shape[1], q.shape[0] * codes_per_word(bits)) for name, q in packed.items()}
 
     @cached_property
-    def linears(self) -> tuple[list[str], list[str]]:
-        """(linears inside decoder layers, other linears) of the model, from a meta skeleton of its config."""
+    def skeleton(self) -> "Skeleton":
+        """Where the model's linears stand, from a meta skeleton of its config."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..arch import decoder_layers
@@ -52,7 +52,21 @@ class Checkpoint:
         prefix, _ = decoder_layers(model)
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         inside = [n for n in names if n.startswith(prefix + ".")]
-        return inside, [n for n in names if n not in inside]
+        head = model.get_output_embeddings()
+        return Skeleton(prefix, inside, [n for n in names if n not in inside],
+                        next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
+
+    @property
+    def linears(self) -> tuple[list[str], list[str]]:
+        """(linears inside decoder layers, other linears) of the model."""
+        return self.skeleton.inside, self.skeleton.outside
+
+
+class Skeleton(NamedTuple):
+    layers: str  # the decoder layers' prefix ("model.layers"); layer i's modules are "<layers>.<i>.<name>"
+    inside: list[str]  # linears inside decoder layers
+    outside: list[str]  # the other linears
+    head: str | None  # the output head's name ("lm_head")
 
 
 @dataclass(frozen=True)
