@@ -126,12 +126,22 @@ def test_in_flight_load_with_device_map_and_disk_offload(tmp_path, monkeypatch, 
         assert torch.equal(offloaded(ids).logits, expected)
 
 
-def test_a_model_loaded_in_flight_saves_as_native_llmq(tmp_path, monkeypatch):
-    folder = _foreign(tmp_path, **CASES["gptq-v1-sym"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_model_loaded_in_flight_saves_as_native_llmq(tmp_path, monkeypatch, case):
+    # Saved with save_pretrained, the file holds what `llmq convert` writes, tensor for tensor: the load's
+    # re-layouts are not undone (a compressed-tensors one, undone, wrote its tensors under a bare name).
+    folder = _foreign(tmp_path, **CASES[case])
     model, _ = _load_in_flight(folder, monkeypatch)
-    llmq.save(model, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")
     qcfg = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "llmq" and not any(k.startswith("_") for k in qcfg)
+    convert(folder, tmp_path / "converted", "llmq")
+    saved, converted = load_file(tmp_path / "saved" / "model.safetensors"), {}
+    for f in (tmp_path / "converted").glob("*.safetensors"):
+        converted.update(load_file(f))
+    assert saved.keys() == converted.keys()
+    for k in converted:
+        assert torch.equal(saved[k], converted[k]), k
     ids = random_ids()
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "saved")(ids).logits, model(ids).logits)

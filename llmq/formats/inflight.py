@@ -98,6 +98,13 @@ def load(path: str | os.PathLike, **hf_kwargs):
     config.quantization_config = {**foreign.quant_config.to_dict(), "_foreign": key}
     _IN_FLIGHT[key] = foreign
     try:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, **hf_kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, **hf_kwargs)
     finally:
         del _IN_FLIGHT[key]
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked for
+    # transformers keeps the conversions a load used, to undo them when the model is saved; the model
+    # now holds llmq's native tensors and saves as a native checkpoint, so its re-layouts are no longer
+    # the load's to undo (undone, a re-layout to several tensors wrote them under its stored name).
+    model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or ()
+                                 if not any(isinstance(op, _Relayout) for op in getattr(c, "operations", ()))]
+    return loaded
