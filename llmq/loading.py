@@ -258,7 +258,9 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
     converted to llmq's layout (no requantization) and run on llmq's kernels.
 
     Accepts everything AutoModelForCausalLM.from_pretrained accepts (dtype=,
-    device_map=, offload_folder=, ...). Registration with transformers happens
+    device_map=, offload_folder=, ...); with a device_map, offload_buffers
+    defaults to True, so that offloaded layers offload their quantized weights
+    (buffers) too. Registration with transformers happens
     on `import llmq`; calling this function guarantees it.
     """
     from transformers import AutoModelForCausalLM
@@ -266,6 +268,11 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
     from .hf import register
 
     register()
+    if hf_kwargs.get("device_map") is not None:
+        # Quantized weights are buffers, which accelerate keeps on the execution device unless told
+        # otherwise: offloaded layers would hold every quantized weight there (as transformers itself
+        # decides for its fp8 checkpoints).
+        hf_kwargs.setdefault("offload_buffers", True)
     source = str(path)
     check_source(source)
     config = read_config(source)

@@ -171,8 +171,10 @@ class QuantLinear(nn.Module):
         self.cpu_backend = self.default_cpu_backend
         self.cpu_prefill_dense = False
         self.act_order = self.default_act_order
-        # Set exactly while qweight's rows are sorted by group: x[..., perm] feeds the kernels.
-        self.register_buffer("perm", None, persistent=False)
+        # Set exactly while qweight's rows are sorted by group: x[..., perm] feeds the kernels. Never in a
+        # state dict (_checkpoint_layout_in_state_dict), yet registered as persistent: accelerate moves
+        # every non-persistent buffer name, and fails on one that holds None.
+        self.register_buffer("perm", None)
         self.register_state_dict_post_hook(_checkpoint_layout_in_state_dict)
 
     @classmethod
@@ -297,11 +299,13 @@ class QuantLinear(nn.Module):
                 self._place()
         return moved
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
         loading = any(prefix + name in state_dict for name in CHECKPOINT_BUFFERS)
         if prefix + "qweight" in state_dict:
             self.perm = None  # checkpoint-layout codes are copied over the sorted ones
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if prefix + "perm" in missing_keys:  # the layer's own sort order: no state dict holds it
+            missing_keys.remove(prefix + "perm")
         if loading:
             self._form.invalidate()
             self._place()
@@ -361,6 +365,7 @@ def _checkpoint_layout_in_state_dict(module, state_dict, prefix, local_metadata)
     # The state dict (and so every save) holds the checkpoint layout, never the sorted one.
     if module.perm is not None and prefix + "qweight" in state_dict:
         state_dict[prefix + "qweight"] = module.checkpoint_qweight()
+    state_dict.pop(prefix + "perm", None)
 
 
 def set_cpu_backend(model: nn.Module, backend: str = "auto", prefill_dense: bool = False) -> None:
