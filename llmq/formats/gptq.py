@@ -241,13 +241,13 @@ def _in_block(layers: str, quantized: list[str], linears: list[str]) -> tuple[st
     """modules_in_block_to_quantize's names (optimum matches their ends, vLLM finds them inside its
     names): the names within a layer ("self_attn.q_proj") where each is quantized in every layer that
     has it, else the full names."""
-    def split(name):
-        index, _, rest = name[len(layers) + 1:].partition(".")
-        return index, rest
+    def within(name):  # "model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"
+        return name[len(layers) + 1:].partition(".")[2]
 
-    quantized, quantized_rest = set(quantized), {split(n)[1] for n in quantized}
-    if all((split(name)[1] in quantized_rest) == (name in quantized) for name in linears):
-        return tuple(sorted(quantized_rest))
+    quantized = set(quantized)
+    quantized_within = {within(n) for n in quantized}
+    if all((within(name) in quantized_within) == (name in quantized) for name in linears):
+        return tuple(sorted(quantized_within))
     return tuple(sorted(quantized))
 
 
