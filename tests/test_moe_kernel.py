@@ -191,3 +191,28 @@ def test_a_block_no_grouped_kernel_runs_has_no_grouped_form():
     _, (hidden, index, weights) = _block_inputs(5, seed=7)
     with pytest.raises(RuntimeError, match="no grouped kernel runs this block"):
         q.grouped_forward(hidden, index, weights)
+
+
+@pytest.mark.parametrize("scheme", ["weight-only", "w8a8"])
+def test_the_stacked_experts_go_with_the_tensors_an_offloading_hook_took_out(scheme):
+    """accelerate's offloading hooks put each block's tensors in for its call and replace them by meta
+    tensors after it: the stacked copy built in the call must go with them, not stay on the device."""
+    import gc
+
+    from accelerate.utils import set_module_tensor_to_device
+
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from conftest import tiny_model
+
+    qc = QuantConfig(scheme="w8a8") if scheme == "w8a8" else QuantConfig(group_size=16, sym=False)
+    model = llmq.quantize(tiny_model("mixtral"), qc, progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    assert q._grouped_form() is not None and q._grouped_form() is q._grouped_form()  # kept while its tensors live
+    for linear in q._quant_linears():
+        for name, tensor in list(linear.named_buffers()):
+            if tensor is not None:
+                set_module_tensor_to_device(linear, name, "meta")
+    gc.collect()
+    assert "_grouped" not in q.__dict__

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmq
-from llmq import QuantConfig
+from llmq import QuantConfig, QuantLinear
 from conftest import random_ids, tiny_model
 
 CASES = {
@@ -49,3 +49,5 @@ def test_offloaded_model_computes_as_in_memory(checkpoint, tmp_path, load):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    if not resident:  # nor do the CPU kernels' forms of the weights stay after the calls
+        assert not [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m._form.cpu is not None]

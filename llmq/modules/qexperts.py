@@ -47,6 +47,7 @@ processes where each row lies in the whole calibration batch.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -187,6 +188,11 @@ class QuantExperts(nn.Module):
             sides.append(side)
         self.__dict__["_grouped"] = sides
         self.__dict__["_grouped_key"] = key
+        # The copy lives no longer than the tensors it was made from: where an offloading hook puts the
+        # experts in for each call and takes them out after it (accelerate), it is dropped with them,
+        # instead of holding every offloaded block's experts on the device between calls.
+        source = linears[0]._buffers["weight" if kind == "int8" else "qweight"]
+        weakref.finalize(source, _forget_grouped, self.__dict__, key)
         return sides
 
     def grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -268,6 +274,13 @@ class QuantExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, projections={self.up_names + (self.down_name,)}, "
                 f"gate={type(self.template).__name__ if self.has_gate else 'none'}")
+
+
+def _forget_grouped(state: dict, key: tuple) -> None:
+    """Drop a QuantExperts' stacked copy (its __dict__ `state`) if it is still the one built for `key`."""
+    if state.get("_grouped_key") == key:
+        state.pop("_grouped", None)
+        state.pop("_grouped_key", None)
 
 
 def _stack_packed(per: list[list[QuantLinear]]) -> dict:
