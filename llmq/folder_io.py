@@ -49,6 +49,9 @@ def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[list[int], st
 def read_folder_config(folder: str | os.PathLike) -> dict:
     """config.json of a local model or checkpoint folder, with a clear error when absent or damaged."""
     cfg = Path(folder) / "config.json"
+    if not Path(folder).exists():
+        raise LlmqError(f"{folder} is not a local folder: pass a model or checkpoint folder (a model on the "
+                        "Hugging Face hub: download it first, `hf download ID --local-dir DIR`)")
     if not cfg.is_file():
         raise LlmqError(f"{folder} has no config.json: pass a Hugging Face model or checkpoint folder")
     try:

@@ -25,8 +25,15 @@ from pathlib import Path
 from .errors import InterruptedWork, LlmqError
 
 # The non-weight files a model folder needs: configs, the weights index,
-# tokenizer files, chat templates. Weights come one shard at a time (path()).
+# tokenizer files, chat templates (transformers reads a model's further named
+# templates from additional_chat_templates/). Weights come one shard at a time (path()).
 SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+SMALL_FILES_IN_FOLDERS = ("additional_chat_templates/*.jinja",)
+
+
+def _small(name: str) -> bool:
+    patterns = SMALL_FILES_IN_FOLDERS if "/" in name else SMALL_FILES
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def _why(e: Exception) -> str:
@@ -41,8 +48,11 @@ def _hub_error(repo_id: str, what: str, e: Exception) -> LlmqError:
         return LlmqError(f"{repo_id} is a gated model on the Hugging Face hub ({_why(e)}): accept its license "
                          "on the hub and log in (`hf auth login`), or download it and pass its folder")
     if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
-        return LlmqError(f"no model {repo_id!r} on the Hugging Face hub ({_why(e)}): check the id, or pass the "
-                         "folder of a downloaded model")
+        return LlmqError(f"no model {repo_id!r} on the Hugging Face hub ({_why(e)}): check the id (a private "
+                         "model needs a token: `hf auth login` or HF_TOKEN), or pass the folder of a downloaded model")
+    if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
+        return LlmqError(f"the Hugging Face hub refused access to {repo_id} ({_why(e)}): check your token "
+                         "(`hf auth login` or HF_TOKEN), or pass the folder of a downloaded model")
     return InterruptedWork(f"could not {what} of {repo_id} from the Hugging Face hub ({_why(e)}): check your "
                            "network and rerun (a streamed run keeps its finished layers: add --resume), or "
                            "download the model and pass its folder")
@@ -74,29 +84,69 @@ class HubModel:
         return str(local)
 
 
+def model_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """The files of a hub model, refused in one line where it is none that llmq reads: no config.json,
+    or pickled weights only (transformers would then quietly take the safetensors of an open
+    conversion pull request, another revision, or run the hub's conversion service)."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        names = list_repo_files(repo_id, revision=revision)
+    except Exception as e:
+        raise _hub_error(repo_id, "list the files", e) from e
+    if "config.json" not in names:
+        raise LlmqError(f"{repo_id} on the Hugging Face hub has no config.json: it is not a transformers model")
+    if not any(n.endswith(".safetensors") for n in names):
+        from .loading import BIN_FIX
+
+        raise LlmqError(f"{repo_id} on the Hugging Face hub has no safetensors weights, and llmq never loads "
+                        f"pickled ones: {BIN_FIX}")
+    return names
+
+
+def hub_config(repo_id: str, revision: str | None = None) -> dict:
+    """config.json of a hub model, downloaded into the hub cache (after model_files' checks)."""
+    from huggingface_hub import hf_hub_download
+
+    from .folder_io import read_folder_config
+
+    model_files(repo_id, revision)
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except Exception as e:
+        raise _hub_error(repo_id, "download config.json", e) from e
+    return read_folder_config(config.parent)
+
+
+def hub_checkpoint(repo_id: str, revision: str | None = None) -> str:
+    """A local snapshot folder holding a hub checkpoint's files: configs, tokenizer and safetensors
+    weights (what a conversion as the weights are read needs, which reads the folder's files)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=[*SMALL_FILES, *SMALL_FILES_IN_FOLDERS, "*.safetensors"])
+    except Exception as e:
+        raise _hub_error(repo_id, "download the checkpoint", e) from e
+
+
 def open_hub_model(repo_id: str) -> HubModel:
     """The model at repo_id with its small files downloaded and its shards' headers read (no weights).
 
     Raises LlmqError, in one line, when the hub does not answer, the model does
     not exist or is gated, or the repository holds no safetensors weights.
     """
-    from huggingface_hub import get_safetensors_metadata, hf_hub_download, list_repo_files
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
 
-    try:
-        names = list_repo_files(repo_id)
-    except Exception as e:
-        raise _hub_error(repo_id, "list the files", e) from e
-    if "config.json" not in names:
-        raise LlmqError(f"{repo_id} on the Hugging Face hub has no config.json: it is not a transformers model")
+    names = model_files(repo_id)
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as e:
         raise _hub_error(repo_id, "download config.json", e) from e
     # snapshots/<commit>/config.json: later files come from the same commit.
     revision = config.parent.name if config.parent.parent.name == "snapshots" else None
-    small = [n for n in names if n != "config.json" and "/" not in n
-             and any(fnmatch.fnmatch(n, p) for p in SMALL_FILES)]
+    small = [n for n in names if n != "config.json" and _small(n)]
     for name in small:
         try:
             hf_hub_download(repo_id, name, revision=revision)

@@ -48,6 +48,16 @@ def read_config(source: str | os.PathLike) -> dict | None:
     return read_folder_quant_config(source)
 
 
+def source_config(source: str | os.PathLike, revision: str | None = None) -> dict:
+    """config.json of a local folder or of a hub model (a source check_source let through)."""
+    config = read_config(source)
+    if config is None:
+        from .hub import hub_config
+
+        config = hub_config(str(source), revision)
+    return config
+
+
 def check_source(source: str) -> None:
     """Refuse a source that is no model folder and no reachable hub id, before any work."""
     if not str(source).strip():
@@ -133,7 +143,12 @@ def check_model_source(source: str) -> dict | None:
 
     check_source(source)
     config = read_config(source)
-    if config is None:
+    if config is None:  # a hub id: its config.json and file list, before transformers fetches anything
+        from .hub import hub_config
+
+        config = hub_config(source)
+        refuse_quantized(source, config, {})
+        _refuse_unknown_architecture(source, config)
         return None
     refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
     _refuse_unknown_architecture(source, config)
@@ -275,27 +290,31 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         hf_kwargs.setdefault("offload_buffers", True)
     source = str(path)
     check_source(source)
-    config = read_config(source)
-    if config is not None:
-        qc = config.get("quantization_config")
-        if not qc:
-            raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
-                            "load it with transformers directly, or quantize it with `llmq quantize`")
-        from .formats.table import IN_FLIGHT_FORMATS, READ_FORMATS
+    on_hub = not Path(source).is_dir()
+    config = source_config(source, hf_kwargs.get("revision"))  # a hub model's says what it is, as a folder's
+    qc = config.get("quantization_config")
+    if not qc:
+        raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
+                        "load it with transformers directly, or quantize it with `llmq quantize`")
+    from .formats.table import IN_FLIGHT_FORMATS, READ_FORMATS
 
-        if qc.get("quant_method") in IN_FLIGHT_FORMATS:
-            # Foreign layouts are converted to llmq's as transformers reads them (codes bit-exact, no copy on
-            # disk) and run on llmq's kernels.
-            from .formats.inflight import load
+    if qc.get("quant_method") in IN_FLIGHT_FORMATS:
+        # Foreign layouts are converted to llmq's as transformers reads them (codes bit-exact, no copy on
+        # disk) and run on llmq's kernels.
+        from .formats.inflight import load
 
-            return load(source, **hf_kwargs)
-        if qc.get("quant_method") != "llmq":
-            raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
-                            f"(it reads {', '.join(READ_FORMATS)})")
+        if on_hub:  # the conversion reads the folder's files: the checkpoint comes down first
+            from .hub import hub_checkpoint
+
+            return load(hub_checkpoint(source, hf_kwargs.pop("revision", None)), **hf_kwargs)
+        return load(source, **hf_kwargs)
+    if qc.get("quant_method") != "llmq":
+        raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
+                        f"(it reads {', '.join(READ_FORMATS)})")
     hf_kwargs.setdefault("use_safetensors", True)  # never unpickle
     try:
         return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
     except OSError as e:
-        if config is None:
+        if on_hub:
             raise _from_hub_error(source, e) from e
         raise

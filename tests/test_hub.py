@@ -8,11 +8,13 @@ had reached. The safetensors headers it serves are parsed from the files'
 bytes here, independently of llmq's reader.
 """
 
+import fnmatch
 import json
 import struct
 import time
 
 import huggingface_hub
+import pytest
 import torch
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
@@ -32,6 +34,7 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub, "list_repo_files", self.list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
         monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", self.get_safetensors_metadata)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
         monkeypatch.setattr(loading, "hub_unreachable", lambda: None)
         load = stream.LayerStreamer.load
 
@@ -54,7 +57,7 @@ class FakeHub:
 
     def list_repo_files(self, repo_id, **kw):
         self._check(repo_id)
-        return sorted(p.name for p in self.folder.iterdir())
+        return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
 
     def hf_hub_download(self, repo_id, filename, revision=None, **kw):
         self._check(repo_id)
@@ -62,10 +65,16 @@ class FakeHub:
         if filename == self.fail:
             raise huggingface_hub.errors.LocalEntryNotFoundError("Connection reset by peer")
         self.downloads.append((filename, time.monotonic(), self.loaded[-1] if self.loaded else None))
-        self.snapshot.mkdir(parents=True, exist_ok=True)
         target = self.snapshot / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((self.folder / filename).read_bytes())
         return str(target)
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kw):
+        for name in self.list_repo_files(repo_id):
+            if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                self.hf_hub_download(repo_id, name, revision)
+        return str(self.snapshot)
 
     def get_safetensors_metadata(self, repo_id, revision=None, **kw):
         self._check(repo_id)
@@ -179,3 +188,74 @@ def test_unknown_hub_model_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["quantize", "owner/missing", str(tmp_path / "out"), "--method", "rtn", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmq: error: no model 'owner/missing' on the Hugging Face hub") and "\n" not in err
+    assert "a private model needs a token" in err  # the hub answers a private model as a missing one
+
+
+def test_a_refused_token_and_commands_that_read_folders_only_are_one_line(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(tmp_path, tmp_path / "cache", monkeypatch)
+
+    def refused(repo_id, **kw):
+        try:
+            from httpx2 import Request, Response
+        except ImportError:
+            from httpx import Request, Response
+        url = f"https://huggingface.co/api/models/{repo_id}"
+        raise huggingface_hub.errors.HfHubHTTPError("401 Client Error: Invalid credentials",
+                                                    response=Response(401, request=Request("GET", url)))
+
+    monkeypatch.setattr(hub, "list_repo_files", refused)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", refused)
+    assert main(["quantize", REPO, str(tmp_path / "out"), "--method", "rtn", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refused access" in err and "hf auth login" in err and "--resume" not in err and "\n" not in err
+    for command in (["info", REPO], ["convert", REPO, str(tmp_path / "c"), "--format", "gptq"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is not a local folder" in err and "hf download" in err and "\n" not in err
+
+
+def test_a_hub_model_keeps_its_named_chat_templates(tmp_path, monkeypatch):
+    # transformers reads a model's further chat templates from additional_chat_templates/ (the route that
+    # loads the whole model through transformers fetches them itself).
+    src = tmp_path / "m"
+    model_folder_with_text(src, "llama")
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    FakeHub(src, tmp_path / "cache", monkeypatch)
+    assert main(["quantize", REPO, str(tmp_path / "q"), "--method", "rtn", "--group-size", "32", "--quiet"]) == 0
+    assert (tmp_path / "q" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
+
+
+@pytest.mark.parametrize("route", [[], ["--no-stream"]])
+def test_a_hub_model_with_pickled_weights_only_is_refused_on_every_route(tmp_path, monkeypatch, capsys, route):
+    # transformers, asked for safetensors, would take those of an open conversion pull request instead.
+    src = tmp_path / "m"
+    model_folder_with_text(src, "llama")
+    for f in src.glob("*.safetensors*"):
+        f.unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not read")
+    FakeHub(src, tmp_path / "cache", monkeypatch)
+    assert main(["quantize", REPO, str(tmp_path / "q"), "--method", "rtn", *route, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no safetensors weights" in err and "\n" not in err, err
+
+
+def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch):
+    # Its config.json, read from the hub as a folder's is, sends it to the conversion as it is read
+    # (transformers' own GPTQ loading needs optimum), for llmq.from_pretrained and llmq eval alike.
+    import llmq
+    from llmq.eval.models import quant_method
+    from llmq.formats.convert import convert
+
+    src = tmp_path / "m"
+    model_folder_with_text(src, "llama")
+    assert main(["quantize", str(src), str(tmp_path / "native"), "--method", "rtn", "--group-size", "32",
+                 "--quiet"]) == 0
+    convert(tmp_path / "native", tmp_path / "g", "gptq")
+    FakeHub(tmp_path / "g", tmp_path / "cache", monkeypatch)
+    assert quant_method(REPO) == "gptq"
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(REPO)(ids).logits,
+                           llmq.from_pretrained(tmp_path / "native")(ids).logits)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import check_positions, text_span, tokenize, window_bos
 from ..errors import LlmqError
-from ..loading import read_config, resolve_device
+from ..loading import resolve_device, source_config
 from ..outdir import test_point
 from .metrics import auto_batch_size, perplexity, vocab_size
 from .models import describe, load_any, load_tokenizer, size_on_disk
@@ -156,7 +156,7 @@ def _check_configs(models, names, seqlen: int) -> None:
     positions than a window."""
     sizes = []
     for entry, name in zip(models, names):
-        config = read_config(entry) if isinstance(entry, (str, os.PathLike)) else None
+        config = source_config(entry) if isinstance(entry, (str, os.PathLike)) else None
         if config:
             check_positions(config, seqlen)
         if config and config.get("vocab_size"):

@@ -7,17 +7,14 @@ from pathlib import Path
 
 from ..errors import LlmqError
 from ..formats.table import READ_FORMATS
-from ..loading import from_pretrained, load_model, load_tokenizer, read_config, resolve_dtype  # noqa: F401
+from ..loading import from_pretrained, load_model, load_tokenizer, resolve_dtype, source_config  # noqa: F401
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def quant_method(source: str) -> str | None:
-    """quantization_config.quant_method of a local folder's config.json, else None."""
-    config = read_config(source)
-    if not config:
-        return None
-    qc = config.get("quantization_config")
+    """quantization_config.quant_method of a model folder's or hub model's config.json, or None."""
+    qc = source_config(source).get("quantization_config")
     return qc.get("quant_method") if qc else None
 
 
