@@ -130,6 +130,17 @@ def hub_checkpoint(repo_id: str, revision: str | None = None) -> str:
         raise _hub_error(repo_id, "download the checkpoint", e) from e
 
 
+def cached_model(repo_id: str) -> str | None:
+    """The hub cache's copy of a model (the revision last downloaded), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not in the cache: the hub client's own error types
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
+
+
 def open_hub_model(repo_id: str) -> HubModel:
     """The model at repo_id with its small files downloaded and its shards' headers read (no weights).
 

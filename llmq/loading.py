@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def read_config(source: str | os.PathLike) -> dict | None:
 
 def source_config(source: str | os.PathLike, revision: str | None = None) -> dict:
     """config.json of a local folder or of a hub model (a source check_source let through)."""
-    config = read_config(source)
+    config = read_config(check_source(str(source)))
     if config is None:
         from .hub import hub_config
 
@@ -58,8 +59,10 @@ def source_config(source: str | os.PathLike, revision: str | None = None) -> dic
     return config
 
 
-def check_source(source: str) -> None:
-    """Refuse a source that is no model folder and no reachable hub id, before any work."""
+def check_source(source: str) -> str:
+    """Refuse a source that is no model folder and no reachable hub id, before any work; returns where
+    to read it: the source, or for a hub id while the hub is unreachable, the hub cache's copy of it
+    (where transformers, offline, reads it too)."""
     if not str(source).strip():
         raise LlmqError("the model is an empty name: pass a model folder or a hub id")
     path = Path(source)
@@ -71,11 +74,19 @@ def check_source(source: str) -> None:
     if not path.exists():
         unreachable = hub_unreachable()
         if unreachable:
+            from .hub import cached_model
+
+            cached = cached_model(str(source))
+            if cached is not None:
+                warnings.warn(f"the Hugging Face hub is unreachable ({unreachable}): {source} is read from its "
+                              f"copy in the hub cache, {cached}", stacklevel=2)
+                return cached
             hint = ""
             if Path(source).parent.is_dir():
                 hint = f" (there is a local folder {Path(source).parent}: check the path if you meant a folder)"
-            raise LlmqError(f"model {source!r} is not a local folder; hub unreachable ({unreachable}){hint}: "
-                            "pass the path of a downloaded model folder")
+            raise LlmqError(f"model {source!r} is not a local folder nor in the hub cache; hub unreachable "
+                            f"({unreachable}){hint}: pass the path of a downloaded model folder")
+    return str(source)
 
 
 _hub_state: dict[str, str | None] = {}
@@ -137,11 +148,11 @@ def check_model_source(source: str) -> dict | None:
     """Refuse a source that is neither a model folder nor a hub id, is already quantized (any known
     format), or whose weight files are damaged, before anything is loaded.
 
-    Returns the folder's config.json (None for a hub id).
+    Returns (where to read it, as check_source says; the folder's config.json, None for a hub id).
     """
     from .folder_io import read_header
 
-    check_source(source)
+    source = check_source(source)
     config = read_config(source)
     if config is None:  # a hub id: its config.json and file list, before transformers fetches anything
         from .hub import hub_config
@@ -149,10 +160,10 @@ def check_model_source(source: str) -> dict | None:
         config = hub_config(source)
         refuse_quantized(source, config, {})
         _refuse_unknown_architecture(source, config)
-        return None
+        return source, None
     refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
     _refuse_unknown_architecture(source, config)
-    return config
+    return source, config
 
 
 def _refuse_unknown_architecture(source: str, config: dict) -> None:
@@ -210,8 +221,7 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **k
     """
     from transformers import AutoModelForCausalLM
 
-    source = str(source)
-    config = check_model_source(source)
+    source, config = check_model_source(str(source))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True,
@@ -288,8 +298,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         # otherwise: offloaded layers would hold every quantized weight there (as transformers itself
         # decides for its fp8 checkpoints).
         hf_kwargs.setdefault("offload_buffers", True)
-    source = str(path)
-    check_source(source)
+    source = check_source(str(path))
     on_hub = not Path(source).is_dir()
     config = source_config(source, hf_kwargs.get("revision"))  # a hub model's says what it is, as a folder's
     qc = config.get("quantization_config")

@@ -81,8 +81,7 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
     from transformers import AutoConfig
     from transformers.modeling_utils import _get_dtype
 
-    source = str(source)
-    check_model_source(source)
+    source, _ = check_model_source(str(source))
     state_dict = None
     if Path(source).is_dir():
         folder = source

@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import llmq
 from llmq import outdir
 from llmq.cli import main
 from llmq.errors import LlmqError
-from conftest import tiny_model
+from conftest import checkpoint_tensors, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = ["--group-size", "32", "--quiet"]
@@ -690,12 +691,33 @@ def test_hub_id_fails_fast_when_unreachable(tmp_path, capsys, monkeypatch, fresh
     (tmp_path / "models").mkdir()
     start = time.monotonic()
     code, _, err = _run(capsys, "quantize", "someone/model", tmp_path / "q", *QUANT)
-    _one_error(code, err, "'someone/model' is not a local folder; hub unreachable")
+    _one_error(code, err, "'someone/model' is not a local folder nor in the hub cache; hub unreachable")
     (tmp_path / "t.txt").write_text("text " * 100)
     code, _, err = _run(capsys, "eval", "models/tiny", "--dataset", "t.txt", "--quiet")  # a mistyped path
     _one_error(code, err, "hub unreachable", "there is a local folder models")
     assert time.monotonic() - start < 10
     assert not (tmp_path / "q").exists()
+
+
+def test_a_cached_hub_model_is_read_from_the_cache_when_the_hub_is_unreachable(tmp_path, capsys, monkeypatch,
+                                                                              fresh_hub_state, model_dir):
+    """As transformers reads it offline: the hub cache's snapshot of the model's last downloaded revision."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--someone--model" / "snapshots" / "0123abcd"
+    shutil.copytree(model_dir, snapshot)
+    (cache / "models--someone--model" / "refs").mkdir()
+    (cache / "models--someone--model" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["quantize", str(model_dir), str(tmp_path / "local"), *QUANT]) == 0
+    with pytest.warns(UserWarning, match="read from its copy in the hub cache"):
+        assert main(["quantize", "someone/model", str(tmp_path / "cached"), *QUANT]) == 0
+    a, b = checkpoint_tensors(tmp_path / "local"), checkpoint_tensors(tmp_path / "cached")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- 12. eval's reference store: removed on SIGTERM, and after a kill by the next run ------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import LlmqError
 from ..formats.table import READ_FORMATS
-from ..loading import from_pretrained, load_model, load_tokenizer, resolve_dtype, source_config  # noqa: F401
+from ..loading import check_source, from_pretrained, load_model, load_tokenizer, resolve_dtype, source_config
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -26,7 +26,7 @@ def load_any(source: str | os.PathLike, dtype="auto"):
     go to transformers' own loader, which needs their packages installed. A failure of that loader
     is a one-line LlmqError.
     """
-    source = str(source)
+    source = check_source(str(source))  # a hub id while the hub is unreachable: its cached copy
     method = quant_method(source)
     if method is None:
         return load_model(source, dtype)
