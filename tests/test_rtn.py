@@ -74,6 +74,17 @@ def test_all_zero_group_is_exact():
         assert bool((qw.dequantize()[0] == 0).all())
 
 
+@pytest.mark.parametrize("bits,sym,size", [(8, True, 1e-4), (8, False, 1e-4), (4, True, 1e-5), (4, False, 1e-7)])
+def test_groups_of_tiny_weights_keep_their_values(bits, sym, size):
+    # Scales below fp16's smallest normal value (6.1e-5) are subnormal, or its smallest positive value:
+    # such groups were given scale 1, every weight quantized to 0.
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits)).double() * size
+    qw = rtn_quantize(w.float(), bits, 32, sym, torch.float16)
+    assert bool((qw.scales > 0).all()) and bool((qw.scales.float() < 1e-4).all())
+    deq = (qw.codes.double() - qw.zeros.double().repeat_interleave(32, 1)) * qw.scales.double().repeat_interleave(32, 1)
+    assert (deq - w).norm() / w.norm() < (0.02 if bits == 8 else 0.3)
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         rtn_quantize(torch.randn(8, 96), 4, 64, True, torch.float16)

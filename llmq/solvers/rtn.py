@@ -10,9 +10,12 @@ Asymmetric: the range [min(w, 0), max(w, 0)] (zero is always inside, so the
 integer zero point lies in the code range) is split into 2^b - 1 steps,
 s = (max - min) / (2^b - 1), z = round(-min / s).
 
-In both cases every weight is within half a step s/2 of its dequantized value.
-Scales are rounded to their storage dtype before the codes are chosen, so
-dequantizing the stored tensors gives exactly what the solver measured.
+Symmetric groups keep every weight within half a step s/2 of its dequantized
+value; the integer zero point of an asymmetric group shifts its grid by up to
+half a step, so its extreme weights can be up to a step away. Scales are rounded
+to their storage dtype before the codes are chosen, so dequantizing the stored
+tensors gives exactly what the solver measured (and the rounding moves the
+extremes by a further (2^b - 1) times its relative error).
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ def qparams_of_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: boo
     else:
         scale = (wmax - wmin) / maxq
         zero = None
+    exact = scale
     scale = scale.to(scale_dtype).float()
-    # An all-zero group: any positive scale represents it exactly.
-    tiny = torch.finfo(scale_dtype).tiny
-    scale = torch.where(scale <= tiny, torch.ones_like(scale), scale)
+    # An all-zero group: any positive scale represents it exactly. A group of weights so small that
+    # its scale rounds to 0 in scale_dtype (fp16: below 6e-8) takes the dtype's smallest positive
+    # value; smaller scales that fp16 holds as subnormals are kept as they are (replaced by 1, the
+    # group's weights all quantized to 0).
+    smallest = torch.finfo(scale_dtype).tiny * torch.finfo(scale_dtype).eps
+    scale = torch.where(exact == 0, torch.ones_like(scale), scale.clamp(min=smallest))
     if zero is None:
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
