@@ -201,10 +201,19 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
                                "before triton is imported")
         y = tq.int8_matmul(x2, weight, weight_scale, input_scale, bias, "auto" if path == "triton" else path)
     elif path in _CPU_KERNELS:
-        y = _CPU_KERNELS[path](x2, int8_weight(weight, weight_scale), input_scale, bias, x.dtype)
+        y = _keep_nan_rows(x2, _CPU_KERNELS[path](x2, int8_weight(weight, weight_scale), input_scale, bias, x.dtype),
+                           input_scale)
     else:
-        y = int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype)
+        y = _keep_nan_rows(x2, int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype), input_scale)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _keep_nan_rows(x2: torch.Tensor, y: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """A static scale turns a NaN input into a finite int8 code (dynamic ones make the row's scale NaN):
+    the rows of NaN inputs get NaN outputs back, as a float matmul gives them (one reduction over x)."""
+    if input_scale is not None and bool(torch.isnan(x2).any()):
+        y[torch.isnan(x2).any(-1)] = float("nan")
+    return y
 
 
 def cpu_int8_linear(x: torch.Tensor, w: Int8Weight, input_scale: torch.Tensor | None = None,
@@ -217,7 +226,7 @@ def cpu_int8_linear(x: torch.Tensor, w: Int8Weight, input_scale: torch.Tensor | 
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    y = _CPU_KERNELS[cpu_kernel(m)](x2, w, input_scale, bias, x.dtype)
+    y = _keep_nan_rows(x2, _CPU_KERNELS[cpu_kernel(m)](x2, w, input_scale, bias, x.dtype), input_scale)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 

@@ -157,6 +157,7 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         with _visiting(layers, i, device, streamer) as layer:
             args, kwargs = to_device(per_layer[i], device)
             hidden, status = step(i, layer, hidden.to(device), args, kwargs)
+            _check_quantized_layer(i, layer)
             hidden = store.put(hidden)
         if streamer is not None:
             streamer.release(i, hidden)
@@ -182,10 +183,31 @@ def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, 
     for i in bar:
         with _visiting(layers, i, device, streamer) as layer:
             _, status = step(i, layer, None, (), {})
+            _check_quantized_layer(i, layer)
         if streamer is not None:
             streamer.release(i, None)
         if status:
             bar.set_postfix_str(status)
+
+
+def check_quantized(name: str, tensor: torch.Tensor, model_dtype: torch.dtype | None = None) -> None:
+    """Refuse, by name, a tensor that quantizing left NaN or infinite (the model's own tensors were
+    checked finite before): a scale past its dtype's range, or calibration activations that overflow
+    the model's. A checkpoint holding it would not load."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        from .errors import LlmqError
+
+        narrow = torch.float16 if torch.float16 in (tensor.dtype, model_dtype) else tensor.dtype
+        raise LlmqError(f"quantizing left {name} with NaN or infinite values: its weights or the calibration "
+                        f"activations exceed the range of {str(narrow).removeprefix('torch.')}; quantize with "
+                        "--dtype bfloat16 (float32's range in 16 bits), or keep the layer in full precision "
+                        "(--skip)")
+
+
+def _check_quantized_layer(index: int, layer: nn.Module) -> None:
+    model_dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), None)
+    for name, tensor in (*layer.named_buffers(), *layer.named_parameters()):
+        check_quantized(f"layer {index}'s {name}", tensor, model_dtype)
 
 
 def layer_output(out) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .engine import check_quantized
 from .outdir import atomic_folder
 from .loading import resolve_device
 from .memory import return_freed_memory_promptly
@@ -65,6 +66,7 @@ def quantize_rtn_shards(skeleton: Skeleton, out: str | os.PathLike, config: Quan
                 w = tensor.to(device)
                 qw = rtn_quantize(w, config.bits, config.group_size_for(w.shape[1]), config.sym, sdtype)
                 for name, packed in qw.packed().items():
+                    check_quantized(f"{module_name}.{name}", packed)
                     writer.add(f"{module_name}.{name}", packed)
                 del w, qw
             elif leaf == "bias":

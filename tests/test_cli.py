@@ -93,6 +93,23 @@ def test_nan_weights(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.parametrize("route", [["--no-stream"], ["--stream"], []])  # in memory, streamed, shard by shard
+def test_weights_past_the_scales_range_are_refused_by_name(tmp_path, capsys, route):
+    # An fp32 model's scales are fp16: a weight of 1e6 needs a 4-bit scale past fp16's 65504. The
+    # checkpoint would hold an infinite scale, which loading refuses.
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = 1e6
+    model.save_pretrained(tmp_path / "m")
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32",
+                        "--method", "rtn", *route)
+    _assert_clean_failure(code, err, tmp_path, "mlp.up_proj.scales")
+    assert "--dtype bfloat16" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32", "--method", "rtn",
+                 "--dtype", "bfloat16", *route, "--quiet"]) == 0  # bf16 scales hold it
+
+
 def test_non_empty_output(tmp_path, tiny_llama_dir, capsys):
     out = tmp_path / "q"
     out.mkdir()

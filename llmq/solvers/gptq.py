@@ -348,7 +348,8 @@ def _check(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, da
     if damp < 0 or block_size <= 0:
         raise LlmqError(f"GPTQ needs damp >= 0 and block_size > 0 (got {damp}, {block_size})")
     if not bool(torch.isfinite(H).all()):
-        raise LlmqError("GPTQ Hessian has inf/nan entries: the calibration activations overflowed")
+        raise LlmqError("GPTQ Hessian has inf/nan entries: the calibration activations overflowed; quantize "
+                        "with --dtype bfloat16 (float32's range in 16 bits)")
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: bool,
