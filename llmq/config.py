@@ -130,6 +130,8 @@ class QuantConfig:
                 fail(name, "True or False")
         if self.desc_act is not None and not isinstance(self.desc_act, bool):
             fail("desc_act", "True, False or None")
+        if isinstance(self.group_size, bool):  # True would be the group size 1
+            fail("group_size", "an integer such as 128, or -1 for one group per row")
         for name in ("bits", "moe_min_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -136,6 +136,7 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     model.eval()
     if layers is None:
         _, layers = arch.decoder_layers(model)
+    _warn_if_few_tokens(input_ids, layers)
     input_ids = distributed.my_windows(input_ids)  # several processes: each runs its share
     hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
     if streamer is not None:
@@ -188,6 +189,19 @@ def each_layer(layers: nn.ModuleList, step: LayerStep, *, device: torch.device, 
             streamer.release(i, None)
         if status:
             bar.set_postfix_str(status)
+
+
+def _warn_if_few_tokens(input_ids: torch.Tensor, layers: nn.ModuleList) -> None:
+    """Calibration with fewer tokens than a linear has inputs: its statistics (GPTQ's Hessian, AWQ's
+    and SmoothQuant's activation ranges) rest on too few samples, and the result can be worse than
+    round-to-nearest's, silently."""
+    widest = max((m.in_features for m in layers.modules() if isinstance(m, nn.Linear)), default=0)
+    if input_ids.numel() < widest:
+        import warnings
+
+        warnings.warn(f"calibration holds {input_ids.numel()} tokens, fewer than the {widest} inputs of the "
+                      "widest linear: its statistics rest on too few samples and can do worse than RTN; "
+                      "calibrate on more (--nsamples, --seqlen)", stacklevel=3)
 
 
 def check_quantized(name: str, tensor: torch.Tensor, model_dtype: torch.dtype | None = None) -> None:

@@ -127,7 +127,7 @@ def test_short_config_spec_of_the_scripts():
     ("sym", "false"), ("sym", None), ("desc_act", "yes"), ("clip_search", "no"), ("keep_routers", 0),
     ("static_groups", 1), ("bits", 4.0), ("bits", True), ("damp", "0.01"), ("damp", None),
     ("modules_to_not_convert", "lm_head"), ("modules_to_not_convert", [1, 2]), ("moe_min_tokens", True),
-    ("calibration", "x"), ("smooth", False), ("smooth", True),
+    ("calibration", "x"), ("smooth", False), ("smooth", True), ("group_size", True),
 ])
 def test_config_values_of_the_wrong_kind_are_refused(field, value):
     """A value of another kind would be read as something else: the string "false" as a true sym."""
@@ -145,3 +145,9 @@ def test_a_dataset_of_another_kind_is_refused(dataset):
 def test_a_dataset_a_run_does_not_read_is_said(recwarn):
     llmq.quantize(tiny_model("llama"), QuantConfig(group_size=32), "builtin", progress=False)
     assert any("dataset is not read" in str(w.message) for w in recwarn.list)
+
+
+def test_calibration_with_fewer_tokens_than_a_linear_has_inputs_is_said():
+    with pytest.warns(UserWarning, match="calibration holds 6 tokens, fewer than the 128 inputs"):
+        llmq.quantize(tiny_model(), QuantConfig(method="gptq", group_size=32), dataset=random_ids(n=2, length=3),
+                      progress=False)
