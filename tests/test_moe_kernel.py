@@ -216,3 +216,22 @@ def test_the_stacked_experts_go_with_the_tensors_an_offloading_hook_took_out(sch
                 set_module_tensor_to_device(linear, name, "meta")
     gc.collect()
     assert "_grouped" not in q.__dict__
+    assert q._grouped_form() is None  # offloaded experts: the loop, whose hooks put each one's tensors in
+
+
+def test_a_deleted_model_takes_its_stacked_experts_with_it():
+    import gc
+    import weakref
+
+    import llmq
+    from llmq import QuantConfig
+    from llmq.modules.qexperts import QuantExperts
+    from conftest import tiny_model
+
+    model = llmq.quantize(tiny_model("mixtral"), QuantConfig(group_size=16, sym=False), progress=False)
+    q = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    assert q._grouped_form() is not None
+    expert = weakref.ref(q._quant_linears()[0])
+    del model, q
+    gc.collect()
+    assert expert() is None

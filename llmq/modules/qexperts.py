@@ -55,6 +55,7 @@ from torch.nn.modules import module as torch_module
 
 from .input_grad import wants_input_gradient
 from .qlinear import QuantLinear
+from .offload import offloaded
 from .w8a8 import W8A8Linear
 
 
@@ -161,7 +162,8 @@ class QuantExperts(nn.Module):
     def _grouped_form(self):
         """Each side's weights stacked over experts ([E, ...] per tensor), or None where no grouped kernel
         runs the block (grouped_kind), or a static W8A8 expert's gate and up projections hold different
-        input scales (the loop runs it then).
+        input scales, or the experts' tensors are offloaded (accelerate puts each expert's in for its own
+        call only): the loop runs it then.
 
         Built when the block is placed on a CUDA device, or on the first grouped call; built
         again when an expert's buffers changed since (each QuantLinear's form version moves
@@ -173,7 +175,7 @@ class QuantExperts(nn.Module):
         """
         linears = self._quant_linears()
         kind = self.grouped_kind(linears)
-        if kind is None:
+        if kind is None or offloaded(linears):
             return None
         key = (kind, *(_w8a8_key(m) if kind == "int8" else m.form_version() for m in linears))
         if self.__dict__.get("_grouped_key") == key:
@@ -192,7 +194,7 @@ class QuantExperts(nn.Module):
         # experts in for each call and takes them out after it (accelerate), it is dropped with them,
         # instead of holding every offloaded block's experts on the device between calls.
         source = linears[0]._buffers["weight" if kind == "int8" else "qweight"]
-        weakref.finalize(source, _forget_grouped, self.__dict__, key)
+        weakref.finalize(source, _forget_grouped, weakref.ref(self), key)  # a strong reference would keep the block
         return sides
 
     def grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -276,8 +278,9 @@ class QuantExperts(nn.Module):
                 f"gate={type(self.template).__name__ if self.has_gate else 'none'}")
 
 
-def _forget_grouped(state: dict, key: tuple) -> None:
-    """Drop a QuantExperts' stacked copy (its __dict__ `state`) if it is still the one built for `key`."""
+def _forget_grouped(block: weakref.ref, key: tuple) -> None:
+    """Drop a QuantExperts' stacked copy if the block still lives and the copy is still the one built for `key`."""
+    state = getattr(block(), "__dict__", {})
     if state.get("_grouped_key") == key:
         state.pop("_grouped", None)
         state.pop("_grouped_key", None)

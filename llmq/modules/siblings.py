@@ -56,6 +56,7 @@ from ..kernels.cpu import CpuState, cpu_kernel, packed_matmul
 from ..kernels.int8 import Int8Weight, cpu_int8_linear, int8_weight
 from ..kernels.int8 import cpu_kernel as int8_cpu_kernel
 from .qexperts import QuantExperts
+from .offload import offloaded
 from .qlinear import QuantLinear
 from .w8a8 import W8A8Linear
 
@@ -126,7 +127,7 @@ class Siblings:
         # the members' forms are built only on a change.
         key = (dtype, *[m.form_version() for m in self.members])
         if self._fused_key != key:
-            if _offloaded(self.members):
+            if offloaded(self.members):
                 self._fused, self._fused_key = None, key
                 return None
             states = [m._cpu_form(dtype) for m in self.members]
@@ -167,13 +168,6 @@ class W8A8Siblings(Siblings):
         return self._fused
 
 
-def _offloaded(members: list[nn.Module]) -> bool:
-    """Whether a member's tensors are offloaded (accelerate's disk or CPU offload keeps them on the meta
-    device, bringing each module's own in only for its own forward): members cannot share a call then."""
-    return any(t is not None and t.device.type == "meta"
-               for m in members for t in (*m._parameters.values(), *m._buffers.values()))
-
-
 def _sources(members: list[W8A8Linear]) -> tuple:
     """What a fused W8A8 form is built from: the members' buffer objects (the form holds them, so
     their ids stay theirs), and the versions of those it copies (the static scales it compares, the
@@ -195,7 +189,7 @@ def _concatenate_w8a8(members: list[W8A8Linear]) -> _FusedW8A8 | None:
     views of them; None when they cannot share a call."""
     first = members[0]
     scales = [m.input_scale for m in members]  # per member: None (per token) or its static scale
-    if (_offloaded(members) or any(m.weight.device.type != "cpu" or m.weight_scale.dtype != torch.float32
+    if (offloaded(members) or any(m.weight.device.type != "cpu" or m.weight_scale.dtype != torch.float32
             or m.in_features != first.in_features for m in members)
             or len({m.bias is None for m in members}) != 1
             or any(m.bias is not None and m.bias.dtype != torch.float32 for m in members)
