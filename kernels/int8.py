@@ -7,7 +7,11 @@ Activations are quantized here, symmetric int8:
     static  (input_scale [1]):  the calibrated scale for every row
 
 q_x = clamp(round(x / s_x), -128, 127), as vLLM's int8 kernels do. The int8
-product is accumulated exactly in int32 and rescaled in fp32.
+product is accumulated exactly in int32 and rescaled in fp32. A NaN input has
+no int8 code: with a static scale it becomes a finite one (finding it would
+cost a reduction and a host sync per call, much of a decode step's small int8
+GEMM), so the layer's output row is finite, and the NaN reaches the logits
+through the residual stream. A per-token scale of a NaN row is NaN on CPU.
 
 Devices (path "auto"):
 - CPU: the faster of two kernels, measured once per process for decode
@@ -201,19 +205,10 @@ def _run(x, weight, weight_scale, input_scale, bias, path):
                                "before triton is imported")
         y = tq.int8_matmul(x2, weight, weight_scale, input_scale, bias, "auto" if path == "triton" else path)
     elif path in _CPU_KERNELS:
-        y = _keep_nan_rows(x2, _CPU_KERNELS[path](x2, int8_weight(weight, weight_scale), input_scale, bias, x.dtype),
-                           input_scale)
+        y = _CPU_KERNELS[path](x2, int8_weight(weight, weight_scale), input_scale, bias, x.dtype)
     else:
-        y = _keep_nan_rows(x2, int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype), input_scale)
+        y = int8_reference(x2, weight, weight_scale, input_scale, bias).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
-
-
-def _keep_nan_rows(x2: torch.Tensor, y: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """A static scale turns a NaN input into a finite int8 code (dynamic ones make the row's scale NaN):
-    the rows of NaN inputs get NaN outputs back, as a float matmul gives them (one reduction over x)."""
-    if input_scale is not None and bool(torch.isnan(x2).any()):
-        y[torch.isnan(x2).any(-1)] = float("nan")
-    return y
 
 
 def cpu_int8_linear(x: torch.Tensor, w: Int8Weight, input_scale: torch.Tensor | None = None,
@@ -226,7 +221,7 @@ def cpu_int8_linear(x: torch.Tensor, w: Int8Weight, input_scale: torch.Tensor | 
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    y = _keep_nan_rows(x2, _CPU_KERNELS[cpu_kernel(m)](x2, w, input_scale, bias, x.dtype), input_scale)
+    y = _CPU_KERNELS[cpu_kernel(m)](x2, w, input_scale, bias, x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
