@@ -211,11 +211,11 @@ def check_quantized(name: str, tensor: torch.Tensor, model_dtype: torch.dtype | 
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         from .errors import LlmqError
 
-        narrow = torch.float16 if torch.float16 in (tensor.dtype, model_dtype) else tensor.dtype
+        fix = ("the range of float16; quantize with --dtype bfloat16 (float32's range in 16 bits)"
+               if torch.float16 in (tensor.dtype, model_dtype) else
+               "float32's range (the model overflows on its calibration text: check it in full precision)")
         raise LlmqError(f"quantizing left {name} with NaN or infinite values: its weights or the calibration "
-                        f"activations exceed the range of {str(narrow).removeprefix('torch.')}; quantize with "
-                        "--dtype bfloat16 (float32's range in 16 bits), or keep the layer in full precision "
-                        "(--skip)")
+                        f"activations exceed {fix}, or keep the layer in full precision (--skip)")
 
 
 def _check_quantized_layer(index: int, layer: nn.Module) -> None:

@@ -84,14 +84,19 @@ class HubModel:
         return str(local)
 
 
-def model_files(repo_id: str, revision: str | None = None) -> list[str]:
+# The arguments of from_pretrained that say where and how a hub model is fetched: the functions below
+# take them (as **where) so that llmq's own reads of a hub model fetch what transformers then loads.
+WHERE = ("revision", "token", "cache_dir")
+
+
+def model_files(repo_id: str, revision: str | None = None, token=None, **_) -> list[str]:
     """The files of a hub model, refused in one line where it is none that llmq reads: no config.json,
     or pickled weights only (transformers would then quietly take the safetensors of an open
     conversion pull request, another revision, or run the hub's conversion service)."""
     from huggingface_hub import list_repo_files
 
     try:
-        names = list_repo_files(repo_id, revision=revision)
+        names = list_repo_files(repo_id, revision=revision, token=token)
     except Exception as e:
         raise _hub_error(repo_id, "list the files", e) from e
     if "config.json" not in names:
@@ -104,38 +109,48 @@ def model_files(repo_id: str, revision: str | None = None) -> list[str]:
     return names
 
 
-def hub_config(repo_id: str, revision: str | None = None) -> dict:
-    """config.json of a hub model, downloaded into the hub cache (after model_files' checks)."""
+def hub_config(repo_id: str, **where) -> dict:
+    """config.json of a hub model, downloaded into the hub cache (after model_files' checks), with the
+    quantization settings of an older GPTQ or AWQ repository's side file folded in, as for a folder."""
     from huggingface_hub import hf_hub_download
 
-    from .folder_io import read_folder_config
+    from .formats.table import FORMATS, read_folder_quant_config
 
-    model_files(repo_id, revision)
-    try:
-        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except Exception as e:
-        raise _hub_error(repo_id, "download config.json", e) from e
-    return read_folder_config(config.parent)
+    names = model_files(repo_id, **where)
+    fetch = {k: v for k, v in where.items() if k in WHERE}
+    wanted = ["config.json"] + [f.extra_json for f in FORMATS.values() if f.extra_json in names]
+    for name in wanted:
+        try:
+            path = Path(hf_hub_download(repo_id, name, **fetch))
+        except Exception as e:
+            raise _hub_error(repo_id, f"download {name}", e) from e
+        fetch["revision"] = fetch.get("revision") or _commit(path)  # the side file from the same commit
+    return read_folder_quant_config(path.parent)
 
 
-def hub_checkpoint(repo_id: str, revision: str | None = None) -> str:
+def _commit(path: Path) -> str | None:
+    """The commit of a file in the hub cache (snapshots/<commit>/<file>), or None."""
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
+
+
+def hub_checkpoint(repo_id: str, **where) -> str:
     """A local snapshot folder holding a hub checkpoint's files: configs, tokenizer and safetensors
     weights (what a conversion as the weights are read needs, which reads the folder's files)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, revision=revision,
+        return snapshot_download(repo_id, **{k: v for k, v in where.items() if k in WHERE},
                                  allow_patterns=[*SMALL_FILES, *SMALL_FILES_IN_FOLDERS, "*.safetensors"])
     except Exception as e:
         raise _hub_error(repo_id, "download the checkpoint", e) from e
 
 
-def cached_model(repo_id: str) -> str | None:
-    """The hub cache's copy of a model (the revision last downloaded), or None."""
+def cached_model(repo_id: str, revision: str | None = None, cache_dir=None, **_) -> str | None:
+    """The hub cache's copy of a model at a revision (None: the one last downloaded of main), or None."""
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, local_files_only=True)
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception:  # not in the cache: the hub client's own error types
         return None
     return folder if (Path(folder) / "config.json").is_file() else None
@@ -155,8 +170,7 @@ def open_hub_model(repo_id: str) -> HubModel:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as e:
         raise _hub_error(repo_id, "download config.json", e) from e
-    # snapshots/<commit>/config.json: later files come from the same commit.
-    revision = config.parent.name if config.parent.parent.name == "snapshots" else None
+    revision = _commit(config)  # later files come from the same commit
     small = [n for n in names if n != "config.json" and _small(n)]
     for name in small:
         try:

@@ -49,20 +49,25 @@ def read_config(source: str | os.PathLike) -> dict | None:
     return read_folder_quant_config(source)
 
 
-def source_config(source: str | os.PathLike, revision: str | None = None) -> dict:
-    """config.json of a local folder or of a hub model (a source check_source let through)."""
-    config = read_config(check_source(str(source)))
+def source_config(source: str | os.PathLike, **where) -> dict:
+    """config.json of a local folder or of a hub model (a source check_source let through; `where`: the
+    revision, token and cache_dir to fetch a hub model with, as from_pretrained takes them)."""
+    source = check_source(str(source), **where)
+    config = read_config(source)
     if config is None:
         from .hub import hub_config
 
-        config = hub_config(str(source), revision)
+        config = hub_config(source, **where)
     return config
 
 
-def check_source(source: str) -> str:
+_read_from_cache: set[tuple] = set()  # (hub id, revision) said to be read from the hub cache: once a process
+
+
+def check_source(source: str, **where) -> str:
     """Refuse a source that is no model folder and no reachable hub id, before any work; returns where
-    to read it: the source, or for a hub id while the hub is unreachable, the hub cache's copy of it
-    (where transformers, offline, reads it too)."""
+    to read it: the source, or for a hub id while the hub is unreachable, the hub cache's copy of it at
+    the revision asked for (where transformers, offline, reads it too)."""
     if not str(source).strip():
         raise LlmqError("the model is an empty name: pass a model folder or a hub id")
     path = Path(source)
@@ -76,10 +81,13 @@ def check_source(source: str) -> str:
         if unreachable:
             from .hub import cached_model
 
-            cached = cached_model(str(source))
+            cached = cached_model(str(source), **where)
             if cached is not None:
-                warnings.warn(f"the Hugging Face hub is unreachable ({unreachable}): {source} is read from its "
-                              f"copy in the hub cache, {cached}", stacklevel=2)
+                said = (source, where.get("revision"))
+                if said not in _read_from_cache:
+                    _read_from_cache.add(said)
+                    warnings.warn(f"the Hugging Face hub is unreachable ({unreachable}): {source} is read from "
+                                  f"its copy in the hub cache, {cached}", stacklevel=2)
                 return cached
             hint = ""
             if Path(source).parent.is_dir():
@@ -144,7 +152,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return checkpoint_files(folder)
 
 
-def check_model_source(source: str) -> dict | None:
+def check_model_source(source: str) -> tuple[str, dict | None]:
     """Refuse a source that is neither a model folder nor a hub id, is already quantized (any known
     format), or whose weight files are damaged, before anything is loaded.
 
@@ -298,9 +306,16 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         # otherwise: offloaded layers would hold every quantized weight there (as transformers itself
         # decides for its fp8 checkpoints).
         hf_kwargs.setdefault("offload_buffers", True)
-    source = check_source(str(path))
+    from .hub import WHERE
+
+    where = {k: hf_kwargs[k] for k in WHERE if k in hf_kwargs}
+    source = check_source(str(path), **where)
     on_hub = not Path(source).is_dir()
-    config = source_config(source, hf_kwargs.get("revision"))  # a hub model's says what it is, as a folder's
+    if on_hub and "subfolder" in hf_kwargs:  # a model inside a repository: transformers finds it
+        return _from_hub(source, hf_kwargs)
+    if not on_hub:
+        hf_kwargs.pop("revision", None)  # a folder, or the hub cache's copy of the revision asked for
+    config = source_config(source, **where)  # a hub model's says what it is, as a folder's does
     qc = config.get("quantization_config")
     if not qc:
         raise LlmqError(f"{source} is not quantized (no quantization_config in config.json): "
@@ -315,15 +330,24 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs):
         if on_hub:  # the conversion reads the folder's files: the checkpoint comes down first
             from .hub import hub_checkpoint
 
-            return load(hub_checkpoint(source, hf_kwargs.pop("revision", None)), **hf_kwargs)
+            folder = hub_checkpoint(source, **where)
+            return load(folder, **{k: v for k, v in hf_kwargs.items() if k not in WHERE})
         return load(source, **hf_kwargs)
     if qc.get("quant_method") != "llmq":
         raise LlmqError(f"{source} is a {qc.get('quant_method')!r} checkpoint, which llmq does not read "
                         f"(it reads {', '.join(READ_FORMATS)})")
+    if on_hub:
+        return _from_hub(source, hf_kwargs)
+    hf_kwargs.setdefault("use_safetensors", True)  # never unpickle
+    return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
+
+
+def _from_hub(source: str, hf_kwargs: dict):
+    """transformers' load of a hub model, its failures in one line."""
+    from transformers import AutoModelForCausalLM
+
     hf_kwargs.setdefault("use_safetensors", True)  # never unpickle
     try:
         return AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
     except OSError as e:
-        if on_hub:
-            raise _from_hub_error(source, e) from e
-        raise
+        raise _from_hub_error(source, e) from e

@@ -30,6 +30,7 @@ class FakeHub:
         self.folder, self.snapshot = folder, cache / "snapshots" / "0123abcd"
         self.fail = fail  # a file name whose download raises, as a dropped connection does
         self.downloads = []  # (file name, time, layer being loaded or None before the layers)
+        self.tokens = set()  # the tokens the calls were given
         self.loaded = []
         monkeypatch.setattr(huggingface_hub, "list_repo_files", self.list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
@@ -57,10 +58,12 @@ class FakeHub:
 
     def list_repo_files(self, repo_id, **kw):
         self._check(repo_id)
+        self.tokens.add(kw.get("token"))
         return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
 
     def hf_hub_download(self, repo_id, filename, revision=None, **kw):
         self._check(repo_id)
+        self.tokens.add(kw.get("token"))
         assert revision in (None, self.snapshot.name)
         if filename == self.fail:
             raise huggingface_hub.errors.LocalEntryNotFoundError("Connection reset by peer")
@@ -241,7 +244,8 @@ def test_a_hub_model_with_pickled_weights_only_is_refused_on_every_route(tmp_pat
     assert "no safetensors weights" in err and "\n" not in err, err
 
 
-def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch):
+@pytest.mark.parametrize("settings", ["config.json", "quantize_config.json"])
+def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch, settings):
     # Its config.json, read from the hub as a folder's is, sends it to the conversion as it is read
     # (transformers' own GPTQ loading needs optimum), for llmq.from_pretrained and llmq eval alike.
     import llmq
@@ -253,9 +257,14 @@ def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch):
     assert main(["quantize", str(src), str(tmp_path / "native"), "--method", "rtn", "--group-size", "32",
                  "--quiet"]) == 0
     convert(tmp_path / "native", tmp_path / "g", "gptq")
-    FakeHub(tmp_path / "g", tmp_path / "cache", monkeypatch)
+    if settings == "quantize_config.json":  # an older AutoGPTQ repository: the settings in the side file only
+        config = json.loads((tmp_path / "g" / "config.json").read_text())
+        del config["quantization_config"]
+        (tmp_path / "g" / "config.json").write_text(json.dumps(config))
+    hub = FakeHub(tmp_path / "g", tmp_path / "cache", monkeypatch)
     assert quant_method(REPO) == "gptq"
     ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(llmq.from_pretrained(REPO)(ids).logits,
+        assert torch.equal(llmq.from_pretrained(REPO, token="hf_given")(ids).logits,
                            llmq.from_pretrained(tmp_path / "native")(ids).logits)
+    assert "hf_given" in hub.tokens  # the caller's token reaches every request, as transformers' would

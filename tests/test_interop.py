@@ -506,7 +506,7 @@ def _gptq_export(tmp_path, kept, quantize_head=False):
     ckpt = convert_mod.read_checkpoint(tmp_path / "native")
     cfg, _, engines = convert_mod.encode(ckpt, "gptq")
     quantized = set(ckpt.layer_shapes())
-    return cfg, {r.engine: r for r in engines}, ckpt.skeleton.inside + ckpt.skeleton.outside, quantized
+    return cfg, {r.engine: r for r in engines}, ckpt.model_linears.inside + ckpt.model_linears.outside, quantized
 
 
 @pytest.mark.parametrize("kept", [

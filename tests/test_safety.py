@@ -673,6 +673,7 @@ def fresh_hub_state(monkeypatch):
     import llmq.loading
 
     monkeypatch.setattr(llmq.loading, "_hub_state", {})
+    monkeypatch.setattr(llmq.loading, "_read_from_cache", set())
 
 
 @pytest.mark.parametrize("how", ["offline-env", "refused"])
@@ -718,6 +719,26 @@ def test_a_cached_hub_model_is_read_from_the_cache_when_the_hub_is_unreachable(t
         assert main(["quantize", "someone/model", str(tmp_path / "cached"), *QUANT]) == 0
     a, b = checkpoint_tensors(tmp_path / "local"), checkpoint_tensors(tmp_path / "cached")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A revision asked for is read at that revision: a quantized model's two commits, main the older.
+    llmq.save(llmq.quantize(tiny_model("llama", seed=3), llmq.QuantConfig(group_size=32), progress=False),
+              tmp_path / "newer")
+    repo = cache / "models--someone--quantized"
+    shutil.copytree(tmp_path / "cached", repo / "snapshots" / ("a" * 40))
+    shutil.copytree(tmp_path / "newer", repo / "snapshots" / ("b" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for revision, folder in ((None, "cached"), ("b" * 40, "newer")):
+            with pytest.warns(UserWarning, match="hub cache"):
+                got = llmq.from_pretrained("someone/quantized", revision=revision)(ids).logits
+            assert torch.equal(got, llmq.from_pretrained(tmp_path / folder)(ids).logits), revision
+
+
+def test_a_damaged_side_file_is_one_line(tmp_path, capsys, model_dir):
+    (model_dir / "quantize_config.json").write_text("")
+    code, _, err = _run(capsys, "quantize", model_dir, tmp_path / "q", *QUANT)
+    _one_error(code, err, "quantize_config.json does not read as JSON", "damaged")
 
 
 # ---- 12. eval's reference store: removed on SIGTERM, and after a kill by the next run ------------------------

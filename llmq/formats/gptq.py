@@ -180,8 +180,8 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
     """What each engine does with this model written as gptq (shapes: name -> (N, K))."""
     layout = layout or ExportLayout()
     rows = []
-    split = (f"{layout.split_fused[0]} stays in full precision while its siblings are quantized, and vLLM "
-             "loads q/k/v and gate/up as one linear, quantized whole or not at all") if layout.split_fused else None
+    split = (f"{layout.split_fused[0]} stays in full precision while its siblings are quantized, and this "
+             "engine loads q/k/v and gate/up as one linear, quantized whole or not at all") if layout.split_fused else None
     marlin = split or marlin_problem(qc, shapes, zero_points_ok=False)
     if marlin is None:
         rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", True,
@@ -208,7 +208,7 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
                                       "; the linears kept in full precision are left out of "
                                       "modules_in_block_to_quantize" if layout.skipped else "")))
     if split:
-        rows.append(EngineSupport("TGI", False, split.replace("vLLM", "TGI")))
+        rows.append(EngineSupport("TGI", False, split))
     else:
         rows.append(EngineSupport("TGI", qc.sym,
                                   "v1 symmetric GPTQ" if qc.sym else "no gptq_v2 (asymmetric) support known"))
@@ -256,19 +256,19 @@ def export_layout(ckpt: Checkpoint) -> ExportLayout:
     that GPTQ checkpoints cannot hold (one outside the decoder layers other than the output head)."""
     refuse_w8a8(ckpt, QUANT_METHOD)
     quantized = set(ckpt.layer_shapes())
-    skeleton = ckpt.skeleton
-    if any(n in quantized and n != skeleton.head for n in skeleton.outside):
+    linears = ckpt.model_linears
+    if any(n in quantized and n != linears.head for n in linears.outside):
         raise LlmqError("GPTQ checkpoints quantize decoder-layer linears (and the output head) only, and this "
                         "model quantizes another linear outside them: export with --format compressed-tensors")
-    skipped = tuple(n for n in skeleton.inside if n not in quantized)
+    skipped = tuple(n for n in linears.inside if n not in quantized)
     if not skipped:
-        return ExportLayout(lm_head=skeleton.head in quantized)
-    in_layers = sorted(n for n in quantized if n.startswith(skeleton.layers + "."))
+        return ExportLayout(lm_head=linears.head in quantized)
+    in_layers = sorted(n for n in quantized if n.startswith(linears.layers + "."))
     split = tuple(n for n in skipped for group in _VLLM_FUSED
                   if n.rpartition(".")[2] in group
                   and any(f"{n.rpartition('.')[0]}.{sibling}" in quantized for sibling in group))
-    return ExportLayout(skipped, _in_block(skeleton.layers, in_layers, sorted(set(in_layers) | set(skipped))),
-                        skeleton.head in quantized, split)
+    return ExportLayout(skipped, _in_block(linears.layers, in_layers, sorted(set(in_layers) | set(skipped))),
+                        linears.head in quantized, split)
 
 
 def _encode(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ class Checkpoint:
         return {name: (q.shape[1], q.shape[0] * codes_per_word(bits)) for name, q in packed.items()}
 
     @cached_property
-    def skeleton(self) -> "Skeleton":
+    def model_linears(self) -> "ModelLinears":
         """Where the model's linears stand, from a meta skeleton of its config."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,16 +53,16 @@ class Checkpoint:
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         inside = [n for n in names if n.startswith(prefix + ".")]
         head = model.get_output_embeddings()
-        return Skeleton(prefix, inside, [n for n in names if n not in inside],
-                        next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
+        return ModelLinears(prefix, inside, [n for n in names if n not in inside],
+                            next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
 
     @property
     def linears(self) -> tuple[list[str], list[str]]:
         """(linears inside decoder layers, other linears) of the model."""
-        return self.skeleton.inside, self.skeleton.outside
+        return self.model_linears.inside, self.model_linears.outside
 
 
-class Skeleton(NamedTuple):
+class ModelLinears(NamedTuple):
     layers: str  # the decoder layers' prefix ("model.layers"); layer i's modules are "<layers>.<i>.<name>"
     inside: list[str]  # linears inside decoder layers
     outside: list[str]  # the other linears

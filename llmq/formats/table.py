@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import LlmqError
 from ..folder_io import read_folder_config
 from . import awq, compressed_tensors, compressed_tensors_w8a8, gptq, native
 from .spec import Format, with_variant
@@ -46,5 +47,11 @@ def read_folder_quant_config(folder: Path) -> dict:
     side = side_config(Path(folder))
     if not config.get("quantization_config") and side is not None:
         form, path = side
-        config["quantization_config"] = {"quant_method": form.name, **json.loads(path.read_text())}
+        try:
+            settings = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LlmqError(f"{path} does not read as JSON ({e}): the folder is damaged; repair or remove it") from e
+        if not isinstance(settings, dict):
+            raise LlmqError(f"{path} holds a JSON {type(settings).__name__}, not an object: the folder is damaged")
+        config["quantization_config"] = {"quant_method": form.name, **settings}
     return config
