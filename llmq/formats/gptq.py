@@ -180,8 +180,10 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
     """What each engine does with this model written as gptq (shapes: name -> (N, K))."""
     layout = layout or ExportLayout()
     rows = []
-    split = (f"{layout.split_fused[0]} stays in full precision while its siblings are quantized, and this "
-             "engine loads q/k/v and gate/up as one linear, quantized whole or not at all") if layout.split_fused else None
+    split = None
+    if layout.split_fused:
+        split = (f"{layout.split_fused[0]} stays in full precision while its siblings are quantized, and this "
+                 "engine loads q/k/v and gate/up as one linear, quantized whole or not at all")
     marlin = split or marlin_problem(qc, shapes, zero_points_ok=False)
     if marlin is None:
         rows.append(EngineSupport("vLLM (gptq_marlin, fast path)", True,

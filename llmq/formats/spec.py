@@ -53,8 +53,8 @@ class Checkpoint:
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         inside = [n for n in names if n.startswith(prefix + ".")]
         head = model.get_output_embeddings()
-        return ModelLinears(prefix, inside, [n for n in names if n not in inside],
-                            next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
+        head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        return ModelLinears(prefix, inside, [n for n in names if n not in inside], head_name)
 
     @property
     def linears(self) -> tuple[list[str], list[str]]:
