@@ -175,11 +175,13 @@ class QuantExperts(nn.Module):
         """
         linears = self._quant_linears()
         kind = self.grouped_kind(linears)
-        if kind is None or offloaded(linears):
+        if kind is None:
             return None
         key = (kind, *(_w8a8_key(m) if kind == "int8" else m.form_version() for m in linears))
         if self.__dict__.get("_grouped_key") == key:
             return self._grouped
+        if offloaded(linears):  # looked at only when the experts' tensors changed: not on every call
+            return None
         sides = []
         for names in (self.up_names, (self.down_name,)):
             per = [[self.expert(e)._modules[n] for n in names] for e in range(self.num_experts)]
