@@ -104,6 +104,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype to load the model in")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="the version of a hub MODEL to quantize: a branch, tag or commit (default: main)")
     p.add_argument("--format", choices=["llmq", "gptq", "compressed-tensors"], default="llmq",
                    help="checkpoint format: llmq (native), gptq (vLLM/SGLang/TGI/transformers), "
                         "compressed-tensors (vLLM's native format, transformers)")
@@ -132,6 +134,8 @@ def _run_quantize(args) -> int:
     if not distributed.is_writer():
         args.quiet = True  # rank 0 speaks for all
     check_output_dir(args.out, args.overwrite, [args.model])  # fail before any expensive work
+    if args.revision is not None and os.path.exists(args.model):
+        raise LlmqError(f"--revision names a version of a hub model, and {args.model} is a local folder: drop it")
     if args.resume and args.stream is False:
         raise LlmqError("--resume continues a streamed run: drop --no-stream")
     if not args.resume and distributed.is_writer():  # --resume picks its folder among them itself
@@ -185,7 +189,7 @@ def _run_quantize(args) -> int:
             _print_census(folder_census(out, config.bits), report)
             print(f"wrote {out} (peak host memory {human_bytes(peak_host_memory())})")
         return 0
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.revision)
     model = quantize(model, config, dataset=args.dataset, tokenizer=tokenizer, device=args.device,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=not args.quiet,
                      report=report)
@@ -222,7 +226,7 @@ def _quantize_from_shards(args, config: QuantConfig, report: dict):
     from .skeleton import build_skeleton
     from .stream import choose_route
 
-    skeleton = build_skeleton(args.model, args.dtype)
+    skeleton = build_skeleton(args.model, args.dtype, args.revision)
     route, note = choose_route(skeleton, config, args.format, args.dataset, args.stream, args.resume)
     if note and not args.quiet:
         print(f"note: {note}", file=sys.stderr)

@@ -156,7 +156,7 @@ def cached_model(repo_id: str, revision: str | None = None, cache_dir=None, **_)
     return folder if (Path(folder) / "config.json").is_file() else None
 
 
-def open_hub_model(repo_id: str) -> HubModel:
+def open_hub_model(repo_id: str, revision: str | None = None) -> HubModel:
     """The model at repo_id with its small files downloaded and its shards' headers read (no weights).
 
     Raises LlmqError, in one line, when the hub does not answer, the model does
@@ -165,9 +165,9 @@ def open_hub_model(repo_id: str) -> HubModel:
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
 
-    names = model_files(repo_id)
+    names = model_files(repo_id, revision)
     try:
-        config = Path(hf_hub_download(repo_id, "config.json"))
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     except Exception as e:
         raise _hub_error(repo_id, "download config.json", e) from e
     revision = _commit(config)  # later files come from the same commit

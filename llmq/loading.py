@@ -152,7 +152,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return checkpoint_files(folder)
 
 
-def check_model_source(source: str) -> tuple[str, dict | None]:
+def check_model_source(source: str, revision: str | None = None) -> tuple[str, dict | None]:
     """Refuse a source that is neither a model folder nor a hub id, is already quantized (any known
     format), or whose weight files are damaged, before anything is loaded.
 
@@ -160,12 +160,12 @@ def check_model_source(source: str) -> tuple[str, dict | None]:
     """
     from .folder_io import read_header
 
-    source = check_source(source)
+    source = check_source(source, revision=revision)
     config = read_config(source)
     if config is None:  # a hub id: its config.json and file list, before transformers fetches anything
         from .hub import hub_config
 
-        config = hub_config(source)
+        config = hub_config(source, revision=revision)
         refuse_quantized(source, config, {})
         _refuse_unknown_architecture(source, config)
         return source, None
@@ -221,7 +221,7 @@ def check_loading_info(source: str, info: dict) -> None:
                         "never quantizes randomly initialised weights: re-download or repair the model")
 
 
-def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **kwargs):
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", revision: str | None = None, **kwargs):
     """(model, tokenizer or None) of a full-precision causal LM, on the CPU.
 
     Safetensors only (nothing is unpickled); every tensor the model has must
@@ -229,17 +229,19 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", **k
     """
     from transformers import AutoModelForCausalLM
 
-    source, config = check_model_source(str(source))
+    source, config = check_model_source(str(source), revision)
+    if config is not None:
+        revision = None  # a folder, or the hub cache's copy of the revision asked for
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True,
-            ignore_mismatched_sizes=True, **kwargs)  # mismatches come back in info, named, and are refused
+            ignore_mismatched_sizes=True, revision=revision, **kwargs)  # mismatches come back in info, refused
     except (OSError, ValueError) as e:
         if config is None:
             raise _from_hub_error(source, e) from e
         raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
     check_loading_info(source, info)
-    return model, load_tokenizer(source)
+    return model, load_tokenizer(source, revision)
 
 
 # Files that make a folder hold a tokenizer; a folder with none of them has no tokenizer (not an error).
@@ -247,8 +249,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json", "*.tiktoken")
 
 
-def has_tokenizer_files(source: str | os.PathLike) -> bool:
-    """Whether a local folder (or hub repo) holds tokenizer files."""
+def has_tokenizer_files(source: str | os.PathLike, revision: str | None = None) -> bool:
+    """Whether a local folder (or hub repo, at revision) holds tokenizer files."""
     import fnmatch
 
     path = Path(source)
@@ -257,11 +259,11 @@ def has_tokenizer_files(source: str | os.PathLike) -> bool:
     else:
         from huggingface_hub import list_repo_files
 
-        names = list_repo_files(str(source))
+        names = list_repo_files(str(source), revision=revision)
     return any(fnmatch.fnmatch(n, pattern) for n in names for pattern in TOKENIZER_FILES)
 
 
-def load_tokenizer(source: str | os.PathLike):
+def load_tokenizer(source: str | os.PathLike, revision: str | None = None):
     """The tokenizer saved with a model, or None when the folder has no tokenizer files.
 
     A tokenizer whose files are there but do not load is an error with its cause,
@@ -270,14 +272,14 @@ def load_tokenizer(source: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        present = has_tokenizer_files(source)
+        present = has_tokenizer_files(source, revision)
     except Exception as e:  # hub listing failed: the load below reports it
         present = True
         del e
     if not present:
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), revision=revision)
     except Exception as e:  # tokenizers, sentencepiece, json and OS errors alike
         raise LlmqError(f"the tokenizer of {source} does not load ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}): repair or re-download its tokenizer files, "

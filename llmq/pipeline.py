@@ -91,7 +91,7 @@ def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
 def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True,
-             report: dict | None = None):
+             report: dict | None = None, revision: str | None = None):
     """Quantize a model in memory and return it, its linears replaced by QuantLinear (a loaded model is
     changed in place and returned).
 
@@ -104,6 +104,7 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
         tokenizer: used to tokenise the calibration text (loaded with the model when a path is given).
         device: where each layer is quantized ("auto": CUDA when available).
         dtype: dtype to load a model path in ("auto": as stored); a loaded model keeps its own.
+        revision: the version of a hub model to load (a branch, tag or commit; None: main).
         nsamples, seqlen, seed: calibration windows drawn from a dataset spec.
         progress: show a progress bar over layers.
         report: if given, filled with where the time went (seconds: "calibration_data",
@@ -117,7 +118,7 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     report = {} if report is None else report
     device = resolve_device(device)
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, loaded_tokenizer = load_model(model_or_path, resolve_dtype(dtype))
+        model, loaded_tokenizer = load_model(model_or_path, resolve_dtype(dtype), revision)
         tokenizer = tokenizer or loaded_tokenizer
     else:
         if dtype != "auto" and resolve_dtype(dtype) != next(model_or_path.parameters()).dtype:

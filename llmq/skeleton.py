@@ -72,7 +72,7 @@ class Skeleton:
         return [k for k in self.model.state_dict() if k not in tied]
 
 
-def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
+def build_skeleton(source: str | os.PathLike, dtype="auto", revision: str | None = None) -> Skeleton:
     """The meta-device skeleton of the causal LM at source (a local folder or hub id).
 
     Raises LlmqError for a source that is not a model (or is already quantized),
@@ -81,7 +81,7 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
     from transformers import AutoConfig
     from transformers.modeling_utils import _get_dtype
 
-    source, _ = check_model_source(str(source))
+    source, _ = check_model_source(str(source), revision)
     state_dict = None
     if Path(source).is_dir():
         folder = source
@@ -93,7 +93,7 @@ def build_skeleton(source: str | os.PathLike, dtype="auto") -> Skeleton:
     else:  # a hub id: small files now, each weight shard when first read (llmq.hub)
         from .hub import open_hub_model
 
-        hub = open_hub_model(source)
+        hub = open_hub_model(source, revision)
         shards = SourceShards.from_hub(hub)
         folder = str(shards.folder)
         refuse_quantized(source, read_folder_quant_config(folder),

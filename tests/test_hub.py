@@ -31,6 +31,7 @@ class FakeHub:
         self.fail = fail  # a file name whose download raises, as a dropped connection does
         self.downloads = []  # (file name, time, layer being loaded or None before the layers)
         self.tokens = set()  # the tokens the calls were given
+        self.revisions = []  # the revisions the calls named
         self.loaded = []
         monkeypatch.setattr(huggingface_hub, "list_repo_files", self.list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
@@ -59,12 +60,14 @@ class FakeHub:
     def list_repo_files(self, repo_id, **kw):
         self._check(repo_id)
         self.tokens.add(kw.get("token"))
+        self.revisions.append(kw.get("revision"))
         return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
 
     def hf_hub_download(self, repo_id, filename, revision=None, **kw):
         self._check(repo_id)
         self.tokens.add(kw.get("token"))
-        assert revision in (None, self.snapshot.name)
+        self.revisions.append(revision)
+        assert revision in (None, self.snapshot.name, "v2")  # "v2": a tag naming this snapshot
         if filename == self.fail:
             raise huggingface_hub.errors.LocalEntryNotFoundError("Connection reset by peer")
         self.downloads.append((filename, time.monotonic(), self.loaded[-1] if self.loaded else None))
@@ -268,3 +271,20 @@ def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch, settings):
         assert torch.equal(llmq.from_pretrained(REPO, token="hf_given")(ids).logits,
                            llmq.from_pretrained(tmp_path / "native")(ids).logits)
     assert "hf_given" in hub.tokens  # the caller's token reaches every request, as transformers' would
+
+
+def test_a_hub_model_is_quantized_at_the_revision_asked_for(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "m"
+    model_folder_with_text(src, "qwen3")
+    args = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet"]
+    assert main(["quantize", str(src), str(tmp_path / "local"), *args]) == 0
+    hub = FakeHub(src, tmp_path / "cache", monkeypatch)
+    assert main(["quantize", REPO, str(tmp_path / "hub"), "--revision", "v2", *args]) == 0
+    _assert_same(tmp_path / "local", tmp_path / "hub")
+    # Every request names it: the listings and config.json the tag, the files after them the commit it named.
+    first_commit = hub.revisions.index(hub.snapshot.name)
+    assert set(hub.revisions[:first_commit]) == {"v2"} and set(hub.revisions[first_commit:]) == {hub.snapshot.name}
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--revision", "v2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--revision names a version of a hub model" in err and "\n" not in err
