@@ -161,17 +161,11 @@ def check_model_source(source: str, revision: str | None = None) -> tuple[str, d
     from .folder_io import read_header
 
     source = check_source(source, revision=revision)
-    config = read_config(source)
-    if config is None:  # a hub id: its config.json and file list, before transformers fetches anything
-        from .hub import hub_config
-
-        config = hub_config(source, revision=revision)
-        refuse_quantized(source, config, {})
-        _refuse_unknown_architecture(source, config)
-        return source, None
-    refuse_quantized(source, config, read_header(_weight_files(Path(source))))  # names a damaged file
+    config = source_config(source, revision=revision)  # a hub id's: with its file list, before any weight
+    on_hub = not Path(source).is_dir()
+    refuse_quantized(source, config, {} if on_hub else read_header(_weight_files(Path(source))))  # names a damaged file
     _refuse_unknown_architecture(source, config)
-    return source, config
+    return source, None if on_hub else config
 
 
 def _refuse_unknown_architecture(source: str, config: dict) -> None:

@@ -47,14 +47,13 @@ def qparams_of_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: boo
     else:
         scale = (wmax - wmin) / maxq
         zero = None
-    exact = scale
+    all_zero = scale == 0
     scale = scale.to(scale_dtype).float()
-    # An all-zero group: any positive scale represents it exactly. A group of weights so small that
-    # its scale rounds to 0 in scale_dtype (fp16: below 6e-8) takes the dtype's smallest positive
-    # value; smaller scales that fp16 holds as subnormals are kept as they are (replaced by 1, the
-    # group's weights all quantized to 0).
+    # An all-zero group: any positive scale represents it exactly. Subnormal scales (fp16: below 6.1e-5)
+    # are kept, as replacing them would quantize their groups' weights to 0; a group so small that its
+    # scale rounds to 0 in scale_dtype (fp16: below 6e-8) takes the dtype's smallest positive value.
     smallest = torch.finfo(scale_dtype).tiny * torch.finfo(scale_dtype).eps
-    scale = torch.where(exact == 0, torch.ones_like(scale), scale.clamp(min=smallest))
+    scale = torch.where(all_zero, torch.ones_like(scale), scale.clamp(min=smallest))
     if zero is None:
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
