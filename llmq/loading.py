@@ -61,6 +61,16 @@ def source_config(source: str | os.PathLike, **where) -> dict:
     return config
 
 
+def split_revision(source: str | os.PathLike) -> tuple[str, str | None]:
+    """A hub id with its version, `owner/name@REV` (a branch, tag or commit), as (id, REV); any other
+    source, a local path above all, whole, with None. Hub ids hold no "@", so the first one splits."""
+    source = os.fspath(source)
+    name, at, revision = source.partition("@")
+    if at and revision and not Path(source).exists() and _HUB_ID.match(name):
+        return name, revision
+    return source, None
+
+
 _read_from_cache: set[tuple] = set()  # (hub id, revision) said to be read from the hub cache: once a process
 
 
@@ -215,8 +225,10 @@ def check_loading_info(source: str, info: dict) -> None:
                         "never quantizes randomly initialised weights: re-download or repair the model")
 
 
-def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", revision: str | None = None, **kwargs):
-    """(model, tokenizer or None) of a full-precision causal LM, on the CPU.
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", revision: str | None = None, *,
+               with_tokenizer: bool = True, **kwargs):
+    """(model, tokenizer or None) of a full-precision causal LM, on the CPU (the tokenizer None too
+    when not `with_tokenizer`: one hub round trip fewer for a caller that does not use it).
 
     Safetensors only (nothing is unpickled); every tensor the model has must
     come from the checkpoint with its shape, or the load is refused.
@@ -235,7 +247,7 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", rev
             raise _from_hub_error(source, e) from e
         raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
     check_loading_info(source, info)
-    return model, load_tokenizer(source, revision)
+    return model, load_tokenizer(source, revision) if with_tokenizer else None
 
 
 # Files that make a folder hold a tokenizer; a folder with none of them has no tokenizer (not an error).

@@ -77,7 +77,7 @@ class FakeHub:
         return str(target)
 
     def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kw):
-        for name in self.list_repo_files(repo_id):
+        for name in self.list_repo_files(repo_id, revision=revision):
             if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
                 self.hf_hub_download(repo_id, name, revision)
         return str(self.snapshot)
@@ -271,6 +271,40 @@ def test_a_gptq_hub_model_loads_on_llmq(tmp_path, monkeypatch, settings):
         assert torch.equal(llmq.from_pretrained(REPO, token="hf_given")(ids).logits,
                            llmq.from_pretrained(tmp_path / "native")(ids).logits)
     assert "hf_given" in hub.tokens  # the caller's token reaches every request, as transformers' would
+
+
+def test_eval_reads_a_hub_model_at_the_revision_written_after_its_id(tmp_path, monkeypatch):
+    # `owner/name@REV`: every request for it names REV, and it scores as its local copy does. Only the
+    # reference's tokenizer is loaded: the others' would cost a hub round trip each, for nothing.
+    from llmq.eval import models
+    from llmq.formats.convert import convert
+
+    src = tmp_path / "m"
+    text = model_folder_with_text(src, "llama")
+    assert main(["quantize", str(src), str(tmp_path / "native"), "--method", "rtn", "--group-size", "32",
+                 "--quiet"]) == 0
+    convert(tmp_path / "native", tmp_path / "g", "gptq")
+    hub = FakeHub(tmp_path / "g", tmp_path / "cache", monkeypatch)
+    tokenizers = []
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a: tokenizers.append(a) or loading.load_tokenizer(*a))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(src), str(tmp_path / "g"), f"{REPO}@v2", "--dataset", str(text), "--seqlen", "16",
+                 "--no-kl", "--json", str(out), "--quiet"]) == 0
+    fp, local, remote = json.loads(out.read_text())["models"]
+    assert remote["model"] == f"{REPO}@v2" and remote["perplexity"] == local["perplexity"] != fp["perplexity"]
+    assert "v2" in hub.revisions and None not in hub.revisions
+    assert tokenizers == []  # the reference, a full-precision folder, brings its own through load_model
+
+
+def test_only_a_hub_id_is_split_at_its_revision(tmp_path):
+    from llmq.loading import split_revision
+
+    assert split_revision("owner/name@4bit-32g") == ("owner/name", "4bit-32g")
+    assert split_revision("owner/name") == ("owner/name", None)
+    folder = tmp_path / "model@v2"
+    folder.mkdir()
+    assert split_revision(folder) == (str(folder), None)  # a folder whose name holds "@" is a folder
+    assert split_revision("not a hub id@v2") == ("not a hub id@v2", None)
 
 
 def test_a_hub_model_is_quantized_at_the_revision_asked_for(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,9 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
-    p.add_argument("models", metavar="MODEL", nargs="+", help="models to compare; the first is the reference")
+    p.add_argument("models", metavar="MODEL", nargs="+",
+                   help="models to compare; the first is the reference (a hub id at a branch, tag or commit: "
+                        "owner/name@REV)")
     p.add_argument("--dataset", default="wikitext2",
                    help="evaluation text: wikitext2 (default; from the hub), builtin (text shipped with llmq, "
                         "works offline), a local .txt/.jsonl/.json/.parquet file or a folder of .txt files, c4, "
@@ -30,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype to load models in")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the reference's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id, owner/name@REV at a version (default: the reference's)")
     p.add_argument("--no-kl", dest="kl", action="store_false",
                    help="perplexity only: skip KL / top-1 and the reference log-probs on disk")
     p.add_argument("--kl-dtype", default="float16", choices=["float16", "float32"],
@@ -46,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args, models=None, names=None) -> int:
     """Evaluate args.models (or `models`, e.g. with in-memory factories, named
     `names`), print the table, write --json / --plot."""
-    from ..loading import check_source
+    from ..loading import check_source, split_revision
     from .evaluate import evaluate
     from .report import check_output_file, check_plot_file, format_table, plot, write_json
 
@@ -58,7 +61,8 @@ def run(args, models=None, names=None) -> int:
     models = models if models is not None else args.models
     for source in models:  # a mistyped last model fails now, not after the others were scored
         if isinstance(source, (str, os.PathLike)):
-            check_source(str(source))
+            name, revision = split_revision(source)
+            check_source(name, revision=revision)
     result = evaluate(models, names=names, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
                       max_windows=args.max_windows, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, tokenizer=args.tokenizer, kl=args.kl,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import check_positions, text_span, tokenize, window_bos
 from ..errors import LlmqError
-from ..loading import resolve_device, source_config
+from ..loading import resolve_device, source_config, split_revision
 from ..outdir import test_point
 from .metrics import auto_batch_size, perplexity, vocab_size
 from .models import describe, load_any, load_tokenizer, size_on_disk
@@ -38,9 +38,9 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
     is deleted before returning, also on error.
 
     Args:
-        models: each a hub id or local folder (fp; a checkpoint llmq reads,
-            loaded by llmq.from_pretrained; or another quantized format
-            transformers reads: loaded here and freed after scoring),
+        models: each a hub id (`owner/name@REV`: at a branch, tag or commit) or local folder
+            (fp; a checkpoint llmq reads, loaded by llmq.from_pretrained; or another quantized
+            format transformers reads: loaded here and freed after scoring),
             an nn.Module (used as is, on `device`), or a zero-argument callable
             returning one (called when its turn comes, dropped after).
         dataset, split: text spec as for calibration (wikitext2, builtin, c4,
@@ -84,7 +84,8 @@ def evaluate(models: Sequence[ModelEntry], *, dataset: str = "wikitext2", split:
     ref_vocab = None
     try:
         for i, (entry, name) in enumerate(zip(models, names)):
-            model, own_tokenizer = _materialise(entry, dtype)
+            # Only the reference's tokenizer is used, and only when none is given.
+            model, own_tokenizer = _materialise(entry, dtype, with_tokenizer=(i == 0 and tokenizer is None))
             try:
                 check_positions(model.config, seqlen)  # a model built in memory, or a hub id
                 if i == 0:
@@ -125,10 +126,10 @@ def _default_name(entry: ModelEntry, i: int) -> str:
     return os.fspath(entry) if isinstance(entry, (str, os.PathLike)) else f"model{i}"
 
 
-def _materialise(entry: ModelEntry, dtype):
+def _materialise(entry: ModelEntry, dtype, with_tokenizer: bool = True):
     """(model, its tokenizer or None) for one entry of `models`."""
     if isinstance(entry, (str, os.PathLike)):
-        return load_any(entry, dtype)
+        return load_any(entry, dtype, with_tokenizer)
     if isinstance(entry, nn.Module):
         return entry, None
     if callable(entry):
@@ -141,7 +142,7 @@ def _materialise(entry: ModelEntry, dtype):
 
 def _reference_tokenizer(given, own, name: str):
     if given is not None:
-        tok = load_tokenizer(given) if isinstance(given, (str, os.PathLike)) else given
+        tok = load_tokenizer(*split_revision(given)) if isinstance(given, (str, os.PathLike)) else given
         if tok is None:
             raise LlmqError(f"no tokenizer could be loaded from {given}: pass a folder or hub id that has one")
         return tok
@@ -156,7 +157,10 @@ def _check_configs(models, names, seqlen: int) -> None:
     positions than a window."""
     sizes = []
     for entry, name in zip(models, names):
-        config = source_config(entry) if isinstance(entry, (str, os.PathLike)) else None
+        config = None
+        if isinstance(entry, (str, os.PathLike)):
+            source, revision = split_revision(entry)
+            config = source_config(source, revision=revision)
         if config:
             check_positions(config, seqlen)
         if config and config.get("vocab_size"):

@@ -7,41 +7,47 @@ from pathlib import Path
 
 from ..errors import LlmqError
 from ..formats.table import READ_FORMATS
-from ..loading import check_source, from_pretrained, load_model, load_tokenizer, resolve_dtype, source_config
+from ..loading import (check_source, from_pretrained, load_model, load_tokenizer, resolve_dtype, source_config,
+                       split_revision)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
-def quant_method(source: str) -> str | None:
+def quant_method(source: str, revision: str | None = None) -> str | None:
     """quantization_config.quant_method of a model folder's or hub model's config.json, or None."""
-    qc = source_config(source).get("quantization_config")
+    qc = source_config(source, revision=revision).get("quantization_config")
     return qc.get("quant_method") if qc else None
 
 
-def load_any(source: str | os.PathLike, dtype="auto"):
-    """(model, tokenizer or None) for a hub id, a full-precision folder, or a quantized folder, on the CPU.
+def load_any(source: str | os.PathLike, dtype="auto", with_tokenizer: bool = True):
+    """(model, tokenizer or None; None too when not `with_tokenizer`) for a hub id (`owner/name@REV` at a branch, tag or commit), a
+    full-precision folder, or a quantized folder, on the CPU.
 
     Every format llmq reads (llmq, gptq, awq, compressed-tensors: READ_FORMATS) loads through
     `llmq.from_pretrained`, onto llmq's layers, as it would be run; only other quantized formats
     go to transformers' own loader, which needs their packages installed. A failure of that loader
     is a one-line LlmqError.
     """
-    source = check_source(str(source))  # a hub id while the hub is unreachable: its cached copy
-    method = quant_method(source)
+    source, revision = split_revision(source)
+    source = check_source(source, revision=revision)  # a hub id while the hub is unreachable: its cached copy
+    if Path(source).is_dir():
+        revision = None  # a folder, or the hub cache's copy of the revision asked for
+    method = quant_method(source, revision)
     if method is None:
-        return load_model(source, dtype)
+        return load_model(source, dtype, revision, with_tokenizer=with_tokenizer)
     if method in READ_FORMATS:
-        model = from_pretrained(source, dtype=resolve_dtype(dtype))
+        model = from_pretrained(source, dtype=resolve_dtype(dtype), revision=revision)
     else:
-        model = _load_with_transformers(source, method, dtype)
-    return model.eval(), load_tokenizer(source)
+        model = _load_with_transformers(source, method, dtype, revision)
+    return model.eval(), load_tokenizer(source, revision) if with_tokenizer else None
 
 
-def _load_with_transformers(source: str, method: str, dtype):
+def _load_with_transformers(source: str, method: str, dtype, revision: str | None):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True,
+                                                    revision=revision)
     except Exception as e:  # a foreign loader fails in its own ways (ImportError, RuntimeError, ...): name it
         raise LlmqError(f"transformers could not load the {method!r} checkpoint {source} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); llmq itself reads {', '.join(READ_FORMATS)}: "
