@@ -100,21 +100,40 @@ def test_float32_scales_are_narrowed_back_on_import(tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-def test_stock_transformers_cannot_load_the_compressors_own_asymmetric_output(tmp_path):
+# The first transformers release whose default compressed-tensors load refuses asymmetric checkpoints.
+ASYMMETRIC_LOAD_BROKEN_SINCE = (5, 24)
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_stock_transformers_default_load_of_asymmetric_output(tmp_path):
     """An upstream bug, asserted so that this test fails the day it is fixed.
 
-    compressed-tensors (0.20) builds the loading skeleton by compressing a meta
-    model, and on the meta device its pack-quantized compressor leaves the zero
-    point unpacked [N, G], while the same compressor writes it packed
-    [N*b/32, G] (and vLLM reads it so). transformers then refuses the size
-    mismatch. When this starts failing, drop the `dequantize=True` advice from
-    README's format table and from compressed_tensors.engine_support.
+    From transformers 5.24 (with compressed-tensors 0.20) the loading skeleton is
+    built by compressing a meta model, and on the meta device the pack-quantized
+    compressor leaves the zero point unpacked [N, G], while the same compressor
+    writes it packed [N*b/32, G] (and vLLM reads it so): transformers refuses the
+    size mismatch, for the package's own output too. Up to 5.23 the default load
+    decompresses them with llmq's logits. When the refusal stops, drop the
+    `dequantize=True` advice from README's format table and from
+    compressed_tensors.engine_support.
     """
     model, ours = _llmq_export(tmp_path, False, 4, 32, torch.float32)
     theirs = compressor_export(model, 4, 32, False, torch.float32, tmp_path / "ct-own")
+    ids = random_ids()
     for folder in (theirs, ours):
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-            AutoModelForCausalLM.from_pretrained(folder)
+        if _transformers_version() >= ASYMMETRIC_LOAD_BROKEN_SINCE:
+            with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+                AutoModelForCausalLM.from_pretrained(folder)
+        else:
+            with torch.no_grad():
+                expected, got = model(ids).logits, AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (folder, (got - expected).abs().max())
 
 
 @pytest.mark.parametrize("sym,bits,group_size", [(False, 4, 32), (False, 8, -1), (True, 4, 32)])

@@ -262,11 +262,12 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
         rows.append(EngineSupport("transformers + compressed-tensors", True,
                                   "decompresses on load (checked by llmq's tests, package 0.20)"))
     else:
-        # compressed-tensors 0.20 builds the loading skeleton with an unpacked [N, G] zero point while its
-        # own compressor (and vLLM) store it packed [N*b/32, G]: the compressor's own output fails the same way.
+        # From transformers 5.24, compressed-tensors 0.20 builds the loading skeleton with an unpacked [N, G]
+        # zero point while its own compressor (and vLLM) store it packed [N*b/32, G]: the compressor's own
+        # output fails the same way.
         rows.append(EngineSupport("transformers + compressed-tensors", False,
-                                  "asymmetric: the default load fails with compressed-tensors 0.20 (a zero-point "
-                                  "size mismatch; the package's own output fails too); load with "
+                                  "asymmetric: the default load fails from transformers 5.24 with compressed-tensors "
+                                  "0.20 (a zero-point size mismatch; the package's own output fails too); load with "
                                   "quantization_config=CompressedTensorsConfig(dequantize=True) (dense weights, "
                                   "checked by llmq's tests)"))
     if experts_fused_on_disk(shapes):
