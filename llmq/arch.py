@@ -96,17 +96,19 @@ _LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAM
 
 
 def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
-             shared: tuple[tuple[str, ...], str] | None = None, attention=None, dense: bool = False):
-    groups = list(attention if attention is not None else _llama_awq("post_attention_layernorm")[:2])
+             shared: tuple[tuple[str, ...], str] | None = None, attention=None, dense: bool = False,
+             block: str = "mlp", norm_offset: float = 0.0):
+    llama = _llama_awq("post_attention_layernorm", norm_offset)
+    groups = list(attention if attention is not None else llama[:2])
     shared_up = shared[0] if shared else ()
-    experts = tuple(f"mlp.experts.*.{n}" for n in up)
-    groups.append(ScaleGroup("post_attention_layernorm", router + experts + shared_up))
+    experts = tuple(f"{block}.experts.*.{n}" for n in up)
+    groups.append(ScaleGroup("post_attention_layernorm", router + experts + shared_up, norm_offset=norm_offset))
     if down is not None:  # the up projection (of a gated pair, the second) feeds down through a product
-        groups.append(ScaleGroup(f"mlp.experts.*.{up[-1]}", (f"mlp.experts.*.{down}",), kind="linear"))
+        groups.append(ScaleGroup(f"{block}.experts.*.{up[-1]}", (f"{block}.experts.*.{down}",), kind="linear"))
     if shared:
         groups.append(ScaleGroup(shared_up[-1], (shared[1],), kind="linear"))
-    if dense:  # dense layers between MoE layers (DeepSeek's first layers)
-        groups += list(_llama_awq("post_attention_layernorm")[2:])
+    if dense:  # dense layers between MoE layers (DeepSeek's and GLM-4.5's first layers)
+        groups += list(llama[2:])
     return tuple(groups)
 
 
@@ -120,11 +122,47 @@ _MLA = (  # DeepSeek's multi-head latent attention: the low-rank projections and
     ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
 )
 
+# Parallel blocks (Cohere, Phi-2): one input norm feeds the attention and the MLP, so
+# every linear reading it shares one scale vector.
+_PARALLEL_SEQUENTIAL = (_QKV + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",))
+_SHARED_EXPERTS = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj")
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "granite": _LLAMA,  # its multipliers scale the residual stream and attention scores, not a linear's input
+    "smollm3": _LLAMA,
+    # OLMo 2 normalises after attention and MLP: nothing is folded into q/k/v or gate/up.
+    "olmo2": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAMA_AWQ[1::2]),
+    "glm4": ArchSpec(  # fused gate_up_proj: up -> down would need a slice of it
+        layers="model.layers",
+        sequential=(_QKV, ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        awq=_LLAMA_AWQ[:2] + (ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),),
+    ),
+    "cohere": ArchSpec(
+        layers="model.layers", sequential=_PARALLEL_SEQUENTIAL,
+        awq=(ScaleGroup("input_layernorm", _PARALLEL_SEQUENTIAL[0], no_clip=_QK),) + _LLAMA_AWQ[1::2],
+    ),
+    "phi": ArchSpec(  # fc1 -> fc2 passes through GELU: not scaled
+        layers="model.layers",
+        sequential=(_QKV + ("mlp.fc1",), ("self_attn.dense",), ("mlp.fc2",)),
+        awq=(ScaleGroup("input_layernorm", _QKV + ("mlp.fc1",), no_clip=_QK),
+             ScaleGroup("self_attn.v_proj", ("self_attn.dense",), kind="linear")),
+    ),
+    "starcoder2": ArchSpec(  # c_fc -> c_proj passes through GELU: not scaled
+        layers="model.layers",
+        sequential=(_QKV, ("self_attn.o_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        awq=_LLAMA_AWQ[:2] + (ScaleGroup("post_attention_layernorm", ("mlp.c_fc",)),),
+    ),
+    "gpt_neox": ArchSpec(  # the MLP reads its own norm of the layer input, parallel residual or not
+        layers="gpt_neox.layers",
+        sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
+                    ("mlp.dense_4h_to_h",)),
+        awq=(ScaleGroup("input_layernorm", ("attention.query_key_value",), no_clip=("attention.query_key_value",)),
+             ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+    ),
     "gemma": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA_AWQ),
     "gemma2": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA2_AWQ),
     "gemma3_text": ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_GEMMA2_AWQ),
@@ -153,9 +191,27 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                       awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj")),
     "deepseek_v3": ArchSpec(layers="model.layers", awq=_moe_awq(
         ("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA, dense=True,
-        shared=(("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj"))),
+        shared=_SHARED_EXPERTS)),
     # gpt-oss: (up + 1) * clamped GLU between the projections: no up -> down group.
     "gpt_oss": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.router",), ("gate_up_proj",), None)),
+    "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
+                                                             shared=_SHARED_EXPERTS, dense=True)),
+    "ernie4_5_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
+                                                                 shared=_SHARED_EXPERTS, dense=True)),
+    "phimoe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
+                       awq=_moe_awq(("mlp.router",), ("w1", "w3"), "w2")),
+    # Granite MoE keeps its experts' gate and up fused on disk: no up -> down group.
+    "granitemoe": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL,
+                           awq=_moe_awq(("block_sparse_moe.router",), ("gate_up_proj",), None,
+                                        block="block_sparse_moe")),
+    # Qwen3-Next: RMSNorms multiply by (1 + weight); its linear-attention layers read the input
+    # norm through in_proj_qkvz and in_proj_ba instead of q/k/v.
+    "qwen3_next": ArchSpec(layers="model.layers", sequential=_MOE_SEQUENTIAL, awq=_moe_awq(
+        ("mlp.gate", "mlp.shared_expert_gate"), _QWEN_EXPERTS, "down_proj", norm_offset=1.0,
+        shared=(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp.shared_expert.down_proj"),
+        attention=_llama_awq("post_attention_layernorm", norm_offset=1.0)[:2] + (
+            ScaleGroup("input_layernorm", ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"), norm_offset=1.0,
+                       no_clip=("linear_attn.in_proj_qkvz",)),))),
     "opt": ArchSpec(
         layers="model.decoder.layers",
         sequential=(

@@ -47,10 +47,34 @@ TINY_MOE_CONFIGS = {
     "olmoe": lambda: T.OlmoeConfig(num_experts=4, **_MOE),
 }
 
+# Further architectures llmq knows the scale groups of (tests/test_more_architectures.py):
+# parallel blocks, post-norms, fused projections, other expert layouts, norms of (1 + weight).
+MORE_CONFIGS = {
+    "granite": lambda: T.GraniteConfig(**_ATTN, **_COMMON),
+    "smollm3": lambda: T.SmolLM3Config(**_ATTN, **_COMMON),
+    "olmo2": lambda: T.Olmo2Config(**_ATTN, **_COMMON),
+    "glm4": lambda: T.Glm4Config(**_ATTN, head_dim=16, **_COMMON),
+    "cohere": lambda: T.CohereConfig(**_ATTN, **_COMMON),
+    "phi": lambda: T.PhiConfig(**_ATTN, **_COMMON),
+    "starcoder2": lambda: T.Starcoder2Config(**_ATTN, **_COMMON),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, **_COMMON),
+    "granitemoe": lambda: T.GraniteMoeConfig(num_local_experts=4, **_MOE),
+    "phimoe": lambda: T.PhimoeConfig(num_local_experts=4, **_MOE),
+    "glm4_moe": lambda: T.Glm4MoeConfig(n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1,
+                                        n_group=1, topk_group=1, head_dim=16, **_MOE),
+    "ernie4_5_moe": lambda: T.Ernie4_5_MoeConfig(moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                 moe_layer_start_index=1, **_ATTN, **_COMMON),
+    "qwen3_next": lambda: T.Qwen3NextConfig(  # a linear-attention layer, then a full-attention one
+        num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, head_dim=16,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        layer_types=["linear_attention", "full_attention"], **_MOE),
+}
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = (TINY_CONFIGS.get(arch) or TINY_MOE_CONFIGS[arch])()
+    config = (TINY_CONFIGS.get(arch) or TINY_MOE_CONFIGS.get(arch) or MORE_CONFIGS[arch])()
     model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives tiny weights in some architectures; spread them so that
     # quantization error is visible and outputs depend on every layer.

@@ -1,0 +1,106 @@
+"""Architectures whose scale groups llmq knows beyond the ones the other tests sweep: parallel
+blocks (Cohere, Phi-2), post-norms (OLMo 2), fused projections (GLM-4, GPT-NeoX), other expert
+layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5) and norms of (1 + weight) with
+linear attention (Qwen3-Next). For each: the groups fold without changing the full-precision
+function, AWQ and SmoothQuant W8A8 run on them, and their checkpoints load back exactly."""
+
+import pytest
+import torch
+
+import llmq
+from llmq import QuantConfig, QuantLinear, pipeline
+from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing
+from llmq.modules.w8a8 import W8A8Linear
+from conftest import MORE_CONFIGS, random_ids, tiny_model
+
+# The operations folded into in the last decoder layer (a mixture-of-experts layer where the
+# model has them): written out from each architecture's modelling code, not from llmq.arch.
+FOLDED_INTO = {
+    "granite": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"},
+    "smollm3": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"},
+    "olmo2": {"self_attn.v_proj", "mlp.up_proj"},
+    "glm4": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm"},
+    "cohere": {"input_layernorm", "self_attn.v_proj", "mlp.up_proj"},
+    "phi": {"input_layernorm", "self_attn.v_proj"},
+    "starcoder2": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm"},
+    "gpt_neox": {"input_layernorm", "post_attention_layernorm"},
+    "granitemoe": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm"},
+    "phimoe": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm"} |
+              {f"mlp.experts.{e}.w3" for e in range(4)},
+    "glm4_moe": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.shared_experts.up_proj"} |
+                {f"mlp.experts.{e}.up_proj" for e in range(4)},
+    "ernie4_5_moe": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
+                     "mlp.shared_experts.up_proj"} | {f"mlp.experts.{e}.up_proj" for e in range(4)},
+    "qwen3_next": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.shared_expert.up_proj"} |
+                  {f"mlp.experts.{e}.up_proj" for e in range(4)},
+}
+
+
+def _spread_norms(model, seed=3):
+    # Norm weights start at 1 (0 for the (1 + weight) norms) and biases at 0: randomise them so a
+    # fold that forgot an offset or a bias changes the function.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+def test_every_architecture_here_has_its_expected_groups():
+    assert set(FOLDED_INTO) == set(MORE_CONFIGS)
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_CONFIGS))
+def test_folding_factors_into_every_group_leaves_the_fp_function_unchanged(arch):
+    model = tiny_model(arch)  # float32: the experts' grouped matmul takes no float64
+    _spread_norms(model)
+    ids = random_ids(seed=4)
+    with torch.no_grad():
+        ref = model(ids).logits
+    job = pipeline.plan(model, QuantConfig(scheme="w8a8", smooth=0.5), torch.device("cpu"))  # unrolls experts
+    g = torch.Generator().manual_seed(1)
+    folded = []
+    for i, layer in enumerate(job.layers):
+        folded = []
+        for unit in build_w8a8_units(job.spec, layer, job.targets[i], model.config, smooth=0.5):
+            if unit.group is not None:
+                k = layer.get_submodule(unit.linears[0]).weight.shape[1]
+                fold_smoothing(layer, unit, unit.tie(torch.rand(k, generator=g) * 4 + 0.25))
+                folded.append(unit.group.prev)
+    assert set(folded) == FOLDED_INTO[arch]
+    with torch.no_grad():
+        out = model(ids).logits
+    # Rounding moves the logits by about 1e-6 of their size; a wrong fold (a missed consumer,
+    # offset or bias) by a sizeable fraction of it.
+    assert (out - ref).abs().max() < 2e-5 * ref.abs().max()
+
+
+def _quantized_and_left(model):
+    quantized = sum(isinstance(m, (QuantLinear, W8A8Linear)) for m in model.modules())
+    left = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    return quantized, left
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_CONFIGS))
+@pytest.mark.parametrize("config", [QuantConfig(method="awq", group_size=32),
+                                    QuantConfig(scheme="w8a8", smooth="auto")], ids=["awq", "w8a8-smoothquant"])
+def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
+    fp = tiny_model(arch)
+    ids = random_ids(seed=6)
+    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fp_logits = fp(ids).logits
+    norms_before = {n: p.clone() for n, p in fp.named_parameters() if p.dim() == 1 and "norm" in n}
+    model = llmq.quantize(fp, config, dataset=calib, progress=False)
+    quantized, left = _quantized_and_left(model)
+    # Everything but the head and the routers (kept in full precision by default) is quantized.
+    assert quantized > 0 and all(n == "lm_head" or n.endswith("shared_expert_gate") for n in left), left
+    if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
+        changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
+        assert changed, "no scale was folded into a norm"
+    with torch.no_grad():
+        q_logits = model(ids).logits
+    assert (q_logits - fp_logits).abs().mean() < 0.3 * fp_logits.abs().mean()
+    llmq.save(model, tmp_path / arch)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
