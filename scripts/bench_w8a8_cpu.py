@@ -29,9 +29,10 @@ g64 asymmetric weight-only (llmq's default CPU backend).
   the kernel's packed form and, for prefill, the checkpoint codes it
   dequantizes from), and of all parameters and buffers.
 
---breakdown splits one prefill of each model into its decoder linears, the
-output head (not quantized) and everything else, which bounds what faster
-linears can gain (forward hooks; they add microseconds per linear).
+--breakdown splits one prefill and one decode step of each model into its
+decoder linears, the output head (not quantized) and everything else, which
+bounds what faster linears can gain (forward hooks; they add microseconds per
+linear).
 
 The CPU kernels are chosen by llmq's one-time measurement
 (llmq/kernels/cpu_select.py); the choices and their timings are printed at the end.
@@ -40,6 +41,8 @@ The CPU kernels are chosen by llmq's one-time measurement
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import platform
 import statistics
@@ -101,10 +104,10 @@ def decode_rate(model, prompt, new_tokens) -> tuple[float, torch.Tensor]:
     return (new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9), out[0, prompt.shape[1]:]
 
 
-@torch.inference_mode()
-def prefill_breakdown(model, ids) -> dict:
-    """ms of one prefill spent in the decoder's linears, in the output head, and in everything else
-    (attention, norms, activations), timed by forward hooks around each linear."""
+@contextlib.contextmanager
+def linear_timers(model):
+    """Seconds spent in the decoder's linears and in the output head while the block runs,
+    timed by forward hooks around each of them: yields {"linears": s, "head": s}."""
     spent = {"linears": 0.0, "head": 0.0}
     start = {}
     head = model.get_output_embeddings()
@@ -120,12 +123,38 @@ def prefill_breakdown(model, ids) -> dict:
         if m is head or (isinstance(m, (torch.nn.Linear, QuantLinear, W8A8Linear)) and ".layers." in name):
             handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
     try:
-        total = prefill_seconds(model, ids)
+        yield spent
     finally:
         for h in handles:
             h.remove()
+
+
+def _split(total: float, spent: dict) -> dict:
     return {"total_ms": 1000 * total, "linears_ms": 1000 * spent["linears"], "head_ms": 1000 * spent["head"],
             "other_ms": 1000 * (total - spent["linears"] - spent["head"])}
+
+
+@torch.inference_mode()
+def prefill_breakdown(model, ids) -> dict:
+    """ms of one prefill spent in the decoder's linears, in the output head, and in everything else
+    (attention, norms, activations)."""
+    with linear_timers(model) as spent:
+        total = prefill_seconds(model, ids)
+    return _split(total, spent)
+
+
+@torch.inference_mode()
+def decode_breakdown(model, prompt) -> dict:
+    """The same split of one decode step: one token after the prompt, with the prompt's KV cache."""
+    out = model(prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    # transformers renamed past_key_values to cache (5.24; the old name warns until 5.40).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with linear_timers(model) as spent:
+        t0 = time.perf_counter()
+        model(token, use_cache=True, **{name: getattr(out, name)})
+        total = time.perf_counter() - t0
+    return _split(total, spent)
 
 
 @torch.inference_mode()
@@ -244,16 +273,17 @@ def main(argv=None) -> int:
               + "; last logits only ms " + " ".join(f"{1000 * t:.0f}" for t in last[name])
               + "; decode tok/s " + " ".join(f"{r:.1f}" for r in rate[name]), flush=True)
     if args.breakdown:
-        print("one prefill, timed by hooks around the linears (median of --repeats):")
-        for row, (name, model) in zip(rows, models.items()):
-            parts = [prefill_breakdown(model, ids) for _ in range(args.repeats)]
-            row["breakdown"] = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
-            b = row["breakdown"]
-            print(f"  {name:<22} total {b['total_ms']:8.1f} ms: decoder linears {b['linears_ms']:8.1f}, "
-                  f"output head {b['head_ms']:7.1f}, everything else {b['other_ms']:7.1f}", flush=True)
-        fp = rows[0]["breakdown"]
-        print(f"  fp32 prefill with decoder linears that cost nothing would be "
-              f"{fp['total_ms'] / (fp['total_ms'] - fp['linears_ms']):.2f}x faster", flush=True)
+        for what, key, split in (("one prefill", "breakdown", lambda m: prefill_breakdown(m, ids)),
+                                 ("one decode step", "decode_breakdown", lambda m: decode_breakdown(m, prompt))):
+            print(f"{what}, timed by hooks around the linears (median of --repeats):")
+            for row, (name, model) in zip(rows, models.items()):
+                parts = [split(model) for _ in range(args.repeats)]
+                row[key] = b = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+                print(f"  {name:<22} total {b['total_ms']:8.2f} ms: decoder linears {b['linears_ms']:8.2f}, "
+                      f"output head {b['head_ms']:7.2f}, everything else {b['other_ms']:7.2f}", flush=True)
+            fp = rows[0][key]
+            print(f"  fp32 {what.removeprefix('one ')} with decoder linears that cost nothing would be "
+                  f"{fp['total_ms'] / (fp['total_ms'] - fp['linears_ms']):.2f}x faster", flush=True)
     kernels = cpu_select.report()
     print("CPU kernels chosen by measurement (best seconds of each candidate on its representative layer):")
     for key, entry in kernels.items():
