@@ -18,7 +18,7 @@ import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear, pipeline
 from llmq.modules.qexperts import QuantExperts
 from llmq.modules.w8a8 import W8A8Linear
-from conftest import TINY_MOE_CONFIGS, random_ids, tiny_model
+from conftest import TINY_MOE_CONFIGS, checkpoint_tensors, random_ids, tiny_model
 
 # Per architecture, as its checkpoints store experts on disk: the MoE block's name,
 # the per-expert projections that concatenate to gate_up_proj, the down projection,
@@ -663,3 +663,25 @@ def test_the_kept_routers_survive_a_round_trip_through_another_format(tmp_path, 
     kept = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
             for d in ("native", "back")]
     assert kept[0] == kept[1] == ["lm_head", "mlp.gate", "mlp.shared_expert_gate"]
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "granitemoe"])
+@pytest.mark.parametrize("fmt,config", [("gptq", QuantConfig(group_size=GROUP, desc_act=False)),
+                                        ("compressed-tensors", QuantConfig(group_size=GROUP)),
+                                        ("compressed-tensors", QuantConfig(scheme="w8a8"))])
+def test_experts_fused_on_disk_are_reported_as_not_loading_in_vllm(tmp_path, capsys, arch, fmt, config):
+    # Their experts are written whole per expert (gate_up_proj), a name vLLM's expert mapping does not read.
+    from llmq.cli import main
+
+    model = llmq.quantize(tiny_model(arch), config, progress=False)
+    llmq.save(model, tmp_path / "native")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "out"), "--format", fmt]) == 0
+    report = capsys.readouterr().out
+    vllm_moe = next(line for line in report.splitlines() if "vLLM MoE experts" in line)
+    assert vllm_moe.split()[0] == "no" and "gate_up_proj" in vllm_moe
+    suffix = "qweight" if fmt == "gptq" else "weight" if config.scheme == "w8a8" else "weight_packed"
+    assert any(k.endswith(f".experts.1.gate_up_proj.{suffix}") for k in checkpoint_tensors(tmp_path / "out"))
+    ids = random_ids(seed=8)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "out")(ids).logits, model(ids).logits)

@@ -272,9 +272,9 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
                                   "checked by llmq's tests)"))
     if experts_fused_on_disk(shapes):
         rows[-1] = EngineSupport("transformers + compressed-tensors", False,
-                                 "this architecture's experts are fused on disk (gpt-oss): transformers has no "
-                                 "mapping from per-expert tensors and loads its experts unset, without an error: "
-                                 "load the folder with llmq")
+                                 "this architecture's experts are fused on disk (gpt-oss, Granite MoE): transformers "
+                                 "has no mapping from per-expert tensors and loads its experts unset, without an "
+                                 "error: load the folder with llmq")
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..config import QuantConfig
 from ..qweight import w8a8_module_names
 from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
-from .engines import EngineSupport
+from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support
 from .spec import Checkpoint, Format
 
 INT_QUANTIZED = "int-quantized"
@@ -54,15 +54,18 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
-def engine_support(qc: QuantConfig, experts: bool = False) -> list[EngineSupport]:
-    """experts: the checkpoint holds W8A8 mixture-of-experts experts (`<block>.experts.<e>.<proj>`)."""
+def engine_support(qc: QuantConfig, names=()) -> list[EngineSupport]:
+    """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`)."""
+    experts = any(".experts." in name for name in names)
     what = "per-token dynamic" if qc.act == "dynamic" else "static per-tensor"
     rows = [EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
                           f"int8 weights per channel, {what} int8 activations: the layout of its "
                           "CompressedTensorsW8A8Int8 scheme (vLLM itself is not run here)")]
     if experts:
         engine = "vLLM MoE experts (FusedMoE)"
-        if qc.act == "dynamic":
+        if experts_fused_on_disk(names):
+            rows += moe_engine_support(QUANT_METHOD, qc, dict.fromkeys(names))  # its names, not its scheme, refuse
+        elif qc.act == "dynamic":
             rows.append(EngineSupport(engine, True, "int8 experts per channel, dynamic per-token activations: what "
                                                     "its CompressedTensorsW8A8Int8MoEMethod takes"))
         else:
@@ -150,8 +153,7 @@ FORMAT = Format(
     small_tensors=(".weight_scale", ".input_scale"),
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
-    engines=lambda ckpt: engine_support(ckpt.quant_config,
-                                        any(".experts." in name for name in w8a8_module_names(ckpt.tensors))),
+    engines=lambda ckpt: engine_support(ckpt.quant_config, w8a8_module_names(ckpt.tensors)),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

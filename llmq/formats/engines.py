@@ -59,10 +59,10 @@ def format_report(title: str, rows: list[EngineSupport]) -> str:
 
 
 def experts_fused_on_disk(names) -> bool:
-    """Whether the per-expert layer names keep the fused `gate_up_proj` (llmq.experts: an architecture whose
-    checkpoints store their experts fused, gpt-oss). transformers gathers per-expert tensors into its fused
-    experts only through its checkpoint conversion mapping, which has no such names: it loads those
-    experts unset, with no error."""
+    """Whether the per-expert layer names keep the fused `gate_up_proj` (llmq.experts: an architecture
+    whose checkpoints store their experts fused, gpt-oss or Granite MoE). transformers gathers per-expert
+    tensors into its fused experts only through its checkpoint conversion mapping, which has no such
+    names: it loads those experts unset, with no error."""
     return any(re.search(r"\.experts\.\d+\.gate_up_proj$", name) for name in names)
 
 
@@ -76,6 +76,12 @@ def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, i
     if not any(".experts." in name for name in shapes):
         return []
     engine = "vLLM MoE experts (FusedMoE)"
+    if experts_fused_on_disk(shapes):
+        return [EngineSupport(engine, False, "this architecture's experts are fused on disk (gpt-oss, Granite MoE), "
+                                             "so llmq writes each expert's gate_up_proj whole: vLLM's expert mapping "
+                                             "reads separate gate and up projections, and its loaders for these "
+                                             "models read fused experts only as whole 3D tensors: load the folder "
+                                             "with llmq")]
     if fmt == "compressed-tensors":
         if qc.sym:
             return [EngineSupport(engine, True, "symmetric WNA16 experts (Marlin MoE or the moe_wna16 kernel)")]
