@@ -163,11 +163,12 @@ def test_llmq_loads_the_compressors_output_with_its_logits(tmp_path):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe",
+                                  "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next"])
 def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(tmp_path, arch):
     """The export report's transformers row says yes exactly where stock transformers' load computes
-    llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss (experts
-    fused on disk) lacks, so its experts would load unset, with no error."""
+    llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss and
+    Granite MoE (experts fused on disk) lack, so their experts would load unset, with no error."""
     model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16), progress=False)
     llmq.save(model, tmp_path / "native")
     rows = {r.engine: r for r in convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")}
@@ -175,4 +176,4 @@ def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(t
     ids = random_ids()
     with torch.no_grad():
         same = torch.allclose(stock(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    assert rows["transformers + compressed-tensors"].loads == same == (arch != "gpt_oss")
+    assert rows["transformers + compressed-tensors"].loads == same == (arch not in ("gpt_oss", "granitemoe"))
