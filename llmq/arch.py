@@ -56,6 +56,13 @@ class ArchSpec:
     sequential: tuple[tuple[str, ...], ...] | None = None
     # AWQ scale groups in execution order; None: AWQ is not available for this architecture.
     awq: tuple[ScaleGroup, ...] | None = None
+    # What a decoder layer returns after its hidden states, in order (empty: the hidden states
+    # alone): for each further output, the keyword argument of the next layer that takes it
+    # (GLM-5's top-k token selection, reused by the next layer), or None where none does.
+    passes: tuple[str | None, ...] = ()
+    # Linears of a decoder layer that stay in full precision: the model reads their weight
+    # directly (name patterns relative to the layer, as in modules_to_not_convert).
+    keep: tuple[str, ...] = ()
 
 
 _LLAMA_SEQUENTIAL = (
@@ -120,6 +127,15 @@ _MLA = (  # DeepSeek's multi-head latent attention: the low-rank projections and
     ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_proj")),
     ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
     ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+# With DeepSeek's sparse attention (GLM-5): the indexer reads the input norm's output and the
+# query's low-rank state too; its weights_proj stays in full precision (compensated like a router).
+_DSA_INDEXER = "self_attn.indexer"
+_MLA_DSA = (
+    ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", f"{_DSA_INDEXER}.wk",
+                                   f"{_DSA_INDEXER}.weights_proj")),
+    ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj", f"{_DSA_INDEXER}.wq_b")),
+    _MLA[2],
 )
 
 # Parallel blocks (Cohere, Phi-2): one input norm feeds the attention and the MLP, so
@@ -194,6 +210,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         shared=_SHARED_EXPERTS)),
     # gpt-oss: (up + 1) * clamped GLU between the projections: no up -> down group.
     "gpt_oss": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.router",), ("gate_up_proj",), None)),
+    # GLM-5: a layer's top-k token selection goes to the next, which reuses it on "shared" indexer layers.
+    "glm_moe_dsa": ArchSpec(layers="model.layers", passes=("prev_topk_indices",),
+                            keep=(f"{_DSA_INDEXER}.weights_proj",),
+                            awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA_DSA, dense=True,
+                                         shared=_SHARED_EXPERTS)),
+    # Bamba returns its attention weights after the hidden states; no layer reads them.
+    "bamba": ArchSpec(layers="model.layers", passes=(None,)),
     "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
                                                              shared=_SHARED_EXPERTS, dense=True)),
     "ernie4_5_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",

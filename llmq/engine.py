@@ -40,11 +40,12 @@ class _StopForward(Exception):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, layer: nn.Module, calls: list, last: bool):
+    def __init__(self, layer: nn.Module, calls: list, last: bool, further_outputs: int = 0):
         super().__init__()
         self.layer = layer  # kept so attribute look-ups on the layer (e.g. attention_type) still work
         self.calls = calls
         self.last = last
+        self.further_outputs = further_outputs  # what the layer returns after its hidden states (ArchSpec.passes)
 
     def __getattr__(self, name):
         try:
@@ -56,7 +57,7 @@ class _Recorder(nn.Module):
         self.calls.append((hidden_states, args, kwargs))
         if self.last:
             raise _StopForward
-        return hidden_states
+        return (hidden_states, *[None] * self.further_outputs) if self.further_outputs else hidden_states
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -73,18 +74,20 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor,
-                         layers: nn.ModuleList | None = None) -> tuple[torch.Tensor, list]:
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: nn.ModuleList | None = None,
+                         spec: arch.ArchSpec | None = None) -> tuple[torch.Tensor, list]:
     """(hidden states entering layer 0, [(args, kwargs) of each layer]) for one batch.
 
     layers: the model's decoder layers (None: looked up with arch.decoder_layers).
+    spec: the model's architecture entry (None: looked up with arch.arch_spec).
     """
+    spec = spec or arch.arch_spec(model)
     if layers is None:
-        _, layers = arch.decoder_layers(model)
+        _, layers = arch.decoder_layers(model, spec)
     originals = list(layers)
     calls: list = []
     for i, layer in enumerate(originals):
-        layers[i] = _Recorder(layer, calls, last=i == len(originals) - 1)
+        layers[i] = _Recorder(layer, calls, last=i == len(originals) - 1, further_outputs=len(spec.passes))
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -117,7 +120,8 @@ def _visiting(layers: nn.ModuleList, i: int, device: torch.device, streamer):
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, device: torch.device,
                progress: bool = True, desc: str = "layers", keep_on_device: bool | None = None,
-               layers: nn.ModuleList | None = None, streamer=None, activations: str | None = None) -> torch.Tensor:
+               layers: nn.ModuleList | None = None, streamer=None, activations: str | None = None,
+               spec: arch.ArchSpec | None = None) -> torch.Tensor:
     """Drive `step` over every decoder layer and return the last layer's output.
 
     step(index, layer, hidden, args, kwargs) runs the layer (already on device)
@@ -127,6 +131,8 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     activations: "device", "host" or "disk" (a memory-mapped file) to force
     where they wait between layers (None: chosen, see llmq.activations).
     layers: the model's decoder layers (None: looked up with arch.decoder_layers).
+    spec: the model's architecture entry (None: looked up with arch.arch_spec); its `passes` say
+    which of a layer's further outputs go to the next layer.
     streamer: for a model whose layers are on the meta device (llmq.stream):
     streamer.load(i) materialises layer i before its pass, streamer.release(i,
     output) writes it out and frees it after; streamer.captured() once the
@@ -134,11 +140,12 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     (first layer to run, its input hidden states or None) for a resumed run.
     """
     model.eval()
+    spec = spec or arch.arch_spec(model)
     if layers is None:
-        _, layers = arch.decoder_layers(model)
+        _, layers = arch.decoder_layers(model, spec)
     _warn_if_few_tokens(input_ids, layers)
     input_ids = distributed.my_windows(input_ids)  # several processes: each runs its share
-    hidden, per_layer = capture_layer_inputs(model, input_ids, layers)
+    hidden, per_layer = capture_layer_inputs(model, input_ids, layers, spec)
     if streamer is not None:
         streamer.captured()  # the layers' inputs are known: the outer tensors can go
     if activations is None and keep_on_device is not None:
@@ -154,11 +161,14 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     hidden = store.put(hidden)
     bar = tqdm(range(first, len(layers)), desc=desc, unit="layer", disable=not progress, initial=first,
                total=len(layers))
+    passes = spec.passes
     for i in bar:
-        with _visiting(layers, i, device, streamer) as layer:
+        with _visiting(layers, i, device, streamer) as layer, _further_outputs(layer, passes) as further:
             args, kwargs = to_device(per_layer[i], device)
             hidden, status = step(i, layer, hidden.to(device), args, kwargs)
             _check_quantized_layer(i, layer)
+            if i + 1 < len(layers):
+                _pass_on(further(hidden), passes, per_layer[i + 1][1])
             hidden = store.put(hidden)
         if streamer is not None:
             streamer.release(i, hidden)
@@ -166,6 +176,36 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         if status:
             bar.set_postfix_str(status)
     return hidden
+
+
+@contextmanager
+def _further_outputs(layer: nn.Module, passes: tuple):
+    """Yields further(hidden): what the layer's forward that returned `hidden` returned after it
+    (ArchSpec.passes; a step may run the layer several times, and its last run need not be the one
+    whose output it returns)."""
+    if not passes:
+        yield lambda hidden: ()
+        return
+    outputs: list = []
+
+    def record(module, args, out):
+        if isinstance(out, (tuple, list)):
+            outputs.append(out)
+
+    handle = layer.register_forward_hook(record)
+    try:
+        yield lambda hidden: next((o[1:] for o in reversed(outputs) if o[0] is hidden),
+                                  outputs[-1][1:] if outputs else ())
+    finally:
+        handle.remove()
+
+
+def _pass_on(further: tuple, passes: tuple, next_kwargs: dict) -> None:
+    """Put the layer's further outputs into the next layer's keyword arguments, on the host (GLM-5's
+    top-k indices are as large as an attention map's rows) until that layer runs."""
+    for value, name in zip(further, passes):
+        if name is not None:
+            next_kwargs[name] = value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 @torch.no_grad()

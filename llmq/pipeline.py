@@ -37,6 +37,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
     _check_skips(model, prefix, layers, config)
+    config = _keep_what_the_model_reads(spec, layers, config)
     # Mixture-of-experts blocks first: each experts module becomes a QuantExperts of
     # per-expert nn.Linear views, planned and quantized as linears; the routers join
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
@@ -56,6 +57,17 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
         _check_finite(model)
     return Job(model=model, config=config, spec=spec, layers=layers, targets=targets,
                scale_dtype=scale_dtype_for(next(model.parameters()).dtype), device=device)
+
+
+def _keep_what_the_model_reads(spec: arch.ArchSpec, layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
+    """The architecture's linears that stay in full precision (ArchSpec.keep), added to a copy of the
+    config's modules_to_not_convert where the model has them: the checkpoint records them there."""
+    names = {name for layer in layers for name, _ in layer.named_modules()}
+    keep = [p for p in spec.keep if p not in config.modules_to_not_convert
+            and any(names_module(p, name) for name in names)]
+    if not keep:
+        return config
+    return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *keep])
 
 
 def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:
@@ -149,7 +161,8 @@ def quantize(model_or_path, config: QuantConfig, dataset=None, tokenizer=None, *
     step = method.layer_step(job, plans)
     t1 = time.perf_counter()
     if calibrates:
-        run_layers(model, windows, step, device=device, progress=progress, desc=method.name, layers=job.layers)
+        run_layers(model, windows, step, device=device, progress=progress, desc=method.name, layers=job.layers,
+                   spec=job.spec)
     else:
         each_layer(job.layers, step, device=device, progress=progress, desc=method.name, indices=sorted(plans))
     report.update(layers=time.perf_counter() - t1, **step.timings)

@@ -340,7 +340,7 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             t1 = time.perf_counter()
             if calibrates:
                 run_layers(model, windows, step, device=device, progress=progress, desc=method.name,
-                           layers=job.layers, streamer=streamer)
+                           layers=job.layers, streamer=streamer, spec=job.spec)
             else:
                 each_layer(job.layers, step, device=device, progress=progress, desc=method.name,
                            streamer=streamer)  # every layer: those without targets are written too

@@ -69,12 +69,31 @@ MORE_CONFIGS = {
         num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, head_dim=16,
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
         layer_types=["linear_attention", "full_attention"], **_MOE),
+    # GLM-5: latent attention with sparse attention; its second layer reuses the first's top-k tokens.
+    "glm_moe_dsa": lambda: T.GlmMoeDsaConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_n_heads=8, index_head_dim=16,
+        indexer_types=["full", "shared"], **_COMMON),
+}
+
+# Mamba-attention hybrids: no scale groups (RTN, GPTQ and W8A8 without smoothing); Bamba's layers
+# return their attention weights after the hidden states.
+_HYBRID = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
+               **_ATTN, **_COMMON)
+HYBRID_CONFIGS = {
+    "bamba": lambda: T.BambaConfig(attn_layer_indices=[1], **_HYBRID),
+    "granitemoehybrid": lambda: T.GraniteMoeHybridConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                         shared_intermediate_size=64,
+                                                         layer_types=["mamba", "attention"], **_HYBRID),
+    "falcon_h1": lambda: T.FalconH1Config(mamba_d_ssm=128, **_HYBRID),
 }
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = (TINY_CONFIGS.get(arch) or TINY_MOE_CONFIGS.get(arch) or MORE_CONFIGS[arch])()
+    config = {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **MORE_CONFIGS, **HYBRID_CONFIGS}[arch]()
     model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives tiny weights in some architectures; spread them so that
     # quantization error is visible and outputs depend on every layer.

@@ -1,17 +1,22 @@
 """Architectures whose scale groups llmq knows beyond the ones the other tests sweep: parallel
 blocks (Cohere, Phi-2), post-norms (OLMo 2), fused projections (GLM-4, GPT-NeoX), other expert
-layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5) and norms of (1 + weight) with
-linear attention (Qwen3-Next). For each: the groups fold without changing the full-precision
-function, AWQ and SmoothQuant W8A8 run on them, and their checkpoints load back exactly."""
+layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5), norms of (1 + weight) with
+linear attention (Qwen3-Next) and sparse attention whose top-k tokens pass from layer to layer
+(GLM-5). For each: the groups fold without changing the full-precision function, AWQ and
+SmoothQuant W8A8 run on them, and their checkpoints load back exactly. Then Mamba-attention
+hybrids, which have no scale groups."""
+
+import json
 
 import pytest
 import torch
 
 import llmq
-from llmq import QuantConfig, QuantLinear, pipeline
+from llmq import QuantConfig, QuantLinear, arch, pipeline
+from llmq.engine import layer_output, run_layers
 from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing
 from llmq.modules.w8a8 import W8A8Linear
-from conftest import MORE_CONFIGS, random_ids, tiny_model
+from conftest import HYBRID_CONFIGS, MORE_CONFIGS, random_ids, tiny_model
 
 # The operations folded into in the last decoder layer (a mixture-of-experts layer where the
 # model has them): written out from each architecture's modelling code, not from llmq.arch.
@@ -33,6 +38,9 @@ FOLDED_INTO = {
                      "mlp.shared_experts.up_proj"} | {f"mlp.experts.{e}.up_proj" for e in range(4)},
     "qwen3_next": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.shared_expert.up_proj"} |
                   {f"mlp.experts.{e}.up_proj" for e in range(4)},
+    "glm_moe_dsa": {"input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm",
+                    "post_attention_layernorm", "mlp.shared_experts.up_proj"} | {f"mlp.experts.{e}.up_proj"
+                                                                                   for e in range(4)},
 }
 
 
@@ -93,14 +101,72 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     norms_before = {n: p.clone() for n, p in fp.named_parameters() if p.dim() == 1 and "norm" in n}
     model = llmq.quantize(fp, config, dataset=calib, progress=False)
     quantized, left = _quantized_and_left(model)
-    # Everything but the head and the routers (kept in full precision by default) is quantized.
-    assert quantized > 0 and all(n == "lm_head" or n.endswith("shared_expert_gate") for n in left), left
+    # Everything but the head, the routers and the linears the model reads by weight stays in full precision.
+    assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj"))
+                                 for n in left), left
     if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
         changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
         assert changed, "no scale was folded into a norm"
+    with torch.no_grad():
+        q_logits = model(ids).logits
+    # Int4 of random weights on random calibration tokens moves the logits by 2% to 33% of their size
+    # (GLM-5's most: its sparse attention picks other tokens); a broken fold by more than their size.
+    assert (q_logits - fp_logits).abs().mean() < 0.4 * fp_logits.abs().mean()
+    llmq.save(model, tmp_path / arch)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
+
+
+def test_a_layers_further_outputs_reach_the_next_layer():
+    """GLM-5's second layer reuses the top-k tokens its first selected, which the first returns after
+    its hidden states: layer by layer, llmq hands them on, and computes what the whole model does."""
+    model = tiny_model("glm_moe_dsa")
+    ids = random_ids(seed=9)
+    seen = {}
+    model.model.norm.register_forward_pre_hook(lambda module, args: seen.setdefault("hidden", args[0]))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    out = run_layers(model, ids, lambda i, layer, hidden, args, kwargs: (layer_output(layer(hidden, *args, **kwargs)),
+                                                                           ""), device=torch.device("cpu"),
+                     progress=False)
+    torch.testing.assert_close(out, seen["hidden"], rtol=0, atol=0)
+
+
+def test_linears_the_model_reads_by_weight_stay_in_full_precision_and_are_recorded(tmp_path):
+    model = llmq.quantize(tiny_model("glm_moe_dsa"), QuantConfig(group_size=16), progress=False)
+    assert type(model.model.layers[0].self_attn.indexer.weights_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.indexer.wq_b, QuantLinear)
+    llmq.save(model, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert "self_attn.indexer.weights_proj" in qc["modules_to_not_convert"]
+    ids = random_ids(seed=10)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(HYBRID_CONFIGS))
+@pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(method="gptq", group_size=16),
+                                    QuantConfig(scheme="w8a8", method="gptq", smooth="off")],
+                         ids=["rtn", "gptq", "w8a8-gptq"])
+def test_mamba_hybrids_quantize_and_reload(tmp_path, arch, config):
+    fp = tiny_model(arch)
+    ids = random_ids(seed=11)
+    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        fp_logits = fp(ids).logits
+    model = llmq.quantize(fp, config, dataset=None if config.method == "rtn" else calib, progress=False)
+    quantized, left = _quantized_and_left(model)
+    assert quantized > 0 and left == ["lm_head"]
     with torch.no_grad():
         q_logits = model(ids).logits
     assert (q_logits - fp_logits).abs().mean() < 0.3 * fp_logits.abs().mean()
     llmq.save(model, tmp_path / arch)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
+
+
+def test_hybrid_without_scale_groups_refuses_smoothing_by_name():
+    with pytest.raises(llmq.LlmqError, match="bamba.*--smooth off"):
+        llmq.quantize(tiny_model("bamba"), QuantConfig(scheme="w8a8", smooth="auto"),
+                      dataset=random_ids(n=4, length=32), progress=False)
+    assert arch.arch_spec(tiny_model("bamba")).awq is None

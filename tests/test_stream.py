@@ -85,6 +85,8 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     ("qwen3_moe", ["--method", "rtn", "--bits", "8", "--group-size", "-1"]),
     ("mixtral", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
     ("deepseek_v3", ["--scheme", "w8a8"]),
+    # GLM-5: each layer's top-k token selection reaches the next layer streamed too.
+    ("glm_moe_dsa", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
     # Experts kept whole: written back under their stored per-expert names.
     ("mixtral", ["--method", "gptq", "--bits", "4", "--group-size", "16", "--skip", "mlp.experts"]),
     ("gpt_oss", ["--scheme", "w8a8", "--skip", "mlp.experts"]),
