@@ -17,7 +17,7 @@ Adding an architecture is one entry in ARCHITECTURES.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -143,6 +143,11 @@ _MLA_DSA = (
 _PARALLEL_SEQUENTIAL = (_QKV + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",))
 _SHARED_EXPERTS = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj")
 
+# DeepSeek-V3.2's layers: latent attention with sparse attention, a dense first layer, shared experts.
+_DSA = ArchSpec(layers="model.layers", keep=(f"{_DSA_INDEXER}.weights_proj",),
+                awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA_DSA, dense=True,
+                             shared=_SHARED_EXPERTS))
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -210,11 +215,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         shared=_SHARED_EXPERTS)),
     # gpt-oss: (up + 1) * clamped GLU between the projections: no up -> down group.
     "gpt_oss": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.router",), ("gate_up_proj",), None)),
+    "deepseek_v32": _DSA,
     # GLM-5: a layer's top-k token selection goes to the next, which reuses it on "shared" indexer layers.
-    "glm_moe_dsa": ArchSpec(layers="model.layers", passes=("prev_topk_indices",),
-                            keep=(f"{_DSA_INDEXER}.weights_proj",),
-                            awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA_DSA, dense=True,
-                                         shared=_SHARED_EXPERTS)),
+    "glm_moe_dsa": replace(_DSA, passes=("prev_topk_indices",)),
     # Bamba returns its attention weights after the hidden states; no layer reads them.
     "bamba": ArchSpec(layers="model.layers", passes=(None,)),
     "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",

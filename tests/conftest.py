@@ -76,6 +76,12 @@ MORE_CONFIGS = {
         num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_n_heads=8, index_head_dim=16,
         indexer_types=["full", "shared"], **_COMMON),
+    "deepseek_v32": lambda: T.DeepseekV32Config(  # DeepSeek-V3.2: every layer selects its own top-k tokens
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_n_heads=8, index_head_dim=16,
+        **_COMMON),
 }
 
 # Mamba-attention hybrids: no scale groups (RTN, GPTQ and W8A8 without smoothing); Bamba's layers

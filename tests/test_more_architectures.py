@@ -1,8 +1,8 @@
 """Architectures whose scale groups llmq knows beyond the ones the other tests sweep: parallel
 blocks (Cohere, Phi-2), post-norms (OLMo 2), fused projections (GLM-4, GPT-NeoX), other expert
 layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5), norms of (1 + weight) with
-linear attention (Qwen3-Next) and sparse attention whose top-k tokens pass from layer to layer
-(GLM-5). For each: the groups fold without changing the full-precision function, AWQ and
+linear attention (Qwen3-Next) and DeepSeek's sparse attention (DeepSeek-V3.2, and GLM-5, whose
+top-k tokens pass from layer to layer). For each: the groups fold without changing the full-precision function, AWQ and
 SmoothQuant W8A8 run on them, and their checkpoints load back exactly. Then Mamba-attention
 hybrids, which have no scale groups."""
 
@@ -41,6 +41,9 @@ FOLDED_INTO = {
     "glm_moe_dsa": {"input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm",
                     "post_attention_layernorm", "mlp.shared_experts.up_proj"} | {f"mlp.experts.{e}.up_proj"
                                                                                    for e in range(4)},
+    "deepseek_v32": {"input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm",
+                     "post_attention_layernorm", "mlp.shared_experts.up_proj"} | {f"mlp.experts.{e}.up_proj"
+                                                                                    for e in range(4)},
 }
 
 
