@@ -143,6 +143,18 @@ _MLA_DSA = (
 _PARALLEL_SEQUENTIAL = (_QKV + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",))
 _SHARED_EXPERTS = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj")
 
+def _mamba_hybrid_awq(mlp_norm: str, mlp_in: tuple[str, ...], down: str | None = None,
+                      parallel: bool = False) -> tuple[ScaleGroup, ...]:
+    # The input norm feeds q/k/v in attention layers and the Mamba mixer's in_proj in the others
+    # (parallel: both in every layer, one group); the mixer's gated RMSNorm feeds its out_proj.
+    mixers = ((ScaleGroup("input_layernorm", _QKV + ("mamba.in_proj",), no_clip=_QK),) if parallel else
+              (ScaleGroup("input_layernorm", _QKV, no_clip=_QK), ScaleGroup("input_layernorm", ("mamba.in_proj",))))
+    groups = [*mixers, _LLAMA_AWQ[1], ScaleGroup("mamba.norm", ("mamba.out_proj",)), ScaleGroup(mlp_norm, mlp_in)]
+    if down is not None:  # the up projection (the last of mlp_in) feeds down through a product
+        groups.append(ScaleGroup(mlp_in[-1], (down,), kind="linear"))
+    return tuple(groups)
+
+
 # DeepSeek-V3.2's layers: latent attention with sparse attention, a dense first layer, shared experts.
 _DSA = ArchSpec(layers="model.layers", keep=(f"{_DSA_INDEXER}.weights_proj",),
                 awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA_DSA, dense=True,
@@ -218,8 +230,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "deepseek_v32": _DSA,
     # GLM-5: a layer's top-k token selection goes to the next, which reuses it on "shared" indexer layers.
     "glm_moe_dsa": replace(_DSA, passes=("prev_topk_indices",)),
-    # Bamba returns its attention weights after the hidden states; no layer reads them.
-    "bamba": ArchSpec(layers="model.layers", passes=(None,)),
+    # Mamba-attention hybrids: each layer mixes by attention or by Mamba (Falcon-H1: both, side by
+    # side). Bamba returns its attention weights after the hidden states; no layer reads them.
+    "bamba": ArchSpec(layers="model.layers", passes=(None,), awq=_mamba_hybrid_awq(
+        "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj")),
+    "granitemoehybrid": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(  # fused gate/up: no up -> down
+        "post_attention_layernorm",
+        ("block_sparse_moe.router", "block_sparse_moe.experts.*.gate_up_proj", "shared_mlp.input_linear"))),
+    "falcon_h1": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(
+        "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
+        parallel=True)),
     "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
                                                              shared=_SHARED_EXPERTS, dense=True)),
     "ernie4_5_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",

@@ -47,6 +47,8 @@ TINY_MOE_CONFIGS = {
     "olmoe": lambda: T.OlmoeConfig(num_experts=4, **_MOE),
 }
 
+_HYBRID = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
+               **_ATTN, **_COMMON)
 # Further architectures llmq knows the scale groups of (tests/test_more_architectures.py):
 # parallel blocks, post-norms, fused projections, other expert layouts, norms of (1 + weight).
 MORE_CONFIGS = {
@@ -82,13 +84,7 @@ MORE_CONFIGS = {
         num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_n_heads=8, index_head_dim=16,
         **_COMMON),
-}
-
-# Mamba-attention hybrids: no scale groups (RTN, GPTQ and W8A8 without smoothing); Bamba's layers
-# return their attention weights after the hidden states.
-_HYBRID = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
-               **_ATTN, **_COMMON)
-HYBRID_CONFIGS = {
+    # Mamba-attention hybrids: a Mamba layer, then an attention one (Falcon-H1: both in each layer).
     "bamba": lambda: T.BambaConfig(attn_layer_indices=[1], **_HYBRID),
     "granitemoehybrid": lambda: T.GraniteMoeHybridConfig(num_local_experts=4, num_experts_per_tok=2,
                                                          shared_intermediate_size=64,
@@ -99,7 +95,7 @@ HYBRID_CONFIGS = {
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **MORE_CONFIGS, **HYBRID_CONFIGS}[arch]()
+    config = {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **MORE_CONFIGS}[arch]()
     model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives tiny weights in some architectures; spread them so that
     # quantization error is visible and outputs depend on every layer.
