@@ -102,3 +102,33 @@ def names_on_load(model, keys, conversions: list) -> dict[str, tuple[str, object
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None)
     return {key: rename_source_key(key, renamings, converters, prefix, meta) for key in keys}
+
+
+def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:
+    """The first (name in the model, name transformers saves it under, name that loads back as) where
+    saving and loading through the architecture's conversion mapping disagree, or None. Names under
+    the modules in `skip` are left out (experts modules: llmq writes their weights per expert)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming,
+                                                     apply_renamings, rename_source_key)
+    except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
+        return None
+    # As save_pretrained reverts the mapping (revert_weight_conversion) and from_pretrained applies it.
+    saving = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+              if not isinstance(c, PrefixChange)]
+    saving = [c for c in saving if isinstance(c, WeightRenaming)]
+    loading = get_model_conversion_mapping(model)
+    renamings = [c for c in loading if isinstance(c, WeightRenaming)]
+    converters = [c for c in loading if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    skip = tuple(f"{name}." for name in skip)
+    for name in meta:
+        if name.startswith(skip):
+            continue
+        stored = apply_renamings(name, saving)
+        back = rename_source_key(stored, renamings, converters, prefix, meta)[0]
+        if back != name:
+            return name, stored, back
+    return None

@@ -36,6 +36,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
 
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
+    _check_names_round_trip(model)
     _check_skips(model, prefix, layers, config)
     config = _keep_what_the_model_reads(spec, layers, config)
     # Mixture-of-experts blocks first: each experts module becomes a QuantExperts of
@@ -57,6 +58,22 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
         _check_finite(model)
     return Job(model=model, config=config, spec=spec, layers=layers, targets=targets,
                scale_dtype=scale_dtype_for(next(model.parameters()).dtype), device=device)
+
+
+def _check_names_round_trip(model: nn.Module) -> None:
+    """Refuse, before any work, an architecture whose checkpoints transformers cannot read back: a
+    tensor it saves under a name that its loader renames to another."""
+    from .experts import find_experts
+    from .folder_io import names_round_trip_gap
+
+    gap = names_round_trip_gap(model, skip=find_experts(model))
+    if gap is not None:
+        import transformers
+
+        name, stored, back = gap
+        raise LlmqError(f"transformers {transformers.__version__} saves {name!r} of this {model.config.model_type} "
+                        f"model as {stored!r} and loads that back as {back!r}, so no checkpoint of it would load: "
+                        "quantize it with a transformers release whose conversion mapping for it round-trips")
 
 
 def _keep_what_the_model_reads(spec: arch.ArchSpec, layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:

@@ -167,3 +167,18 @@ def test_mamba_hybrids_quantize_and_reload(tmp_path, arch, config):
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
 
+
+
+def test_an_architecture_whose_names_do_not_round_trip_is_refused_before_any_work(monkeypatch):
+    """transformers 5.24's DeepSeek-V4 mapping renames every `.norm.` on load, the final norm's too,
+    which it saves under its own name: no checkpoint of it would load, so llmq refuses up front."""
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    real = conversion_mapping.get_model_conversion_mapping
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping",
+                        lambda model, **kw: [*real(model, **kw), WeightRenaming(r"\.norm\.", ".kv_norm.")])
+    with pytest.raises(llmq.LlmqError, match=r"saves 'model.norm.weight' .* as 'model.norm.weight' and loads that "
+                                             r"back as 'model.kv_norm.weight'"):
+        llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32),
+                      dataset=random_ids(n=4, length=16), progress=False)
