@@ -86,6 +86,25 @@ def test_folding_factors_into_every_group_leaves_the_fp_function_unchanged(arch)
     assert (out - ref).abs().max() < 2e-5 * ref.abs().max()
 
 
+def _model_and_tokens(arch: str, seed: int):
+    """A tiny model, token windows to run and to calibrate on (fresh for each seed), and its logits."""
+    fp = tiny_model(arch)
+    ids = random_ids(seed=seed)
+    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        return fp, ids, calib, fp(ids).logits
+
+
+def _assert_close_and_reloads(model, ids, fp_logits, bound: float, folder) -> None:
+    """Quantizing moved the logits by less than `bound` of their mean size; the checkpoint gives them back."""
+    with torch.no_grad():
+        q_logits = model(ids).logits
+    assert (q_logits - fp_logits).abs().mean() < bound * fp_logits.abs().mean()
+    llmq.save(model, folder)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(folder)(ids).logits, q_logits)
+
+
 def _quantized_and_left(model):
     quantized = sum(isinstance(m, (QuantLinear, W8A8Linear)) for m in model.modules())
     left = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -96,11 +115,7 @@ def _quantized_and_left(model):
 @pytest.mark.parametrize("config", [QuantConfig(method="awq", group_size=32),
                                     QuantConfig(scheme="w8a8", smooth="auto")], ids=["awq", "w8a8-smoothquant"])
 def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
-    fp = tiny_model(arch)
-    ids = random_ids(seed=6)
-    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        fp_logits = fp(ids).logits
+    fp, ids, calib, fp_logits = _model_and_tokens(arch, seed=6)
     norms_before = {n: p.clone() for n, p in fp.named_parameters() if p.dim() == 1 and "norm" in n}
     model = llmq.quantize(fp, config, dataset=calib, progress=False)
     quantized, left = _quantized_and_left(model)
@@ -110,14 +125,9 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
         changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
         assert changed, "no scale was folded into a norm"
-    with torch.no_grad():
-        q_logits = model(ids).logits
     # Int4 of random weights on random calibration tokens moves the logits by 2% to 33% of their size
     # (GLM-5's most: its sparse attention picks other tokens); a broken fold by more than their size.
-    assert (q_logits - fp_logits).abs().mean() < 0.4 * fp_logits.abs().mean()
-    llmq.save(model, tmp_path / arch)
-    with torch.no_grad():
-        assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
+    _assert_close_and_reloads(model, ids, fp_logits, 0.4, tmp_path / arch)
 
 
 def test_a_layers_further_outputs_reach_the_next_layer():
@@ -152,21 +162,11 @@ def test_linears_the_model_reads_by_weight_stay_in_full_precision_and_are_record
                                     QuantConfig(scheme="w8a8", method="gptq", smooth="off")],
                          ids=["rtn", "gptq", "w8a8-gptq"])
 def test_mamba_hybrids_quantize_and_reload(tmp_path, arch, config):
-    fp = tiny_model(arch)
-    ids = random_ids(seed=11)
-    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        fp_logits = fp(ids).logits
+    fp, ids, calib, fp_logits = _model_and_tokens(arch, seed=11)
     model = llmq.quantize(fp, config, dataset=None if config.method == "rtn" else calib, progress=False)
     quantized, left = _quantized_and_left(model)
     assert quantized > 0 and left == ["lm_head"]
-    with torch.no_grad():
-        q_logits = model(ids).logits
-    assert (q_logits - fp_logits).abs().mean() < 0.3 * fp_logits.abs().mean()
-    llmq.save(model, tmp_path / arch)
-    with torch.no_grad():
-        assert torch.equal(llmq.from_pretrained(tmp_path / arch)(ids).logits, q_logits)
-
+    _assert_close_and_reloads(model, ids, fp_logits, 0.3, tmp_path / arch)
 
 
 def test_an_architecture_whose_names_do_not_round_trip_is_refused_before_any_work(monkeypatch):
