@@ -110,8 +110,7 @@ def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:
     the modules in `skip` are left out (experts modules: llmq writes their weights per expert)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming,
-                                                     apply_renamings, rename_source_key)
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
         return None
     # As save_pretrained reverts the mapping (revert_weight_conversion) and from_pretrained applies it.
@@ -127,7 +126,9 @@ def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:
     for name in meta:
         if name.startswith(skip):
             continue
-        stored = apply_renamings(name, saving)
+        stored = name
+        for renaming in saving:  # every reversed renaming in turn, as save_pretrained applies them
+            stored = renaming.rename_source_key(stored)[0]
         back = rename_source_key(stored, renamings, converters, prefix, meta)[0]
         if back != name:
             return name, stored, back
