@@ -306,6 +306,10 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     # With several processes rank 0 does the file system work and shares the outcome (refusals included).
     found = distributed.from_writer(lambda: resuming.find(out, fingerprint)) if resume else None  # refuses a
     adopt, state = found if found else (None, None)  # mismatch before touching anything
+    if state and state["layers_done"] > 0 and any(arch.arch_spec(model).passes):
+        raise LlmqError(f"this {model.config.model_type} run cannot resume at layer {state['layers_done']}: each "
+                        "layer hands the next values of its own (llmq.arch: passes) that an interrupted run does not "
+                        "keep; quantize again without --resume")
     writing = distributed.is_writer()  # with several processes, rank 0 writes
     if resume and writing:  # the others (a run killed after it finished, other settings)
         handle_stale_partials(out, overwrite, keep=adopt)
