@@ -135,9 +135,10 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
     which of a layer's further outputs go to the next layer.
     streamer: for a model whose layers are on the meta device (llmq.stream):
     streamer.load(i) materialises layer i before its pass, streamer.release(i,
-    output) writes it out and frees it after; streamer.captured() once the
-    layers' inputs are captured; streamer.resume_point() gives
-    (first layer to run, its input hidden states or None) for a resumed run.
+    output, handed) writes it out and frees it after (handed: what it passes the
+    next layer); streamer.captured() once the layers' inputs are captured;
+    streamer.resume_point() gives (first layer to run, its input hidden states
+    or None, what the last finished layer hands it) for a resumed run.
     """
     model.eval()
     spec = spec or arch.arch_spec(model)
@@ -152,9 +153,10 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
         activations = "device" if keep_on_device else "host"
     first = 0
     if streamer is not None:
-        first, resumed = streamer.resume_point()
+        first, resumed, passed = streamer.resume_point()
         if resumed is not None:
             hidden = resumed  # the outputs of the layers finished before an interruption
+            per_layer[first][1].update(passed)  # and what the last of them handed on
     store = ActivationStore(hidden, device, activations)
     if progress:
         print(store.describe(), file=sys.stderr)
@@ -167,11 +169,10 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, step: LayerStep, *, de
             args, kwargs = to_device(per_layer[i], device)
             hidden, status = step(i, layer, hidden.to(device), args, kwargs)
             _check_quantized_layer(i, layer)
-            if i + 1 < len(layers):
-                _pass_on(further(hidden), passes, per_layer[i + 1][1])
+            handed = _pass_on(further(hidden), passes, per_layer[i + 1][1]) if i + 1 < len(layers) else {}
             hidden = store.put(hidden)
         if streamer is not None:
-            streamer.release(i, hidden)
+            streamer.release(i, hidden, handed)
         per_layer[i] = None  # free this layer's masks as soon as possible
         if status:
             bar.set_postfix_str(status)
@@ -200,12 +201,13 @@ def _further_outputs(layer: nn.Module, passes: tuple):
         handle.remove()
 
 
-def _pass_on(further: tuple, passes: tuple, next_kwargs: dict) -> None:
+def _pass_on(further: tuple, passes: tuple, next_kwargs: dict) -> dict:
     """Put the layer's further outputs into the next layer's keyword arguments, on the host (GLM-5's
-    top-k indices are as large as an attention map's rows) until that layer runs."""
-    for value, name in zip(further, passes):
-        if name is not None:
-            next_kwargs[name] = value.cpu() if isinstance(value, torch.Tensor) else value
+    top-k indices are as large as an attention map's rows) until that layer runs; returns them."""
+    handed = {name: value.cpu() if isinstance(value, torch.Tensor) else value
+              for value, name in zip(further, passes) if name is not None}
+    next_kwargs.update(handed)
+    return handed
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from .outdir import resolve, stale_partials
 
 STATE_FILE = "resume.json"
 HIDDEN_GLOB = "resume-hidden-*.safetensors"
+PASSES = "passes."  # the prefix of a passed keyword argument's tensor in a hidden-states file
 
 
 def hidden_file(folder: Path, layers_done: int, rank: int = 0) -> Path:
@@ -136,9 +137,10 @@ def find(out: str | os.PathLike, fp: dict) -> tuple[Path, dict] | None:
 
 
 def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hidden: torch.Tensor | None,
-         report: dict | None = None) -> None:
+         report: dict | None = None, passes: dict | None = None) -> None:
     """Record that layers_done layers are finished (their tensors in writer_state; report: what the run
-    reports of them, as JSON, which a resumed run takes up).
+    reports of them, as JSON, which a resumed run takes up; passes: the tensors the last of them hands
+    the next layer as keyword arguments, llmq.arch's ArchSpec.passes, kept beside the hidden states).
 
     Every process calls it: each writes its share of the hidden states, then
     rank 0 (which holds the writer) replaces the state, then the older hidden
@@ -149,7 +151,9 @@ def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hi
     if hidden is not None:
         path = hidden_file(folder, layers_done, rank)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"hidden": hidden.detach().to("cpu").contiguous()}, str(tmp))
+        passed = {f"{PASSES}{name}": t.detach().to("cpu").contiguous() for name, t in (passes or {}).items()
+                  if isinstance(t, torch.Tensor)}
+        save_file({"hidden": hidden.detach().to("cpu").contiguous(), **passed}, str(tmp))
         os.replace(tmp, path)
     distributed.barrier("recording a finished layer")
     if rank == 0:
@@ -166,15 +170,17 @@ def save(folder: Path, fp: dict, layers_done: int, writer_state: dict | None, hi
     distributed.barrier("recording a finished layer")
 
 
-def load_hidden(folder: Path, state: dict) -> torch.Tensor | None:
-    """This process's hidden states entering the first unfinished layer, as the state names them."""
+def load_hidden(folder: Path, state: dict) -> tuple[torch.Tensor | None, dict]:
+    """This process's hidden states entering the first unfinished layer, as the state names them, and
+    the tensors the last finished layer hands it as keyword arguments ({} where none)."""
     if state.get("hidden") is None:
-        return None
+        return None, {}
     path = hidden_file(folder, state["hidden"], distributed.rank())
     if not path.is_file():
         raise LlmqError(f"{path} is missing from the interrupted run's folder: run without --resume "
                         "(add --overwrite to remove the folder)")
-    return load_file(str(path))["hidden"]
+    tensors = load_file(str(path))
+    return tensors.pop("hidden"), {name[len(PASSES):]: t for name, t in tensors.items() if name.startswith(PASSES)}
 
 
 def clear(folder: Path) -> None:

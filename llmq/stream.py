@@ -123,7 +123,7 @@ class LayerStreamer:
     """
 
     def __init__(self, model: nn.Module, skeleton: Skeleton, writer: ShardWriter, *, checkpoint: dict | None = None,
-                 resume_from: tuple[int, torch.Tensor | None] = (0, None)):
+                 resume_from: tuple[int, torch.Tensor | None, dict] = (0, None, {})):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -145,8 +145,9 @@ class LayerStreamer:
         self.checkpoint = checkpoint
         self._resume_from = resume_from
 
-    def resume_point(self) -> tuple[int, torch.Tensor | None]:
-        """(first layer to run, the hidden states entering it, or None to start from the captured ones)."""
+    def resume_point(self) -> tuple[int, torch.Tensor | None, dict]:
+        """(first layer to run, the hidden states entering it, or None to start from the captured ones,
+        the keyword arguments the last finished layer hands it: ArchSpec.passes)."""
         return self._resume_from
 
     def _slices(self, keys: list[str]) -> dict:
@@ -212,7 +213,7 @@ class LayerStreamer:
             full = f"{self.prefix}.{index}.{local}"
             replace_module(layer, local, unroll(original, experts_layout(original, full, self.model)))
 
-    def release(self, index: int, hidden: torch.Tensor | None = None) -> None:
+    def release(self, index: int, hidden: torch.Tensor | None = None, passes: dict | None = None) -> None:
         from . import resume
         from .outdir import test_point
 
@@ -228,7 +229,7 @@ class LayerStreamer:
             report = self.checkpoint.get("report")
             resume.save(self.checkpoint["folder"], self.checkpoint["fingerprint"], index + 1,
                         self.writer.state() if self.writer is not None else None,
-                        hidden, report() if report is not None else None)
+                        hidden, report() if report is not None else None, passes)
         test_point(f"layer-{index}")  # lets the tests kill the run here
 
     def captured(self) -> None:
@@ -306,10 +307,6 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
     # With several processes rank 0 does the file system work and shares the outcome (refusals included).
     found = distributed.from_writer(lambda: resuming.find(out, fingerprint)) if resume else None  # refuses a
     adopt, state = found if found else (None, None)  # mismatch before touching anything
-    if state and state["layers_done"] > 0 and any(arch.arch_spec(model).passes):
-        raise LlmqError(f"this {model.config.model_type} run cannot resume at layer {state['layers_done']}: each "
-                        "layer hands the next values of its own (llmq.arch: passes) that an interrupted run does not "
-                        "keep; quantize again without --resume")
     writing = distributed.is_writer()  # with several processes, rank 0 writes
     if resume and writing:  # the others (a run killed after it finished, other settings)
         handle_stale_partials(out, overwrite, keep=adopt)
@@ -319,12 +316,12 @@ def quantize_streamed(skeleton: Skeleton, out: str | os.PathLike, config: QuantC
             out, overwrite, [skeleton.source], adopt=adopt, keep_if=resuming.resumable)))
         if state:
             writer = ShardWriter.resume(tmp, state["writer"]) if writing else None
-            resume_from = (state["layers_done"], resuming.load_hidden(tmp, state))
+            resume_from = (state["layers_done"], *resuming.load_hidden(tmp, state))
             if progress and writing:
                 print(f"resuming from layer {state['layers_done']} in {tmp}", file=sys.stderr)
         else:
             writer = ShardWriter(tmp, max_shard_size) if writing else None
-            resume_from = (0, None)
+            resume_from = (0, None, {})
             if resume and progress and writing:
                 print(f"note: --resume found no interrupted run of {out} to continue: starting from the first "
                       "layer", file=sys.stderr)
