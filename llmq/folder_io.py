@@ -110,26 +110,23 @@ def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:
     the modules in `skip` are left out (experts modules: llmq writes their weights per expert)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
     except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
         return None
-    # As save_pretrained reverts the mapping (revert_weight_conversion) and from_pretrained applies it.
+    # As save_pretrained reverts the mapping (revert_weight_conversion): every reversed renaming in turn.
     saving = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]
               if not isinstance(c, PrefixChange)]
     saving = [c for c in saving if isinstance(c, WeightRenaming)]
-    loading = get_model_conversion_mapping(model)
-    renamings = [c for c in loading if isinstance(c, WeightRenaming)]
-    converters = [c for c in loading if isinstance(c, WeightConverter)]
-    meta = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None)
     skip = tuple(f"{name}." for name in skip)
-    for name in meta:
-        if name.startswith(skip):
-            continue
-        stored = name
-        for renaming in saving:  # every reversed renaming in turn, as save_pretrained applies them
-            stored = renaming.rename_source_key(stored)[0]
-        back = rename_source_key(stored, renamings, converters, prefix, meta)[0]
-        if back != name:
-            return name, stored, back
+    stored = {}
+    for name in model.state_dict():
+        if not name.startswith(skip):
+            stored[name] = name
+            for renaming in saving:
+                stored[name] = renaming.rename_source_key(stored[name])[0]
+    # And as from_pretrained renames them.
+    loaded = names_on_load(model, set(stored.values()), get_model_conversion_mapping(model))
+    for name, key in stored.items():
+        if loaded[key][0] != name:
+            return name, key, loaded[key][0]
     return None
