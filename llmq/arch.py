@@ -75,13 +75,13 @@ _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _QK = ("self_attn.q_proj", "self_attn.k_proj")
 
 
-def _llama_awq(mlp_norm: str, norm_offset: float = 0.0) -> tuple[ScaleGroup, ...]:
+def _llama_awq(mlp_norm: str, norm_offset: float = 0.0, mlp: str = "mlp") -> tuple[ScaleGroup, ...]:
     # v -> o is dropped at run time when grouped-query attention makes the shapes differ.
     return (
         ScaleGroup("input_layernorm", _QKV, norm_offset=norm_offset, no_clip=_QK),
         ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear"),
-        ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm_offset=norm_offset),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
+        ScaleGroup(mlp_norm, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), norm_offset=norm_offset),
+        ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), kind="linear"),
     )
 
 
@@ -105,7 +105,7 @@ _LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAM
 def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
              shared: tuple[tuple[str, ...], str] | None = None, attention=None, dense: bool = False,
              block: str = "mlp", norm_offset: float = 0.0):
-    llama = _llama_awq("post_attention_layernorm", norm_offset)
+    llama = _llama_awq("post_attention_layernorm", norm_offset, mlp=block)
     groups = list(attention if attention is not None else llama[:2])
     shared_up = shared[0] if shared else ()
     experts = tuple(f"{block}.experts.*.{n}" for n in up)
@@ -114,7 +114,7 @@ def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
         groups.append(ScaleGroup(f"{block}.experts.*.{up[-1]}", (f"{block}.experts.*.{down}",), kind="linear"))
     if shared:
         groups.append(ScaleGroup(shared_up[-1], (shared[1],), kind="linear"))
-    if dense:  # dense layers between MoE layers (DeepSeek's and GLM-4.5's first layers)
+    if dense:  # dense layers between MoE layers (DeepSeek's and GLM-4.5's first layers, Llama 4's every other)
         groups += list(llama[2:])
     return tuple(groups)
 
@@ -142,6 +142,17 @@ _MLA_DSA = (
 # every linear reading it shares one scale vector.
 _PARALLEL_SEQUENTIAL = (_QKV + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",))
 _SHARED_EXPERTS = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj")
+# Llama 4: the MLP (dense, or routed experts beside a shared expert) is `feed_forward`; its experts are
+# fed their tokens already multiplied by the routing score (llmq.experts.UNDECORATED), which commutes
+# with the scales folded into their input columns.
+_LLAMA4_FF = (("feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.up_proj"),
+              "feed_forward.shared_expert.down_proj")
+_LLAMA4 = ArchSpec(
+    layers="model.layers",
+    sequential=_MOE_SEQUENTIAL + (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",),
+                                  _LLAMA4_FF[0], (_LLAMA4_FF[1],)),
+    awq=_moe_awq(("feed_forward.router",), _QWEN_EXPERTS, "down_proj", shared=_LLAMA4_FF, dense=True,
+                 block="feed_forward"))
 
 def _mamba_hybrid_awq(mlp_norm: str, mlp_in: tuple[str, ...], down: str | None = None,
                       parallel: bool = False) -> tuple[ScaleGroup, ...]:
@@ -240,6 +251,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "falcon_h1": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         parallel=True)),
+    "llama4_text": _LLAMA4,
     "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
                                                              shared=_SHARED_EXPERTS, dense=True)),
     "ernie4_5_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
@@ -302,6 +314,12 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> tuple[str,
     """(dotted path, ModuleList) of the decoder layers; spec: the model's, if already resolved."""
     spec = spec or arch_spec(model)
     return spec.layers, _get(model, spec.layers)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's own: a quantized linear can take its place. (Llama 4's
+    router is an nn.Linear subclass whose forward also picks the top-k experts.)"""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:

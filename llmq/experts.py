@@ -6,7 +6,11 @@ carrying the flags transformers' `@use_experts_implementation` decorator sets
 `gate_up_proj` (or `up_proj` without a gate) and `down_proj`, one slice per
 expert. Its layout comes from those flags: transposed storage ([E, in, out],
 gpt-oss), interleaved gate/up rows (gpt-oss; its own `_apply_gate` splits
-them), expert biases (`<param>_bias [E, out]`).
+them), expert biases (`<param>_bias [E, out]`). The few experts classes
+transformers does not decorate carry no flags; UNDECORATED gives theirs, and
+their calling convention, as data (Llama 4's experts take every token once per
+expert, already multiplied by its routing score, instead of the token indices
+and weights of the decorated ones).
 
 Per-expert names are those of the architecture's checkpoints on disk, read
 from transformers' own checkpoint conversion mapping (the WeightConverter
@@ -37,6 +41,37 @@ _DECORATOR_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 
 
 @dataclass(frozen=True)
+class ExpertsFlags:
+    """The decorator's flags of an experts class it does not decorate, its calling convention, and the
+    per-expert names that the tools serving its checkpoints read."""
+
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    is_concatenated: bool
+    # True: called as experts(x) with x [E * T, H], every token once per expert, multiplied by its
+    # routing score (0 where the token is not routed there), returning [E * T, H]; False: the
+    # decorated classes' experts(hidden_states, top_k_index, top_k_weights).
+    scored_copies: bool
+    up_names: tuple[str, ...]
+    down_name: str
+
+
+# Experts classes without the decorator, by class name: facts of their architectures' modelling code.
+UNDECORATED = {
+    # Llama 4: gate_up_proj [E, H, 2I] (gate, then up), down_proj [E, I, H]. Its checkpoints store them
+    # fused; quantized ones are served per expert, as vLLM reads them (experts.<e>.gate_proj ...).
+    "Llama4TextExperts": ExpertsFlags(has_gate=True, has_bias=False, is_transposed=True, is_concatenated=True,
+                                      scored_copies=True, up_names=("gate_proj", "up_proj"), down_name="down_proj"),
+}
+
+
+def experts_flags(module: nn.Module):
+    """The layout flags of an experts module: its own (decorated), or its class's UNDECORATED entry."""
+    return UNDECORATED.get(type(module).__name__, module)
+
+
+@dataclass(frozen=True)
 class ExpertsLayout:
     """How one experts module stores its weights, and the per-expert names llmq gives them."""
 
@@ -49,6 +84,7 @@ class ExpertsLayout:
     has_gate: bool
     up_names: tuple[str, ...]  # per-expert names whose outputs concatenate to the up side
     down_name: str
+    scored_copies: bool = False  # the calling convention of ExpertsFlags.scored_copies
 
     @property
     def up_outputs(self) -> int:
@@ -59,9 +95,10 @@ def is_experts_module(module: nn.Module) -> bool:
     """A transformers experts module: the decorator's flags and 3D expert weights."""
     if isinstance(module, QuantExperts):
         return False
-    if not all(hasattr(module, f) for f in _DECORATOR_FLAGS):
+    flags = experts_flags(module)
+    if not all(hasattr(flags, f) for f in _DECORATOR_FLAGS):
         return False
-    up = "gate_up_proj" if module.has_gate else "up_proj"
+    up = "gate_up_proj" if flags.has_gate else "up_proj"
     params = module._parameters
     return all(isinstance(params.get(n), torch.Tensor) and params[n].dim() == 3 for n in (up, "down_proj"))
 
@@ -121,9 +158,9 @@ def refuse_unsupported(model: nn.Module, experts: dict[str, nn.Module], within: 
 
 
 def _known_params(m: nn.Module) -> set[str]:
-    up = "gate_up_proj" if m.has_gate else "up_proj"
+    up = _up_param(m)
     known = {up, "down_proj"}
-    if m.has_bias:
+    if experts_flags(m).has_bias:
         known |= {f"{up}_bias", "down_proj_bias"}
     return known
 
@@ -169,27 +206,32 @@ def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: i
 
 def _up_param(experts: nn.Module) -> str:
     """The experts module's up-side parameter: gate and up concatenated, or up alone."""
-    return "gate_up_proj" if experts.has_gate else "up_proj"
+    return "gate_up_proj" if experts_flags(experts).has_gate else "up_proj"
 
 
 def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
     """The layout of one experts module (see the module doc)."""
+    flags = experts_flags(experts)
     up_param = _up_param(experts)
     up = experts._parameters[up_param]
     e = up.shape[0]
-    if experts.is_transposed:
+    if flags.is_transposed:
         hidden, up_out = up.shape[1], up.shape[2]
     else:
         up_out, hidden = up.shape[1], up.shape[2]
-    inter = up_out // 2 if experts.has_gate else up_out
-    split = 2 if experts.has_gate and experts.is_concatenated else 1
-    names = _disk_names(model, experts_name, up_param, split) if split == 2 or not experts.has_gate else None
-    down_names = _disk_names(model, experts_name, "down_proj", 1)
+    inter = up_out // 2 if flags.has_gate else up_out
+    if isinstance(flags, ExpertsFlags):
+        names, down_names = flags.up_names, (flags.down_name,)
+    else:
+        split = 2 if flags.has_gate and flags.is_concatenated else 1
+        names = _disk_names(model, experts_name, up_param, split) if split == 2 or not flags.has_gate else None
+        down_names = _disk_names(model, experts_name, "down_proj", 1)
     if names is None or down_names is None:
         names, down_names = (up_param,), ("down_proj",)
     return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
-                         transposed=bool(experts.is_transposed), has_bias=bool(experts.has_bias),
-                         has_gate=bool(experts.has_gate), up_names=names, down_name=down_names[0])
+                         transposed=bool(flags.is_transposed), has_bias=bool(flags.has_bias),
+                         has_gate=bool(flags.has_gate), up_names=names, down_name=down_names[0],
+                         scored_copies=getattr(flags, "scored_copies", False))
 
 
 def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:
@@ -224,7 +266,12 @@ def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
         linears[layout.down_name] = linear_view(_expert_matrix(down, e, layout.transposed),
                                                  None if down_bias is None else down_bias.data[e])
         per_expert.append(ExpertProjections(linears))
-    return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
+    return _quant_experts(experts, per_expert, layout)
+
+
+def _quant_experts(experts: nn.Module, per_expert: list[ExpertProjections], layout: ExpertsLayout) -> QuantExperts:
+    return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate,
+                        scored_copies=layout.scored_copies)
 
 
 def rolled(q: QuantExperts, weight_of) -> nn.Module:
@@ -232,7 +279,7 @@ def rolled(q: QuantExperts, weight_of) -> nn.Module:
     parameters, in its layout: `unroll` reversed. weight_of(linear) gives a projection's (weight
     [out, in], bias or None); gate and up are concatenated as they were split."""
     template = q.template
-    transposed = bool(template.is_transposed)
+    transposed = bool(experts_flags(template).is_transposed)
     module = weightless_copy(template)
     for param, names in ((_up_param(template), q.up_names), ("down_proj", (q.down_name,))):
         weights, biases = [], []
@@ -259,7 +306,7 @@ def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) 
         linears[layout.down_name] = make_linear(f"{e}.{layout.down_name}", layout.intermediate_size,
                                                 layout.hidden_size, layout.has_bias)
         per_expert.append(ExpertProjections(linears))
-    return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate)
+    return _quant_experts(experts, per_expert, layout)
 
 
 def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
@@ -273,7 +320,7 @@ def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
     for name, m in experts.items():
         parent_name = name.rpartition(".")[0]
         parent = root.get_submodule(parent_name) if parent_name else root
-        n_experts = m._parameters["gate_up_proj" if m.has_gate else "up_proj"].shape[0]
+        n_experts = m._parameters[_up_param(m)].shape[0]
         for child_name, child in parent.named_children():
             if child is m:
                 continue

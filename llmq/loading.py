@@ -206,9 +206,19 @@ def refuse_quantized(source: str, config: dict, header: dict[str, tuple[list[int
                             "full-precision model instead")
 
 
-def check_loading_info(source: str, info: dict) -> None:
+def check_loading_info(source: str, info: dict, model=None) -> None:
     """Refuse a model that transformers filled in at random: tensors missing from the checkpoint,
-    tensors the model does not use, or tensors of another shape."""
+    tensors the model does not use, or tensors of another shape. model: the model loaded, to name the
+    modules of a multimodal checkpoint that its causal LM class leaves out."""
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if model is not None and unexpected and not info.get("missing_keys") and not info.get("mismatched_keys"):
+        own = {name for name, _ in model.named_children()}
+        outside = sorted({key.partition(".")[0] for key in unexpected})
+        if not own & set(outside):  # whole modules the model has none of: a vision tower and its projector
+            raise LlmqError(f"{source} holds {len(unexpected)} tensor(s) of {', '.join(outside)}, which "
+                            f"{type(model).__name__}, the causal LM transformers loads it as, does not have (a "
+                            "multimodal model's vision modules): llmq quantizes the language model alone; save it "
+                            "with `AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST)` and pass DST")
     problems = []
     for what, keys in (("missing", info.get("missing_keys")), ("not used by the model", info.get("unexpected_keys"))):
         keys = sorted(keys or ())
@@ -246,7 +256,7 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", rev
         if config is None:
             raise _from_hub_error(source, e) from e
         raise LlmqError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
-    check_loading_info(source, info)
+    check_loading_info(source, info, model)
     return model, load_tokenizer(source, revision) if with_tokenizer else None
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .arch import is_plain_linear
 from .config import QuantConfig
 from .errors import LlmqError
 from .experts import experts_layout, find_experts, find_routers, refuse_unsupported, unroll
@@ -53,7 +54,7 @@ def prepare_experts(model: nn.Module, prefix: str, layers: nn.ModuleList, config
                         f"{kept[0]} is kept and {quantized} is quantized: skip `mlp.experts` everywhere "
                         "or nowhere")
     routers = {name: model.get_submodule(name) for name in find_routers(model, found)}
-    others = [(name, m) for name, m in routers.items() if not isinstance(m, nn.Linear)]
+    others = [(name, m) for name, m in routers.items() if not is_plain_linear(m)]
     if not config.keep_routers and others:
         # Such a router would stay in full precision while the run says it quantizes routers.
         name, router = others[0]

@@ -53,6 +53,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
                 shapes[name] = module
     if not targets:
         raise LlmqError("no linear layer left to quantize: check modules_to_not_convert")
+    _check_plain(shapes)
     _check_shapes(shapes, config)
     if check_finite:
         _check_finite(model)
@@ -222,6 +223,16 @@ def _calibration(model, tokenizer, method: str, dataset, nsamples, seqlen, seed)
     check_positions(model.config, seqlen)
     windows = calibration_windows(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, model=model)
     return windows, {"dataset": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+
+def _check_plain(targets: dict[str, nn.Linear]) -> None:
+    """Refuse a linear whose class does more in its forward than the product: a quantized linear in its
+    place would drop that, silently."""
+    for name, module in targets.items():
+        if not arch.is_plain_linear(module):
+            raise LlmqError(f"layer {name} is a {type(module).__name__}, an nn.Linear with a forward of its own, "
+                            f"which a quantized linear would not run: keep it in full precision with --skip {name} "
+                            "(modules_to_not_convert)")
 
 
 def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:

@@ -132,6 +132,8 @@ def _build_like_from_pretrained(config, dtype: torch.dtype) -> nn.Module:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if getattr(config, "sub_configs", {}).get("text_config") is getattr(cls, "config_class", None):
+        config = config.get_text_config()  # a multimodal config whose causal LM is its language model alone
     with ContextManagers(cls.get_init_context(dtype, False, False, None)):
         model = cls(config)
     return model.eval()

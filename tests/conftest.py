@@ -84,6 +84,12 @@ MORE_CONFIGS = {
         num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4, index_n_heads=8, index_head_dim=16,
         **_COMMON),
+    # Llama 4: a dense layer, then an MoE one (top-1 experts fed scored copies, a shared expert); the
+    # first layer's attention is chunked (chunks of 4 tokens), the second's full and without RoPE.
+    "llama4_text": lambda: T.Llama4TextConfig(
+        intermediate_size=32, intermediate_size_mlp=128, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=4,
+        **{k: v for k, v in _ATTN.items() if k != "intermediate_size"}, **_COMMON),
     # Mamba-attention hybrids: a Mamba layer, then an attention one (Falcon-H1: both in each layer).
     "bamba": lambda: T.BambaConfig(attn_layer_indices=[1], **_HYBRID),
     "granitemoehybrid": lambda: T.GraniteMoeHybridConfig(num_local_experts=4, num_experts_per_tok=2,

@@ -317,6 +317,9 @@ def test_moe_gptq_with_two_gloo_ranks_matches_one_process(tmp_path, capsys, arch
     ("qwen3_moe", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
     # Dynamic activations, on enough tokens that the smoothing search scores a sample of each expert's rows.
     ("mixtral", ["--scheme", "w8a8", "--smooth", "auto", "--nsamples", "48"]),
+    # Llama 4's experts see scored copies of the tokens: their rows are placed by the tokens they copy.
+    ("llama4_text", ["--method", "awq", "--bits", "4", "--group-size", "16"]),
+    ("llama4_text", ["--scheme", "w8a8", "--smooth", "auto", "--nsamples", "48"]),
 ])
 def test_moe_awq_and_w8a8_with_two_gloo_ranks_match_one_process(tmp_path, arch, settings):
     # The experts' statistics take every rank's routed rows (a rank may hold none of an expert's); the

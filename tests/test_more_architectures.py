@@ -1,6 +1,6 @@
 """Architectures whose scale groups llmq knows beyond the ones the other tests sweep: parallel
 blocks (Cohere, Phi-2), post-norms (OLMo 2), fused projections (GLM-4, GPT-NeoX), other expert
-layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5), norms of (1 + weight) with
+layouts and names (Granite MoE, PhiMoE, GLM-4.5, ERNIE 4.5, Llama 4), norms of (1 + weight) with
 linear attention (Qwen3-Next) and DeepSeek's sparse attention (DeepSeek-V3.2, and GLM-5, whose
 top-k tokens pass from layer to layer). For each: the groups fold without changing the full-precision function, AWQ and
 SmoothQuant W8A8 run on them, and their checkpoints load back exactly. Mamba-attention hybrids
@@ -42,6 +42,8 @@ FOLDED_INTO = {
     **dict.fromkeys(["glm_moe_dsa", "deepseek_v32"], {
         "input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "post_attention_layernorm",
         "mlp.shared_experts.up_proj", "mlp.up_proj"} | {f"mlp.experts.{e}.up_proj" for e in range(4)}),
+    "llama4_text": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "feed_forward.up_proj",
+                    "feed_forward.shared_expert.up_proj"} | {f"feed_forward.experts.{e}.up_proj" for e in range(4)},
     "bamba": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "pre_ff_layernorm", "feed_forward.up_proj"},
     "granitemoehybrid": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "post_attention_layernorm"},
     "falcon_h1": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"},  # no Mamba norm

@@ -26,7 +26,7 @@ def _assert_same_checkpoint(a, b, quantized=".qweight"):
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
-@pytest.mark.parametrize("arch", list(TINY_CONFIGS) + sorted(TINY_MOE_CONFIGS))
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS) + sorted(TINY_MOE_CONFIGS) + ["llama4_text"])
 def test_streamed_layer_equals_the_layer_from_pretrained(tmp_path, arch):
     # MoE checkpoints store experts one tensor each; transformers fuses them into 3D weights on load.
     src = tmp_path / "m"
@@ -85,6 +85,9 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     ("qwen3_moe", ["--method", "rtn", "--bits", "8", "--group-size", "-1"]),
     ("mixtral", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
     ("deepseek_v3", ["--scheme", "w8a8"]),
+    # Llama 4: experts without transformers' decorator, fed scored copies of the tokens.
+    ("llama4_text", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
+    ("llama4_text", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
     # GLM-5: each layer's top-k token selection reaches the next layer streamed too.
     ("glm_moe_dsa", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
     # Experts kept whole: written back under their stored per-expert names.

@@ -36,7 +36,7 @@ from ..errors import LlmqError
 from ..methods import registry
 from ..qweight import quantized_module_names
 from ..census import router_names
-from .engines import EngineSupport, experts_fused_on_disk, marlin_problem, moe_engine_support
+from .engines import EngineSupport, marlin_problem, moe_engine_support, transformers_gathers_experts
 from ..kernels.layout import codes_per_word, group_width, pack_rows
 from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
@@ -249,8 +249,10 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     return out, qc
 
 
-def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
-    """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K))."""
+def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
+                   model_type: str | None = None) -> list[EngineSupport]:
+    """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K);
+    model_type: config.json's)."""
     marlin = marlin_problem(qc, shapes, zero_points_ok=True)
     rows = [EngineSupport("vLLM (compressed-tensors WNA16)", True,
                           "Marlin fast path" if marlin is None else
@@ -270,11 +272,11 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[
                                   "0.20 (a zero-point size mismatch; the package's own output fails too); load with "
                                   "quantization_config=CompressedTensorsConfig(dequantize=True) (dense weights, "
                                   "checked by llmq's tests)"))
-    if experts_fused_on_disk(shapes):
+    if any(".experts." in name for name in shapes) and not transformers_gathers_experts(model_type):
         rows[-1] = EngineSupport("transformers + compressed-tensors", False,
-                                 "this architecture's experts are fused on disk (gpt-oss, Granite MoE): transformers "
-                                 "has no mapping from per-expert tensors and loads its experts unset, without an "
-                                 "error: load the folder with llmq")
+                                 f"{model_type} stores its experts fused on disk: transformers has no mapping from "
+                                 "per-expert tensors and loads its experts unset, without an error: load the folder "
+                                 "with llmq")
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows
@@ -304,7 +306,8 @@ def _config(ckpt: Checkpoint) -> dict:
 
 def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
     shapes = ckpt.layer_shapes()
-    return engine_support(ckpt.quant_config, shapes) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes)
+    return (engine_support(ckpt.quant_config, shapes, ckpt.config.get("model_type"))
+            + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
 
 
 def _packed(tensor: torch.Tensor, bits: int, sym: bool, group_size: int) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..config import QuantConfig
 from ..qweight import w8a8_module_names
 from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
-from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support
+from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support, transformers_gathers_experts
 from .spec import Checkpoint, Format
 
 INT_QUANTIZED = "int-quantized"
@@ -54,8 +54,9 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
-def engine_support(qc: QuantConfig, names=()) -> list[EngineSupport]:
-    """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`)."""
+def engine_support(qc: QuantConfig, names=(), model_type: str | None = None) -> list[EngineSupport]:
+    """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`); model_type:
+    config.json's."""
     experts = any(".experts." in name for name in names)
     what = "per-token dynamic" if qc.act == "dynamic" else "static per-tensor"
     rows = [EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
@@ -71,10 +72,11 @@ def engine_support(qc: QuantConfig, names=()) -> list[EngineSupport]:
         else:
             rows.append(EngineSupport(engine, False, "its CompressedTensorsW8A8Int8MoEMethod refuses static input "
                                                      "scales: quantize with --act dynamic"))
-        rows.append(EngineSupport("transformers + compressed-tensors", False,
-                                  "transformers stacks per-expert weights into its fused experts parameters and "
-                                  "stops on int8 ones (or, where the experts are fused on disk, as gpt-oss's, "
-                                  "loads them unset without an error): load the folder with llmq"))
+        why = ("transformers stacks per-expert weights into its fused experts parameters and stops on int8 ones"
+               if transformers_gathers_experts(model_type) else
+               f"{model_type} stores its experts fused on disk: transformers has no mapping from per-expert "
+               "tensors and loads its experts unset, without an error")
+        rows.append(EngineSupport("transformers + compressed-tensors", False, f"{why}: load the folder with llmq"))
     else:
         rows.append(EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"))
     return rows
@@ -153,7 +155,8 @@ FORMAT = Format(
     small_tensors=(".weight_scale", ".input_scale"),
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
-    engines=lambda ckpt: engine_support(ckpt.quant_config, w8a8_module_names(ckpt.tensors)),
+    engines=lambda ckpt: engine_support(ckpt.quant_config, w8a8_module_names(ckpt.tensors),
+                                        ckpt.config.get("model_type")),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

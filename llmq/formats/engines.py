@@ -66,6 +66,19 @@ def experts_fused_on_disk(names) -> bool:
     return any(re.search(r"\.experts\.\d+\.gate_up_proj$", name) for name in names)
 
 
+def transformers_gathers_experts(model_type: str | None) -> bool:
+    """Whether transformers loads per-expert tensors (`experts.<e>.<proj>.weight`) into its fused experts:
+    only through a checkpoint conversion mapping that merges them, which architectures storing their
+    experts fused on disk (gpt-oss, Granite MoE, Llama 4) lack. Without one it loads the experts unset,
+    with no error."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    return any(isinstance(c, WeightConverter) and any(".experts.*." in p for p in c.source_patterns)
+               for c in mapping or ())
+
+
 def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
     """Rows for mixture-of-experts experts (names `<block>.experts.<e>.<proj>.*`), or none.
 

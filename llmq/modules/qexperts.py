@@ -15,8 +15,13 @@ The linears are nn.Linear while the model is being calibrated (views of the
 original 3D weights, so nothing is copied) and QuantLinear once quantized.
 The forward is the eager experts forward of transformers: tokens grouped by
 expert, gate/up projection, the original class's gate (`_apply_gate`:
-chunked or interleaved halves, gpt-oss's clamped GLU ...) or activation,
-down projection, weighted by the routing weights and summed per token.
+chunked or interleaved halves, gpt-oss's clamped GLU ...; for a class without
+one, act(gate) * up of the chunked halves) or activation, down projection,
+weighted by the routing weights and summed per token. Experts called with
+scored copies (Llama 4: every token once per expert, multiplied by its routing
+score, zero where it is not routed) run the same forward on the copies that
+are not zero, each routed to its own expert with weight 1, and return zeros
+for the others, which is what the original computes for them.
 The original module's weightless attributes (config, act_fn, alpha ...) are
 kept in a shallow copy with its parameters removed, so that its own gate
 function runs unchanged.
@@ -99,10 +104,12 @@ class QuantExperts(nn.Module):
             form the original gate_up (or up) projection's output.
         down_name: the down projection.
         has_gate: whether the template gates (gate_up) or only activates (up).
+        scored_copies: called as experts(x), x [E * T, H] the scored copies of the block's tokens
+            (llmq.experts.ExpertsFlags), instead of experts(hidden_states, top_k_index, top_k_weights).
     """
 
     def __init__(self, template: nn.Module, experts: list[ExpertProjections], up_names: tuple[str, ...],
-                 down_name: str, has_gate: bool = True):
+                 down_name: str, has_gate: bool = True, scored_copies: bool = False):
         super().__init__()
         self.__dict__["template"] = template  # not a submodule: no weights, not in the state dict
         for e, projections in enumerate(experts):
@@ -111,10 +118,12 @@ class QuantExperts(nn.Module):
         self.up_names = tuple(up_names)
         self.down_name = down_name
         self.has_gate = has_gate
+        self.scored_copies = scored_copies
         self.calibrate_all = False
         self.record_tokens = False
         self.visit_every_expert = False
         self.routed_rows: torch.Tensor | None = None  # the running expert's tokens (see the module doc)
+        self.row_tokens: torch.Tensor | None = None  # scored copies: each forward row's token in the block
         self.token_counts = torch.zeros(self.num_experts, dtype=torch.long)
 
     def expert(self, e: int) -> ExpertProjections:
@@ -122,7 +131,12 @@ class QuantExperts(nn.Module):
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         t = self.template
-        return type(t)._apply_gate(t, h) if self.has_gate else t.act_fn(h)
+        if not self.has_gate:
+            return t.act_fn(h)
+        if hasattr(type(t), "_apply_gate"):
+            return type(t)._apply_gate(t, h)
+        gate, up = h.chunk(2, dim=-1)  # a class without the decorator's gate (Llama 4): halves, gate first
+        return up * t.act_fn(gate)
 
     def _expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         linears = self.expert(e)._modules
@@ -224,8 +238,10 @@ class QuantExperts(nn.Module):
         final.index_add_(0, slots, out.to(final.dtype))
         return final
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if top_k_index is None and self.scored_copies:
+            return self.scored_forward(hidden_states)
         # The grouped kernels have no backward; the loop's linears give the input a gradient (input_grad).
         if hidden_states.device.type == "cuda" and not self.record_tokens and not wants_input_gradient(hidden_states):
             form = self._grouped_form()  # None when no grouped kernel runs this block
@@ -253,7 +269,7 @@ class QuantExperts(nn.Module):
                 # Every token through the expert (its linears' hooks see them all); routed rows flow on.
                 out = self._expert_forward(e, hidden_states)[tokens]
             else:
-                self.routed_rows = tokens
+                self.routed_rows = tokens if self.row_tokens is None else self.row_tokens[tokens]
                 try:
                     out = self._expert_forward(e, hidden_states[tokens])
                 finally:
@@ -262,6 +278,20 @@ class QuantExperts(nn.Module):
             final.index_add_(0, tokens, out.to(final.dtype))
             start = end
         return final
+
+    def scored_forward(self, copies: torch.Tensor) -> torch.Tensor:
+        """The forward of experts called with scored copies ([E * T, H]; see the module doc): the copies
+        that are not zero, in token order, each through its own expert with weight 1 (exact)."""
+        per_expert = copies.view(self.num_experts, -1, copies.shape[-1])
+        tokens = per_expert.shape[1]
+        token, expert = per_expert.ne(0).any(dim=-1).t().nonzero(as_tuple=True)  # [T, E] mask: token order
+        rows = expert * tokens + token
+        self.row_tokens = token
+        try:
+            out = self.forward(copies[rows], expert[:, None], copies.new_ones(len(rows), 1))
+        finally:
+            self.row_tokens = None
+        return torch.zeros_like(copies).index_copy_(0, rows, out)
 
     def token_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:
