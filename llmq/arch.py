@@ -104,12 +104,12 @@ _LLAMA = ArchSpec(layers="model.layers", sequential=_LLAMA_SEQUENTIAL, awq=_LLAM
 
 def _moe_awq(router: tuple[str, ...], up: tuple[str, ...], down: str | None,
              shared: tuple[tuple[str, ...], str] | None = None, attention=None, dense: bool = False,
-             block: str = "mlp", norm_offset: float = 0.0):
-    llama = _llama_awq("post_attention_layernorm", norm_offset, mlp=block)
+             block: str = "mlp", norm_offset: float = 0.0, norm: str = "post_attention_layernorm"):
+    llama = _llama_awq(norm, norm_offset, mlp=block)
     groups = list(attention if attention is not None else llama[:2])
     shared_up = shared[0] if shared else ()
     experts = tuple(f"{block}.experts.*.{n}" for n in up)
-    groups.append(ScaleGroup("post_attention_layernorm", router + experts + shared_up, norm_offset=norm_offset))
+    groups.append(ScaleGroup(norm, router + experts + shared_up, norm_offset=norm_offset))
     if down is not None:  # the up projection (of a gated pair, the second) feeds down through a product
         groups.append(ScaleGroup(f"{block}.experts.*.{up[-1]}", (f"{block}.experts.*.{down}",), kind="linear"))
     if shared:
@@ -155,12 +155,14 @@ _LLAMA4 = ArchSpec(
                  block="feed_forward"))
 
 def _mamba_hybrid_awq(mlp_norm: str, mlp_in: tuple[str, ...], down: str | None = None,
-                      parallel: bool = False) -> tuple[ScaleGroup, ...]:
+                      parallel: bool = False, mixer_norm: str | None = "mamba.norm") -> tuple[ScaleGroup, ...]:
     # The input norm feeds q/k/v in attention layers and the Mamba mixer's in_proj in the others
-    # (parallel: both in every layer, one group); the mixer's gated RMSNorm feeds its out_proj.
+    # (parallel: both in every layer, one group); the mixer's gated RMSNorm feeds its out_proj (Jamba's
+    # mixer has none: its out_proj reads the gated scan output directly).
     mixers = ((ScaleGroup("input_layernorm", _QKV + ("mamba.in_proj",), no_clip=_QK),) if parallel else
               (ScaleGroup("input_layernorm", _QKV, no_clip=_QK), ScaleGroup("input_layernorm", ("mamba.in_proj",))))
-    groups = [*mixers, _LLAMA_AWQ[1], ScaleGroup("mamba.norm", ("mamba.out_proj",)), ScaleGroup(mlp_norm, mlp_in)]
+    out = (ScaleGroup(mixer_norm, ("mamba.out_proj",)),) if mixer_norm else ()
+    groups = [*mixers, _LLAMA_AWQ[1], *out, ScaleGroup(mlp_norm, mlp_in)]
     if down is not None:  # the up projection (the last of mlp_in) feeds down through a product
         groups.append(ScaleGroup(mlp_in[-1], (down,), kind="linear"))
     return tuple(groups)
@@ -245,6 +247,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # side). Bamba returns its attention weights after the hidden states; no layer reads them.
     "bamba": ArchSpec(layers="model.layers", passes=(None,), awq=_mamba_hybrid_awq(
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj")),
+    # Jamba: Mamba layers and attention layers, dense MLPs and MoE blocks alternating; the Mamba mixer
+    # reads dt_proj's weight directly on its fast path, so dt_proj stays in full precision.
+    "jamba": ArchSpec(layers="model.layers", keep=("mamba.dt_proj",), awq=_mamba_hybrid_awq(
+        "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
+        mixer_norm=None) + _moe_awq(("feed_forward.router",), _QWEN_EXPERTS, "down_proj", attention=(),
+                                    block="feed_forward", norm="pre_ff_layernorm")),
     "granitemoehybrid": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(  # fused gate/up: no up -> down
         "post_attention_layernorm",
         ("block_sparse_moe.router", "block_sparse_moe.experts.*.gate_up_proj", "shared_mlp.input_linear"))),

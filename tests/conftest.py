@@ -96,6 +96,11 @@ MORE_CONFIGS = {
                                                          shared_intermediate_size=64,
                                                          layer_types=["mamba", "attention"], **_HYBRID),
     "falcon_h1": lambda: T.FalconH1Config(mamba_d_ssm=128, **_HYBRID),
+    # Jamba: a Mamba layer with a dense MLP, then an attention layer with an MoE block.
+    "jamba": lambda: T.JambaConfig(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                   expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=16,
+                                   mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                                   **_ATTN, **_COMMON),
 }
 
 

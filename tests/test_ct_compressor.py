@@ -164,11 +164,12 @@ def test_llmq_loads_the_compressors_output_with_its_logits(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe",
-                                  "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next"])
+                                  "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next", "llama4_text", "jamba"])
 def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(tmp_path, arch):
     """The export report's transformers row says yes exactly where stock transformers' load computes
     llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss and
-    Granite MoE (experts fused on disk) lack, so their experts would load unset, with no error."""
+    Granite MoE (experts fused on disk) lack, so their experts would load unset, with no error; Llama 4's
+    experts, fused on disk too, its quantizer replaces by one module per expert."""
     model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16), progress=False)
     llmq.save(model, tmp_path / "native")
     rows = {r.engine: r for r in convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")}

@@ -184,9 +184,11 @@ def test_quantize_routers_is_refused_for_the_top_k_router():
         llmq.quantize(tiny_model(ARCH), QuantConfig(group_size=GROUP, keep_routers=False), progress=False)
 
 
-def test_compressed_tensors_export_names_experts_for_vllm_and_says_transformers_leaves_them_unset(
-        tmp_path, capsys):
+def test_compressed_tensors_exports_load_in_stock_transformers_per_expert(tmp_path, capsys):
+    # transformers' compressed-tensors loading puts one Llama4TextMLP per expert in place of the fused
+    # experts, under the names llmq writes (and vLLM reads).
     from llmq.cli import main
+    from llmq.modules.w8a8 import W8A8Linear
 
     for scheme in ("w4", "w8a8"):
         model = llmq.quantize(tiny_model(ARCH), QuantConfig(group_size=GROUP) if scheme == "w4" else
@@ -196,15 +198,23 @@ def test_compressed_tensors_export_names_experts_for_vllm_and_says_transformers_
         assert main(["convert", str(tmp_path / scheme), str(tmp_path / f"{scheme}-ct"),
                      "--format", "compressed-tensors"]) == 0
         lines = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()]
-        rows = {rest: verdict for verdict, rest in (ln for ln in lines if len(ln) == 2) if verdict in ("yes", "no")}
-        verdict = {engine: v for engine in ("vLLM MoE experts (FusedMoE)", "transformers + compressed-tensors")
-                   for row, v in rows.items() if row.startswith(engine)}
-        assert verdict == {"vLLM MoE experts (FusedMoE)": "yes", "transformers + compressed-tensors": "no"}
-        assert any(row.startswith("transformers + compressed-tensors") and "llama4_text stores its experts fused"
-                   in row for row in rows)
+        rows = [rest for verdict, rest in (ln for ln in lines if len(ln) == 2) if verdict == "yes"]
+        for engine in ("vLLM MoE experts (FusedMoE)", "transformers + compressed-tensors"):
+            assert any(row.startswith(engine) for row in rows), (scheme, engine)
         ids = random_ids(seed=5)
+        stock = T.AutoModelForCausalLM.from_pretrained(tmp_path / f"{scheme}-ct", dtype=torch.float32)
         with torch.no_grad():
-            assert torch.equal(llmq.from_pretrained(tmp_path / f"{scheme}-ct")(ids).logits, model(ids).logits)
+            expected = model(ids).logits
+            assert torch.equal(llmq.from_pretrained(tmp_path / f"{scheme}-ct")(ids).logits, expected)
+            if scheme == "w4":
+                torch.testing.assert_close(stock(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        if scheme == "w8a8":  # the same int8 weights and scales (its activation rounding is its own)
+            for e in range(4):
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    ours = model.get_submodule(f"{EXPERTS}.{e}.{p}")
+                    theirs = stock.get_submodule(f"{EXPERTS}.{e}.{p}")
+                    assert isinstance(ours, W8A8Linear) and torch.equal(theirs.weight, ours.weight)
+                    assert torch.equal(theirs.weight_scale, ours.weight_scale)
 
 
 def test_a_multimodal_checkpoint_is_refused_with_the_way_to_its_language_model(tmp_path):

@@ -47,6 +47,8 @@ FOLDED_INTO = {
     "bamba": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "pre_ff_layernorm", "feed_forward.up_proj"},
     "granitemoehybrid": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "post_attention_layernorm"},
     "falcon_h1": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"},  # no Mamba norm
+    "jamba": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"} |
+             {f"feed_forward.experts.{e}.up_proj" for e in range(4)},
 }
 
 
@@ -122,7 +124,7 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     model = llmq.quantize(fp, config, dataset=calib, progress=False)
     quantized, left = _quantized_and_left(model)
     # Everything but the head, the routers and the linears the model reads by weight stays in full precision.
-    assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj"))
+    assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj", "dt_proj"))
                                  for n in left), left
     if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
         changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
@@ -147,19 +149,23 @@ def test_a_layers_further_outputs_reach_the_next_layer():
     torch.testing.assert_close(out, seen["hidden"], rtol=0, atol=0)
 
 
-def test_linears_the_model_reads_by_weight_stay_in_full_precision_and_are_recorded(tmp_path):
-    model = llmq.quantize(tiny_model("glm_moe_dsa"), QuantConfig(group_size=16), progress=False)
-    assert type(model.model.layers[0].self_attn.indexer.weights_proj) is torch.nn.Linear
-    assert isinstance(model.model.layers[0].self_attn.indexer.wq_b, QuantLinear)
+@pytest.mark.parametrize("arch,kept,quantized", [
+    ("glm_moe_dsa", "self_attn.indexer.weights_proj", "self_attn.indexer.wq_b"),
+    ("jamba", "mamba.dt_proj", "mamba.x_proj"),
+])
+def test_linears_the_model_reads_by_weight_stay_in_full_precision_and_are_recorded(tmp_path, arch, kept, quantized):
+    model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16), progress=False)
+    assert type(model.model.layers[0].get_submodule(kept)) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].get_submodule(quantized), QuantLinear)
     llmq.save(model, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert "self_attn.indexer.weights_proj" in qc["modules_to_not_convert"]
+    assert kept in qc["modules_to_not_convert"]
     ids = random_ids(seed=10)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("arch", ["bamba", "granitemoehybrid", "falcon_h1"])
+@pytest.mark.parametrize("arch", ["bamba", "granitemoehybrid", "falcon_h1", "jamba"])
 @pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(method="gptq", group_size=16),
                                     QuantConfig(scheme="w8a8", method="gptq", smooth="off")],
                          ids=["rtn", "gptq", "w8a8-gptq"])
@@ -167,7 +173,8 @@ def test_mamba_hybrids_quantize_and_reload(tmp_path, arch, config):
     fp, ids, calib, fp_logits = _model_and_tokens(arch, seed=11)
     model = llmq.quantize(fp, config, dataset=None if config.method == "rtn" else calib, progress=False)
     quantized, left = _quantized_and_left(model)
-    assert quantized > 0 and left == ["lm_head"]
+    # Jamba's Mamba mixer reads dt_proj's weight directly (its fast path): kept.
+    assert quantized > 0 and left == (["model.layers.0.mamba.dt_proj", "lm_head"] if arch == "jamba" else ["lm_head"])
     _assert_close_and_reloads(model, ids, fp_logits, 0.3, tmp_path / arch)
 
 

@@ -36,7 +36,7 @@ from ..errors import LlmqError
 from ..methods import registry
 from ..qweight import quantized_module_names
 from ..census import router_names
-from .engines import EngineSupport, marlin_problem, moe_engine_support, transformers_gathers_experts
+from .engines import EngineSupport, marlin_problem, moe_engine_support, how_transformers_gathers_experts
 from ..kernels.layout import codes_per_word, group_width, pack_rows
 from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
@@ -250,9 +250,9 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
 
 def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
-                   model_type: str | None = None) -> list[EngineSupport]:
+                   experts_loaded: str | None = "merges") -> list[EngineSupport]:
     """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K);
-    model_type: config.json's)."""
+    experts_loaded: how transformers loads per-expert tensors, engines.how_transformers_gathers_experts)."""
     marlin = marlin_problem(qc, shapes, zero_points_ok=True)
     rows = [EngineSupport("vLLM (compressed-tensors WNA16)", True,
                           "Marlin fast path" if marlin is None else
@@ -272,9 +272,9 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
                                   "0.20 (a zero-point size mismatch; the package's own output fails too); load with "
                                   "quantization_config=CompressedTensorsConfig(dequantize=True) (dense weights, "
                                   "checked by llmq's tests)"))
-    if any(".experts." in name for name in shapes) and not transformers_gathers_experts(model_type):
+    if any(".experts." in name for name in shapes) and experts_loaded is None:
         rows[-1] = EngineSupport("transformers + compressed-tensors", False,
-                                 f"{model_type} stores its experts fused on disk: transformers has no mapping from "
+                                 "this architecture stores its experts fused on disk: transformers has no mapping from "
                                  "per-expert tensors and loads its experts unset, without an error: load the folder "
                                  "with llmq")
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
@@ -306,8 +306,14 @@ def _config(ckpt: Checkpoint) -> dict:
 
 def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
     shapes = ckpt.layer_shapes()
-    return (engine_support(ckpt.quant_config, shapes, ckpt.config.get("model_type"))
+    return (engine_support(ckpt.quant_config, shapes, experts_loaded(ckpt))
             + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
+
+
+def experts_loaded(ckpt: Checkpoint) -> str | None:
+    """How stock transformers loads this checkpoint's per-expert tensors written as compressed-tensors
+    (engines.how_transformers_gathers_experts)."""
+    return how_transformers_gathers_experts(ckpt.config.get("model_type"), ckpt.model_linears.experts, QUANT_METHOD)
 
 
 def _packed(tensor: torch.Tensor, bits: int, sym: bool, group_size: int) -> dict[str, torch.Tensor]:

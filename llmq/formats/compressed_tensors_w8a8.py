@@ -23,8 +23,9 @@ import torch
 from .._version import __version__
 from ..config import QuantConfig
 from ..qweight import w8a8_module_names
+from . import compressed_tensors
 from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
-from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support, transformers_gathers_experts
+from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support
 from .spec import Checkpoint, Format
 
 INT_QUANTIZED = "int-quantized"
@@ -54,9 +55,9 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
-def engine_support(qc: QuantConfig, names=(), model_type: str | None = None) -> list[EngineSupport]:
-    """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`); model_type:
-    config.json's."""
+def engine_support(qc: QuantConfig, names=(), experts_loaded: str | None = "merges") -> list[EngineSupport]:
+    """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`); experts_loaded:
+    how transformers loads per-expert tensors (engines.how_transformers_gathers_experts)."""
     experts = any(".experts." in name for name in names)
     what = "per-token dynamic" if qc.act == "dynamic" else "static per-tensor"
     rows = [EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
@@ -72,11 +73,16 @@ def engine_support(qc: QuantConfig, names=(), model_type: str | None = None) -> 
         else:
             rows.append(EngineSupport(engine, False, "its CompressedTensorsW8A8Int8MoEMethod refuses static input "
                                                      "scales: quantize with --act dynamic"))
-        why = ("transformers stacks per-expert weights into its fused experts parameters and stops on int8 ones"
-               if transformers_gathers_experts(model_type) else
-               f"{model_type} stores its experts fused on disk: transformers has no mapping from per-expert "
-               "tensors and loads its experts unset, without an error")
-        rows.append(EngineSupport("transformers + compressed-tensors", False, f"{why}: load the folder with llmq"))
+        if experts_loaded == "per-expert":
+            rows.append(EngineSupport("transformers + compressed-tensors", True,
+                                      "its quantizer puts one module per expert in place of the fused experts and "
+                                      "loads their int8 weights as a dense model's"))
+        else:
+            why = ("transformers stacks per-expert weights into its fused experts parameters and stops on int8 ones"
+                   if experts_loaded == "merges" else
+                   "this architecture stores its experts fused on disk: transformers has no mapping from per-expert "
+                   "tensors and loads its experts unset, without an error")
+            rows.append(EngineSupport("transformers + compressed-tensors", False, f"{why}: load the folder with llmq"))
     else:
         rows.append(EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"))
     return rows
@@ -156,7 +162,7 @@ FORMAT = Format(
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
     engines=lambda ckpt: engine_support(ckpt.quant_config, w8a8_module_names(ckpt.tensors),
-                                        ckpt.config.get("model_type")),
+                                        compressed_tensors.experts_loaded(ckpt)),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

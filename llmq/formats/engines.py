@@ -66,17 +66,26 @@ def experts_fused_on_disk(names) -> bool:
     return any(re.search(r"\.experts\.\d+\.gate_up_proj$", name) for name in names)
 
 
-def transformers_gathers_experts(model_type: str | None) -> bool:
-    """Whether transformers loads per-expert tensors (`experts.<e>.<proj>.weight`) into its fused experts:
-    only through a checkpoint conversion mapping that merges them, which architectures storing their
-    experts fused on disk (gpt-oss, Granite MoE, Llama 4) lack. Without one it loads the experts unset,
-    with no error."""
+def how_transformers_gathers_experts(model_type: str | None, experts_classes=(), method: str = "") -> str | None:
+    """How transformers loads per-expert tensors (`experts.<e>.<proj>.weight`) of a checkpoint in
+    quantization format `method` into a model whose experts modules are of `experts_classes`: "merges"
+    (its checkpoint conversion mapping stacks them into the fused experts), "per-expert" (its quantizers
+    put one module per expert in place of the fused one, as for Llama 4's experts), or None: it has no
+    way (gpt-oss and Granite MoE store their experts fused on disk) and loads the experts unset, with no
+    error."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
+    from transformers.quantizers import base
 
+    patched = getattr(base, "MODULES_TO_PATCH_FOR_QUANTIZATION", {})  # class name -> its per-expert stand-in
+
+    if any(method in (str(getattr(m, "value", m)) for m in patched[c]["quantization_methods"])
+           for c in experts_classes if c in patched):
+        return "per-expert"
     mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
-    return any(isinstance(c, WeightConverter) and any(".experts.*." in p for p in c.source_patterns)
-               for c in mapping or ())
+    merging = [c for c in mapping or () if isinstance(c, WeightConverter)
+               and any(".experts.*." in p for p in c.source_patterns)]
+    return "merges" if merging else None
 
 
 def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:

@@ -43,6 +43,7 @@ class Checkpoint:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..arch import decoder_layers
+        from ..experts import find_experts
 
         cfg = AutoConfig.from_pretrained(self.folder)
         if hasattr(cfg, "quantization_config"):
@@ -54,7 +55,8 @@ class Checkpoint:
         inside = [n for n in names if n.startswith(prefix + ".")]
         head = model.get_output_embeddings()
         head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-        return ModelLinears(prefix, inside, [n for n in names if n not in inside], head_name)
+        experts = frozenset(type(m).__name__ for m in find_experts(model).values())
+        return ModelLinears(prefix, inside, [n for n in names if n not in inside], head_name, experts)
 
     @property
     def linears(self) -> tuple[list[str], list[str]]:
@@ -67,6 +69,7 @@ class ModelLinears(NamedTuple):
     inside: list[str]  # linears inside decoder layers
     outside: list[str]  # the other linears
     head: str | None  # the output head's name ("lm_head")
+    experts: frozenset = frozenset()  # the class names of its experts modules
 
 
 @dataclass(frozen=True)
