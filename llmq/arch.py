@@ -324,10 +324,15 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> tuple[str,
     return spec.layers, _get(model, spec.layers)
 
 
+# nn.Linear subclasses whose own forward computes x W^T + b all the same (Falcon's writes it out).
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear whose forward is nn.Linear's own: a quantized linear can take its place. (Llama 4's
-    router is an nn.Linear subclass whose forward also picks the top-k experts.)"""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """An nn.Linear computing x W^T + b and nothing else: a quantized linear can take its place. (Llama
+    4's router is an nn.Linear subclass whose forward also picks the top-k experts.)"""
+    return isinstance(module, nn.Linear) and (type(module).forward is nn.Linear.forward
+                                              or type(module).__name__ in PLAIN_LINEAR_SUBCLASSES)
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:

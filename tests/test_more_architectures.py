@@ -191,3 +191,39 @@ def test_an_architecture_whose_names_do_not_round_trip_is_refused_before_any_wor
                                              r"back as 'model.kv_norm.weight'"):
         llmq.quantize(tiny_model("llama"), QuantConfig(method="gptq", group_size=32),
                       dataset=random_ids(n=4, length=16), progress=False)
+
+
+def test_falcons_linears_which_write_out_the_product_are_quantized(tmp_path):
+    """Falcon's FalconLinear is an nn.Linear subclass whose own forward computes x W^T + b: quantized like
+    a linear (llmq.arch.PLAIN_LINEAR_SUBCLASSES)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    fp = T.AutoModelForCausalLM.from_config(T.FalconConfig(hidden_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, vocab_size=256)).eval()
+    with torch.no_grad():
+        for p in fp.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    assert type(fp.transformer.h[0].self_attention.query_key_value).__name__ == "FalconLinear"
+    ids = random_ids(seed=12)
+    with torch.no_grad():
+        fp_logits = fp(ids).logits
+    calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(13))
+    model = llmq.quantize(fp, QuantConfig(method="gptq", group_size=16), dataset=calib, progress=False)
+    quantized, left = _quantized_and_left(model)
+    assert quantized == 2 * 4 and not [n for n, m in model.named_modules() if type(m).__name__ == "FalconLinear"]
+    _assert_close_and_reloads(model, ids, fp_logits, 0.3, tmp_path / "falcon")
+
+
+def test_a_linear_with_a_forward_of_its_own_is_refused_by_name():
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_model("llama")
+    old = model.model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
+    with pytest.raises(llmq.LlmqError, match=r"layer model\.layers\.1\.mlp\.up_proj is a ScaledLinear, an nn\.Linear "
+                                             r"with a forward of its own.*--skip model\.layers\.1\.mlp\.up_proj"):
+        llmq.quantize(model, QuantConfig(group_size=16), progress=False)
