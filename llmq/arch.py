@@ -253,6 +253,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         mixer_norm=None) + _moe_awq(("feed_forward.router",), _QWEN_EXPERTS, "down_proj", attention=(),
                                     block="feed_forward", norm="pre_ff_layernorm")),
+    # Kimi Linear: delta-rule linear-attention layers (the input norm feeds q/k/v and the forget, beta
+    # and output gates; each gate's low-rank pair is a linear pair) and latent-attention layers;
+    # a dense first MLP, then MoE blocks (Mixtral's expert names) with a shared expert. Its per-head gated output norm cannot
+    # take a scale per channel.
+    "kimi_linear": ArchSpec(layers="model.layers", awq=_moe_awq(
+        ("mlp.gate",), ("w1", "w3"), "w2", shared=_SHARED_EXPERTS, dense=True, attention=(
+            ScaleGroup("input_layernorm", _QKV + ("self_attn.forget_gate.f_a_proj", "self_attn.b_proj",
+                                                  "self_attn.g_a_proj", "self_attn.kv_a_proj_with_mqa"), no_clip=_QK),
+            _MLA[2],
+            ScaleGroup("self_attn.forget_gate.f_a_proj", ("self_attn.forget_gate.f_b_proj",), kind="linear"),
+            ScaleGroup("self_attn.g_a_proj", ("self_attn.g_b_proj",), kind="linear")))),
     "granitemoehybrid": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(  # fused gate/up: no up -> down
         "post_attention_layernorm",
         ("block_sparse_moe.router", "block_sparse_moe.experts.*.gate_up_proj", "shared_mlp.input_linear"))),

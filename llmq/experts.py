@@ -109,14 +109,16 @@ def find_experts(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def unsupported_expert_weights(root: nn.Module, handled: set[str]) -> list[str]:
-    """Names of 3D (or larger) weights under root that no handled experts module owns and no
-    convolution holds: expert weights llmq cannot run."""
+    """Names of stacks of matrices (weights with three or more dimensions longer than 1) under root
+    that no handled experts module owns and no convolution holds: expert weights llmq cannot run.
+    Per-channel parameters stored with extra unit dimensions (Kimi Linear's forget-gate A_log
+    [1, 1, heads, 1]) and depthwise kernels ([channels, 1, width]) are not stacks."""
     bad = []
     for owner_name, owner in root.named_modules():
         if owner_name in handled or isinstance(owner, nn.modules.conv._ConvNd):
             continue
         for pname, p in owner._parameters.items():
-            if p is not None and p.dim() >= 3:
+            if p is not None and sum(size > 1 for size in p.shape) >= 3:
                 bad.append(f"{owner_name}.{pname}" if owner_name else pname)
     return bad
 
@@ -186,7 +188,8 @@ def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: i
                        else conv.target_patterns)
         sources = list(conv._original_source_patterns if hasattr(conv, "_original_source_patterns")
                        else conv.source_patterns)
-        if len(targets) != 1 or not full.endswith(targets[0].lstrip(".").lstrip("^")):
+        # Patterns are regular expressions, some with escaped dots (Kimi Linear's `\.experts.gate_up_proj`).
+        if len(targets) != 1 or not full.endswith(targets[0].replace("\\", "").lstrip("^").lstrip(".")):
             continue
         ops = [type(op) for op in conv.operations]
         plain = (ops == [MergeModulelist] and len(sources) == 1 and conv.operations[0].dim == 0) or (

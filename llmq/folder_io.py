@@ -104,26 +104,40 @@ def names_on_load(model, keys, conversions: list) -> dict[str, tuple[str, object
     return {key: rename_source_key(key, renamings, converters, prefix, meta) for key in keys}
 
 
+def name_on_disk(model):
+    """A function from a name in the model (a state-dict key) to the name transformers saves it under:
+    the architecture's conversion mapping's renamings, reversed, as save_pretrained applies them
+    (revert_weight_conversion). Kimi Linear saves `mlp.` as `block_sparse_moe.` and its forget gate's
+    `self_attn.forget_gate.f_a_proj.` as `self_attn.f_a_proj.`."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
+    except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
+        return lambda name: name
+    # Every reversed renaming in turn.
+    saving = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]
+              if not isinstance(c, PrefixChange)]
+    saving = [c for c in saving if isinstance(c, WeightRenaming)]
+
+    def on_disk(name: str) -> str:
+        for renaming in saving:
+            name = renaming.rename_source_key(name)[0]
+        return name
+
+    return on_disk
+
+
 def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:
     """The first (name in the model, name transformers saves it under, name that loads back as) where
     saving and loading through the architecture's conversion mapping disagree, or None. Names under
     the modules in `skip` are left out (experts modules: llmq writes their weights per expert)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightRenaming
     except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
         return None
-    # As save_pretrained reverts the mapping (revert_weight_conversion): every reversed renaming in turn.
-    saving = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]
-              if not isinstance(c, PrefixChange)]
-    saving = [c for c in saving if isinstance(c, WeightRenaming)]
+    on_disk = name_on_disk(model)
     skip = tuple(f"{name}." for name in skip)
-    stored = {}
-    for name in model.state_dict():
-        if not name.startswith(skip):
-            stored[name] = name
-            for renaming in saving:
-                stored[name] = renaming.rename_source_key(stored[name])[0]
+    stored = {name: on_disk(name) for name in model.state_dict() if not name.startswith(skip)}
     # And as from_pretrained renames them.
     loaded = names_on_load(model, set(stored.values()), get_model_conversion_mapping(model))
     for name, key in stored.items():

@@ -96,6 +96,12 @@ MORE_CONFIGS = {
                                                          shared_intermediate_size=64,
                                                          layer_types=["mamba", "attention"], **_HYBRID),
     "falcon_h1": lambda: T.FalconH1Config(mamba_d_ssm=128, **_HYBRID),
+    # Kimi Linear: a linear-attention layer with a dense MLP, then a latent-attention one with an MoE block.
+    "kimi_linear": lambda: T.KimiLinearConfig(
+        moe_intermediate_size=32, num_experts=4, num_experts_per_token=2, num_shared_experts=1, kv_lora_rank=32,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=16, linear_head_dim=32,
+        linear_num_heads=8, mlp_layer_types=["dense", "sparse"], layer_types=["linear_attention", "full_attention"],
+        **_ATTN, **_COMMON),
     # Jamba: a Mamba layer with a dense MLP, then an attention layer with an MoE block.
     "jamba": lambda: T.JambaConfig(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                    expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=16,

@@ -164,17 +164,31 @@ def test_llmq_loads_the_compressors_output_with_its_logits(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe",
-                                  "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next", "llama4_text", "jamba"])
+                                  "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next", "llama4_text", "jamba",
+                                  "kimi_linear"])
 def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(tmp_path, arch):
     """The export report's transformers row says yes exactly where stock transformers' load computes
     llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss and
     Granite MoE (experts fused on disk) lack, so their experts would load unset, with no error; Llama 4's
-    experts, fused on disk too, its quantizer replaces by one module per expert."""
+    experts, fused on disk too, its quantizer replaces by one module per expert. Kimi Linear's q/k/v
+    conv kernels, concatenated on load, stop its compressed-tensors loading."""
+    kimi_stops = arch == "kimi_linear"
     model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16), progress=False)
     llmq.save(model, tmp_path / "native")
     rows = {r.engine: r for r in convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")}
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
-    ids = random_ids()
-    with torch.no_grad():
-        same = torch.allclose(stock(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    assert rows["transformers + compressed-tensors"].loads == same == (arch not in ("gpt_oss", "granitemoe"))
+    # No quantized linear is listed as kept, under the model's name or the one it is stored under
+    # (Kimi Linear stores `mlp.` as `block_sparse_moe.`, which once kept its dense MLP).
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} & set(ignore)
+    assert "lm_head" in ignore
+    try:
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    except RuntimeError as e:
+        assert kimi_stops and "conversion of the weights" in str(e)
+        same = False
+    else:
+        ids = random_ids()
+        with torch.no_grad():
+            same = torch.allclose(stock(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert rows["transformers + compressed-tensors"].loads == same == (arch not in ("gpt_oss", "granitemoe",
+                                                                                    "kimi_linear"))

@@ -47,6 +47,9 @@ FOLDED_INTO = {
     "bamba": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "pre_ff_layernorm", "feed_forward.up_proj"},
     "granitemoehybrid": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "post_attention_layernorm"},
     "falcon_h1": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"},  # no Mamba norm
+    "kimi_linear": {"input_layernorm", "self_attn.forget_gate.f_a_proj", "self_attn.g_a_proj", "self_attn.kv_a_layernorm",
+                    "post_attention_layernorm", "mlp.up_proj", "mlp.shared_experts.up_proj"} |
+                   {f"mlp.experts.{e}.w3" for e in range(4)},
     "jamba": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"} |
              {f"feed_forward.experts.{e}.up_proj" for e in range(4)},
 }
@@ -165,7 +168,7 @@ def test_linears_the_model_reads_by_weight_stay_in_full_precision_and_are_record
         assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("arch", ["bamba", "granitemoehybrid", "falcon_h1", "jamba"])
+@pytest.mark.parametrize("arch", ["bamba", "granitemoehybrid", "falcon_h1", "jamba", "kimi_linear"])
 @pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(method="gptq", group_size=16),
                                     QuantConfig(scheme="w8a8", method="gptq", smooth="off")],
                          ids=["rtn", "gptq", "w8a8-gptq"])
@@ -227,3 +230,25 @@ def test_a_linear_with_a_forward_of_its_own_is_refused_by_name():
     with pytest.raises(llmq.LlmqError, match=r"layer model\.layers\.1\.mlp\.up_proj is a ScaledLinear, an nn\.Linear "
                                              r"with a forward of its own.*--skip model\.layers\.1\.mlp\.up_proj"):
         llmq.quantize(model, QuantConfig(group_size=16), progress=False)
+
+
+@pytest.mark.parametrize("fmt,config", [("gptq", QuantConfig(group_size=16, desc_act=False)),
+                                        ("compressed-tensors", QuantConfig(scheme="w8a8"))])
+def test_exports_keep_no_quantized_linear_stored_under_another_name(tmp_path, fmt, config):
+    """Kimi Linear stores `mlp.` as `block_sparse_moe.` and its forget gate's projections outside
+    `forget_gate`: matched by their stored names, they are quantized, not kept, in every export."""
+    from llmq.formats.convert import convert
+
+    model = llmq.quantize(tiny_model("kimi_linear"), config, progress=False)
+    llmq.save(model, tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "out", fmt)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    quantized = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.forget_gate.f_a_proj"} <= quantized
+    if fmt == "gptq":  # every decoder linear quantized: no list of the quantized ones needed
+        assert "modules_in_block_to_quantize" not in qc
+    else:
+        assert not quantized & set(qc["ignore"]) and "lm_head" in qc["ignore"]
+    ids = random_ids(seed=14)
+    with torch.no_grad():
+        assert torch.equal(llmq.from_pretrained(tmp_path / "out")(ids).logits, model(ids).logits)

@@ -36,7 +36,8 @@ from ..errors import LlmqError
 from ..methods import registry
 from ..qweight import quantized_module_names
 from ..census import router_names
-from .engines import EngineSupport, marlin_problem, moe_engine_support, how_transformers_gathers_experts
+from .engines import (EngineSupport, fused_layer_tensors, how_transformers_gathers_experts, marlin_problem,
+                      moe_engine_support)
 from ..kernels.layout import codes_per_word, group_width, pack_rows
 from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
@@ -249,10 +250,11 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
     return out, qc
 
 
-def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
-                   experts_loaded: str | None = "merges") -> list[EngineSupport]:
+def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]], experts_loaded: str | None = "merges",
+                   fused: str | None = None) -> list[EngineSupport]:
     """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K);
-    experts_loaded: how transformers loads per-expert tensors, engines.how_transformers_gathers_experts)."""
+    experts_loaded: how transformers loads per-expert tensors, engines.how_transformers_gathers_experts;
+    fused: a layer tensor transformers builds from several stored ones, engines.fused_layer_tensors)."""
     marlin = marlin_problem(qc, shapes, zero_points_ok=True)
     rows = [EngineSupport("vLLM (compressed-tensors WNA16)", True,
                           "Marlin fast path" if marlin is None else
@@ -277,6 +279,8 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
                                  "this architecture stores its experts fused on disk: transformers has no mapping from "
                                  "per-expert tensors and loads its experts unset, without an error: load the folder "
                                  "with llmq")
+    if fused is not None:
+        rows[-1] = transformers_stops(fused)
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows
@@ -285,8 +289,9 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]],
 def _ignored_linears(ckpt: Checkpoint) -> list[str]:
     """Every linear of the model left in full precision, MoE routers included."""
     quantized = set(ckpt.layer_shapes())
-    inside, outside = ckpt.linears
-    ignore = [n for n in inside + outside if n not in quantized]
+    linears = ckpt.model_linears
+    ignore = [name for n in linears.inside + linears.outside if linears.on_disk(n) not in quantized
+              for name in linears.spellings(n)]
     # MoE routers are kept in full precision (vLLM builds them as linears too).
     ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
     return ignore
@@ -306,8 +311,16 @@ def _config(ckpt: Checkpoint) -> dict:
 
 def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
     shapes = ckpt.layer_shapes()
-    return (engine_support(ckpt.quant_config, shapes, experts_loaded(ckpt))
-            + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
+    return (engine_support(ckpt.quant_config, shapes, experts_loaded(ckpt), fused_layer_tensors(ckpt.config.get(
+        "model_type"))) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
+
+
+def transformers_stops(fused: str) -> EngineSupport:
+    """The transformers row where its compressed-tensors loading stops on a fused layer tensor."""
+    return EngineSupport("transformers + compressed-tensors", False,
+                         f"its loader builds {fused} from several stored tensors and, loading compressed-tensors, "
+                         "finds none of them and stops (seen with transformers 5.24 and compressed-tensors 0.20): "
+                         "load the folder with llmq")
 
 
 def experts_loaded(ckpt: Checkpoint) -> str | None:

@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..qweight import w8a8_module_names
 from . import compressed_tensors
 from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
-from .engines import EngineSupport, experts_fused_on_disk, moe_engine_support
+from .engines import EngineSupport, experts_fused_on_disk, fused_layer_tensors, moe_engine_support
 from .spec import Checkpoint, Format
 
 INT_QUANTIZED = "int-quantized"
@@ -55,9 +55,11 @@ def export_config(qc: QuantConfig, ignore: list[str]) -> dict:
     return config_envelope(INT_QUANTIZED, weights, inputs, ignore, meta)
 
 
-def engine_support(qc: QuantConfig, names=(), experts_loaded: str | None = "merges") -> list[EngineSupport]:
+def engine_support(qc: QuantConfig, names=(), experts_loaded: str | None = "merges",
+                   fused: str | None = None) -> list[EngineSupport]:
     """names: the checkpoint's W8A8 layer names (experts: `<block>.experts.<e>.<proj>`); experts_loaded:
-    how transformers loads per-expert tensors (engines.how_transformers_gathers_experts)."""
+    how transformers loads per-expert tensors (engines.how_transformers_gathers_experts); fused: a layer
+    tensor transformers builds from several stored ones (engines.fused_layer_tensors)."""
     experts = any(".experts." in name for name in names)
     what = "per-token dynamic" if qc.act == "dynamic" else "static per-tensor"
     rows = [EngineSupport("vLLM (compressed-tensors W8A8 int8)", True,
@@ -85,6 +87,8 @@ def engine_support(qc: QuantConfig, names=(), experts_loaded: str | None = "merg
             rows.append(EngineSupport("transformers + compressed-tensors", False, f"{why}: load the folder with llmq"))
     else:
         rows.append(EngineSupport("transformers + compressed-tensors", True, "decompresses the weights on load"))
+    if fused is not None:
+        rows[-1] = compressed_tensors.transformers_stops(fused)
     return rows
 
 
@@ -149,8 +153,9 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
 def _config(ckpt: Checkpoint) -> dict:
     quantized = set(w8a8_module_names(ckpt.tensors))
-    inside, outside = ckpt.linears
-    return export_config(ckpt.quant_config, [n for n in inside + outside if n not in quantized])
+    linears = ckpt.model_linears
+    return export_config(ckpt.quant_config, [name for n in linears.inside + linears.outside
+                                             if linears.on_disk(n) not in quantized for name in linears.spellings(n)])
 
 
 # The W8A8 layout under compressed-tensors' quant_method (llmq.formats.table pairs it with the weight-only one).
@@ -162,7 +167,8 @@ FORMAT = Format(
     encode=lambda ckpt: export_tensors(ckpt.tensors),
     config=_config,
     engines=lambda ckpt: engine_support(ckpt.quant_config, w8a8_module_names(ckpt.tensors),
-                                        compressed_tensors.experts_loaded(ckpt)),
+                                        compressed_tensors.experts_loaded(ckpt),
+                                        fused_layer_tensors(ckpt.config.get("model_type"))),
     in_flight=lambda qcfg, qc: ([], []),  # the stored tensors are the native ones
     writes=lambda qc: qc.scheme == "w8a8",
 )

@@ -88,6 +88,20 @@ def how_transformers_gathers_experts(model_type: str | None, experts_classes=(),
     return "merges" if merging else None
 
 
+def fused_layer_tensors(model_type: str | None) -> str | None:
+    """A tensor that transformers' conversion mapping for model_type builds from several stored ones
+    outside the experts (Kimi Linear's q/k/v conv kernels), or None. Its compressed-tensors loading
+    finds none of the stored parts there ("Concatenate on tensors destined for ... Ckpt contains: 0",
+    transformers 5.24 with compressed-tensors 0.20) and stops."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    for c in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or ():
+        if isinstance(c, WeightConverter) and not any("experts" in p for p in c.source_patterns):
+            return c.target_patterns[0]
+    return None
+
+
 def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[EngineSupport]:
     """Rows for mixture-of-experts experts (names `<block>.experts.<e>.<proj>.*`), or none.
 

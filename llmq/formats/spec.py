@@ -44,6 +44,7 @@ class Checkpoint:
 
         from ..arch import decoder_layers
         from ..experts import find_experts
+        from ..folder_io import name_on_disk
 
         cfg = AutoConfig.from_pretrained(self.folder)
         if hasattr(cfg, "quantization_config"):
@@ -56,12 +57,12 @@ class Checkpoint:
         head = model.get_output_embeddings()
         head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
         experts = frozenset(type(m).__name__ for m in find_experts(model).values())
-        return ModelLinears(prefix, inside, [n for n in names if n not in inside], head_name, experts)
-
-    @property
-    def linears(self) -> tuple[list[str], list[str]]:
-        """(linears inside decoder layers, other linears) of the model."""
-        return self.model_linears.inside, self.model_linears.outside
+        # The checkpoint's tensors carry the names transformers saves them under (Kimi Linear's
+        # `mlp.` is `block_sparse_moe.` there): where a linear's differs, both are kept.
+        weight_on_disk = name_on_disk(model)
+        on_disk = {n: weight_on_disk(f"{n}.weight").removesuffix(".weight") for n in names}
+        return ModelLinears(prefix, inside, [n for n in names if n not in inside], head_name, experts,
+                            {n: d for n, d in on_disk.items() if d != n})
 
 
 class ModelLinears(NamedTuple):
@@ -70,6 +71,21 @@ class ModelLinears(NamedTuple):
     outside: list[str]  # the other linears
     head: str | None  # the output head's name ("lm_head")
     experts: frozenset = frozenset()  # the class names of its experts modules
+    renamed: dict | None = None  # linear -> its name on disk, where the two differ
+
+    def on_disk(self, name: str) -> str:
+        """A linear's name in the checkpoint's tensors."""
+        return (self.renamed or {}).get(name, name)
+
+    def in_model(self, name: str) -> str:
+        """The model's name of a module named `name` on disk (itself where no linear is stored so)."""
+        back = {d: n for n, d in (self.renamed or {}).items()}
+        return back.get(name, name)
+
+    def spellings(self, name: str) -> list[str]:
+        """A linear's name in the model, and on disk where that differs (engines match either)."""
+        disk = self.on_disk(name)
+        return [name] if disk == name else [name, disk]
 
 
 @dataclass(frozen=True)
