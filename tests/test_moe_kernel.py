@@ -54,8 +54,8 @@ def _block_inputs(tokens, seed):
     return g, (hidden, index, torch.rand(tokens, 2, generator=g))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe"])
-def test_quant_experts_grouped_forward_matches_the_loop(arch):
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text"])  # Llama 4: the gate of
+def test_quant_experts_grouped_forward_matches_the_loop(arch):  # an undecorated class, act(gate) * up
     import llmq
     from llmq import QuantConfig
     from llmq.modules.qexperts import QuantExperts
@@ -132,7 +132,8 @@ def test_grouped_int8_kernel_matches_the_integer_reference(static, tokens, dtype
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < tol
 
 
-@pytest.mark.parametrize("arch,act", [("mixtral", "dynamic"), ("qwen2_moe", "static"), ("gpt_oss", "static")])
+@pytest.mark.parametrize("arch,act", [("mixtral", "dynamic"), ("qwen2_moe", "static"), ("gpt_oss", "static"),
+                                     ("llama4_text", "dynamic")])
 def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act):
     import llmq
     from llmq import QuantConfig
