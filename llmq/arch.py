@@ -271,6 +271,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         parallel=True)),
     "llama4_text": _LLAMA4,
+    # DBRX: fused q/k/v (no v -> o); its norm_2 feeds the router's linear and every expert.
+    "dbrx": ArchSpec(layers="transformer.blocks", awq=(
+        ScaleGroup("norm_attn_norm.norm_1", ("norm_attn_norm.attn.Wqkv",), no_clip=("norm_attn_norm.attn.Wqkv",)),
+        ScaleGroup("norm_attn_norm.norm_2", ("ffn.router.layer", "ffn.experts.*.w1", "ffn.experts.*.v1")),
+        ScaleGroup("ffn.experts.*.v1", ("ffn.experts.*.w2",), kind="linear"))),
     "glm4_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",
                                                              shared=_SHARED_EXPERTS, dense=True)),
     "ernie4_5_moe": ArchSpec(layers="model.layers", awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj",

@@ -49,12 +49,17 @@ class ExpertsFlags:
     has_bias: bool
     is_transposed: bool
     is_concatenated: bool
+    up_names: tuple[str, ...]
+    down_name: str
     # True: called as experts(x) with x [E * T, H], every token once per expert, multiplied by its
     # routing score (0 where the token is not routed there), returning [E * T, H]; False: the
     # decorated classes' experts(hidden_states, top_k_index, top_k_weights).
-    scored_copies: bool
-    up_names: tuple[str, ...]
-    down_name: str
+    scored_copies: bool = False
+    # Projections stored apart from gate_up_proj / down_proj, each in one 2D parameter holding the
+    # experts' matrices one after another ([E * rows, cols]): (per-expert name, parameter path under
+    # the experts module, whether each expert's matrix is stored [in, out]).
+    stacked: tuple[tuple[str, str, bool], ...] = ()
+    activation: str = "act_fn"  # the experts module's activation, by attribute path
 
 
 # Experts classes without the decorator, by class name: facts of their architectures' modelling code.
@@ -62,7 +67,12 @@ UNDECORATED = {
     # Llama 4: gate_up_proj [E, H, 2I] (gate, then up), down_proj [E, I, H]. Its checkpoints store them
     # fused; quantized ones are served per expert, as vLLM reads them (experts.<e>.gate_proj ...).
     "Llama4TextExperts": ExpertsFlags(has_gate=True, has_bias=False, is_transposed=True, is_concatenated=True,
-                                      scored_copies=True, up_names=("gate_proj", "up_proj"), down_name="down_proj"),
+                                      up_names=("gate_proj", "up_proj"), down_name="down_proj", scored_copies=True),
+    # DBRX: mlp.w1 (gate) and mlp.v1 (up) [E * I, H], mlp.w2 (down) [E * I, H], each expert's [in, out];
+    # act(gate) * up. Its checkpoints store them so; per expert llmq keeps DBRX's names.
+    "DbrxExperts": ExpertsFlags(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=False,
+                                up_names=("w1", "v1"), down_name="w2", activation="mlp.activation_fn",
+                                stacked=(("w1", "mlp.w1", False), ("v1", "mlp.v1", False), ("w2", "mlp.w2", True))),
 }
 
 
@@ -85,6 +95,8 @@ class ExpertsLayout:
     up_names: tuple[str, ...]  # per-expert names whose outputs concatenate to the up side
     down_name: str
     scored_copies: bool = False  # the calling convention of ExpertsFlags.scored_copies
+    stacked: tuple[tuple[str, str, bool], ...] = ()  # ExpertsFlags.stacked
+    activation: str = "act_fn"  # ExpertsFlags.activation
 
     @property
     def up_outputs(self) -> int:
@@ -98,9 +110,27 @@ def is_experts_module(module: nn.Module) -> bool:
     flags = experts_flags(module)
     if not all(hasattr(flags, f) for f in _DECORATOR_FLAGS):
         return False
+    if getattr(flags, "stacked", ()):
+        return all(isinstance(p := _parameter(module, path), torch.Tensor) and p.dim() == 2
+                   for _, path, _ in flags.stacked)
     up = "gate_up_proj" if flags.has_gate else "up_proj"
     params = module._parameters
     return all(isinstance(params.get(n), torch.Tensor) and params[n].dim() == 3 for n in (up, "down_proj"))
+
+
+def _parameter(module: nn.Module, path: str) -> torch.Tensor | None:
+    owner, _, name = path.rpartition(".")
+    try:
+        return (module.get_submodule(owner) if owner else module)._parameters.get(name)
+    except AttributeError:
+        return None
+
+
+def num_experts(module: nn.Module) -> int:
+    """The number of experts of an experts module."""
+    if getattr(experts_flags(module), "stacked", ()):
+        return module.num_experts  # the parameters hold them one after another: the class says how many
+    return module._parameters[_up_param(module)].shape[0]
 
 
 def find_experts(root: nn.Module) -> dict[str, nn.Module]:
@@ -136,9 +166,10 @@ def refuse_unsupported(model: nn.Module, experts: dict[str, nn.Module], within: 
         if name in kept:
             continue
         problem = None
+        stacked = {path for _, path, _ in getattr(experts_flags(m), "stacked", ())}
         if getattr(m, "has_post_expert_norm", False):
             problem = "a norm after each expert"
-        elif any(True for child in m.children() for _ in child.parameters()):
+        elif any(f"{child}.{p}" not in stacked for child, c in m.named_children() for p, _ in c.named_parameters()):
             problem = "submodules with weights"
         extra = [n for n in m._parameters if n not in _known_params(m)]
         if extra and problem is None:
@@ -215,6 +246,12 @@ def _up_param(experts: nn.Module) -> str:
 def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
     """The layout of one experts module (see the module doc)."""
     flags = experts_flags(experts)
+    if getattr(flags, "stacked", ()):
+        e = num_experts(experts)
+        gate = _parameter(experts, flags.stacked[0][1])  # [E * I, H]
+        return ExpertsLayout(up_param="", num_experts=e, hidden_size=gate.shape[1],
+                             intermediate_size=gate.shape[0] // e, transposed=False, has_bias=False, has_gate=flags.has_gate, up_names=flags.up_names,
+                             down_name=flags.down_name, stacked=flags.stacked, activation=flags.activation)
     up_param = _up_param(experts)
     up = experts._parameters[up_param]
     e = up.shape[0]
@@ -234,7 +271,8 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
     return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
                          transposed=bool(flags.is_transposed), has_bias=bool(flags.has_bias),
                          has_gate=bool(flags.has_gate), up_names=names, down_name=down_names[0],
-                         scored_copies=getattr(flags, "scored_copies", False))
+                         scored_copies=getattr(flags, "scored_copies", False),
+                         activation=getattr(flags, "activation", "act_fn"))
 
 
 def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:
@@ -252,8 +290,20 @@ def linear_view(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+def _stacked_matrix(experts: nn.Module, path: str, e: int, count: int, transposed: bool) -> torch.Tensor:
+    """Expert e's [out, in] matrix, a view of a stacked parameter (ExpertsFlags.stacked)."""
+    p = _parameter(experts, path).data
+    w = p.view(count, -1, p.shape[-1])[e]
+    return w.t() if transposed else w
+
+
 def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
     """A QuantExperts of nn.Linear views of the module's 3D weights: the same function, per-expert linears."""
+    if layout.stacked:
+        per_expert = [ExpertProjections({name: linear_view(_stacked_matrix(experts, path, e, layout.num_experts, tr),
+                                                           None) for name, path, tr in layout.stacked})
+                      for e in range(layout.num_experts)]
+        return _quant_experts(experts, per_expert, layout)
     up, down = experts._parameters[layout.up_param].data, experts._parameters["down_proj"].data
     up_bias = experts._parameters.get(f"{layout.up_param}_bias") if layout.has_bias else None
     down_bias = experts._parameters.get("down_proj_bias") if layout.has_bias else None
@@ -274,7 +324,7 @@ def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
 
 def _quant_experts(experts: nn.Module, per_expert: list[ExpertProjections], layout: ExpertsLayout) -> QuantExperts:
     return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate,
-                        scored_copies=layout.scored_copies)
+                        scored_copies=layout.scored_copies, activation=layout.activation)
 
 
 def rolled(q: QuantExperts, weight_of) -> nn.Module:
@@ -282,8 +332,16 @@ def rolled(q: QuantExperts, weight_of) -> nn.Module:
     parameters, in its layout: `unroll` reversed. weight_of(linear) gives a projection's (weight
     [out, in], bias or None); gate and up are concatenated as they were split."""
     template = q.template
-    transposed = bool(experts_flags(template).is_transposed)
+    flags = experts_flags(template)
     module = weightless_copy(template)
+    if getattr(flags, "stacked", ()):
+        for name, path, transposed in flags.stacked:
+            weights = [weight_of(q.expert(e)._modules[name])[0] for e in range(q.num_experts)]
+            owner, _, pname = path.rpartition(".")
+            (module.get_submodule(owner) if owner else module)._parameters[pname] = nn.Parameter(
+                torch.cat([w.t() if transposed else w for w in weights]).contiguous(), requires_grad=False)
+        return module
+    transposed = bool(flags.is_transposed)
     for param, names in ((_up_param(template), q.up_names), ("down_proj", (q.down_name,))):
         weights, biases = [], []
         for e in range(q.num_experts):
@@ -323,11 +381,16 @@ def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
     for name, m in experts.items():
         parent_name = name.rpartition(".")[0]
         parent = root.get_submodule(parent_name) if parent_name else root
-        n_experts = m._parameters[_up_param(m)].shape[0]
+        n_experts = num_experts(m)
         for child_name, child in parent.named_children():
             if child is m:
                 continue
-            w = child._parameters.get("weight")
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
-                routers.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+            # The router itself, or (DBRX) the one linear of a router module without weights of its own.
+            holders = [(n, c) for n, c in child.named_children() if any(True for _ in c.parameters())]
+            inner = holders if not child._parameters and len(holders) == 1 else []
+            for local, module in [("", child)] + inner:
+                w = module._parameters.get("weight")
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
+                    name = f"{child_name}.{local}" if local else child_name
+                    routers.append(f"{parent_name}.{name}" if parent_name else name)
     return sorted(set(routers))

@@ -90,6 +90,10 @@ MORE_CONFIGS = {
         intermediate_size=32, intermediate_size_mlp=128, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
         interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=4,
         **{k: v for k, v in _ATTN.items() if k != "intermediate_size"}, **_COMMON),
+    # DBRX: its experts' weights stacked in 2D parameters of a submodule, its router's linear inside a module.
+    "dbrx": lambda: T.DbrxConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                 attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **_COMMON),
     # Mamba-attention hybrids: a Mamba layer, then an attention one (Falcon-H1: both in each layer).
     "bamba": lambda: T.BambaConfig(attn_layer_indices=[1], **_HYBRID),
     "granitemoehybrid": lambda: T.GraniteMoeHybridConfig(num_local_experts=4, num_experts_per_tok=2,

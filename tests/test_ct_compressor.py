@@ -165,11 +165,11 @@ def test_llmq_loads_the_compressors_output_with_its_logits(tmp_path):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe",
                                   "phimoe", "glm4_moe", "ernie4_5_moe", "qwen3_next", "llama4_text", "jamba",
-                                  "kimi_linear"])
+                                  "kimi_linear", "dbrx"])
 def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(tmp_path, arch):
     """The export report's transformers row says yes exactly where stock transformers' load computes
-    llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss and
-    Granite MoE (experts fused on disk) lack, so their experts would load unset, with no error; Llama 4's
+    llmq's logits: it gathers per-expert tensors through its conversion mapping, which gpt-oss,
+    Granite MoE and DBRX (experts fused on disk) lack, so their experts would load unset, with no error; Llama 4's
     experts, fused on disk too, its quantizer replaces by one module per expert. Kimi Linear's q/k/v
     conv kernels, concatenated on load, stop its compressed-tensors loading."""
     kimi_stops = arch == "kimi_linear"
@@ -191,4 +191,4 @@ def test_the_report_on_stock_transformers_tells_what_loading_moe_experts_gives(t
         with torch.no_grad():
             same = torch.allclose(stock(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     assert rows["transformers + compressed-tensors"].loads == same == (arch not in ("gpt_oss", "granitemoe",
-                                                                                    "kimi_linear"))
+                                                                                    "kimi_linear", "dbrx"))

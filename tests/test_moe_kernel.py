@@ -54,8 +54,9 @@ def _block_inputs(tokens, seed):
     return g, (hidden, index, torch.rand(tokens, 2, generator=g))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text"])  # Llama 4: the gate of
-def test_quant_experts_grouped_forward_matches_the_loop(arch):  # an undecorated class, act(gate) * up
+# Llama 4 and DBRX: the gate of an undecorated class, act(gate) * up.
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx"])
+def test_quant_experts_grouped_forward_matches_the_loop(arch):
     import llmq
     from llmq import QuantConfig
     from llmq.modules.qexperts import QuantExperts

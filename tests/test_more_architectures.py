@@ -42,6 +42,7 @@ FOLDED_INTO = {
     **dict.fromkeys(["glm_moe_dsa", "deepseek_v32"], {
         "input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "post_attention_layernorm",
         "mlp.shared_experts.up_proj", "mlp.up_proj"} | {f"mlp.experts.{e}.up_proj" for e in range(4)}),
+    "dbrx": {"norm_attn_norm.norm_1", "norm_attn_norm.norm_2"} | {f"ffn.experts.{e}.v1" for e in range(4)},
     "llama4_text": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "feed_forward.up_proj",
                     "feed_forward.shared_expert.up_proj"} | {f"feed_forward.experts.{e}.up_proj" for e in range(4)},
     "bamba": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "pre_ff_layernorm", "feed_forward.up_proj"},
@@ -127,7 +128,8 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     model = llmq.quantize(fp, config, dataset=calib, progress=False)
     quantized, left = _quantized_and_left(model)
     # Everything but the head, the routers and the linears the model reads by weight stays in full precision.
-    assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj", "dt_proj"))
+    assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj", "dt_proj",
+                                                               "router.layer"))
                                  for n in left), left
     if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
         changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]

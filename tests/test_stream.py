@@ -90,6 +90,8 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     ("llama4_text", ["--scheme", "w8a8", "--act", "static", "--smooth", "auto", "--method", "gptq"]),
     # Jamba: Mamba and attention layers, a dense MLP and an MoE block.
     ("jamba", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
+    # DBRX: experts stacked in 2D parameters of a submodule, the router's linear inside a module.
+    ("dbrx", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
     # Kimi Linear: linear-attention and latent-attention layers, Mixtral's expert names on disk.
     ("kimi_linear", ["--method", "awq", "--bits", "4", "--group-size", "16"]),
     # GLM-5: each layer's top-k token selection reaches the next layer streamed too.

@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..qweight import w8a8_module_names
 from . import compressed_tensors
 from .compressed_tensors import QUANT_METHOD, config_envelope, not_converted, refuse_runtime_needs
-from .engines import EngineSupport, experts_fused_on_disk, fused_layer_tensors, moe_engine_support
+from .engines import EngineSupport, expert_name_vllm_skips, fused_layer_tensors, moe_engine_support
 from .spec import Checkpoint, Format
 
 INT_QUANTIZED = "int-quantized"
@@ -67,7 +67,7 @@ def engine_support(qc: QuantConfig, names=(), experts_loaded: str | None = "merg
                           "CompressedTensorsW8A8Int8 scheme (vLLM itself is not run here)")]
     if experts:
         engine = "vLLM MoE experts (FusedMoE)"
-        if experts_fused_on_disk(names):
+        if expert_name_vllm_skips(names) is not None:
             rows += moe_engine_support(QUANT_METHOD, qc, dict.fromkeys(names))  # its names, not its scheme, refuse
         elif qc.act == "dynamic":
             rows.append(EngineSupport(engine, True, "int8 experts per channel, dynamic per-token activations: what "

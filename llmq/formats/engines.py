@@ -58,12 +58,20 @@ def format_report(title: str, rows: list[EngineSupport]) -> str:
     return "\n".join(lines)
 
 
-def experts_fused_on_disk(names) -> bool:
-    """Whether the per-expert layer names keep the fused `gate_up_proj` (llmq.experts: an architecture
-    whose checkpoints store their experts fused, gpt-oss or Granite MoE). transformers gathers per-expert
-    tensors into its fused experts only through its checkpoint conversion mapping, which has no such
-    names: it loads those experts unset, with no error."""
-    return any(re.search(r"\.experts\.\d+\.gate_up_proj$", name) for name in names)
+# The per-expert projections vLLM's expert mapping reads (FusedMoE.make_expert_params_mapping).
+_VLLM_EXPERT_NAMES = ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")
+
+
+def expert_name_vllm_skips(names) -> str | None:
+    """A per-expert projection name among the layer names that vLLM's expert mapping does not read, or
+    None: the fused `gate_up_proj` that llmq writes per expert for architectures storing their experts
+    fused (gpt-oss, Granite MoE), or DBRX's `v1`. Those architectures' vLLM loaders read their experts
+    whole, as stored."""
+    for name in names:
+        match = re.search(r"\.experts\.\d+\.(\w+)$", name)
+        if match and match.group(1) not in _VLLM_EXPERT_NAMES:
+            return match.group(1)
+    return None
 
 
 def how_transformers_gathers_experts(model_type: str | None, experts_classes=(), method: str = "") -> str | None:
@@ -112,11 +120,12 @@ def moe_engine_support(fmt: str, qc: QuantConfig, shapes: dict[str, tuple[int, i
     if not any(".experts." in name for name in shapes):
         return []
     engine = "vLLM MoE experts (FusedMoE)"
-    if experts_fused_on_disk(shapes):
-        return [EngineSupport(engine, False, "this architecture's experts are fused on disk (gpt-oss, Granite MoE), "
-                                             "so llmq writes each expert's gate_up_proj whole: vLLM's expert mapping "
-                                             "reads separate gate and up projections, and its loaders for these "
-                                             "models read fused experts only as whole 3D tensors: load the folder "
+    skipped = expert_name_vllm_skips(shapes)
+    if skipped is not None:
+        return [EngineSupport(engine, False, f"llmq writes each expert's {skipped} under that name, which vLLM's "
+                                             "expert mapping does not read (w1/w3/w2 or gate_proj/up_proj/"
+                                             "down_proj), and its loaders for architectures storing experts fused "
+                                             "(gpt-oss, Granite MoE, DBRX) read them only whole: load the folder "
                                              "with llmq")]
     if fmt == "compressed-tensors":
         if qc.sym:

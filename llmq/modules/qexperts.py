@@ -65,11 +65,13 @@ from .w8a8 import W8A8Linear
 
 
 def weightless_copy(module: nn.Module) -> nn.Module:
-    """A shallow copy of module without its own parameters and buffers (its gate function's `self`)."""
+    """A shallow copy of module without parameters and buffers, its submodules' too (its gate function's
+    `self`; DBRX keeps its experts' weights in a submodule)."""
     template = copy.copy(module)
     template.__dict__["_parameters"] = {}
     template.__dict__["_buffers"] = {}
-    template.__dict__["_modules"] = dict(module._modules)
+    template.__dict__["_modules"] = {name: None if child is None else weightless_copy(child)
+                                     for name, child in module._modules.items()}
     return template
 
 
@@ -106,10 +108,11 @@ class QuantExperts(nn.Module):
         has_gate: whether the template gates (gate_up) or only activates (up).
         scored_copies: called as experts(x), x [E * T, H] the scored copies of the block's tokens
             (llmq.experts.ExpertsFlags), instead of experts(hidden_states, top_k_index, top_k_weights).
+        activation: the template's activation, by attribute path ("mlp.activation_fn" for DBRX).
     """
 
     def __init__(self, template: nn.Module, experts: list[ExpertProjections], up_names: tuple[str, ...],
-                 down_name: str, has_gate: bool = True, scored_copies: bool = False):
+                 down_name: str, has_gate: bool = True, scored_copies: bool = False, activation: str = "act_fn"):
         super().__init__()
         self.__dict__["template"] = template  # not a submodule: no weights, not in the state dict
         for e, projections in enumerate(experts):
@@ -119,6 +122,10 @@ class QuantExperts(nn.Module):
         self.down_name = down_name
         self.has_gate = has_gate
         self.scored_copies = scored_copies
+        act = template
+        for part in activation.split("."):  # absent where the template's own gate function activates
+            act = getattr(act, part, None)
+        self.__dict__["act_fn"] = act  # the template's, not a submodule of this one
         self.calibrate_all = False
         self.record_tokens = False
         self.visit_every_expert = False
@@ -132,11 +139,11 @@ class QuantExperts(nn.Module):
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         t = self.template
         if not self.has_gate:
-            return t.act_fn(h)
+            return self.act_fn(h)
         if hasattr(type(t), "_apply_gate"):
             return type(t)._apply_gate(t, h)
-        gate, up = h.chunk(2, dim=-1)  # a class without the decorator's gate (Llama 4): halves, gate first
-        return up * t.act_fn(gate)
+        gate, up = h.chunk(2, dim=-1)  # a class without the decorator's gate (Llama 4, DBRX): halves, gate first
+        return up * self.act_fn(gate)
 
     def _expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         linears = self.expert(e)._modules
@@ -242,6 +249,9 @@ class QuantExperts(nn.Module):
                 top_k_weights: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         if top_k_index is None and self.scored_copies:
             return self.scored_forward(hidden_states)
+        if hidden_states.dim() > 2:  # DBRX's block hands its [batch, tokens, H] as they are
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            return self.forward(flat, top_k_index, top_k_weights, *args, **kwargs).view_as(hidden_states)
         # The grouped kernels have no backward; the loop's linears give the input a gradient (input_grad).
         if hidden_states.device.type == "cuda" and not self.record_tokens and not wants_input_gradient(hidden_states):
             form = self._grouped_form()  # None when no grouped kernel runs this block
