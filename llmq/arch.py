@@ -255,8 +255,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                     block="feed_forward", norm="pre_ff_layernorm")),
     # Kimi Linear: delta-rule linear-attention layers (the input norm feeds q/k/v and the forget, beta
     # and output gates; each gate's low-rank pair is a linear pair) and latent-attention layers;
-    # a dense first MLP, then MoE blocks (Mixtral's expert names) with a shared expert. Its per-head gated output norm cannot
-    # take a scale per channel.
+    # a dense first MLP, then MoE blocks (Mixtral's expert names) with a shared expert. Its per-head
+    # gated output norm cannot take a scale per channel.
     "kimi_linear": ArchSpec(layers="model.layers", awq=_moe_awq(
         ("mlp.gate",), ("w1", "w3"), "w2", shared=_SHARED_EXPERTS, dense=True, attention=(
             ScaleGroup("input_layernorm", _QKV + ("self_attn.forget_gate.f_a_proj", "self_attn.b_proj",
@@ -319,8 +319,19 @@ def _unsupported_layer_types(model: nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"}
 
 
+# Architectures llmq refuses, and why: facts of their modelling code that no entry can describe.
+REFUSED = {
+    "rwkv": "its blocks hand a recurrent state to each other, and its model rescales its output linears' "
+            "weights in place, which quantized linears do not hold",
+}
+
+
 def arch_spec(model: nn.Module) -> ArchSpec:
     """The spec for this model: its entry, or one discovered from the module tree."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in REFUSED:
+        raise LlmqError(f"architecture {model_type!r} is not supported: {REFUSED[model_type]}; use a transformer "
+                        "model built from nn.Linear layers (Llama, Mistral, Qwen, Gemma, Phi-3, OPT ...)")
     unsupported = _unsupported_layer_types(model)
     if unsupported:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")

@@ -250,7 +250,8 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
         e = num_experts(experts)
         gate = _parameter(experts, flags.stacked[0][1])  # [E * I, H]
         return ExpertsLayout(up_param="", num_experts=e, hidden_size=gate.shape[1],
-                             intermediate_size=gate.shape[0] // e, transposed=False, has_bias=False, has_gate=flags.has_gate, up_names=flags.up_names,
+                             intermediate_size=gate.shape[0] // e, transposed=False, has_bias=False,
+                             has_gate=flags.has_gate, up_names=flags.up_names,
                              down_name=flags.down_name, stacked=flags.stacked, activation=flags.activation)
     up_param = _up_param(experts)
     up = experts._parameters[up_param]

@@ -48,8 +48,9 @@ FOLDED_INTO = {
     "bamba": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "pre_ff_layernorm", "feed_forward.up_proj"},
     "granitemoehybrid": {"input_layernorm", "self_attn.v_proj", "mamba.norm", "post_attention_layernorm"},
     "falcon_h1": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"},  # no Mamba norm
-    "kimi_linear": {"input_layernorm", "self_attn.forget_gate.f_a_proj", "self_attn.g_a_proj", "self_attn.kv_a_layernorm",
-                    "post_attention_layernorm", "mlp.up_proj", "mlp.shared_experts.up_proj"} |
+    "kimi_linear": {"input_layernorm", "self_attn.forget_gate.f_a_proj", "self_attn.g_a_proj",
+                    "self_attn.kv_a_layernorm", "post_attention_layernorm", "mlp.up_proj",
+                    "mlp.shared_experts.up_proj"} |
                    {f"mlp.experts.{e}.w3" for e in range(4)},
     "jamba": {"input_layernorm", "self_attn.v_proj", "pre_ff_layernorm", "feed_forward.up_proj"} |
              {f"feed_forward.experts.{e}.up_proj" for e in range(4)},
@@ -254,3 +255,12 @@ def test_exports_keep_no_quantized_linear_stored_under_another_name(tmp_path, fm
     ids = random_ids(seed=14)
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "out")(ids).logits, model(ids).logits)
+
+
+def test_rwkv_is_refused_with_the_reason():
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_config(T.RwkvConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                            attention_hidden_size=64, intermediate_size=128))
+    with pytest.raises(llmq.LlmqError, match="architecture 'rwkv' is not supported: its blocks hand a recurrent state"):
+        llmq.quantize(model, QuantConfig(group_size=16), progress=False)
