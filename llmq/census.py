@@ -76,10 +76,33 @@ def expert_blocks(shapes: dict[str, list[int]]) -> set[str]:
 
 def router_names(shapes: dict[str, list[int]]) -> list[str]:
     """Modules kept in full precision beside quantized experts (routers, shared-expert gates):
-    a 2D weight directly under an MoE block."""
+    a 2D weight directly under an MoE block, or (DBRX's `router.layer`) one level further down
+    with a row per expert."""
     blocks = expert_blocks(shapes)
+    experts = _experts_per_block(shapes)
     return sorted(key[: -len(".weight")] for key, shape in shapes.items()
-                  if key.endswith(".weight") and len(shape) == 2 and key[: -len(".weight")].rpartition(".")[0] in blocks)
+                  if key.endswith(".weight") and _is_router(key[: -len(".weight")], shape, blocks, experts))
+
+
+def _experts_per_block(shapes) -> dict[str, int]:
+    """{MoE block: its number of experts}, from the per-expert tensor names."""
+    count: dict[str, int] = {}
+    for key in shapes:
+        match = re.search(r"\.experts\.(\d+)\.", key)
+        if match:
+            block = key[: match.start()]
+            count[block] = max(count.get(block, 0), int(match.group(1)) + 1)
+    return count
+
+
+def _is_router(module: str, shape, blocks, experts: dict[str, int]) -> bool:
+    if len(shape) != 2:
+        return False
+    parent = module.rpartition(".")[0]
+    if parent in blocks:
+        return True
+    grandparent = parent.rpartition(".")[0]
+    return grandparent in blocks and shape[0] == experts.get(grandparent)
 
 
 def census(header: dict[str, tuple], bits: int) -> Census:
@@ -103,6 +126,7 @@ def census(header: dict[str, tuple], bits: int) -> Census:
     # A block's router is a router whether its experts were quantized or kept (--skip): the kept
     # experts are named under "other", the router is not.
     expert_parents |= {key[: match.start()] for key in header if (match := _EXPERTS_MODULE.search(key))}
+    experts = _experts_per_block(header)
     for key, (shape, _) in header.items():
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf in quantized[module][1]:
@@ -112,7 +136,7 @@ def census(header: dict[str, tuple], bits: int) -> Census:
             numel *= d
         if len(shape) <= 1:
             kind = "norms and biases"
-        elif module.rpartition(".")[0] in expert_parents:
+        elif _is_router(module, shape, expert_parents, experts):
             kind = "routers"
         elif any(word in key for word in ("embed", "lm_head", "wte", "wpe")):
             kind = embeddings

@@ -87,6 +87,12 @@ def test_rtn_checkpoint_loads_and_computes_its_stored_weights(tmp_path):
         ref = _reference(original, tmp_path / "q")(ids).logits
     torch.testing.assert_close(q_logits.double(), ref, atol=2e-4, rtol=1e-4)
     assert torch.equal(loaded.get_submodule(ROUTER.format(1)).weight, router)
+    # `llmq info` counts the experts as expert linears and the routers' linears as routers.
+    from llmq.info import checkpoint_info
+
+    c = checkpoint_info(tmp_path / "q")["census"]
+    assert (c.expert_linears, c.experts_modules, c.linears) == (2 * 4 * 3, 2, 2 * 2)
+    assert c.kept["routers"] == 2 * 4 * 64 and not c.other
 
 
 def test_gptq_calibrates_each_expert_on_its_tokens_and_reloads(tmp_path):
