@@ -172,3 +172,53 @@ def checkpoint_tensors(folder) -> dict:
                 assert k not in out, f"{k} in two shards"
                 out[k] = h.get_tensor(k)
     return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Codes packed LSB first along dim (0: rows of qweight, 1: columns of qzeros), with plain shifts."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == 0:
+        codes = (words.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)
+        return codes.reshape(-1, words.shape[1])
+    codes = (words.unsqueeze(2) >> shifts.view(1, 1, per)) & (2**bits - 1)
+    return codes.reshape(words.shape[0], -1)
+
+
+def stored_weight64(t: dict, name: str, bits: int, group_size: int) -> torch.Tensor:
+    """[N, K] float64 weight of the quantized module `name` in tensors t: its stored codes, dequantized."""
+    q = unpack_codes(t[f"{name}.qweight"], bits, 0).double()  # [K, N]
+    z = unpack_codes(t[f"{name}.qzeros"], bits, 1).double()  # [G, N]
+    s = t[f"{name}.scales"].double()
+    g = t[f"{name}.g_idx"].long() if f"{name}.g_idx" in t else torch.arange(q.shape[0]) // group_size
+    return ((q - z[g]) * s[g]).t()
+
+
+def float64_with_stored_linears(fp_model, folder, bits: int, group_size: int):
+    """(a float64 copy of fp_model whose linears outside the experts hold the weights stored in `folder`,
+    the folder's tensors): the start of a reference built independently of llmq's modules."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    ref = copy.deepcopy(fp_model).double()
+    t = load_file(str(folder / "model.safetensors"))
+    for name in sorted({k[: -len(".qweight")] for k in t if k.endswith(".qweight")}):
+        if ".experts." not in name:
+            ref.get_submodule(name).weight.data = stored_weight64(t, name, bits, group_size)
+    return ref, t
+
+
+def quantize_and_save(fp_model, config, folder, ids):
+    """(the model llmq.quantize makes of fp_model with config, its logits on ids, the names of the
+    tensors llmq.save writes to folder)."""
+    import llmq
+    from safetensors.torch import load_file
+
+    model = llmq.quantize(fp_model, config, progress=False)
+    with torch.no_grad():
+        logits = model(ids).logits
+    llmq.save(model, folder)
+    return model, logits, set(load_file(str(folder / "model.safetensors")))
+

@@ -13,12 +13,11 @@ import json
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
 
 import llmq
 from llmq import QuantConfig, QuantLinear, pipeline
 from llmq.modules.qexperts import QuantExperts
-from conftest import random_ids, tiny_model
+from conftest import float64_with_stored_linears, quantize_and_save, random_ids, stored_weight64, tiny_model
 
 ARCH = "dbrx"
 GROUP = 16
@@ -27,31 +26,16 @@ ROUTER = "transformer.blocks.{}.ffn.router.layer"
 CALIBRATION = random_ids(n=8, length=32, seed=12)
 
 
-def _dequant64(t: dict, name: str) -> torch.Tensor:
-    """[N, K] float64 weight of the 4-bit module `name`: its codes unpacked with shifts."""
-    shifts = torch.arange(8, dtype=torch.int64) * 4
-    words = t[f"{name}.qweight"].to(torch.int64) & 0xFFFFFFFF
-    q = ((words.unsqueeze(1) >> shifts.view(1, 8, 1)) & 15).reshape(-1, words.shape[1]).double()  # [K, N]
-    zwords = t[f"{name}.qzeros"].to(torch.int64) & 0xFFFFFFFF
-    z = ((zwords.unsqueeze(2) >> shifts.view(1, 1, 8)) & 15).reshape(zwords.shape[0], -1).double()  # [G, N]
-    s = t[f"{name}.scales"].double()
-    g = torch.arange(q.shape[0]) // GROUP
-    return ((q - z[g]) * s[g]).t()
-
-
 def _reference(fp_model, folder):
-    ref = copy.deepcopy(fp_model).double()
-    t = load_file(str(folder / "model.safetensors"))
-    for name in sorted({k[: -len(".qweight")] for k in t if k.endswith(".qweight")}):
-        if ".experts." not in name:
-            ref.get_submodule(name).weight.data = _dequant64(t, name)
+    """The fp model in float64 with every stored weight put back where DBRX keeps it."""
+    ref, t = float64_with_stored_linears(fp_model, folder, 4, GROUP)
     for i in range(len(ref.transformer.blocks)):
         mlp = ref.get_submodule(EXPERTS.format(i)).mlp
         for e in range(4):
             rows = slice(e * 32, (e + 1) * 32)
-            mlp.w1.data[rows] = _dequant64(t, f"{EXPERTS.format(i)}.{e}.w1")
-            mlp.v1.data[rows] = _dequant64(t, f"{EXPERTS.format(i)}.{e}.v1")
-            mlp.w2.data[rows] = _dequant64(t, f"{EXPERTS.format(i)}.{e}.w2").t()
+            mlp.w1.data[rows] = stored_weight64(t, f"{EXPERTS.format(i)}.{e}.w1", 4, GROUP)
+            mlp.v1.data[rows] = stored_weight64(t, f"{EXPERTS.format(i)}.{e}.v1", 4, GROUP)
+            mlp.w2.data[rows] = stored_weight64(t, f"{EXPERTS.format(i)}.{e}.w2", 4, GROUP).t()
     return ref
 
 
@@ -71,14 +55,10 @@ def test_rtn_checkpoint_loads_and_computes_its_stored_weights(tmp_path):
     fp = tiny_model(ARCH)
     original = copy.deepcopy(fp)
     router = fp.get_submodule(ROUTER.format(1)).weight.clone()
-    model = llmq.quantize(fp, QuantConfig(group_size=GROUP, sym=False), progress=False)
+    ids = random_ids(seed=7)
+    model, q_logits, keys = quantize_and_save(fp, QuantConfig(group_size=GROUP, sym=False), tmp_path / "q", ids)
     assert sum(isinstance(m, QuantLinear) for m in model.get_submodule(EXPERTS.format(1)).modules()) == 4 * 3
     assert type(model.get_submodule(ROUTER.format(1))) is torch.nn.Linear
-    ids = random_ids(seed=7)
-    with torch.no_grad():
-        q_logits = model(ids).logits
-    llmq.save(model, tmp_path / "q")
-    keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
     assert {f"{EXPERTS.format(1)}.{e}.{p}.qweight" for e in range(4) for p in ("w1", "v1", "w2")} <= keys
     assert not any(k.endswith(("mlp.w1", "mlp.v1", "mlp.w2")) for k in keys)
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -105,20 +85,6 @@ def test_gptq_calibrates_each_expert_on_its_tokens_and_reloads(tmp_path):
     llmq.save(model, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
-
-
-def test_dequantized_model_is_dbrx_again(tmp_path):
-    model = llmq.quantize(tiny_model(ARCH), QuantConfig(group_size=GROUP), progress=False)
-    ids = random_ids(seed=4)
-    with torch.no_grad():
-        expected = model(ids).logits
-    llmq.dequantize(model)
-    experts = model.get_submodule(EXPERTS.format(0))
-    assert type(experts).__name__ == "DbrxExperts" and experts.mlp.w2.shape == (4 * 32, 64)
-    model.save_pretrained(tmp_path / "fp")
-    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
-    with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", [QuantConfig(group_size=GROUP), QuantConfig(scheme="w8a8")], ids=["w4", "w8a8"])

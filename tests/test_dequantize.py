@@ -93,3 +93,24 @@ def test_the_dequantized_model_has_one_dtype(tmp_path, how):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert model(random_ids()).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch,experts,param,shape", [
+    ("llama4_text", "model.layers.1.feed_forward.experts", "gate_up_proj", (4, 64, 64)),  # [E, H, 2I]
+    ("dbrx", "transformer.blocks.0.ffn.experts", "mlp.w2", (4 * 32, 64)),  # [E x I, H], each expert's [in, out]
+])
+def test_experts_without_the_decorator_are_stacked_back_in_their_own_layout(tmp_path, arch, experts, param, shape):
+    """Llama 4's and DBRX's experts (llmq.experts.UNDECORATED) return to their classes and parameters,
+    and the dequantized model saves and loads as a plain transformers checkpoint."""
+    model = llmq.quantize(tiny_model(arch), QuantConfig(group_size=16), progress=False)
+    ids = random_ids(seed=4)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmq.dequantize(model)
+    module = model.get_submodule(experts)
+    assert not isinstance(module, QuantExperts) and module.get_parameter(param).shape == shape
+    model.save_pretrained(tmp_path / "fp")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-4, rtol=1e-4)
+

@@ -15,12 +15,12 @@ import json
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
 
 import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear, pipeline
 from llmq.modules.qexperts import QuantExperts
-from conftest import MORE_CONFIGS, model_folder_with_text, random_ids, tiny_model
+from conftest import (MORE_CONFIGS, float64_with_stored_linears, model_folder_with_text, quantize_and_save,
+                      random_ids, stored_weight64, tiny_model)
 
 ARCH = "llama4_text"
 GROUP = 16
@@ -28,36 +28,14 @@ EXPERTS = "model.layers.1.feed_forward.experts"
 CALIBRATION = random_ids(n=8, length=32, seed=11)
 
 
-def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        return ((words.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)).reshape(-1, words.shape[1])
-    return ((words.unsqueeze(2) >> shifts.view(1, 1, per)) & (2**bits - 1)).reshape(words.shape[0], -1)
-
-
-def _dequant64(t: dict, name: str) -> torch.Tensor:
-    """[N, K] float64 weight of the 4-bit module `name` in tensors t."""
-    q = _unpack(t[f"{name}.qweight"], 4, 0).double()
-    z = _unpack(t[f"{name}.qzeros"], 4, 1).double()
-    s = t[f"{name}.scales"].double()
-    g = t[f"{name}.g_idx"].long() if f"{name}.g_idx" in t else torch.arange(q.shape[0]) // GROUP
-    return ((q - z[g]) * s[g]).t()
-
-
 def _reference(fp_model, folder):
     """The fp model in float64 with every stored weight put back where Llama 4 keeps it."""
-    ref = copy.deepcopy(fp_model).double()
-    t = load_file(str(folder / "model.safetensors"))
-    for name in sorted({k[: -len(".qweight")] for k in t if k.endswith(".qweight")}):
-        if ".experts." not in name:
-            ref.get_submodule(name).weight.data = _dequant64(t, name)
+    ref, t = float64_with_stored_linears(fp_model, folder, 4, GROUP)
     experts = ref.get_submodule(EXPERTS)
     for e in range(experts.gate_up_proj.shape[0]):
-        gate_up = torch.cat([_dequant64(t, f"{EXPERTS}.{e}.{p}") for p in ("gate_proj", "up_proj")])
+        gate_up = torch.cat([stored_weight64(t, f"{EXPERTS}.{e}.{p}", 4, GROUP) for p in ("gate_proj", "up_proj")])
         experts.gate_up_proj.data[e] = gate_up.t()
-        experts.down_proj.data[e] = _dequant64(t, f"{EXPERTS}.{e}.down_proj").t()
+        experts.down_proj.data[e] = stored_weight64(t, f"{EXPERTS}.{e}.down_proj", 4, GROUP).t()
     return ref
 
 
@@ -119,15 +97,11 @@ def test_rtn_checkpoint_loads_and_computes_its_stored_weights(tmp_path):
     fp = tiny_model(ARCH)
     original = copy.deepcopy(fp)
     router = fp.get_submodule("model.layers.1.feed_forward.router").weight.clone()
-    model = llmq.quantize(fp, QuantConfig(group_size=GROUP, sym=False), progress=False)
+    ids = random_ids(seed=7)
+    model, q_logits, keys = quantize_and_save(fp, QuantConfig(group_size=GROUP, sym=False), tmp_path / "q", ids)
     linears = [m for m in model.get_submodule(EXPERTS).modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * 3 and not [n for n, p in model.named_parameters() if p.dim() >= 3]
     assert "feed_forward.router" in model.config.quantization_config["modules_to_not_convert"]
-    ids = random_ids(seed=7)
-    with torch.no_grad():
-        q_logits = model(ids).logits
-    llmq.save(model, tmp_path / "q")
-    keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
     # Per expert, under the names vLLM's Llama 4 loader reads for quantized experts.
     assert {f"{EXPERTS}.{e}.{p}.qweight" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")} <= keys
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -162,20 +136,6 @@ def test_gptq_counts_each_token_once_and_decodes_as_it_prefills(tmp_path):
     llmq.save(model, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(llmq.from_pretrained(tmp_path / "q")(ids).logits, whole)
-
-
-def test_dequantized_model_is_llama4_again(tmp_path):
-    model = llmq.quantize(tiny_model(ARCH), QuantConfig(group_size=GROUP), progress=False)
-    ids = random_ids(seed=4)
-    with torch.no_grad():
-        expected = model(ids).logits
-    llmq.dequantize(model)
-    experts = model.get_submodule(EXPERTS)
-    assert type(experts).__name__ == "Llama4TextExperts" and experts.gate_up_proj.shape == (4, 64, 64)
-    model.save_pretrained(tmp_path / "fp")
-    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
-    with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_quantize_routers_is_refused_for_the_top_k_router():

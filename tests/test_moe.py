@@ -18,7 +18,7 @@ import llmq
 from llmq import LlmqError, QuantConfig, QuantLinear, pipeline
 from llmq.modules.qexperts import QuantExperts
 from llmq.modules.w8a8 import W8A8Linear
-from conftest import TINY_MOE_CONFIGS, checkpoint_tensors, random_ids, tiny_model
+from conftest import TINY_MOE_CONFIGS, checkpoint_tensors, random_ids, stored_weight64, tiny_model
 
 # Per architecture, as its checkpoints store experts on disk: the MoE block's name,
 # the per-expert projections that concatenate to gate_up_proj, the down projection,
@@ -32,27 +32,6 @@ DISK = {
     "olmoe": ("mlp", ("gate_proj", "up_proj"), "down_proj", False, "gate"),
 }
 GROUP = 16  # divides every input width of these tiny models (DeepSeek's kv_b_proj reads 16)
-
-
-def _unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Codes packed LSB first along dim (0: rows of qweight, 1: columns of qzeros)."""
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        codes = (words.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)
-        return codes.reshape(-1, words.shape[1])
-    codes = (words.unsqueeze(2) >> shifts.view(1, 1, per)) & (2**bits - 1)
-    return codes.reshape(words.shape[0], -1)
-
-
-def _dequant64(t: dict, name: str, bits: int, group_size: int) -> torch.Tensor:
-    """[N, K] float64 weight of the quantized module `name` in tensors t."""
-    q = _unpack_codes(t[f"{name}.qweight"], bits, 0).double()  # [K, N]
-    z = _unpack_codes(t[f"{name}.qzeros"], bits, 1).double()  # [G, N]
-    s = t[f"{name}.scales"].double()
-    g = t[f"{name}.g_idx"].long() if f"{name}.g_idx" in t else torch.arange(q.shape[0]) // group_size
-    return ((q - z[g]) * s[g]).t()
 
 
 def _reference(fp_model, folder, arch, weight64, marker=".qweight"):
@@ -142,7 +121,7 @@ def test_rtn_quantizes_every_expert_and_the_checkpoint_loads(tmp_path, arch):
     assert sum(isinstance(m, QuantExperts) for m in loaded.modules()) == len(fp_experts)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, q_logits)  # reloaded == in memory
-        ref = _reference(original, tmp_path / "q", arch, lambda t, n: _dequant64(t, n, 4, GROUP))(ids).logits
+        ref = _reference(original, tmp_path / "q", arch, lambda t, n: stored_weight64(t, n, 4, GROUP))(ids).logits
     torch.testing.assert_close(q_logits.double(), ref, atol=2e-4, rtol=1e-4)
     for name, w in routers.items():
         assert torch.equal(loaded.get_submodule(name).weight, w)
