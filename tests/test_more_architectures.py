@@ -129,8 +129,9 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     model = llmq.quantize(fp, config, dataset=calib, progress=False)
     quantized, left = _quantized_and_left(model)
     # Everything but the head, the routers and the linears the model reads by weight stays in full precision.
+    # (Routers are nn.Linear in some transformers releases: Jamba's in 5.17.)
     assert quantized > 0 and all(n == "lm_head" or n.endswith(("shared_expert_gate", "indexer.weights_proj", "dt_proj",
-                                                               "router.layer"))
+                                                               "router.layer", "feed_forward.router"))
                                  for n in left), left
     if FOLDED_INTO[arch] & {"input_layernorm", "post_attention_layernorm"}:
         changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
@@ -179,7 +180,9 @@ def test_mamba_hybrids_quantize_and_reload(tmp_path, arch, config):
     fp, ids, calib, fp_logits = _model_and_tokens(arch, seed=11)
     model = llmq.quantize(fp, config, dataset=None if config.method == "rtn" else calib, progress=False)
     quantized, left = _quantized_and_left(model)
-    # Jamba's Mamba mixer reads dt_proj's weight directly (its fast path): kept.
+    # Jamba's Mamba mixer reads dt_proj's weight directly (its fast path): kept. Its router, kept too, is an
+    # nn.Linear in transformers 5.17.
+    left = [n for n in left if not n.endswith("feed_forward.router")]
     assert quantized > 0 and left == (["model.layers.0.mamba.dt_proj", "lm_head"] if arch == "jamba" else ["lm_head"])
     _assert_close_and_reloads(model, ids, fp_logits, 0.3, tmp_path / arch)
 

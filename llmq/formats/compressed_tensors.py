@@ -319,8 +319,8 @@ def transformers_stops(fused: str) -> EngineSupport:
     """The transformers row where its compressed-tensors loading stops on a fused layer tensor."""
     return EngineSupport("transformers + compressed-tensors", False,
                          f"its loader builds {fused} from several stored tensors and, loading compressed-tensors, "
-                         "finds none of them and stops (seen with transformers 5.24 and compressed-tensors 0.20): "
-                         "load the folder with llmq")
+                         "finds none of them and stops (transformers 5.24 with compressed-tensors 0.20; 5.17 "
+                         "loads it): load the folder with llmq, or load it with transformers 5.17")
 
 
 def experts_loaded(ckpt: Checkpoint) -> str | None:

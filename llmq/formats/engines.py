@@ -96,13 +96,21 @@ def how_transformers_gathers_experts(model_type: str | None, experts_classes=(),
     return "merges" if merging else None
 
 
+# The first transformers release seen stopping on fused layer tensors (fused_layer_tensors); 5.17 loads them.
+_STOPS_ON_FUSED_LAYER_TENSORS = (5, 24)
+
+
 def fused_layer_tensors(model_type: str | None) -> str | None:
     """A tensor that transformers' conversion mapping for model_type builds from several stored ones
-    outside the experts (Kimi Linear's q/k/v conv kernels), or None. Its compressed-tensors loading
-    finds none of the stored parts there ("Concatenate on tensors destined for ... Ckpt contains: 0",
-    transformers 5.24 with compressed-tensors 0.20) and stops."""
+    outside the experts (Kimi Linear's q/k/v conv kernels), where the installed transformers' compressed-
+    tensors loading finds none of the stored parts ("Concatenate on tensors destined for ... Ckpt contains:
+    0", transformers 5.24 with compressed-tensors 0.20) and stops; else None (transformers 5.17 loads them)."""
+    import transformers
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
+
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _STOPS_ON_FUSED_LAYER_TENSORS:
+        return None
 
     for c in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or ():
         if isinstance(c, WeightConverter) and not any("experts" in p for p in c.source_patterns):
