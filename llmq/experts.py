@@ -42,15 +42,16 @@ _DECORATOR_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 
 @dataclass(frozen=True)
 class ExpertsFlags:
-    """The decorator's flags of an experts class it does not decorate, its calling convention, and the
-    per-expert names that the tools serving its checkpoints read."""
+    """An experts class's layout: the decorator's flags (its own, or UNDECORATED's for a class it does
+    not decorate), its calling convention, and the per-expert names that the tools serving its
+    checkpoints read (None: from transformers' conversion mapping, see the module doc)."""
 
     has_gate: bool
     has_bias: bool
     is_transposed: bool
     is_concatenated: bool
-    up_names: tuple[str, ...]
-    down_name: str
+    up_names: tuple[str, ...] | None = None
+    down_name: str | None = None
     # True: called as experts(x) with x [E * T, H], every token once per expert, multiplied by its
     # routing score (0 where the token is not routed there), returning [E * T, H]; False: the
     # decorated classes' experts(hidden_states, top_k_index, top_k_weights).
@@ -76,9 +77,15 @@ UNDECORATED = {
 }
 
 
-def experts_flags(module: nn.Module):
-    """The layout flags of an experts module: its own (decorated), or its class's UNDECORATED entry."""
-    return UNDECORATED.get(type(module).__name__, module)
+def experts_flags(module: nn.Module) -> ExpertsFlags | None:
+    """The layout flags of an experts module: its class's UNDECORATED entry, or the decorator's flags it
+    carries; None for a module that is neither."""
+    known = UNDECORATED.get(type(module).__name__)
+    if known is not None:
+        return known
+    if not all(hasattr(module, f) for f in _DECORATOR_FLAGS):
+        return None
+    return ExpertsFlags(*(bool(getattr(module, f)) for f in _DECORATOR_FLAGS))
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,9 @@ def is_experts_module(module: nn.Module) -> bool:
     if isinstance(module, QuantExperts):
         return False
     flags = experts_flags(module)
-    if not all(hasattr(flags, f) for f in _DECORATOR_FLAGS):
+    if flags is None:
         return False
-    if getattr(flags, "stacked", ()):
+    if flags.stacked:
         return all(isinstance(p := _parameter(module, path), torch.Tensor) and p.dim() == 2
                    for _, path, _ in flags.stacked)
     up = "gate_up_proj" if flags.has_gate else "up_proj"
@@ -128,7 +135,7 @@ def _parameter(module: nn.Module, path: str) -> torch.Tensor | None:
 
 def num_experts(module: nn.Module) -> int:
     """The number of experts of an experts module."""
-    if getattr(experts_flags(module), "stacked", ()):
+    if experts_flags(module).stacked:
         return module.num_experts  # the parameters hold them one after another: the class says how many
     return module._parameters[_up_param(module)].shape[0]
 
@@ -166,7 +173,7 @@ def refuse_unsupported(model: nn.Module, experts: dict[str, nn.Module], within: 
         if name in kept:
             continue
         problem = None
-        stacked = {path for _, path, _ in getattr(experts_flags(m), "stacked", ())}
+        stacked = {path for _, path, _ in experts_flags(m).stacked}
         if getattr(m, "has_post_expert_norm", False):
             problem = "a norm after each expert"
         elif any(f"{child}.{p}" not in stacked for child, c in m.named_children() for p, _ in c.named_parameters()):
@@ -246,7 +253,7 @@ def _up_param(experts: nn.Module) -> str:
 def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module | None = None) -> ExpertsLayout:
     """The layout of one experts module (see the module doc)."""
     flags = experts_flags(experts)
-    if getattr(flags, "stacked", ()):
+    if flags.stacked:
         e = num_experts(experts)
         gate = _parameter(experts, flags.stacked[0][1])  # [E * I, H]
         return ExpertsLayout(up_param="", num_experts=e, hidden_size=gate.shape[1],
@@ -261,7 +268,7 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
     else:
         up_out, hidden = up.shape[1], up.shape[2]
     inter = up_out // 2 if flags.has_gate else up_out
-    if isinstance(flags, ExpertsFlags):
+    if flags.up_names is not None:
         names, down_names = flags.up_names, (flags.down_name,)
     else:
         split = 2 if flags.has_gate and flags.is_concatenated else 1
@@ -270,10 +277,9 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
     if names is None or down_names is None:
         names, down_names = (up_param,), ("down_proj",)
     return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
-                         transposed=bool(flags.is_transposed), has_bias=bool(flags.has_bias),
-                         has_gate=bool(flags.has_gate), up_names=names, down_name=down_names[0],
-                         scored_copies=getattr(flags, "scored_copies", False),
-                         activation=getattr(flags, "activation", "act_fn"))
+                         transposed=flags.is_transposed, has_bias=flags.has_bias, has_gate=flags.has_gate,
+                         up_names=names, down_name=down_names[0], scored_copies=flags.scored_copies,
+                         activation=flags.activation)
 
 
 def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:
@@ -335,14 +341,14 @@ def rolled(q: QuantExperts, weight_of) -> nn.Module:
     template = q.template
     flags = experts_flags(template)
     module = weightless_copy(template)
-    if getattr(flags, "stacked", ()):
+    if flags.stacked:
         for name, path, transposed in flags.stacked:
             weights = [weight_of(q.expert(e)._modules[name])[0] for e in range(q.num_experts)]
             owner, _, pname = path.rpartition(".")
             (module.get_submodule(owner) if owner else module)._parameters[pname] = nn.Parameter(
                 torch.cat([w.t() if transposed else w for w in weights]).contiguous(), requires_grad=False)
         return module
-    transposed = bool(flags.is_transposed)
+    transposed = flags.is_transposed
     for param, names in ((_up_param(template), q.up_names), ("down_proj", (q.down_name,))):
         weights, biases = [], []
         for e in range(q.num_experts):
@@ -392,6 +398,6 @@ def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
             for local, module in [("", child)] + inner:
                 w = module._parameters.get("weight")
                 if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
-                    name = f"{child_name}.{local}" if local else child_name
-                    routers.append(f"{parent_name}.{name}" if parent_name else name)
+                    router = f"{child_name}.{local}" if local else child_name
+                    routers.append(f"{parent_name}.{router}" if parent_name else router)
     return sorted(set(routers))

@@ -289,9 +289,7 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]], experts_
 def _ignored_linears(ckpt: Checkpoint) -> list[str]:
     """Every linear of the model left in full precision, MoE routers included."""
     quantized = set(ckpt.layer_shapes())
-    linears = ckpt.model_linears
-    ignore = [name for n in linears.inside + linears.outside if linears.on_disk(n) not in quantized
-              for name in linears.spellings(n)]
+    ignore = ckpt.model_linears.kept(quantized)
     # MoE routers are kept in full precision (vLLM builds them as linears too).
     ignore += [n for n in router_names({k: list(t.shape) for k, t in ckpt.tensors.items()}) if n not in ignore]
     return ignore

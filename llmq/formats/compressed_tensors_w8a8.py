@@ -153,9 +153,7 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
 def _config(ckpt: Checkpoint) -> dict:
     quantized = set(w8a8_module_names(ckpt.tensors))
-    linears = ckpt.model_linears
-    return export_config(ckpt.quant_config, [name for n in linears.inside + linears.outside
-                                             if linears.on_disk(n) not in quantized for name in linears.spellings(n)])
+    return export_config(ckpt.quant_config, ckpt.model_linears.kept(quantized))
 
 
 # The W8A8 layout under compressed-tensors' quant_method (llmq.formats.table pairs it with the weight-only one).

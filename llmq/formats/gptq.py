@@ -258,7 +258,7 @@ def export_layout(ckpt: Checkpoint) -> ExportLayout:
     that GPTQ checkpoints cannot hold (one outside the decoder layers other than the output head)."""
     refuse_w8a8(ckpt, QUANT_METHOD)
     linears = ckpt.model_linears
-    quantized = {linears.in_model(n) for n in ckpt.layer_shapes()}  # the model's names, as optimum matches them
+    quantized = linears.in_model(ckpt.layer_shapes())  # the model's names, as optimum matches them
     if any(n in quantized and n != linears.head for n in linears.outside):
         raise LlmqError("GPTQ checkpoints quantize decoder-layer linears (and the output head) only, and this "
                         "model quantizes another linear outside them: export with --format compressed-tensors")

@@ -77,15 +77,21 @@ class ModelLinears(NamedTuple):
         """A linear's name in the checkpoint's tensors."""
         return (self.renamed or {}).get(name, name)
 
-    def in_model(self, name: str) -> str:
-        """The model's name of a module named `name` on disk (itself where no linear is stored so)."""
+    def in_model(self, names) -> set[str]:
+        """The model's names of modules named `names` on disk (each itself where no linear is stored so)."""
         back = {d: n for n, d in (self.renamed or {}).items()}
-        return back.get(name, name)
+        return {back.get(name, name) for name in names}
 
     def spellings(self, name: str) -> list[str]:
         """A linear's name in the model, and on disk where that differs (engines match either)."""
         disk = self.on_disk(name)
         return [name] if disk == name else [name, disk]
+
+    def kept(self, quantized) -> list[str]:
+        """Every linear whose name on disk is not among `quantized`, under each of its names."""
+        quantized = set(quantized)
+        return [name for n in self.inside + self.outside if self.on_disk(n) not in quantized
+                for name in self.spellings(n)]
 
 
 @dataclass(frozen=True)
