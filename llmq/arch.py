@@ -60,9 +60,6 @@ class ArchSpec:
     # alone): for each further output, the keyword argument of the next layer that takes it
     # (GLM-5's top-k token selection, reused by the next layer), or None where none does.
     passes: tuple[str | None, ...] = ()
-    # Linears of a decoder layer that stay in full precision: the model reads their weight
-    # directly (name patterns relative to the layer, as in modules_to_not_convert).
-    keep: tuple[str, ...] = ()
 
 
 _LLAMA_SEQUENTIAL = (
@@ -129,7 +126,8 @@ _MLA = (  # DeepSeek's multi-head latent attention: the low-rank projections and
     ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
 )
 # With DeepSeek's sparse attention (GLM-5): the indexer reads the input norm's output and the
-# query's low-rank state too; its weights_proj stays in full precision (compensated like a router).
+# query's low-rank state too; its weights_proj stays in full precision (the indexer reads its weight's
+# dtype: llmq.weight_reads), compensated like a router.
 _DSA_INDEXER = "self_attn.indexer"
 _MLA_DSA = (
     ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", f"{_DSA_INDEXER}.wk",
@@ -169,7 +167,7 @@ def _mamba_hybrid_awq(mlp_norm: str, mlp_in: tuple[str, ...], down: str | None =
 
 
 # DeepSeek-V3.2's layers: latent attention with sparse attention, a dense first layer, shared experts.
-_DSA = ArchSpec(layers="model.layers", keep=(f"{_DSA_INDEXER}.weights_proj",),
+_DSA = ArchSpec(layers="model.layers",
                 awq=_moe_awq(("mlp.gate",), _QWEN_EXPERTS, "down_proj", attention=_MLA_DSA, dense=True,
                              shared=_SHARED_EXPERTS))
 
@@ -247,9 +245,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # side). Bamba returns its attention weights after the hidden states; no layer reads them.
     "bamba": ArchSpec(layers="model.layers", passes=(None,), awq=_mamba_hybrid_awq(
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj")),
-    # Jamba: Mamba layers and attention layers, dense MLPs and MoE blocks alternating; the Mamba mixer
-    # reads dt_proj's weight directly on its fast path, so dt_proj stays in full precision.
-    "jamba": ArchSpec(layers="model.layers", keep=("mamba.dt_proj",), awq=_mamba_hybrid_awq(
+    # Jamba: Mamba layers and attention layers, dense MLPs and MoE blocks alternating (the Mamba
+    # mixer reads dt_proj's weight directly on its fast path: llmq.weight_reads keeps it).
+    "jamba": ArchSpec(layers="model.layers", awq=_mamba_hybrid_awq(
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         mixer_norm=None) + _moe_awq(("feed_forward.router",), _QWEN_EXPERTS, "down_proj", attention=(),
                                     block="feed_forward", norm="pre_ff_layernorm")),

@@ -92,8 +92,8 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def names_on_load(model, keys, conversions: list) -> dict[str, tuple[str, object]]:
-    """{stored key: (the model's name transformers' loader gives it, the converter that fuses it or None)}
-    under `conversions` (a transformers conversion mapping), renamed as that loader renames each key;
+    """{stored key: (the model's name transformers' loader gives it, the source pattern of the converter
+    that fuses it, or None)} under `conversions` (a transformers conversion mapping), renamed as that loader renames each key;
     like loading, this marks the conversions that apply as used (their `was_used()`)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -125,6 +125,32 @@ def name_on_disk(model):
         return name
 
     return on_disk
+
+
+def conversions_for_saving(model, quantized: set[str], conversions: list | None = None) -> list:
+    """The conversions save_pretrained reverses for `model` (conversions: those a load used; default:
+    what transformers would take), less each converter whose reversal takes a tensor of a module in
+    `quantized`: it would fuse those tensors as weights (Sarvam's q/k/v into `query_key_value`, LaRA's
+    projections into `in_proj`), and packed codes and their scales do not concatenate like weights.
+    Those modules are written apart under the model's names, which the loader reads as they are."""
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    if conversions is None:
+        conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # as revert_weight_conversion builds them for a model not loaded from a folder
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+    names = [name for name in model.state_dict() if name.rpartition(".")[0] in quantized]
+    kept = []
+    for conversion in conversions:
+        if isinstance(conversion, WeightConverter):
+            backwards = conversion.reverse_transform()
+            if any(backwards.rename_source_key(name)[1] is not None for name in names):
+                continue
+        kept.append(conversion)
+    return kept
 
 
 def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:

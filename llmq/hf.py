@@ -28,6 +28,7 @@ from .formats import native
 from .formats.checks import check_native_tensors, read_small_tensors
 from .formats.native import check_against_model
 from .qweight import quantized_module_names, w8a8_module_names
+from .modules import QUANTIZED_MODULES
 from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module
@@ -177,6 +178,21 @@ def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype
         replace_module(model, name, q)
 
 
+def spare_parents_from_init(model: nn.Module) -> None:
+    """Mark as initialized each module that holds a quantized module and no buffer that loading leaves
+    empty.
+
+    After loading, transformers runs the model's `_init_weights` on every module, and some
+    architectures' versions reach into a child linear's `.weight` by name (GPT-BigCode's c_proj,
+    ModernBERT's Wi/Wo, Mamba's out_proj), which a quantized module does not have. What such a parent
+    holds itself comes from the checkpoint, which llmq writes whole and checks against the model
+    (check_against_model), except its non-persistent buffers: a parent with any is left to its
+    initializer. Children are still visited one by one."""
+    for module in model.modules():
+        if not module._non_persistent_buffers_set and any(isinstance(c, QUANTIZED_MODULES) for c in module.children()):
+            module._is_hf_initialized = True
+
+
 def holds_int8_experts(header: dict) -> bool:
     """Whether a checkpoint's (disk-named) tensors hold W8A8 experts: per-expert int8 `weight`s, which
     transformers' MoE converters would otherwise stack into the full-precision 3D expert parameters."""
@@ -225,6 +241,7 @@ class LlmqHfQuantizer(HfQuantizer):
             swap_in_w8a8_linears(model, names, qc, dtype)
             self.experts_all_quantized = not find_experts(model)
             check_against_model(model, header)
+            spare_parents_from_init(model)
             return model
         if not quantized_module_names(header):
             raise LlmqError("config.json says llmq-quantized but the checkpoint holds no '.qweight' tensors: "
@@ -235,6 +252,7 @@ class LlmqHfQuantizer(HfQuantizer):
         swap_in_quant_linears(model, names, qc, dtype, header)
         self.experts_all_quantized = not find_experts(model)
         check_against_model(model, header)
+        spare_parents_from_init(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):

@@ -38,7 +38,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     prefix, layers = arch.decoder_layers(model, spec)
     _check_names_round_trip(model)
     _check_skips(model, prefix, layers, config)
-    config = _keep_what_the_model_reads(spec, layers, config)
+    config = _keep_what_the_model_reads(layers, config)
     # Mixture-of-experts blocks first: each experts module becomes a QuantExperts of
     # per-expert nn.Linear views, planned and quantized as linears; the routers join
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
@@ -77,11 +77,15 @@ def _check_names_round_trip(model: nn.Module) -> None:
                         "quantize it with a transformers release whose conversion mapping for it round-trips")
 
 
-def _keep_what_the_model_reads(spec: arch.ArchSpec, layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
-    """The architecture's linears that stay in full precision (ArchSpec.keep), added to a copy of the
-    config's modules_to_not_convert where the model has them: the checkpoint records them there."""
+def _keep_what_the_model_reads(layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
+    """The linears that stay in full precision because the model's own code reads their weight
+    (llmq.weight_reads), added to a copy of the config's modules_to_not_convert
+    where the model has them: the checkpoint records them there, and the census lists them as kept."""
+    from .weight_reads import linears_whose_weight_is_read
+
     names = {name for layer in layers for name, _ in layer.named_modules()}
-    keep = [p for p in spec.keep if p not in config.modules_to_not_convert
+    read = {local for layer in layers for local in linears_whose_weight_is_read(layer)}
+    keep = [p for p in sorted(read) if p not in config.modules_to_not_convert
             and any(names_module(p, name) for name in names)]
     if not keep:
         return config

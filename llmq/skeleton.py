@@ -146,6 +146,21 @@ def _layer_of(name: str, prefix: str | None) -> str | None:
     return name[len(prefix):].partition(".")[0]
 
 
+def _split_into(loads_as: dict, conversions: list) -> set[str]:
+    """The further names the tensors that a one-to-many converter splits load into (Sarvam's
+    `query_key_value` into q_proj, k_proj and v_proj): names_on_load gives the first alone."""
+    from transformers.core_model_loading import WeightConverter
+
+    splits = {pattern: c.target_patterns for c in conversions if isinstance(c, WeightConverter)
+              and len(c.source_patterns) == 1 and len(c.target_patterns) > 1 for pattern in c.source_patterns}
+    names = set()
+    for renamed, pattern in loads_as.values():
+        first, *others = splits.get(pattern, [None])
+        if first is not None and first in renamed:
+            names.update(renamed.replace(first, other, 1) for other in others)
+    return names
+
+
 def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
     """(why not layer by layer, why not tensor by tensor beyond that), each None when it can."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -163,7 +178,8 @@ def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
     except LlmqError:
         prefix = None
     target = {}  # stored name -> the model's name it loads into
-    loads_as = names_on_load(model, sk.shards.keys(), get_model_conversion_mapping(model))
+    conversions = get_model_conversion_mapping(model)
+    loads_as = names_on_load(model, sk.shards.keys(), conversions)
     for key, (renamed, converter) in loads_as.items():
         if renamed not in meta_sd and key in meta_sd:  # as transformers' loader does: the name as stored
             renamed, converter = key, None
@@ -172,7 +188,7 @@ def _blockers(sk: Skeleton) -> tuple[str | None, str | None]:
             if _layer_of(key, prefix) != _layer_of(renamed, prefix):
                 return f"transformers loads tensor {key} into {renamed}, outside its decoder layer", converted
         target[key] = renamed
-    loaded = set(target.values())
+    loaded = set(target.values()) | _split_into(loads_as, conversions)
     tied = sk.tied
     missing = sorted(set(meta_sd) - loaded - tied)
     if missing:

@@ -114,9 +114,34 @@ MORE_CONFIGS = {
 }
 
 
+# Architectures llmq plans by discovery (no llmq.arch entry) whose own code meets a quantized model
+# head on (tests/test_discovered_architectures.py); each is left out where the installed transformers
+# does not have it.
+_DISCOVERED = {
+    # Their weight initializers reach into a child linear's `.weight` after loading.
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=64, n_layer=2, n_head=4)),
+    "nanochat": ("NanoChatConfig", dict(**_ATTN)),
+    "modernbert-decoder": ("ModernBertDecoderConfig", dict(
+        **{k: v for k, v in _ATTN.items() if k != "num_key_value_heads"},
+        layer_types=["full_attention", "sliding_attention"], cls_token_id=1, sep_token_id=2)),
+    # Mamba's mixer holds tensors of its own, and reads dt_proj's weight on its CUDA path.
+    "mamba": ("MambaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, time_step_rank=8)),
+    # Its sparse-attention indexer casts to weights_proj's weight dtype.
+    "hy_v4": ("HYV4Config", dict(
+        **_ATTN, moe_intermediate_size=32, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, mlp_layer_types=["dense", "sparse"],
+        layer_types=["indexed_attention", "indexed_attention"], indexer_types=["full", "shared"])),
+    # Stored with q/k/v fused in one `query_key_value`, split on loading.
+    "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
+                                           n_routed_experts=4, head_dim=16)),
+}
+DISCOVERED_CONFIGS = {arch: (lambda name=name, kw=kw: getattr(T, name)(**kw, **_COMMON))
+                      for arch, (name, kw) in _DISCOVERED.items() if hasattr(T, name)}
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **MORE_CONFIGS}[arch]()
+    config = {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **MORE_CONFIGS, **DISCOVERED_CONFIGS}[arch]()
     model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives tiny weights in some architectures; spread them so that
     # quantization error is visible and outputs depend on every layer.

@@ -9,6 +9,7 @@ being silently initialised at random.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,6 +19,25 @@ from ..config import QUANT_METHOD, QuantConfig
 from ..errors import LlmqError
 from ..outdir import atomic_folder, check_output_dir
 from .spec import Format
+
+
+@contextlib.contextmanager
+def conversions_kept_apart(model: nn.Module):
+    """While saving: the conversions save_pretrained reverses, less those that would fuse quantized
+    tensors (folder_io.conversions_for_saving); the model's own list is given back afterwards."""
+    from ..folder_io import conversions_for_saving
+    from ..modules import QUANTIZED_MODULES
+
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+    had, before = hasattr(model, "_weight_conversions"), getattr(model, "_weight_conversions", None)
+    model._weight_conversions = conversions_for_saving(model, quantized)
+    try:
+        yield
+    finally:
+        if had:
+            model._weight_conversions = before
+        else:
+            del model._weight_conversions
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
@@ -37,7 +57,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, overwrite:
     check_output_dir(out, overwrite, sources, contents=check_first)
     if not getattr(model.config, "quantization_config", None):
         raise LlmqError("this model carries no quantization_config: quantize it with llmq.quantize first")
-    with atomic_folder(out, overwrite, sources) as tmp:
+    with atomic_folder(out, overwrite, sources) as tmp, conversions_kept_apart(model):
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -1,0 +1,106 @@
+"""Architectures planned by discovery, whose own code meets a quantized model head on: initializers and
+forwards that read a child linear's `.weight`, and conversion mappings that fuse linears on saving.
+Each checkpoint must load and give the quantized model's logits."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import llmq
+from llmq.cli import main
+from llmq.config import QuantConfig
+from llmq.modules import QUANTIZED_MODULES
+from llmq.weight_reads import linears_whose_weight_is_read
+from conftest import DISCOVERED_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
+
+# The linears each architecture's code reads by weight (kept in full precision), relative to a layer.
+READ_BY_WEIGHT = {"mamba": ["mixer.dt_proj"], "hy_v4": ["self_attn.indexer.weights_proj"]}
+
+
+def _has(module, name):
+    try:
+        return isinstance(module.get_submodule(name), nn.Module)
+    except AttributeError:
+        return False
+
+
+def _layers(model):
+    return model.backbone.layers if hasattr(model, "backbone") else model.model.layers
+
+
+@pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(scheme="w8a8")], ids=["int4", "w8a8"])
+@pytest.mark.parametrize("arch", sorted(DISCOVERED_CONFIGS))
+def test_quantized_checkpoint_loads_with_the_quantized_logits(tmp_path, arch, config):
+    model = llmq.quantize(tiny_model(arch, seed=4), config, progress=False)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)]
+    assert len(quantized) >= 6  # attention and MLP linears of both layers at least
+    kept = READ_BY_WEIGHT.get(arch, [])
+    for local in kept:  # in the layers that have it (Hunyuan's second layer reuses the first's indexer)
+        found = [layer.get_submodule(local) for layer in _layers(model) if _has(layer, local)]
+        assert found and all(type(m) is nn.Linear for m in found)
+    ids = random_ids(seed=12)
+    with torch.no_grad():
+        logits = model(ids).logits
+    llmq.save(model, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert set(kept) <= set(qc["modules_to_not_convert"])
+    back = llmq.from_pretrained(tmp_path / "q")
+    assert [n for n, m in back.named_modules() if isinstance(m, QUANTIZED_MODULES)] == quantized
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, logits)
+
+
+@pytest.mark.skipif("sarvam_moe" not in DISCOVERED_CONFIGS, reason="this transformers has no Sarvam MoE")
+def test_linears_fused_on_disk_are_written_apart_when_quantized(tmp_path):
+    """Sarvam's checkpoints hold q/k/v as one `query_key_value`, split on loading and fused again by
+    save_pretrained, which cannot concatenate packed codes: the quantized three are written apart under
+    their own names, which load as they are, in memory and streamed alike."""
+    src = tmp_path / "src"
+    text = model_folder_with_text(src, "sarvam_moe")
+    assert any(k.endswith("attention.query_key_value.weight") for k in checkpoint_tensors(src))
+    common = ["--method", "gptq", "--group-size", "16", "--dataset", str(text), "--nsamples", "4", "--seqlen", "16",
+              "--seed", "3", "--quiet"]
+    for route in ("--no-stream", "--stream"):
+        assert main(["quantize", str(src), str(tmp_path / route), route, *common]) == 0
+    memory, streamed = checkpoint_tensors(tmp_path / "--no-stream"), checkpoint_tensors(tmp_path / "--stream")
+    assert memory.keys() == streamed.keys() and all(torch.equal(memory[k], streamed[k]) for k in memory)
+    for part in ("q_proj", "k_proj", "v_proj"):  # stored under `attention.`, as Sarvam's renaming saves it
+        assert f"model.layers.1.attention.{part}.qweight" in memory
+    assert not any("query_key_value" in k for k in memory)
+    ids = random_ids(seed=13)
+    with torch.no_grad():
+        logits = llmq.from_pretrained(tmp_path / "--no-stream")(ids).logits
+        assert torch.equal(llmq.from_pretrained(tmp_path / "--stream")(ids).logits, logits)
+    assert torch.isfinite(logits).all()
+
+
+class _Reader(nn.Module):
+    def __init__(self, flag: bool):
+        super().__init__()
+        self.flag = flag
+        self.cast = nn.Linear(8, 8)
+        self.train_only = nn.Linear(8, 8)
+        self.flagged = nn.Linear(8, 8)
+        self.unflagged = nn.Linear(8, 8)
+        self.inner = nn.Module()
+        self.inner.proj = nn.Linear(8, 8)
+        self.plain = nn.Linear(8, 8)
+        self.plain.weight.data.zero_()  # a read in __init__ does not count
+
+    def forward(self, x):
+        x = x.to(self.cast.weight.dtype)
+        if self.training and x.shape[0] > 1:
+            x = x @ self.train_only.weight
+        if self.flag:
+            x = x @ self.flagged.weight
+        else:
+            x = x @ self.unflagged.weight
+        return self.plain(x) + x @ self.inner.proj.weight
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_weight_reads_are_found_where_their_branch_can_run(flag):
+    found = linears_whose_weight_is_read(nn.Sequential(_Reader(flag)))
+    assert found == sorted(["0.cast", "0.inner.proj", "0.flagged" if flag else "0.unflagged"])
