@@ -139,6 +139,7 @@ _MLA_DSA = (
 # Parallel blocks (Cohere, Phi-2): one input norm feeds the attention and the MLP, so
 # every linear reading it shares one scale vector.
 _PARALLEL_SEQUENTIAL = (_QKV + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",))
+_ZAYA_CCA = tuple(f"self_attn.qkv_proj.{n}" for n in ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed"))
 _SHARED_EXPERTS = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), "mlp.shared_experts.down_proj")
 # Llama 4: the MLP (dense, or routed experts beside a shared expert) is `feed_forward`; its experts are
 # fed their tokens already multiplied by the routing score (llmq.experts.UNDECORATED), which commutes
@@ -269,6 +270,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         parallel=True)),
     "llama4_text": _LLAMA4,
+    # ZAYA1: each layer's router hands its projected hidden states on to the next layer's router
+    # (llmq.experts.ROUTER_NETWORKS keeps the routers). Its convolutional attention reads the input
+    # norm through four projections; q and k are mixed by convolutions before the attention, and
+    # each value head joins halves of two projections, one of them a token late (no v -> o group).
+    "zaya": ArchSpec(layers="model.layers", passes=("prev_router_hidden_states",), awq=_moe_awq(
+        ("mlp.gate.down_proj",), ("gate_up_proj",), None,
+        attention=(ScaleGroup("input_layernorm", _ZAYA_CCA, no_clip=_ZAYA_CCA[:2]),))),
     # DBRX: fused q/k/v (no v -> o); its norm_2 feeds the router's linear and every expert.
     "dbrx": ArchSpec(layers="transformer.blocks", awq=(
         ScaleGroup("norm_attn_norm.norm_1", ("norm_attn_norm.attn.Wqkv",), no_clip=("norm_attn_norm.attn.Wqkv",)),

@@ -23,6 +23,7 @@ themselves live on the meta device and are read from disk when reached.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -98,7 +99,18 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: nn.M
     if len(calls) != len(originals):
         raise RuntimeError(f"captured {len(calls)} of {len(originals)} decoder layer calls")
     hidden = calls[0][0]
-    return hidden, [(args, kwargs) for _, args, kwargs in calls]
+    names = {name for name in spec.passes if name is not None}
+    return hidden, [_passed_by_keyword(layer, args, kwargs, names) for layer, (_, args, kwargs) in zip(originals, calls)]
+
+
+def _passed_by_keyword(layer: nn.Module, args: tuple, kwargs: dict, names: set) -> tuple[tuple, dict]:
+    """(args, kwargs) of a layer's call, its positional arguments given by keyword where one of them is
+    an argument a previous layer's output is passed on as (ArchSpec.passes): ZAYA1's model hands
+    `prev_router_hidden_states` on positionally, and the engine hands it on by name."""
+    params = list(inspect.signature(layer.forward).parameters.values())[1:len(args) + 1]  # after hidden_states
+    if not any(p.name in names for p in params) or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return args, kwargs
+    return (), {**{p.name: value for p, value in zip(params, args)}, **kwargs}
 
 
 LayerStep = Callable[[int, nn.Module, torch.Tensor, tuple, dict], tuple[torch.Tensor, str]]

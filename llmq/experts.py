@@ -377,12 +377,19 @@ def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) 
     return _quant_experts(experts, per_expert, layout)
 
 
+# Routers that are small networks of their own, beside the experts: every linear in them routes.
+# ZAYA1's router projects the hidden states down and scores them with an MLP whose last linear has a
+# row per expert and one for its "skip" expert.
+ROUTER_NETWORKS = ("ZayaRouter",)
+
+
 def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
     """Names (relative to root) of the modules that route tokens to the given experts.
 
     A router sits beside the experts in their MoE block and holds a 2D weight
     with one row per expert (the top-k gate) or a single row (the gate of a
-    shared expert, Qwen2-MoE).
+    shared expert, Qwen2-MoE); or it is one of ROUTER_NETWORKS, whose linears
+    are named one by one.
     """
     routers = []
     for name, m in experts.items():
@@ -391,6 +398,11 @@ def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
         n_experts = num_experts(m)
         for child_name, child in parent.named_children():
             if child is m:
+                continue
+            if type(child).__name__ in ROUTER_NETWORKS:
+                for local, module in child.named_modules():
+                    if isinstance(module, nn.Linear):
+                        routers.append(".".join(p for p in (parent_name, child_name, local) if p))
                 continue
             # The router itself, or (DBRX) the one linear of a router module without weights of its own.
             holders = [(n, c) for n, c in child.named_children() if any(True for _ in c.parameters())]

@@ -113,6 +113,12 @@ MORE_CONFIGS = {
                                    **_ATTN, **_COMMON),
 }
 
+if hasattr(T, "ZayaConfig"):  # transformers 5.24 and later
+    # ZAYA1: convolutional attention, top-1 experts, a router network whose state passes from layer to layer.
+    MORE_CONFIGS["zaya"] = lambda: T.ZayaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=32,
+        layer_types=["hybrid", "hybrid"], **_COMMON)
 
 # Architectures llmq plans by discovery (no llmq.arch entry) whose own code meets a quantized model
 # head on (tests/test_discovered_architectures.py); each is left out where the installed transformers

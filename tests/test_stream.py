@@ -14,7 +14,8 @@ from llmq.cli import main
 from llmq.engine import layer_output, run_layers
 from llmq.shards import ShardWriter
 from llmq.skeleton import build_skeleton
-from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids, tiny_model
+from conftest import (MORE_CONFIGS, TINY_CONFIGS, TINY_MOE_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids,
+                      tiny_model)
 
 
 
@@ -96,6 +97,8 @@ def test_cli_output_identical_with_and_without_streaming(tmp_path, arch, method)
     ("kimi_linear", ["--method", "awq", "--bits", "4", "--group-size", "16"]),
     # GLM-5: each layer's top-k token selection reaches the next layer streamed too.
     ("glm_moe_dsa", ["--method", "gptq", "--bits", "4", "--group-size", "16"]),
+    # ZAYA1: each layer's router state reaches the next layer's router streamed too.
+    *[("zaya", ["--method", "awq", "--bits", "4", "--group-size", "16"])] * ("zaya" in MORE_CONFIGS),
     # Experts kept whole: written back under their stored per-expert names.
     ("mixtral", ["--method", "gptq", "--bits", "4", "--group-size", "16", "--skip", "mlp.experts"]),
     ("gpt_oss", ["--scheme", "w8a8", "--skip", "mlp.experts"]),
