@@ -100,7 +100,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: nn.M
         raise RuntimeError(f"captured {len(calls)} of {len(originals)} decoder layer calls")
     hidden = calls[0][0]
     names = {name for name in spec.passes if name is not None}
-    return hidden, [_passed_by_keyword(layer, args, kwargs, names) for layer, (_, args, kwargs) in zip(originals, calls)]
+    return hidden, [_passed_by_keyword(layer, args, kwargs, names)
+                    for layer, (_, args, kwargs) in zip(originals, calls)]
 
 
 def _passed_by_keyword(layer: nn.Module, args: tuple, kwargs: dict, names: set) -> tuple[tuple, dict]:

@@ -61,6 +61,10 @@ class ExpertsFlags:
     # the experts module, whether each expert's matrix is stored [in, out]).
     stacked: tuple[tuple[str, str, bool], ...] = ()
     activation: str = "act_fn"  # the experts module's activation, by attribute path
+    # The attribute holding how many experts have weights, where the up projection holds more slots:
+    # routing indices past those experts (up to the slots) are identity experts, which hand on the
+    # token times its routing weight (LongCat-Flash's "zero" experts).
+    routed: str | None = None
 
 
 # Experts classes without the decorator, by class name: facts of their architectures' modelling code.
@@ -74,6 +78,10 @@ UNDECORATED = {
     "DbrxExperts": ExpertsFlags(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=False,
                                 up_names=("w1", "v1"), down_name="w2", activation="mlp.activation_fn",
                                 stacked=(("w1", "mlp.w1", False), ("v1", "mlp.v1", False), ("w2", "mlp.w2", True))),
+    # LongCat-Flash: gate_up_proj [E + Z, 2I, H] (slots for its Z identity experts too, which its forward
+    # never reads), down_proj [E, H, I]; per expert, Qwen2-MoE's names (its conversion mapping).
+    "LongcatFlashExperts": ExpertsFlags(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True,
+                                        routed="num_routed_experts"),
 }
 
 
@@ -104,6 +112,7 @@ class ExpertsLayout:
     scored_copies: bool = False  # the calling convention of ExpertsFlags.scored_copies
     stacked: tuple[tuple[str, str, bool], ...] = ()  # ExpertsFlags.stacked
     activation: str = "act_fn"  # ExpertsFlags.activation
+    identity_experts: int = 0  # routing indices past num_experts that hand on the token (ExpertsFlags.routed)
 
     @property
     def up_outputs(self) -> int:
@@ -135,8 +144,11 @@ def _parameter(module: nn.Module, path: str) -> torch.Tensor | None:
 
 def num_experts(module: nn.Module) -> int:
     """The number of experts of an experts module."""
-    if experts_flags(module).stacked:
+    flags = experts_flags(module)
+    if flags.stacked:
         return module.num_experts  # the parameters hold them one after another: the class says how many
+    if flags.routed:
+        return getattr(module, flags.routed)
     return module._parameters[_up_param(module)].shape[0]
 
 
@@ -262,7 +274,7 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
                              down_name=flags.down_name, stacked=flags.stacked, activation=flags.activation)
     up_param = _up_param(experts)
     up = experts._parameters[up_param]
-    e = up.shape[0]
+    e = num_experts(experts)
     if flags.is_transposed:
         hidden, up_out = up.shape[1], up.shape[2]
     else:
@@ -279,7 +291,7 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
     return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
                          transposed=flags.is_transposed, has_bias=flags.has_bias, has_gate=flags.has_gate,
                          up_names=names, down_name=down_names[0], scored_copies=flags.scored_copies,
-                         activation=flags.activation)
+                         activation=flags.activation, identity_experts=up.shape[0] - e)
 
 
 def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:
@@ -331,7 +343,8 @@ def unroll(experts: nn.Module, layout: ExpertsLayout) -> QuantExperts:
 
 def _quant_experts(experts: nn.Module, per_expert: list[ExpertProjections], layout: ExpertsLayout) -> QuantExperts:
     return QuantExperts(weightless_copy(experts), per_expert, layout.up_names, layout.down_name, layout.has_gate,
-                        scored_copies=layout.scored_copies, activation=layout.activation)
+                        scored_copies=layout.scored_copies, activation=layout.activation,
+                        identity_experts=layout.identity_experts)
 
 
 def rolled(q: QuantExperts, weight_of) -> nn.Module:
@@ -356,6 +369,8 @@ def rolled(q: QuantExperts, weight_of) -> nn.Module:
             weights.append(torch.cat([w for w, _ in parts]))
             biases.append(None if parts[0][1] is None else torch.cat([b for _, b in parts]))
         stacked = torch.stack(weights)
+        if param != "down_proj" and q.identity_experts:  # the identity experts' slots, which nothing reads
+            stacked = torch.cat([stacked, stacked.new_zeros(q.identity_experts, *stacked.shape[1:])])
         module._parameters[param] = nn.Parameter(stacked.transpose(1, 2).contiguous() if transposed else stacked,
                                                  requires_grad=False)
         if biases[0] is not None:
@@ -381,6 +396,13 @@ def empty_quant_experts(experts: nn.Module, layout: ExpertsLayout, make_linear) 
 # ZAYA1's router projects the hidden states down and scores them with an MLP whose last linear has a
 # row per expert and one for its "skip" expert.
 ROUTER_NETWORKS = ("ZayaRouter",)
+
+
+def _identity_experts(module: nn.Module) -> int:
+    """How many identity experts an experts module routes to beside its experts (ExpertsFlags.routed)."""
+    if not experts_flags(module).routed:
+        return 0
+    return module._parameters[_up_param(module)].shape[0] - num_experts(module)
 
 
 def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
@@ -409,7 +431,9 @@ def find_routers(root: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
             inner = holders if not child._parameters and len(holders) == 1 else []
             for local, module in [("", child)] + inner:
                 w = module._parameters.get("weight")
-                if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
+                # One row per expert, identity experts included (LongCat-Flash's), or one in all.
+                rows = (n_experts, n_experts + _identity_experts(m), 1)
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in rows:
                     router = f"{child_name}.{local}" if local else child_name
                     routers.append(f"{parent_name}.{router}" if parent_name else router)
     return sorted(set(routers))

@@ -137,6 +137,12 @@ _DISCOVERED = {
         **_ATTN, moe_intermediate_size=32, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32,
         kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, mlp_layer_types=["dense", "sparse"],
         layer_types=["indexed_attention", "indexed_attention"], indexer_types=["full", "shared"])),
+    # LongCat-Flash: two MLA attentions and two dense MLPs per layer beside an MoE block whose router also
+    # picks among identity ("zero") experts; top-2 of 4 experts and 4 identities (tests/test_longcat.py).
+    "longcat_flash": ("LongcatFlashConfig", dict(
+        hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4, ffn_hidden_size=128,
+        expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=4, moe_topk=2, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=16)),
     # Stored with q/k/v fused in one `query_key_value`, split on loading.
     "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
                                            n_routed_experts=4, head_dim=16)),

@@ -109,10 +109,13 @@ class QuantExperts(nn.Module):
         scored_copies: called as experts(x), x [E * T, H] the scored copies of the block's tokens
             (llmq.experts.ExpertsFlags), instead of experts(hidden_states, top_k_index, top_k_weights).
         activation: the template's activation, by attribute path ("mlp.activation_fn" for DBRX).
+        identity_experts: routing indices past the experts that hand on the token times its routing
+            weight (LongCat-Flash's "zero" experts; llmq.experts.ExpertsFlags.routed).
     """
 
     def __init__(self, template: nn.Module, experts: list[ExpertProjections], up_names: tuple[str, ...],
-                 down_name: str, has_gate: bool = True, scored_copies: bool = False, activation: str = "act_fn"):
+                 down_name: str, has_gate: bool = True, scored_copies: bool = False, activation: str = "act_fn",
+                 identity_experts: int = 0):
         super().__init__()
         self.__dict__["template"] = template  # not a submodule: no weights, not in the state dict
         for e, projections in enumerate(experts):
@@ -122,6 +125,7 @@ class QuantExperts(nn.Module):
         self.down_name = down_name
         self.has_gate = has_gate
         self.scored_copies = scored_copies
+        self.identity_experts = identity_experts
         act = template
         for part in activation.split("."):  # absent where the template's own gate function activates
             act = getattr(act, part, None)
@@ -252,6 +256,17 @@ class QuantExperts(nn.Module):
         if hidden_states.dim() > 2:  # DBRX's block hands its [batch, tokens, H] as they are
             flat = hidden_states.reshape(-1, hidden_states.shape[-1])
             return self.forward(flat, top_k_index, top_k_weights, *args, **kwargs).view_as(hidden_states)
+        out = self._routed_forward(hidden_states, top_k_index, top_k_weights)
+        if self.identity_experts:
+            # The identity experts' share, added after the experts' as the original adds them (higher
+            # indices last); each path above drops the indices past num_experts.
+            weight = top_k_weights.masked_fill(top_k_index < self.num_experts, 0).sum(dim=-1, keepdim=True)
+            out = out + (hidden_states * weight).to(out.dtype)
+        return out
+
+    def _routed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts' share of the forward, by whichever path runs them here."""
         # The grouped kernels have no backward; the loop's linears give the input a gradient (input_grad).
         if hidden_states.device.type == "cuda" and not self.record_tokens and not wants_input_gradient(hidden_states):
             form = self._grouped_form()  # None when no grouped kernel runs this block
@@ -316,7 +331,8 @@ class QuantExperts(nn.Module):
         return torch.zeros_like(hidden_states) if final is None else final
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, projections={self.up_names + (self.down_name,)}, "
+        identities = f", identity_experts={self.identity_experts}" if self.identity_experts else ""
+        return (f"num_experts={self.num_experts}{identities}, projections={self.up_names + (self.down_name,)}, "
                 f"gate={type(self.template).__name__ if self.has_gate else 'none'}")
 
 
