@@ -270,6 +270,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         parallel=True)),
     "llama4_text": _LLAMA4,
+    # Hunyuan V4: as GLM-5, a layer's top-k token selection goes to the next, which reuses it on "shared"
+    # indexer layers (its hyper-connection streams: no scale groups).
+    "hy_v4": ArchSpec(layers="model.layers", passes=("prev_topk_indices",)),
     # ZAYA1: each layer's router hands its projected hidden states on to the next layer's router
     # (llmq.experts.ROUTER_NETWORKS keeps the routers). Its convolutional attention reads the input
     # norm through four projections; q and k are mixed by convolutions before the attention, and
@@ -351,6 +354,31 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     return ArchSpec(layers=_discover_layers(model), sequential=None)
 
 
+def check_discovered_layers(model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse layers found by discovery that leave most of the model's linear weights outside them
+    (Zamba2's mixed layer classes, XLM's separate attention and MLP lists, HRM's two stacks): the run
+    would quantize a fraction of the model. Other modalities' encoders and the output head do not count."""
+    if getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES:
+        return
+    prefix = spec.layers + "."
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside, outside = 0, {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or m is head or _other_modality(name):
+            continue
+        if name.startswith(prefix):
+            inside += m.weight.numel()
+        else:
+            outside[name] = m.weight.numel()
+    if inside < 2 * sum(outside.values()):
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        share = inside / max(inside + sum(outside.values()), 1)
+        raise LlmqError(f"the decoder layers llmq found in architecture {model_type!r} ({spec.layers}) hold "
+                        f"{share:.0%} of its linear weights, and {len(outside)} linears are outside them (e.g. "
+                        f"{max(outside, key=outside.get)}), so much of the model would stay unquantized: add an "
+                        "entry to llmq.arch.ARCHITECTURES naming the ModuleList of its decoder layers")
+
+
 def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> tuple[str, nn.ModuleList]:
     """(dotted path, ModuleList) of the decoder layers; spec: the model's, if already resolved."""
     spec = spec or arch_spec(model)
@@ -421,14 +449,25 @@ def _get(root: nn.Module, path: str):
     return obj if isinstance(obj, nn.ModuleList) else None
 
 
+# Modules of other modalities (a multimodal causal LM's encoders): their layer lists are not the
+# decoder's, however long (Phi-4-multimodal's audio encoder, GIT's image encoder).
+_OTHER_MODALITIES = ("vision", "visual", "image", "audio", "speech", "embed")
+
+
+def _other_modality(name: str) -> bool:
+    return any(word in part for part in name.lower().split(".") for word in _OTHER_MODALITIES)
+
+
 def _discover_layers(model: nn.Module) -> str:
-    best, best_len = None, 0
+    """The longest ModuleList of one layer class holding linears, outside other modalities' encoders
+    where there is one."""
+    found = []
     for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) <= best_len:
-            continue
-        kinds = {type(child) for child in m}
+        kinds = {type(child) for child in m} if isinstance(m, nn.ModuleList) else set()
         if len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules()):
-            best, best_len = name, len(m)
+            found.append((name, len(m)))
+    textual = [(name, n) for name, n in found if not _other_modality(name)]
+    best = max(textual or found, key=lambda item: item[1], default=(None, 0))[0]
     if best is None:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise LlmqError(f"could not find the decoder layers of architecture {model_type!r}: add an entry "

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import arch, distributed
+from .errors import LlmqError
 from .activations import ActivationStore, activations_fit  # noqa: F401  (activations_fit: part of the engine's face)
 
 
@@ -89,15 +90,26 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: nn.M
     calls: list = []
     for i, layer in enumerate(originals):
         layers[i] = _Recorder(layer, calls, last=i == len(originals) - 1, further_outputs=len(spec.passes))
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
+    except ValueError as e:
+        if spec.passes or "unpack" not in str(e):
+            raise
+        # The model unpacks more from each layer than the hidden states the stand-in layers return.
+        raise LlmqError(f"the decoder layers of {model_type!r} return more than their hidden states ({e}), and "
+                        "llmq does not know what each hands on to the next: add `passes` to its ArchSpec in "
+                        "llmq.arch.ARCHITECTURES, or use --method rtn, which runs no calibration") from e
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
     if len(calls) != len(originals):
-        raise RuntimeError(f"captured {len(calls)} of {len(originals)} decoder layer calls")
+        raise LlmqError(f"the forward of {model_type!r} on text reached {len(calls)} of the {len(originals)} "
+                        f"layers llmq took for its decoder layers ({arch.decoder_layers(model, spec)[0]}), so they "
+                        "cannot be calibrated: name its decoder layers in llmq.arch.ARCHITECTURES, or use "
+                        "--method rtn, which runs no calibration")
     hidden = calls[0][0]
     names = {name for name in spec.passes if name is not None}
     return hidden, [_passed_by_keyword(layer, args, kwargs, names)

@@ -36,6 +36,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
 
     spec = arch.arch_spec(model)
     prefix, layers = arch.decoder_layers(model, spec)
+    arch.check_discovered_layers(model, spec)
     _check_names_round_trip(model)
     _check_skips(model, prefix, layers, config)
     config = _keep_what_the_model_reads(layers, config)

@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+import transformers as T
 from torch import nn
 
 import llmq
+from llmq import arch, pipeline
 from llmq.cli import main
 from llmq.config import QuantConfig
 from llmq.modules import QUANTIZED_MODULES
@@ -104,3 +106,26 @@ class _Reader(nn.Module):
 def test_weight_reads_are_found_where_their_branch_can_run(flag):
     found = linears_whose_weight_is_read(nn.Sequential(_Reader(flag)))
     assert found == sorted(["0.cast", "0.inner.proj", "0.flagged" if flag else "0.unflagged"])
+
+
+def _on_meta(config_name):
+    config_class = getattr(T, config_name, None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {config_name}")
+    with torch.device("meta"):
+        return T.AutoModelForCausalLM.from_config(config_class())
+
+
+@pytest.mark.parametrize("config_name,where", [
+    ("Zamba2Config", "adapter_list"),  # its layers mix two classes: discovery finds only adapter lists
+    ("XLMConfig", "transformer.attentions"),  # attention and MLP linears in two lists
+])
+def test_discovered_layers_that_leave_most_linears_outside_are_refused(config_name, where):
+    with pytest.raises(llmq.LlmqError, match=rf"\(.*{where}.*\) hold \d+% of its linear weights.*"
+                                             r"add an entry to llmq.arch.ARCHITECTURES"):
+        pipeline.plan(_on_meta(config_name), QuantConfig(group_size=-1), torch.device("cpu"), check_finite=False)
+
+
+def test_discovery_passes_over_other_modalities_encoders():
+    """GIT's image encoder has more layers than its text decoder; the decoder's are the ones taken."""
+    assert arch.arch_spec(_on_meta("GitConfig")).layers == "git.encoder.layer"

@@ -16,7 +16,7 @@ from llmq import QuantConfig, QuantLinear, pipeline
 from llmq.engine import layer_output, run_layers
 from llmq.methods.w8a8 import build_w8a8_units, fold_smoothing
 from llmq.modules.w8a8 import W8A8Linear
-from conftest import MORE_CONFIGS, random_ids, tiny_model
+from conftest import DISCOVERED_CONFIGS, MORE_CONFIGS, random_ids, tiny_model
 
 # The operations folded into, over the decoder layers (the tiny models' two): written out from each
 # architecture's modelling code, not from llmq.arch.
@@ -142,15 +142,17 @@ def test_calibrated_methods_fold_quantize_and_reload(tmp_path, arch, config):
     _assert_close_and_reloads(model, ids, fp_logits, 0.4, tmp_path / arch)
 
 
-@pytest.mark.parametrize("arch", ["glm_moe_dsa"] + (["zaya"] if "zaya" in MORE_CONFIGS else []))
-def test_a_layers_further_outputs_reach_the_next_layer(arch):
-    """GLM-5's second layer reuses the top-k tokens its first selected, and ZAYA1's router adds its
-    first layer's router state (handed on positionally by the model), each returned after the hidden
-    states: layer by layer, llmq hands them on, and computes what the whole model does."""
+@pytest.mark.parametrize("arch,after", [("glm_moe_dsa", "model.norm")] +
+                         [(a, after) for a, after in (("zaya", "model.norm"), ("hy_v4", "model.hc_head"))
+                          if a in {**MORE_CONFIGS, **DISCOVERED_CONFIGS}])
+def test_a_layers_further_outputs_reach_the_next_layer(arch, after):
+    """GLM-5's and Hunyuan V4's second layers reuse the top-k tokens their first selected, and ZAYA1's
+    router adds its first layer's router state (handed on positionally by the model), each returned after
+    the hidden states: layer by layer, llmq hands them on, and computes what the whole model does."""
     model = tiny_model(arch)
     ids = random_ids(seed=9)
     seen = {}
-    model.model.norm.register_forward_pre_hook(lambda module, args: seen.setdefault("hidden", args[0]))
+    model.get_submodule(after).register_forward_pre_hook(lambda module, args: seen.setdefault("hidden", args[0]))
     with torch.no_grad():
         model(ids, use_cache=False)
     out = run_layers(model, ids, lambda i, layer, hidden, args, kwargs: (layer_output(layer(hidden, *args, **kwargs)),
