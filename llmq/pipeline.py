@@ -44,6 +44,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     # per-expert nn.Linear views, planned and quantized as linears; the routers join
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
     config = prepare_experts(model, prefix, layers, config)
+    config = _keep_smaller_than_a_word(layers, config)
     targets: dict[int, dict[str, str]] = {}
     shapes: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layers):
@@ -91,6 +92,21 @@ def _keep_what_the_model_reads(layers: nn.ModuleList, config: QuantConfig) -> Qu
     if not keep:
         return config
     return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *keep])
+
+
+def _keep_smaller_than_a_word(layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
+    """The linears with fewer inputs or outputs than one packed word holds codes (Gemma 3n's AltUp
+    coefficients, 4 x 4 and 16 x 4, and its 4-way modality router): gates and mixing coefficients, not
+    weight matrices, which no packed format holds. Kept in full precision like routers, recorded in a
+    copy of modules_to_not_convert, and named in a warning."""
+    per = codes_per_word(config.bits)
+    small = sorted({local for layer in layers for local, m in arch.layer_linears(layer).items()
+                    if min(m.in_features, m.out_features) < per and local not in config.modules_to_not_convert})
+    if not small:
+        return config
+    warnings.warn(f"keeping {len(small)} linear(s) per layer in full precision, too small for {config.bits}-bit "
+                  f"packing ({per} codes per word): {', '.join(small)}", stacklevel=3)
+    return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *small])
 
 
 def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:

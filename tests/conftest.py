@@ -143,6 +143,13 @@ _DISCOVERED = {
         hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4, ffn_hidden_size=128,
         expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=4, moe_topk=2, q_lora_rank=32,
         kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=16)),
+    # Gemma 3n: AltUp's mixing coefficients and modality router are linears too small to pack in 4 bits.
+    # Four layers: more than its three AltUp projections, which also sit in a list.
+    "gemma3n_text": ("Gemma3nTextConfig", dict(
+        **{**_ATTN, "num_hidden_layers": 4}, head_dim=16, vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=16, num_kv_shared_layers=0, laurel_rank=16, activation_sparsity_pattern=[0.0] * 4,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2)),
     # Stored with q/k/v fused in one `query_key_value`, split on loading.
     "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
                                            n_routed_experts=4, head_dim=16)),

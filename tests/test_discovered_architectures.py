@@ -19,6 +19,8 @@ from conftest import DISCOVERED_CONFIGS, checkpoint_tensors, model_folder_with_t
 
 # The linears each architecture's code reads by weight (kept in full precision), relative to a layer.
 READ_BY_WEIGHT = {"mamba": ["mixer.dt_proj"], "hy_v4": ["self_attn.indexer.weights_proj"]}
+# Linears with fewer inputs or outputs than a 4-bit word holds codes (8): kept in int4 runs.
+SMALLER_THAN_A_WORD = {"gemma3n_text": ["altup.correction_coefs", "altup.modality_router", "altup.prediction_coefs"]}
 
 
 def _has(module, name):
@@ -38,7 +40,7 @@ def test_quantized_checkpoint_loads_with_the_quantized_logits(tmp_path, arch, co
     model = llmq.quantize(tiny_model(arch, seed=4), config, progress=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)]
     assert len(quantized) >= 6  # attention and MLP linears of both layers at least
-    kept = READ_BY_WEIGHT.get(arch, [])
+    kept = READ_BY_WEIGHT.get(arch, []) + (SMALLER_THAN_A_WORD.get(arch, []) if config.bits == 4 else [])
     for local in kept:  # in the layers that have it (Hunyuan's second layer reuses the first's indexer)
         found = [layer.get_submodule(local) for layer in _layers(model) if _has(layer, local)]
         assert found and all(type(m) is nn.Linear for m in found)
@@ -129,3 +131,11 @@ def test_discovered_layers_that_leave_most_linears_outside_are_refused(config_na
 def test_discovery_passes_over_other_modalities_encoders():
     """GIT's image encoder has more layers than its text decoder; the decoder's are the ones taken."""
     assert arch.arch_spec(_on_meta("GitConfig")).layers == "git.encoder.layer"
+
+
+def test_a_linear_whose_sizes_do_not_pack_is_refused_with_the_way_to_keep_it():
+    model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(hidden_size=64, intermediate_size=132, num_hidden_layers=2,
+                                                             num_attention_heads=4, vocab_size=256))
+    with pytest.raises(llmq.LlmqError, match=r"layer model.layers.0.mlp.gate_proj has shape 132x64; 4-bit packing "
+                                             r"needs both sizes to be multiples of 8: .* --skip model.layers.0.mlp"):
+        pipeline.plan(model, QuantConfig(group_size=-1), torch.device("cpu"))
