@@ -56,7 +56,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     if not targets:
         raise LlmqError("no linear layer left to quantize: check modules_to_not_convert")
     _check_plain(shapes)
-    _check_shapes(shapes, config)
+    _check_shapes(shapes, config, prefix)
     if check_finite:
         _check_finite(model)
     return Job(model=model, config=config, spec=spec, layers=layers, targets=targets,
@@ -256,7 +256,7 @@ def _check_plain(targets: dict[str, nn.Linear]) -> None:
                             "(modules_to_not_convert)")
 
 
-def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:
+def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: str) -> None:
     per = codes_per_word(config.bits)
     for name, module in targets.items():
         n, k = module.out_features, module.in_features
@@ -271,9 +271,13 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig) -> None:
         working = [g for g in _GROUP_SIZE_CHOICES if common % g == 0 and g % per == 0]
         hint = ", ".join(map(str, working)) if working else "none of the usual sizes"
         name = bad[0]
+        # The same linear in every layer (Nemotron-H's shared experts' down_proj): one --skip keeps them all.
+        local = sorted({n.removeprefix(f"{prefix}.").partition(".")[2] for n in bad})
+        keep = " ".join(f"--skip {n}" for n in local) if len(local) <= 3 else f"--skip for each of {len(bad)} layers"
         raise LlmqError(f"group size {config.group_size} does not divide layer {name} "
-                        f"({targets[name].in_features} input features); group sizes that work for every layer: "
-                        f"{hint}, or -1 for one group per row")
+                        f"({targets[name].in_features} input features; {len(bad)} such layer(s)); group sizes that "
+                        f"work for every layer: {hint}, or -1 for one group per row; or keep them in full precision "
+                        f"with {keep}")
 
 
 def _check_finite(model: nn.Module) -> None:

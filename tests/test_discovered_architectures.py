@@ -139,3 +139,16 @@ def test_a_linear_whose_sizes_do_not_pack_is_refused_with_the_way_to_keep_it():
     with pytest.raises(llmq.LlmqError, match=r"layer model.layers.0.mlp.gate_proj has shape 132x64; 4-bit packing "
                                              r"needs both sizes to be multiples of 8: .* --skip model.layers.0.mlp"):
         pipeline.plan(model, QuantConfig(group_size=-1), torch.device("cpu"))
+
+
+def test_a_group_size_that_misses_one_linear_per_layer_names_the_skip_that_keeps_them():
+    """As Nemotron-H's shared experts' down_proj (7688 inputs) under groups of 128: one --skip keeps them all."""
+    model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                                                             num_attention_heads=4, vocab_size=256))
+    config = QuantConfig(group_size=32)
+    with pytest.raises(llmq.LlmqError, match=r"group size 32 does not divide layer model.layers.0.mlp.down_proj \(136 "
+                                             r"input features; 2 such layer\(s\)\).* --skip mlp.down_proj$"):
+        pipeline.plan(model, config, torch.device("cpu"))
+    job = pipeline.plan(model, QuantConfig(group_size=32, modules_to_not_convert=["mlp.down_proj"]),
+                        torch.device("cpu"))
+    assert all("mlp.down_proj" not in local for targets in job.targets.values() for local in targets)
