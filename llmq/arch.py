@@ -270,6 +270,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
         parallel=True)),
     "llama4_text": _LLAMA4,
+    "olmo_hybrid": ArchSpec(layers="model.layers"),
+    "inkling2_text": ArchSpec(layers="model.layers"),
     # Hunyuan V4: as GLM-5, a layer's top-k token selection goes to the next, which reuses it on "shared"
     # indexer layers (its hyper-connection streams: no scale groups).
     "hy_v4": ArchSpec(layers="model.layers", passes=("prev_topk_indices",)),

@@ -93,8 +93,9 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
 def names_on_load(model, keys, conversions: list) -> dict[str, tuple[str, object]]:
     """{stored key: (the model's name transformers' loader gives it, the source pattern of the converter
-    that fuses it, or None)} under `conversions` (a transformers conversion mapping), renamed as that loader renames each key;
-    like loading, this marks the conversions that apply as used (their `was_used()`)."""
+    that fuses it, or None)} under `conversions` (a transformers conversion mapping), renamed as that
+    loader renames each key; like loading, this marks the conversions that apply as used (their
+    `was_used()`)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -151,6 +152,21 @@ def conversions_for_saving(model, quantized: set[str], conversions: list | None 
                 continue
         kept.append(conversion)
     return kept
+
+
+def modules_whose_tensors_do_not_round_trip(model, modules: list[str], leaves: tuple[str, ...]) -> list[str]:
+    """The modules among `modules` (names in the model) of which a tensor named `<module>.<leaf>` would be
+    saved under a name that the architecture's conversion mapping loads back as another: a renaming
+    written for the stored name of a weight that is the module's name on disk (Inkling 2 stores its
+    `sconv.weight_proj` linear's weight as `sconv.weight_proj`) also renames the packed tensors below it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # pragma: no cover - transformers without conversion mappings: names are kept
+        return []
+    on_disk = name_on_disk(model)
+    stored = {f"{module}.{leaf}": on_disk(f"{module}.{leaf}") for module in modules for leaf in leaves}
+    loaded = names_on_load(model, set(stored.values()), get_model_conversion_mapping(model))
+    return sorted({name.rpartition(".")[0] for name, key in stored.items() if loaded[key][0] != name})
 
 
 def names_round_trip_gap(model, skip=()) -> tuple[str, str, str] | None:

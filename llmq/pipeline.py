@@ -45,6 +45,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
     config = prepare_experts(model, prefix, layers, config)
     config = _keep_smaller_than_a_word(layers, config)
+    config = _keep_what_would_not_load(model, prefix, layers, config)
     targets: dict[int, dict[str, str]] = {}
     shapes: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layers):
@@ -107,6 +108,35 @@ def _keep_smaller_than_a_word(layers: nn.ModuleList, config: QuantConfig) -> Qua
     warnings.warn(f"keeping {len(small)} linear(s) per layer in full precision, too small for {config.bits}-bit "
                   f"packing ({per} codes per word): {', '.join(small)}", stacklevel=3)
     return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *small])
+
+
+# Every tensor a quantized linear stores in place of its weight, in either scheme.
+_QUANTIZED_LEAVES = ("qweight", "qzeros", "scales", "g_idx", "weight", "weight_scale", "input_scale", "bias")
+
+
+def _keep_what_would_not_load(model: nn.Module, prefix: str, layers: nn.ModuleList,
+                              config: QuantConfig) -> QuantConfig:
+    """The linears whose quantized tensors transformers' conversion mapping would load back under other
+    names (folder_io.modules_whose_tensors_do_not_round_trip): kept in full precision, recorded in a copy
+    of modules_to_not_convert, and named in a warning."""
+    from .folder_io import modules_whose_tensors_do_not_round_trip
+    from .modules.qexperts import QuantExperts
+
+    names = [f"{prefix}.{i}.{local}" for i, layer in enumerate(layers)
+             for local, m in arch.layer_linears(layer).items()
+             if not config.skips(f"{prefix}.{i}.{local}") and not _in_experts(layer, local, QuantExperts)]
+    broken = modules_whose_tensors_do_not_round_trip(model, names, _QUANTIZED_LEAVES)
+    local = sorted({name.removeprefix(f"{prefix}.").partition(".")[2] for name in broken})
+    if not local:
+        return config
+    warnings.warn(f"keeping {len(local)} linear(s) per layer in full precision, whose quantized tensors "
+                  f"transformers would load back under other names: {', '.join(local)}", stacklevel=3)
+    return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *local])
+
+
+def _in_experts(layer: nn.Module, local: str, experts_class: type) -> bool:
+    parts = local.split(".")
+    return any(isinstance(layer.get_submodule(".".join(parts[:n])), experts_class) for n in range(1, len(parts)))
 
 
 def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:

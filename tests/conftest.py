@@ -120,9 +120,10 @@ if hasattr(T, "ZayaConfig"):  # transformers 5.24 and later
         moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=32,
         layer_types=["hybrid", "hybrid"], **_COMMON)
 
-# Architectures llmq plans by discovery (no llmq.arch entry) whose own code meets a quantized model
-# head on (tests/test_discovered_architectures.py); each is left out where the installed transformers
-# does not have it.
+# Architectures llmq knows no scale groups of (planned by discovery, or by an llmq.arch entry naming
+# their layers alone) whose own code meets a quantized model head on
+# (tests/test_discovered_architectures.py); each is left out where the installed transformers does not
+# have it.
 _DISCOVERED = {
     # Their weight initializers reach into a child linear's `.weight` after loading.
     "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=64, n_layer=2, n_head=4)),
@@ -150,11 +151,21 @@ _DISCOVERED = {
         hidden_size_per_layer_input=16, num_kv_shared_layers=0, laurel_rank=16, activation_sparsity_pattern=[0.0] * 4,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * 2)),
+    # OLMo hybrid: linear-attention and attention layers of two classes in one list.
+    "olmo_hybrid": ("OlmoHybridConfig", dict(
+        **{**_ATTN, "num_key_value_heads": 4}, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
+    # Inkling 2: a renaming for its short convolutions' weight_proj, stored as `sconv.weight_proj`, would
+    # also rename the packed tensors below it. Its vocabulary: the size its checkpoints unpad from.
+    "inkling2_text": ("Inkling2TextConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        layer_types=["hybrid_sliding", "hybrid"], moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, vocab_size=201024)),
     # Stored with q/k/v fused in one `query_key_value`, split on loading.
     "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
                                            n_routed_experts=4, head_dim=16)),
 }
-DISCOVERED_CONFIGS = {arch: (lambda name=name, kw=kw: getattr(T, name)(**kw, **_COMMON))
+DISCOVERED_CONFIGS = {arch: (lambda name=name, kw=kw: getattr(T, name)(**{**_COMMON, **kw}))
                       for arch, (name, kw) in _DISCOVERED.items() if hasattr(T, name)}
 
 
