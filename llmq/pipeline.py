@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 import warnings
 
@@ -288,12 +289,16 @@ def _check_plain(targets: dict[str, nn.Linear]) -> None:
 
 def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: str) -> None:
     per = codes_per_word(config.bits)
-    for name, module in targets.items():
-        n, k = module.out_features, module.in_features
-        if n % per or k % per:
-            raise LlmqError(f"layer {name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
-                            f"to be multiples of {per}: keep it in full precision with --skip {name} "
-                            "(modules_to_not_convert)")
+    unpacked = [name for name, m in targets.items() if m.out_features % per or m.in_features % per]
+    if unpacked:
+        name = unpacked[0]
+        n, k = targets[name].out_features, targets[name].in_features
+        # Per-head gates (OLMo hybrid's a_proj and b_proj, 30 heads): one --skip per name keeps them all.
+        local = sorted({_skip_name(u, prefix) for u in unpacked})
+        keep = " ".join(f"--skip {u}" for u in local) if len(local) <= 6 else f"--skip {name} and the others"
+        raise LlmqError(f"layer {name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
+                        f"to be multiples of {per} ({len(unpacked)} such layer(s)): keep them in full precision "
+                        f"with {keep} (modules_to_not_convert)")
     bad = [name for name, m in targets.items() if m.in_features % config.group_size_for(m.in_features)]
     if bad:
         widths = sorted({m.in_features for m in targets.values()})
@@ -302,12 +307,19 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: st
         hint = ", ".join(map(str, working)) if working else "none of the usual sizes"
         name = bad[0]
         # The same linear in every layer (Nemotron-H's shared experts' down_proj): one --skip keeps them all.
-        local = sorted({n.removeprefix(f"{prefix}.").partition(".")[2] for n in bad})
-        keep = " ".join(f"--skip {n}" for n in local) if len(local) <= 3 else f"--skip for each of {len(bad)} layers"
+        local = sorted({_skip_name(n, prefix) for n in bad})
+        keep = " ".join(f"--skip {n}" for n in local) if len(local) <= 6 else f"--skip for each of {len(bad)} layers"
         raise LlmqError(f"group size {config.group_size} does not divide layer {name} "
                         f"({targets[name].in_features} input features; {len(bad)} such layer(s)); group sizes that "
                         f"work for every layer: {hint}, or -1 for one group per row; or keep them in full precision "
                         f"with {keep}")
+
+
+def _skip_name(name: str, prefix: str) -> str:
+    """The --skip that keeps linear `name` in every layer: its name in the layer, or, for an expert's
+    projection, its experts module (which --skip keeps whole)."""
+    local = name.removeprefix(f"{prefix}.").partition(".")[2]
+    return re.sub(r"\.\d+\.[^.]+$", "", local) if re.search(r"(^|\.)experts\.\d+\.[^.]+$", local) else local
 
 
 def _check_finite(model: nn.Module) -> None:
