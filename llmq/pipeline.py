@@ -45,7 +45,7 @@ def plan(model: nn.Module, config: QuantConfig, device: torch.device, check_fini
     # per-expert nn.Linear views, planned and quantized as linears; the routers join
     # modules_to_not_convert, in a copy of the config (the caller's stays as given).
     config = prepare_experts(model, prefix, layers, config)
-    config = _keep_smaller_than_a_word(layers, config)
+    config = _keep_gates_that_do_not_pack(prefix, layers, config)
     config = _keep_what_would_not_load(model, prefix, layers, config)
     targets: dict[int, dict[str, str]] = {}
     shapes: dict[str, nn.Linear] = {}
@@ -96,19 +96,38 @@ def _keep_what_the_model_reads(layers: nn.ModuleList, config: QuantConfig) -> Qu
     return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *keep])
 
 
-def _keep_smaller_than_a_word(layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
-    """The linears with fewer inputs or outputs than one packed word holds codes (Gemma 3n's AltUp
-    coefficients, 4 x 4 and 16 x 4, and its 4-way modality router): gates and mixing coefficients, not
-    weight matrices, which no packed format holds. Kept in full precision like routers, recorded in a
-    copy of modules_to_not_convert, and named in a warning."""
+# The share of a model's linear weights that linears which do not pack may hold and still be kept without
+# being asked: per-head and per-expert gates, not the weight matrices a run is for.
+_GATE_SHARE = 0.01
+
+
+def _keep_gates_that_do_not_pack(prefix: str, layers: nn.ModuleList, config: QuantConfig) -> QuantConfig:
+    """The linears whose sizes are not multiples of the codes a packed word holds, where together they hold
+    at most _GATE_SHARE of the linear weights (Gemma 3n's AltUp coefficients, 4 x 4 and 16 x 4, and its
+    4-way modality router; OLMo hybrid's per-head gates, 30 x 3840): gates and mixing coefficients, kept
+    in full precision like routers, recorded in a copy of modules_to_not_convert, and named in a warning.
+    More than that, or an expert's projection, is refused by _check_shapes."""
+    from .modules.qexperts import QuantExperts
+
     per = codes_per_word(config.bits)
-    small = sorted({local for layer in layers for local, m in arch.layer_linears(layer).items()
-                    if min(m.in_features, m.out_features) < per and local not in config.modules_to_not_convert})
-    if not small:
+    total, unpacked = 0, {}
+    for i, layer in enumerate(layers):
+        for local, m in arch.layer_linears(layer).items():
+            if config.skips(f"{prefix}.{i}.{local}"):
+                continue
+            total += m.weight.numel()
+            if m.in_features % per or m.out_features % per:
+                if _in_experts(layer, local, QuantExperts):
+                    return config
+                unpacked[local] = unpacked.get(local, 0) + m.weight.numel()
+    share = sum(unpacked.values()) / max(total, 1)
+    if not unpacked or share > _GATE_SHARE:
         return config
-    warnings.warn(f"keeping {len(small)} linear(s) per layer in full precision, too small for {config.bits}-bit "
-                  f"packing ({per} codes per word): {', '.join(small)}", stacklevel=3)
-    return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *small])
+    names = sorted(unpacked)
+    warnings.warn(f"keeping {len(names)} linear(s) per layer in full precision, whose sizes are not multiples of "
+                  f"the {per} codes a {config.bits}-bit word holds ({share:.2%} of the linear weights): "
+                  f"{', '.join(names)}", stacklevel=3)
+    return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *names])
 
 
 # Every tensor a quantized linear stores in place of its weight, in either scheme.

@@ -151,7 +151,7 @@ _DISCOVERED = {
         hidden_size_per_layer_input=16, num_kv_shared_layers=0, laurel_rank=16, activation_sparsity_pattern=[0.0] * 4,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * 2)),
-    # OLMo hybrid: linear-attention and attention layers of two classes in one list.
+    # OLMo hybrid: linear-attention and attention layers of two classes in one list; per-head gates.
     "olmo_hybrid": ("OlmoHybridConfig", dict(
         **{**_ATTN, "num_key_value_heads": 4}, layer_types=["linear_attention", "full_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
