@@ -334,6 +334,8 @@ def _unsupported_layer_types(model: nn.Module) -> set[str]:
 REFUSED = {
     "rwkv": "its blocks hand a recurrent state to each other, and its model rescales its output linears' "
             "weights in place, which quantized linears do not hold",
+    **dict.fromkeys(("zamba", "zamba2"), "its hybrid layers run one attention block whose weights they share "
+                                         "(tied), which quantizing layer by layer would untie"),
 }
 
 

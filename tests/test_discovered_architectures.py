@@ -125,7 +125,7 @@ def _on_meta(config_name):
 
 
 @pytest.mark.parametrize("config_name,where", [
-    ("Zamba2Config", "adapter_list"),  # its layers mix two classes: discovery finds only adapter lists
+    ("HrmTextConfig", "L_module.layers"),  # two stacks of layers, one of which discovery takes
     ("XLMConfig", "transformer.attentions"),  # attention and MLP linears in two lists
 ])
 def test_discovered_layers_that_leave_most_linears_outside_are_refused(config_name, where):
@@ -159,3 +159,9 @@ def test_a_group_size_that_misses_one_linear_per_layer_names_the_skip_that_keeps
     job = pipeline.plan(model, QuantConfig(group_size=32, modules_to_not_convert=["mlp.down_proj"]),
                         torch.device("cpu"))
     assert all("mlp.down_proj" not in local for targets in job.targets.values() for local in targets)
+
+
+def test_zamba_whose_hybrid_layers_share_one_attention_block_is_refused_with_the_reason():
+    with pytest.raises(llmq.LlmqError, match="architecture 'zamba2' is not supported: its hybrid layers run one "
+                                             "attention block whose weights they share"):
+        pipeline.plan(_on_meta("Zamba2Config"), QuantConfig(group_size=-1), torch.device("cpu"), check_finite=False)
