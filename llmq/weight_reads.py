@@ -125,3 +125,33 @@ class _Reads(ast.NodeVisitor):
             if path is not None:
                 self.reads.append((path, self.condition))
         self.generic_visit(node)
+
+
+def linears_read_by_initializer(cls: type) -> frozenset[str]:
+    """Attribute names `a` for which the `_init_weights` of cls (a transformers model class) or a base
+    reads a child module's weight, `module.a.weight`, or hands `module.a` to a function (ModernBERT's
+    `init_weight(module.Wi, ...)`). transformers runs it on every module after loading, so a linear so
+    named must have a `weight` there (GPT-BigCode's c_proj, Mamba's out_proj, NanoChat's o_proj)."""
+    names = set()
+    for klass in cls.__mro__:
+        function = vars(klass).get("_init_weights")
+        if not inspect.isfunction(function):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        definition = tree.body[0]
+        if not isinstance(definition, ast.FunctionDef) or len(definition.args.args) < 2:
+            continue
+        module = definition.args.args[1].arg  # _init_weights(self, module)
+        for node in ast.walk(tree):
+            # module.a.weight; or module.a handed to a function of the initializer's own (a plain name:
+            # `init.normal_(module.gate_up_proj)` initializes a parameter, not a linear)
+            children = ([node.value] if isinstance(node, ast.Attribute) and node.attr == "weight" else
+                        list(node.args) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else [])
+            for child in children:
+                if (isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name)
+                        and child.value.id == module and child.attr not in ("weight", "bias")):
+                    names.add(child.attr)
+    return frozenset(names)

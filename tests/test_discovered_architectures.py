@@ -165,3 +165,30 @@ def test_zamba_whose_hybrid_layers_share_one_attention_block_is_refused_with_the
     with pytest.raises(llmq.LlmqError, match="architecture 'zamba2' is not supported: its hybrid layers run one "
                                              "attention block whose weights they share"):
         pipeline.plan(_on_meta("Zamba2Config"), QuantConfig(group_size=-1), torch.device("cpu"), check_finite=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt_bigcode", "mamba", "longcat_flash", "gemma3n_text"])
+def test_the_transformers_row_of_the_compressed_tensors_report_says_what_stock_transformers_does(tmp_path, arch):
+    """GPT-BigCode's and Mamba's weight initializers, which transformers runs after loading, read a
+    quantized linear's weight, which its packed linears lack; LongCat-Flash's stacked experts hold slots
+    for its identity experts too. Gemma 3n loads, with llmq's logits."""
+    from llmq.formats.convert import convert
+
+    if arch not in DISCOVERED_CONFIGS:
+        pytest.skip(f"this transformers has no {arch}")
+    model = llmq.quantize(tiny_model(arch, seed=3), QuantConfig(group_size=16), progress=False)
+    llmq.save(model, tmp_path / "native")
+    rows = {r.engine: r for r in convert(tmp_path / "native", tmp_path / "ct", "compressed-tensors")}
+    claim = rows["transformers + compressed-tensors"]
+    ids = random_ids(seed=14)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(llmq.from_pretrained(tmp_path / "ct")(ids).logits, expected)
+        if claim.loads:
+            stock = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+            torch.testing.assert_close(stock(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        else:
+            assert ("identity experts" if arch == "longcat_flash" else "weight initializer") in claim.why
+            with pytest.raises((AttributeError, RuntimeError)):
+                T.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    assert claim.loads == (arch == "gemma3n_text")

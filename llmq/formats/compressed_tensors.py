@@ -37,7 +37,7 @@ from ..methods import registry
 from ..qweight import quantized_module_names
 from ..census import router_names
 from .engines import (EngineSupport, fused_layer_tensors, how_transformers_gathers_experts, marlin_problem,
-                      moe_engine_support)
+                      moe_engine_support, transformers_code_stops)
 from ..kernels.layout import codes_per_word, group_width, pack_rows
 from .spec import Checkpoint, Format, Relayout
 from .._version import __version__
@@ -251,10 +251,11 @@ def import_checkpoint(tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict
 
 
 def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]], experts_loaded: str | None = "merges",
-                   fused: str | None = None) -> list[EngineSupport]:
+                   fused: str | None = None, code_stops: str | None = None) -> list[EngineSupport]:
     """What each engine does with this model written as compressed-tensors (shapes: name -> (N, K);
     experts_loaded: how transformers loads per-expert tensors, engines.how_transformers_gathers_experts;
-    fused: a layer tensor transformers builds from several stored ones, engines.fused_layer_tensors)."""
+    fused: a layer tensor transformers builds from several stored ones, engines.fused_layer_tensors;
+    code_stops: why its modelling code stops transformers, engines.transformers_code_stops)."""
     marlin = marlin_problem(qc, shapes, zero_points_ok=True)
     rows = [EngineSupport("vLLM (compressed-tensors WNA16)", True,
                           "Marlin fast path" if marlin is None else
@@ -281,6 +282,9 @@ def engine_support(qc: QuantConfig, shapes: dict[str, tuple[int, int]], experts_
                                  "with llmq")
     if fused is not None:
         rows[-1] = transformers_stops(fused)
+    elif code_stops is not None:
+        rows[-1] = EngineSupport("transformers + compressed-tensors", False, f"{code_stops} (transformers 5.24, "
+                                 "compressed-tensors 0.20): load the folder with llmq")
     rows.append(EngineSupport("SGLang (compressed-tensors WNA16)", marlin is None and (qc.sym or qc.bits == 4),
                               "Marlin rules as vLLM" if marlin is None else f"Marlin refuses: {marlin}"))
     return rows
@@ -309,8 +313,9 @@ def _config(ckpt: Checkpoint) -> dict:
 
 def _engines(ckpt: Checkpoint) -> list[EngineSupport]:
     shapes = ckpt.layer_shapes()
+    stops = transformers_code_stops(ckpt.config, shapes, ckpt.model_linears.experts)
     return (engine_support(ckpt.quant_config, shapes, experts_loaded(ckpt), fused_layer_tensors(ckpt.config.get(
-        "model_type"))) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
+        "model_type")), stops) + moe_engine_support(QUANT_METHOD, ckpt.quant_config, shapes))
 
 
 def transformers_stops(fused: str) -> EngineSupport:

@@ -96,6 +96,33 @@ def how_transformers_gathers_experts(model_type: str | None, experts_classes=(),
     return "merges" if merging else None
 
 
+def transformers_code_stops(config: dict, linears, experts_classes=()) -> str | None:
+    """Why stock transformers stops loading this model's compressed-tensors checkpoint with packed weights
+    for a reason in its modelling code, or None. config: the checkpoint's config.json; linears: the
+    quantized linears' names; experts_classes: the class names of its experts modules.
+
+    - Its `_init_weights`, which transformers runs after loading, reads a quantized linear's weight
+      (llmq.weight_reads.linears_read_by_initializer), which packed linears do not have.
+    - Its experts have identity experts beside them whose slots the stacked weights must hold
+      (LongCat-Flash; llmq.experts.ExpertsFlags.routed): the stored experts stack to fewer."""
+    import transformers
+
+    from ..experts import UNDECORATED
+    from ..weight_reads import linears_read_by_initializer
+
+    identities = [c for c in experts_classes if c in UNDECORATED and UNDECORATED[c].routed]
+    if identities:
+        return (f"transformers stacks the stored experts into {identities[0]}'s gate_up_proj, which also holds "
+                "slots for its identity experts, and stops on the size")
+    cls = next((getattr(transformers, a, None) for a in config.get("architectures") or ()), None)
+    read = linears_read_by_initializer(cls) if isinstance(cls, type) else frozenset()
+    hit = next((name for name in sorted(linears) if name.rpartition(".")[2] in read), None)
+    if hit is not None:
+        return (f"its weight initializer, which transformers runs after loading, reads the weight of "
+                f"{hit.rpartition('.')[2]} ({hit}), which compressed-tensors' packed linears do not have")
+    return None
+
+
 # The first transformers release seen stopping on fused layer tensors (fused_layer_tensors); 5.17 loads them.
 _STOPS_ON_FUSED_LAYER_TENSORS = (5, 24)
 
