@@ -165,8 +165,20 @@ _DISCOVERED = {
     "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
                                            n_routed_experts=4, head_dim=16)),
 }
+
+
+def _config_builds(name: str, kw: dict) -> bool:
+    """Whether the installed transformers has config class `name` and takes these settings (transformers
+    5.17's Hunyuan V4 knows other layer types)."""
+    try:
+        getattr(T, name)(**{**_COMMON, **kw})
+    except Exception:  # a missing class, or its validators (huggingface_hub's own error class)
+        return False
+    return True
+
+
 DISCOVERED_CONFIGS = {arch: (lambda name=name, kw=kw: getattr(T, name)(**{**_COMMON, **kw}))
-                      for arch, (name, kw) in _DISCOVERED.items() if hasattr(T, name)}
+                      for arch, (name, kw) in _DISCOVERED.items() if _config_builds(name, kw)}
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):

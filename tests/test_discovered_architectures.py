@@ -191,4 +191,6 @@ def test_the_transformers_row_of_the_compressed_tensors_report_says_what_stock_t
             assert ("identity experts" if arch == "longcat_flash" else "weight initializer") in claim.why
             with pytest.raises((AttributeError, RuntimeError)):
                 T.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
-    assert claim.loads == (arch == "gemma3n_text")
+    # From transformers 5.24 (5.17 loads LongCat-Flash's stacked experts).
+    before_5_24 = tuple(int(part) for part in T.__version__.split(".")[:2]) < (5, 24)
+    assert claim.loads == (arch == "gemma3n_text" or arch == "longcat_flash" and before_5_24)

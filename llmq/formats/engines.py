@@ -111,9 +111,9 @@ def transformers_code_stops(config: dict, linears, experts_classes=()) -> str | 
     from ..weight_reads import linears_read_by_initializer
 
     identities = [c for c in experts_classes if c in UNDECORATED and UNDECORATED[c].routed]
-    if identities:
+    if identities and _transformers_at_least(_STOPS_ON_IDENTITY_SLOTS):
         return (f"transformers stacks the stored experts into {identities[0]}'s gate_up_proj, which also holds "
-                "slots for its identity experts, and stops on the size")
+                "slots for its identity experts, and stops on the size (5.17 loads it)")
     cls = next((getattr(transformers, a, None) for a in config.get("architectures") or ()), None)
     read = linears_read_by_initializer(cls) if isinstance(cls, type) else frozenset()
     hit = next((name for name in sorted(linears) if name.rpartition(".")[2] in read), None)
@@ -123,8 +123,16 @@ def transformers_code_stops(config: dict, linears, experts_classes=()) -> str | 
     return None
 
 
-# The first transformers release seen stopping on fused layer tensors (fused_layer_tensors); 5.17 loads them.
+# The first transformers releases seen stopping on fused layer tensors (fused_layer_tensors) and on
+# stacked experts with identity-expert slots (transformers_code_stops); 5.17 loads both.
 _STOPS_ON_FUSED_LAYER_TENSORS = (5, 24)
+_STOPS_ON_IDENTITY_SLOTS = (5, 24)
+
+
+def _transformers_at_least(version: tuple[int, int]) -> bool:
+    import transformers
+
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= version
 
 
 def fused_layer_tensors(model_type: str | None) -> str | None:
@@ -132,11 +140,10 @@ def fused_layer_tensors(model_type: str | None) -> str | None:
     outside the experts (Kimi Linear's q/k/v conv kernels), where the installed transformers' compressed-
     tensors loading finds none of the stored parts ("Concatenate on tensors destined for ... Ckpt contains:
     0", transformers 5.24 with compressed-tensors 0.20) and stops; else None (transformers 5.17 loads them)."""
-    import transformers
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 
-    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _STOPS_ON_FUSED_LAYER_TENSORS:
+    if not _transformers_at_least(_STOPS_ON_FUSED_LAYER_TENSORS):
         return None
 
     for c in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or ():
