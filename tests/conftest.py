@@ -161,6 +161,14 @@ _DISCOVERED = {
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         layer_types=["hybrid_sliding", "hybrid"], moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, vocab_size=201024)),
+    # MoE architectures planned by discovery: Hunyuan-A13B's, dots.llm1's (a dense first layer, a shared
+    # expert) and LFM2-MoE's (convolution and attention layers, a dense first layer).
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(
+        **_ATTN, head_dim=16, num_experts=4, moe_topk=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    "dots1": ("Dots1Config", dict(**_ATTN, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=4,
+                                  num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "lfm2_moe": ("Lfm2MoeConfig", dict(**_ATTN, moe_intermediate_size=32, num_dense_layers=1, num_experts_per_tok=2,
+                                       num_experts=4, layer_types=["conv", "full_attention"])),
     # Stored with q/k/v fused in one `query_key_value`, split on loading.
     "sarvam_moe": ("SarvamMoEConfig", dict(**_ATTN, moe_intermediate_size=32, num_experts_per_tok=2,
                                            n_routed_experts=4, head_dim=16)),

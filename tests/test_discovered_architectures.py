@@ -39,10 +39,14 @@ def _layers(model):
     return model.backbone.layers if hasattr(model, "backbone") else model.model.layers
 
 
-@pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(scheme="w8a8")], ids=["int4", "w8a8"])
+@pytest.mark.parametrize("config", [QuantConfig(group_size=16), QuantConfig(method="gptq", group_size=16),
+                                    QuantConfig(scheme="w8a8")], ids=["int4", "gptq", "w8a8"])
 @pytest.mark.parametrize("arch", sorted(DISCOVERED_CONFIGS))
 def test_quantized_checkpoint_loads_with_the_quantized_logits(tmp_path, arch, config):
-    model = llmq.quantize(tiny_model(arch, seed=4), config, progress=False)
+    # GPTQ runs the model layer by layer on calibration tokens: each layer's inputs are captured and
+    # its outputs handed on.
+    calibration = random_ids(n=4, length=16, seed=15) if config.method == "gptq" else None
+    model = llmq.quantize(tiny_model(arch, seed=4), config, dataset=calibration, progress=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)]
     assert len(quantized) >= 6  # attention and MLP linears of both layers at least
     kept = (READ_BY_WEIGHT.get(arch, []) + RENAMED_ON_LOAD.get(arch, [])
