@@ -29,6 +29,7 @@ gate) are found the same way and kept in full precision by default.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -217,6 +218,17 @@ def _known_params(m: nn.Module) -> set[str]:
     return known
 
 
+# transformers builds a model's conversion mapping anew at each call (about 0.1 s for a large MoE model);
+# _disk_names reads it for each experts module of a model, and only reads it.
+_MAPPINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _conversions_read_only(model: nn.Module, build) -> list:
+    if model not in _MAPPINGS:
+        _MAPPINGS[model] = build(model, add_legacy=False)
+    return _MAPPINGS[model]
+
+
 def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: int) -> tuple[str, ...] | None:
     """Per-expert checkpoint names for `param` from transformers' conversion mapping, or None."""
     if model is None:
@@ -227,7 +239,7 @@ def _disk_names(model: nn.Module | None, experts_name: str, param: str, parts: i
     except ImportError:  # pragma: no cover - older transformers
         return None
     try:
-        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = _conversions_read_only(model, get_model_conversion_mapping)
     except Exception:  # a model that is not a PreTrainedModel (tests of single modules)
         return None
     full = f"{experts_name}.{param}"
