@@ -14,8 +14,8 @@ from llmq.cli import main
 from llmq.engine import layer_output, run_layers
 from llmq.shards import ShardWriter
 from llmq.skeleton import build_skeleton
-from conftest import (MORE_CONFIGS, TINY_CONFIGS, TINY_MOE_CONFIGS, checkpoint_tensors, model_folder_with_text, random_ids,
-                      tiny_model)
+from conftest import (MORE_CONFIGS, TINY_CONFIGS, TINY_MOE_CONFIGS, checkpoint_tensors, model_folder_with_text,
+                      random_ids, tiny_model)
 
 
 
