@@ -153,6 +153,19 @@ def num_experts(module: nn.Module) -> int:
     return module._parameters[_up_param(module)].shape[0]
 
 
+def inside_quant_experts(root: nn.Module, name: str) -> bool:
+    """Whether the module `name` (relative to root) lies inside a QuantExperts: an expert's projection."""
+    parts = name.split(".")
+    return any(isinstance(_submodule(root, ".".join(parts[:i])), QuantExperts) for i in range(1, len(parts)))
+
+
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def find_experts(root: nn.Module) -> dict[str, nn.Module]:
     """{dotted name: module} of every experts module under root."""
     return {name: m for name, m in root.named_modules() if is_experts_module(m)}
@@ -303,7 +316,7 @@ def experts_layout(experts: nn.Module, experts_name: str = "", model: nn.Module 
     return ExpertsLayout(up_param=up_param, num_experts=e, hidden_size=hidden, intermediate_size=inter,
                          transposed=flags.is_transposed, has_bias=flags.has_bias, has_gate=flags.has_gate,
                          up_names=names, down_name=down_names[0], scored_copies=flags.scored_copies,
-                         activation=flags.activation, identity_experts=up.shape[0] - e)
+                         activation=flags.activation, identity_experts=_identity_experts(experts))
 
 
 def _expert_matrix(param: torch.Tensor, e: int, transposed: bool) -> torch.Tensor:

@@ -128,14 +128,19 @@ def name_on_disk(model):
     return on_disk
 
 
-def conversions_for_saving(model, quantized: set[str], conversions: list | None = None) -> list:
+def conversions_for_saving(model, names, conversions: list | None = None) -> list:
     """The conversions save_pretrained reverses for `model` (conversions: those a load used; default:
-    what transformers would take), less each converter whose reversal takes a tensor of a module in
-    `quantized`: it would fuse those tensors as weights (Sarvam's q/k/v into `query_key_value`, LaRA's
-    projections into `in_proj`), and packed codes and their scales do not concatenate like weights.
-    Those modules are written apart under the model's names, which the loader reads as they are."""
+    what transformers would take), less each converter whose reversal takes one of the tensors `names`
+    (model names, the ones about to be written) that a quantized module holds: it would fuse them as
+    weights (Sarvam's q/k/v into `query_key_value`, LaRA's projections into `in_proj`), and packed codes
+    and their scales do not concatenate like weights. Those modules are written apart under the
+    model's names, which the loader reads as they are."""
     from transformers.core_model_loading import PrefixChange, WeightConverter
 
+    from .modules import QUANTIZED_MODULES
+
+    owners = {owner: model.get_submodule(owner) for owner in {name.rpartition(".")[0] for name in names}}
+    names = [name for name in names if isinstance(owners[name.rpartition(".")[0]], QUANTIZED_MODULES)]
     if conversions is None:
         conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:  # as revert_weight_conversion builds them for a model not loaded from a folder
@@ -143,7 +148,6 @@ def conversions_for_saving(model, quantized: set[str], conversions: list | None 
 
         conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
                        if not isinstance(c, PrefixChange)]
-    names = [name for name in model.state_dict() if name.rpartition(".")[0] in quantized]
     kept = []
     for conversion in conversions:
         if isinstance(conversion, WeightConverter):

@@ -22,14 +22,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QUANT_METHOD, QuantConfig
 from .errors import LlmqError
-from .experts import empty_quant_experts, experts_layout, find_experts
+from .experts import empty_quant_experts, experts_layout, find_experts, inside_quant_experts
 from .folder_io import names_on_load, read_header
 from .formats import native
 from .formats.checks import check_native_tensors, read_small_tensors
 from .formats.native import check_against_model
 from .qweight import quantized_module_names, w8a8_module_names
 from .modules import QUANTIZED_MODULES
-from .modules.qexperts import QuantExperts
 from .modules.qlinear import QuantLinear
 from .modules.replace import replace_module
 from .modules.siblings import link_siblings
@@ -136,20 +135,6 @@ def names_in_model(model: nn.Module, header: dict, quantizer=None, int8_experts:
     return renamed
 
 
-def _inside_quant_experts(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), QuantExperts)
-               for i in range(1, len(parts)) if _has_submodule(model, ".".join(parts[:i])))
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
 def swap_in_quant_experts(model: nn.Module, header: dict, qc: QuantConfig, dtype: torch.dtype) -> None:
     """Replace each experts module whose projections the checkpoint quantizes by an empty QuantExperts
     of QuantLinear (weight-only) or W8A8Linear (scheme w8a8) modules."""
@@ -237,7 +222,7 @@ class LlmqHfQuantizer(HfQuantizer):
                 raise LlmqError("config.json says llmq w8a8 but the checkpoint holds no int8 weights with a "
                                 "'.weight_scale': it is damaged; re-create it with `llmq quantize`")
             swap_in_quant_experts(model, header, qc, dtype)
-            names = [n for n in w8a8_module_names(header) if not _inside_quant_experts(model, n)]
+            names = [n for n in w8a8_module_names(header) if not inside_quant_experts(model, n)]
             swap_in_w8a8_linears(model, names, qc, dtype)
             self.experts_all_quantized = not find_experts(model)
             check_against_model(model, header)
@@ -248,7 +233,7 @@ class LlmqHfQuantizer(HfQuantizer):
                             "it is damaged; re-create it with `llmq quantize`")
         dtype = dtype or torch.get_default_dtype()
         swap_in_quant_experts(model, header, qc, dtype)
-        names = [n for n in quantized_module_names(header) if not _inside_quant_experts(model, n)]
+        names = [n for n in quantized_module_names(header) if not inside_quant_experts(model, n)]
         swap_in_quant_linears(model, names, qc, dtype, header)
         self.experts_all_quantized = not find_experts(model)
         check_against_model(model, header)

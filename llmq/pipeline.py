@@ -107,7 +107,7 @@ def _keep_gates_that_do_not_pack(prefix: str, layers: nn.ModuleList, config: Qua
     4-way modality router; OLMo hybrid's per-head gates, 30 x 3840): gates and mixing coefficients, kept
     in full precision like routers, recorded in a copy of modules_to_not_convert, and named in a warning.
     More than that, or an expert's projection, is refused by _check_shapes."""
-    from .modules.qexperts import QuantExperts
+    from .experts import inside_quant_experts
 
     per = codes_per_word(config.bits)
     total, unpacked = 0, {}
@@ -117,7 +117,7 @@ def _keep_gates_that_do_not_pack(prefix: str, layers: nn.ModuleList, config: Qua
                 continue
             total += m.weight.numel()
             if m.in_features % per or m.out_features % per:
-                if _in_experts(layer, local, QuantExperts):
+                if inside_quant_experts(layer, local):
                     return config
                 unpacked[local] = unpacked.get(local, 0) + m.weight.numel()
     share = sum(unpacked.values()) / max(total, 1)
@@ -139,12 +139,12 @@ def _keep_what_would_not_load(model: nn.Module, prefix: str, layers: nn.ModuleLi
     """The linears whose quantized tensors transformers' conversion mapping would load back under other
     names (folder_io.modules_whose_tensors_do_not_round_trip): kept in full precision, recorded in a copy
     of modules_to_not_convert, and named in a warning."""
+    from .experts import inside_quant_experts
     from .folder_io import modules_whose_tensors_do_not_round_trip
-    from .modules.qexperts import QuantExperts
 
     names = [f"{prefix}.{i}.{local}" for i, layer in enumerate(layers)
              for local, m in arch.layer_linears(layer).items()
-             if not config.skips(f"{prefix}.{i}.{local}") and not _in_experts(layer, local, QuantExperts)]
+             if not config.skips(f"{prefix}.{i}.{local}") and not inside_quant_experts(layer, local)]
     broken = modules_whose_tensors_do_not_round_trip(model, names, _QUANTIZED_LEAVES)
     local = sorted({name.removeprefix(f"{prefix}.").partition(".")[2] for name in broken})
     if not local:
@@ -152,11 +152,6 @@ def _keep_what_would_not_load(model: nn.Module, prefix: str, layers: nn.ModuleLi
     warnings.warn(f"keeping {len(local)} linear(s) per layer in full precision, whose quantized tensors "
                   f"transformers would load back under other names: {', '.join(local)}", stacklevel=3)
     return dataclasses.replace(config, modules_to_not_convert=[*config.modules_to_not_convert, *local])
-
-
-def _in_experts(layer: nn.Module, local: str, experts_class: type) -> bool:
-    parts = local.split(".")
-    return any(isinstance(layer.get_submodule(".".join(parts[:n])), experts_class) for n in range(1, len(parts)))
 
 
 def _check_skips(model: nn.Module, prefix: str, layers: nn.ModuleList, config: QuantConfig) -> None:
@@ -313,8 +308,7 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: st
         name = unpacked[0]
         n, k = targets[name].out_features, targets[name].in_features
         # Per-head gates (OLMo hybrid's a_proj and b_proj, 30 heads): one --skip per name keeps them all.
-        local = sorted({_skip_name(u, prefix) for u in unpacked})
-        keep = " ".join(f"--skip {u}" for u in local) if len(local) <= 6 else f"--skip {name} and the others"
+        keep = _skips_keeping(unpacked, prefix) or f"--skip {name} and the others"
         raise LlmqError(f"layer {name} has shape {n}x{k}; {config.bits}-bit packing needs both sizes "
                         f"to be multiples of {per} ({len(unpacked)} such layer(s)): keep them in full precision "
                         f"with {keep} (modules_to_not_convert)")
@@ -326,12 +320,17 @@ def _check_shapes(targets: dict[str, nn.Linear], config: QuantConfig, prefix: st
         hint = ", ".join(map(str, working)) if working else "none of the usual sizes"
         name = bad[0]
         # The same linear in every layer (Nemotron-H's shared experts' down_proj): one --skip keeps them all.
-        local = sorted({_skip_name(n, prefix) for n in bad})
-        keep = " ".join(f"--skip {n}" for n in local) if len(local) <= 6 else f"--skip for each of {len(bad)} layers"
+        keep = _skips_keeping(bad, prefix) or f"--skip for each of {len(bad)} layers"
         raise LlmqError(f"group size {config.group_size} does not divide layer {name} "
                         f"({targets[name].in_features} input features; {len(bad)} such layer(s)); group sizes that "
                         f"work for every layer: {hint}, or -1 for one group per row; or keep them in full precision "
                         f"with {keep}")
+
+
+def _skips_keeping(names: list[str], prefix: str) -> str | None:
+    """The --skip options that keep the linears `names` in every layer (six at most), or None."""
+    local = sorted({_skip_name(n, prefix) for n in names})
+    return " ".join(f"--skip {n}" for n in local) if len(local) <= 6 else None
 
 
 def _skip_name(name: str, prefix: str) -> str:

@@ -35,7 +35,6 @@ from .config import QuantConfig
 from .errors import LlmqError
 from .experts import experts_layout, find_experts, unroll
 from .folder_io import conversions_for_saving, names_on_load
-from .modules import QUANTIZED_MODULES
 from .modules.replace import replace_module
 from .outdir import atomic_folder, handle_stale_partials
 from .loading import resolve_device
@@ -263,8 +262,7 @@ class LayerStreamer:
         from transformers.core_model_loading import revert_weight_conversion
 
         # What from_pretrained leaves on a model it loaded, less what would fuse quantized tensors.
-        quantized = {name for name, m in self.model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
-        self.model._weight_conversions = conversions_for_saving(self.model, quantized, used)
+        self.model._weight_conversions = conversions_for_saving(self.model, state, used)
         return revert_weight_conversion(self.model, state)
 
     def close(self) -> None:

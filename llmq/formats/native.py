@@ -26,11 +26,9 @@ def conversions_kept_apart(model: nn.Module):
     """While saving: the conversions save_pretrained reverses, less those that would fuse quantized
     tensors (folder_io.conversions_for_saving); the model's own list is given back afterwards."""
     from ..folder_io import conversions_for_saving
-    from ..modules import QUANTIZED_MODULES
 
-    quantized = {name for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
     had, before = hasattr(model, "_weight_conversions"), getattr(model, "_weight_conversions", None)
-    model._weight_conversions = conversions_for_saving(model, quantized)
+    model._weight_conversions = conversions_for_saving(model, model.state_dict())
     try:
         yield
     finally:
