@@ -15,7 +15,7 @@ torch's threads, `reset()` makes the next calls measure again.
 Kinds and candidates (each computes the same product; see the modules that
 run them for their numerics):
 
-    w8a8   int8 activations x int8 weights (kernels/int8.py): "intmm", "dequant"
+    w8a8   int8 activations x int8 weights (kernels/int8.py): "intmm", "dequant", "int8pack"
     int4   4-bit grouped weight-only (kernels/cpu.py): "int4pack", "dequant", "dequant_bf16"
     int8   8-bit per-row weight-only (kernels/cpu.py): "int8pack", "dequant", "dequant_bf16"
 
@@ -38,7 +38,7 @@ from typing import Callable
 DECODE_MAX_ROWS = 16
 REGIMES = ("decode", "prefill")
 CANDIDATES = {
-    "w8a8": ("intmm", "dequant"),
+    "w8a8": ("intmm", "dequant", "int8pack"),
     "int4": ("int4pack", "dequant", "dequant_bf16"),
     "int8": ("int8pack", "dequant", "dequant_bf16"),
 }
@@ -92,15 +92,27 @@ def reset() -> None:
         _timings.clear()
 
 
+# A candidate whose warm-up takes this many times the fastest warm-up is not run again: it
+# cannot win, and on some processors one run of it takes seconds (an int8 GEMM or a bf16 matmul
+# without the instructions for them, BENCHMARKS.md), which every round would pay again.
+HOPELESS = 10.0
+
+
 def _time(candidates: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
-    """Best-of-`rounds` seconds of each candidate, the candidates interleaved (fair under load)."""
-    for run in candidates.values():
+    """Best-of-`rounds` seconds of each candidate, the candidates interleaved (fair under load);
+    a HOPELESS candidate keeps the seconds of its one warm-up run."""
+    warm = {}
+    for name, run in candidates.items():
+        t0 = time.perf_counter()
         run()  # warm-up: first-call allocations and library initialisation
-    best = dict.fromkeys(candidates, float("inf"))
+        warm[name] = time.perf_counter() - t0
+    fastest = min(warm.values())
+    best = {name: (float("inf") if warm[name] <= HOPELESS * fastest else warm[name]) for name in candidates}
+    timed = [name for name, seconds in best.items() if seconds == float("inf")]
     for _ in range(rounds):
-        for name, run in candidates.items():
+        for name in timed:
             t0 = time.perf_counter()
-            run()
+            candidates[name]()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 

@@ -14,7 +14,7 @@ GEMM), so the layer's output row is finite, and the NaN reaches the logits
 through the residual stream. A per-token scale of a NaN row is NaN on CPU.
 
 Devices (path "auto"):
-- CPU: the faster of two kernels, measured once per process for decode
+- CPU: the fastest of three kernels, measured once per process for decode
   (M <= 16 rows) and for prefill (kernels/cpu_select.py):
     "intmm":   `torch._int_mm` (oneDNN's int8 GEMM; int32 sums, exact) and an
                fp32 rescale: acc * (s_x * s_w) where s_x is one value (static
@@ -25,6 +25,15 @@ Devices (path "auto"):
                products, each factor rounded once to fp32 and summed in fp32, so
                it agrees with the integer reference to about 1e-6 relative
                (pays on processors without fast int8 dot products).
+    "int8pack": torch's weight-only int8 kernel (`_weight_int8pack_mm`) fed
+               the activation codes in bfloat16, which holds them exactly, then
+               the fp32 rescale. The kernel returns the int8 sums rounded to
+               bfloat16, so it agrees with the integer reference to about 0.5%
+               of the output's largest value, the precision of llmq's
+               weight-only CPU kernels. It pays at decode where `_int_mm` has
+               no fast int8 dot product to call (an AVX2-only processor, where
+               `_int_mm` runs 2-8x slower than fp32 and this kernel about 2x
+               faster; BENCHMARKS.md).
 - CUDA: the Triton kernels of `triton_int8` (per-token quantization fused into
   the GEMM's tile loads, scales in its epilogue; a split-K path for M <= 16).
   Forcing path "splitk" or "gemm" runs them on CPU tensors under the
@@ -39,6 +48,7 @@ which costs more than the int8 GEMM itself at M = 1.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -50,7 +60,7 @@ from .triton_modules import runs_triton, triton_module
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT8_DECODE_MAX_M = 16
-PATHS = ("auto", "intmm", "dequant", "triton", "splitk", "gemm", "gemv", "reference")
+PATHS = ("auto", "intmm", "dequant", "int8pack", "triton", "splitk", "gemm", "gemv", "reference")
 # Smallest positive normal fp32: the scale of an all-zero row (any positive
 # scale represents it exactly; this one needs no second pass to patch zeros).
 _TINY_SCALE = torch.finfo(torch.float32).tiny
@@ -68,11 +78,13 @@ class Int8Weight(NamedTuple):
     scale: torch.Tensor  # fp32 [N, 1]
     codes_t: torch.Tensor  # int8 [K, N]: torch._int_mm's right operand
     scale_row: torch.Tensor  # fp32 [1, N]: the rescale's factor
+    ones: torch.Tensor  # bf16 [N] of 1: "int8pack"'s scales (the real ones are applied in fp32)
 
 
 def int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> Int8Weight:
     """The CPU kernels' operands for weight int8 [N, K] and weight_scale fp32 [N, 1]."""
-    return Int8Weight(weight, weight_scale, weight.t(), weight_scale.reshape(1, -1))
+    ones = torch.ones(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    return Int8Weight(weight, weight_scale, weight.t(), weight_scale.reshape(1, -1), ones)
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None):
@@ -159,6 +171,17 @@ def _intmm(x2, w: Int8Weight, input_scale, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+def _int8pack(x2, w: Int8Weight, input_scale, bias, out_dtype):
+    q, s = _quantize_few_rows(x2, input_scale)
+    # Integers in [-128, 127] have at most 8 significant bits: exact in bfloat16. (Through int8,
+    # not straight from the rounded floats: a NaN gets the finite code the other kernels give it.)
+    sums = torch._weight_int8pack_mm(q.bfloat16(), w.codes, w.ones)
+    y = torch.mul(sums, s * w.scale_row)  # bf16 x fp32: an fp32 product
+    if bias is not None:
+        y.add_(bias)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
 def _dequant(x2, w: Int8Weight, input_scale, bias, out_dtype):
     q, s = quantize_activations(x2, input_scale)
     xq = q.to(torch.float32).mul_(s)
@@ -168,7 +191,7 @@ def _dequant(x2, w: Int8Weight, input_scale, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-_CPU_KERNELS = {"intmm": _intmm, "dequant": _dequant}
+_CPU_KERNELS = {"intmm": _intmm, "dequant": _dequant, "int8pack": _int8pack}
 
 
 def _benchmarks(regime: str) -> dict:
@@ -183,8 +206,22 @@ def _benchmarks(regime: str) -> dict:
     return {name: (lambda f=f: f(x, operands, None, None, torch.float32)) for name, f in _CPU_KERNELS.items()}
 
 
+# The instructions oneDNN's int8 GEMM (`torch._int_mm`) needs to beat fp32: without them it runs
+# 10-30x slower than an fp32 matmul (an AVX2-only AMD EPYC, BENCHMARKS.md).
+_INT8_DOT_PRODUCTS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def fixed_cpu_kernel() -> str:
+    """One CPU kernel named by what the processor has, not measured, for callers that need the same
+    kernel in every process (calibration, whose ranks must round alike): "intmm" where the processor
+    has int8 dot products, else "dequant"."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return "intmm" if any(capabilities.get(name) for name in _INT8_DOT_PRODUCTS) else "dequant"
+
+
 def cpu_kernel(m: int) -> str:
-    """The CPU kernel ("intmm" or "dequant") that int8_linear runs for M = m rows."""
+    """The CPU kernel ("intmm", "dequant" or "int8pack") that int8_linear runs for M = m rows."""
     return cpu_select.choice("w8a8", m, _benchmarks)
 
 
@@ -255,7 +292,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         input_scale: None (dynamic per-token scales) or float32 [1] (static).
         bias: float [N] or None.
         path: "auto" (Triton on CUDA, split-K for M <= 16; on CPU the kernel measured fastest,
-            see the module doc), or force "intmm" / "dequant" (CPU), "triton" (split-K or GEMM
+            see the module doc), or force "intmm" / "dequant" / "int8pack" (CPU), "triton" (split-K or GEMM
             by M), "splitk" / "gemm" / "gemv" (one row per program, for M = 1; not yet measured
             on a GPU, so "auto" never picks it), "reference".
 

@@ -17,6 +17,9 @@ from llmq.kernels.layout import pack_cols, pack_rows
 PREFILL_M = cpu_select.DECODE_MAX_ROWS + 23
 BF16_TOL = 6e-3  # bf16 activations (the int4pack/int8pack kernels, "dequant_bf16")
 FP32_TOL = 2e-6  # fp32 products of once-rounded factors, summed in fp32
+# intmm: exact int32 sums, two fp32 roundings of the rescale; dequant: fp32 sums; int8pack: sums
+# rounded to bf16 by torch's kernel.
+W8A8_TOL = {"intmm": 1e-6, "dequant": FP32_TOL, "int8pack": BF16_TOL}
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +136,7 @@ def test_every_w8a8_candidate_matches_integer_products(path, static, m):
     expected = _integer_reference(x, w, ws, bias, input_scale)
     y = int8_linear(x.reshape(1, m, 96), w, ws, input_scale, bias, path=path)
     assert y.shape == (1, m, 48) and y.dtype == torch.float32
-    # intmm: exact int32 sums, two fp32 roundings of the rescale; dequant: fp32 sums.
-    assert _rel_err(y.reshape(m, 48), expected) < (1e-6 if path == "intmm" else FP32_TOL)
+    assert _rel_err(y.reshape(m, 48), expected) < W8A8_TOL[path]
 
 
 @pytest.mark.parametrize("bits, gs", [(4, 64), (4, -1), (8, -1)])
@@ -179,7 +181,7 @@ def test_w8a8_module_forward_matches_integer_products(static, m):
     with torch.inference_mode():
         y = layer(x.reshape(1, m, 96))
     assert y.shape == (1, m, 48)
-    assert _rel_err(y.reshape(m, 48), expected) < FP32_TOL
+    assert _rel_err(y.reshape(m, 48), expected) < W8A8_TOL[int8_kernels.cpu_kernel(m)]
 
 
 def test_dequant_buffers_serve_calls_inside_and_outside_inference_mode():
@@ -204,3 +206,30 @@ def test_nothing_is_measured_at_import_or_load():
             "assert cpu_select.report() == {}, cpu_select.report()\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_hopeless_candidate_runs_once():
+    runs = {"fast": 0, "hopeless": 0}
+
+    def fast():
+        runs["fast"] += 1
+        time.sleep(0.001)
+
+    def hopeless():
+        runs["hopeless"] += 1
+        time.sleep(0.001 * cpu_select.HOPELESS * 3)
+
+    seconds = cpu_select._time({"fast": fast, "hopeless": hopeless}, rounds=4)
+    assert runs == {"fast": 5, "hopeless": 1}  # warm-up and 4 rounds; the warm-up alone
+    assert seconds["hopeless"] > seconds["fast"] * cpu_select.HOPELESS
+
+
+@pytest.mark.parametrize("flags, kernel", [({"avx2": True}, "dequant"), ({"avx2": True, "avx512_vnni": True}, "intmm"),
+                                           ({"avx_vnni": True}, "intmm"), ({"amx_int8": True}, "intmm"), ({}, "dequant")])
+def test_the_fixed_w8a8_kernel_follows_the_int8_dot_product_instructions(monkeypatch, flags, kernel):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    int8_kernels.fixed_cpu_kernel.cache_clear()
+    try:
+        assert int8_kernels.fixed_cpu_kernel() == kernel
+    finally:
+        int8_kernels.fixed_cpu_kernel.cache_clear()

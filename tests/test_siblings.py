@@ -195,18 +195,34 @@ def test_each_experts_gate_and_up_run_in_one_call(monkeypatch):
 
 # W8A8: one quantization and one int8 GEMM per group, at decode and at prefill.
 
-@pytest.fixture
-def intmm(monkeypatch):
-    """The int8 GEMM pinned as the W8A8 CPU kernel (the grouped path's; another processor may measure
-    the other faster), its calls counted by rows."""
+@pytest.fixture(params=["intmm", "int8pack"])
+def intmm(monkeypatch, request):
+    """A W8A8 CPU kernel that groups run pinned (this processor may measure another faster), its calls
+    counted by rows."""
     from llmq.kernels import cpu_select, int8
 
-    cpu_select.force("w8a8", "intmm")
+    cpu_select.force("w8a8", request.param)
     calls = []
-    kernel = int8._CPU_KERNELS["intmm"]
-    monkeypatch.setitem(int8._CPU_KERNELS, "intmm", lambda x2, *a: calls.append(x2.shape[0]) or kernel(x2, *a))
+    kernel = int8._CPU_KERNELS[request.param]
+    monkeypatch.setitem(int8._CPU_KERNELS, request.param,
+                        lambda x2, *a: calls.append(x2.shape[0]) or kernel(x2, *a))
     yield calls
     cpu_select.force("w8a8", None)
+
+
+def test_w8a8_groups_run_alone_under_the_dequant_kernel(monkeypatch):
+    from llmq.kernels import cpu_select, int8
+
+    model = _w8a8("llama", static=False)
+    cpu_select.force("w8a8", "dequant")
+    calls = []
+    kernel = int8._CPU_KERNELS["dequant"]
+    monkeypatch.setitem(int8._CPU_KERNELS, "dequant", lambda x2, *a: calls.append(x2.shape[0]) or kernel(x2, *a))
+    try:
+        _decode(model, steps=1)
+    finally:
+        cpu_select.force("w8a8", None)
+    assert len(calls) == 2 * model.config.num_hidden_layers * 7  # prefill and one step, 7 linears each
 
 
 def _w8a8(arch, static):

@@ -32,10 +32,12 @@ W8A8 layers (modules/w8a8.py) of one group share more, at every number of
 rows: the input is quantized to int8 once (per token, or with the members'
 static scale, which they hold alike because they observed the same tensor)
 and multiplied with the members' int8 weights concatenated, in one GEMM and
-one rescale. The integer sums are exact and the rescale works element by
-element, so the outputs are again the separate calls' bits; this holds for
-the int8 GEMM kernel ("intmm"), so a processor where the measured choice is
-another kernel runs each member alone. The members' `weight` and
+one rescale. The int8 GEMM kernel ("intmm") sums exactly, torch's int8
+weight-only kernel ("int8pack") sums each output alike wherever its weight row
+sits, and the rescale works element by element, so the outputs are again the
+separate calls' bits; where the measured choice is the other kernel
+("dequant", whose fp32 matmul may sum in another order for another width),
+each member runs alone. The members' `weight` and
 `weight_scale` buffers become views of the concatenated ones (the state dict
 gives them as tensors of their own), and a member whose buffers were replaced
 since is noticed by their identity and makes the group concatenate again.
@@ -139,6 +141,10 @@ class Siblings:
         return fused
 
 
+# The W8A8 CPU kernels whose outputs are the same bits for a weight alone or inside a concatenation.
+_W8A8_GROUPED = ("intmm", "int8pack")
+
+
 @dataclass
 class _FusedW8A8:
     weight: Int8Weight  # int8 [N total, K] and fp32 [N total, 1]
@@ -153,7 +159,7 @@ class W8A8Siblings(Siblings):
     """W8A8Linears of one layer that read one input: one quantization, one int8 GEMM (module doc)."""
 
     def _together(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[int]] | None:
-        if int8_cpu_kernel(rows) != "intmm":  # W8A8Linear.forward calls only with CPU inputs
+        if int8_cpu_kernel(rows) not in _W8A8_GROUPED:  # W8A8Linear.forward calls only with CPU inputs
             return None
         fused = self._current()
         if fused is None or x.shape[-1] != fused.weight.codes.shape[1]:  # a wrong width: the checked way

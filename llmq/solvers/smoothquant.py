@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.int8 import int8_linear, quantize_activations, uses_triton
+from ..kernels.int8 import fixed_cpu_kernel, int8_linear, quantize_activations, uses_triton
 from .rtn import rtn_quantize
 
 PERCENTILE = 99.99
@@ -50,15 +50,16 @@ def int8_weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def w8a8_product(x: torch.Tensor, w: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q(x) q(w)^T, fp32 [n, N], for x [n, K] and w [N, K]: what W8A8Linear computes. Where an int8
-    GEMM runs (CPU, or CUDA with triton), through it: the int32 sums are exact and the int8 GEMM is
-    several times faster than an fp32 matmul of the rounded operands, which the searches otherwise
-    spend most of their time in; elsewhere that fp32 matmul. One named kernel, not the one each
+    """q(x) q(w)^T, fp32 [n, N], for x [n, K] and w [N, K]: what W8A8Linear computes. Where a fast
+    int8 GEMM runs (a CPU with int8 dot products, or CUDA with triton), through it: the int32 sums
+    are exact and the int8 GEMM is several times faster than an fp32 matmul of the rounded operands,
+    which the searches otherwise spend most of their time in; elsewhere that fp32 matmul. One named
+    kernel (on CPU `fixed_cpu_kernel`), not the one each
     process measures fastest, and no split-K atomics, so that the processes of a torchrun run,
     each scoring its own rows, round as one process does."""
     codes, scale = int8_weight_codes(w)
     if x.device.type == "cpu":
-        return int8_linear(x.float(), codes, scale, input_scale, path="intmm")
+        return int8_linear(x.float(), codes, scale, input_scale, path=fixed_cpu_kernel())
     if uses_triton(x.device):
         return int8_linear(x.float(), codes, scale, input_scale, path="gemm")
     return fake_quantize_activations(x.float(), input_scale) @ (codes.float() * scale).t()
