@@ -20,11 +20,12 @@ Devices (path "auto"):
                fp32 rescale: acc * (s_x * s_w) where s_x is one value (static
                activations, or one row), (acc * s_x) * s_w for many rows of
                per-token scales.
-    "dequant": the weight dequantized into a reused fp32 buffer (w * s_w) times
-               the dequantized activations (q_x * s_x), an fp32 matmul: the same
-               products, each factor rounded once to fp32 and summed in fp32, so
-               it agrees with the integer reference to about 1e-6 relative
-               (pays on processors without fast int8 dot products).
+    "dequant": the weight codes converted into a reused fp32 buffer times the
+               activation codes kept as fp32 integers, an fp32 matmul, then the
+               rescale as "intmm" does it. The products of the integer codes are
+               exact in fp32 and so are their sums below 2^24, so it agrees with
+               the integer reference to about 1e-7 relative (pays at prefill on
+               processors without fast int8 dot products).
     "int8pack": torch's weight-only int8 kernel (`_weight_int8pack_mm`) fed
                the activation codes in bfloat16, which holds them exactly, then
                the fp32 rescale. The kernel returns the int8 sums rounded to
@@ -52,7 +53,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu_select
 from .scratch import scratch
@@ -183,11 +183,22 @@ def _int8pack(x2, w: Int8Weight, input_scale, bias, out_dtype):
 
 
 def _dequant(x2, w: Int8Weight, input_scale, bias, out_dtype):
-    q, s = quantize_activations(x2, input_scale)
-    xq = q.to(torch.float32).mul_(s)
-    # Convert, then scale: an int8 x float multiply is not vectorised, a conversion is.
-    weight = scratch(tuple(w.codes.shape), torch.float32, "dequant weight").copy_(w.codes).mul_(w.scale)
-    y = F.linear(xq, weight, bias)
+    # The codes stay floats: no pass through int8 and back, and the scales are applied to the
+    # output (the weight's to [M, N], not to a fresh [N, K] weight per call).
+    xf = x2.float()
+    if input_scale is None:
+        s = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg_())
+        s = s.div_(127.0).clamp_(min=_TINY_SCALE)
+    else:
+        s = input_scale
+    codes = torch.div(xf, s, out=scratch(tuple(xf.shape), torch.float32, "int8 activations")).round_()
+    if input_scale is not None:
+        codes.clamp_(-128, 127).nan_to_num_(0.0)  # a NaN gets the code the int8 kernels give it
+    weight = scratch(tuple(w.codes.shape), torch.float32, "dequant weight").copy_(w.codes)
+    y = torch.mm(codes, weight.t())
+    y = y.mul_(s * w.scale_row) if input_scale is not None else y.mul_(s).mul_(w.scale_row)
+    if bias is not None:
+        y.add_(bias)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 

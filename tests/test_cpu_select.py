@@ -139,6 +139,18 @@ def test_every_w8a8_candidate_matches_integer_products(path, static, m):
     assert _rel_err(y.reshape(m, 48), expected) < W8A8_TOL[path]
 
 
+@pytest.mark.parametrize("path", cpu_select.CANDIDATES["w8a8"])
+@pytest.mark.parametrize("m", [1, PREFILL_M])
+def test_every_w8a8_candidate_gives_a_nan_a_finite_code_under_a_static_scale(path, m):
+    x, w, ws, bias = _int8_problem(m, 96, 48, seed=50 + m)
+    x[0, 5] = float("nan")
+    input_scale = torch.tensor([x.nan_to_num().abs().max().item() / 127])
+    y = int8_linear(x, w, ws, input_scale, bias, path=path)
+    assert torch.isfinite(y).all()
+    x[0, 5] = 0.0  # the code the int8 conversion gives a NaN
+    assert _rel_err(y, _integer_reference(x, w, ws, bias, input_scale)) < W8A8_TOL[path]
+
+
 @pytest.mark.parametrize("bits, gs", [(4, 64), (4, -1), (8, -1)])
 @pytest.mark.parametrize("m", [1, PREFILL_M])
 def test_every_weight_only_candidate_matches_float64(bits, gs, m):
@@ -208,20 +220,21 @@ def test_nothing_is_measured_at_import_or_load():
     assert run.returncode == 0, run.stderr
 
 
-def test_a_hopeless_candidate_runs_once():
-    runs = {"fast": 0, "hopeless": 0}
+def test_a_hopeless_candidate_runs_once(monkeypatch):
+    clock = [0.0]  # a clock the candidates advance: the test does not depend on the machine's load
+    monkeypatch.setattr(cpu_select.time, "perf_counter", lambda: clock[0])
+    runs = {"fast": 0, "slower": 0, "hopeless": 0}
+    cost = {"fast": 1.0, "slower": cpu_select.HOPELESS * 0.9, "hopeless": cpu_select.HOPELESS * 1.1}
 
-    def fast():
-        runs["fast"] += 1
-        time.sleep(0.001)
+    def candidate(name):
+        def run():
+            runs[name] += 1
+            clock[0] += cost[name]
+        return run
 
-    def hopeless():
-        runs["hopeless"] += 1
-        time.sleep(0.001 * cpu_select.HOPELESS * 3)
-
-    seconds = cpu_select._time({"fast": fast, "hopeless": hopeless}, rounds=4)
-    assert runs == {"fast": 5, "hopeless": 1}  # warm-up and 4 rounds; the warm-up alone
-    assert seconds["hopeless"] > seconds["fast"] * cpu_select.HOPELESS
+    seconds = cpu_select._time({name: candidate(name) for name in cost}, rounds=4)
+    assert runs == {"fast": 5, "slower": 5, "hopeless": 1}  # warm-up and 4 rounds; the warm-up alone
+    assert seconds == cost
 
 
 @pytest.mark.parametrize("flags, kernel", [({"avx2": True}, "dequant"), ({"avx2": True, "avx512_vnni": True}, "intmm"),
