@@ -9,8 +9,9 @@ arithmetic. So the kernels are not chosen by assumption: the first call of a
 kind of layer times its candidates on a representative shape, in this process,
 with its thread count, and every later call of that kind takes the winner for
 its regime. Nothing is measured at import. The measurement (a fraction of a
-second per kind) runs with the thread count of that moment; after changing
-torch's threads, `reset()` makes the next calls measure again.
+second per kind; a candidate whose first run takes HOPELESS times the fastest
+one's is not run again) runs with the thread count of that moment; after
+changing torch's threads, `reset()` makes the next calls measure again.
 
 Kinds and candidates (each computes the same product; see the modules that
 run them for their numerics):
