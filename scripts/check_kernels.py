@@ -363,6 +363,7 @@ def check_moe_blocks(device, log):
     import transformers as T
 
     import llmq
+    from llmq.kernels import cpu_select
     from llmq.modules.qexperts import QuantExperts
     from llmq.modules.qlinear import set_cpu_backend
 
@@ -387,8 +388,12 @@ def check_moe_blocks(device, log):
             inputs = (torch.randn(tokens, 128, generator=g),
                       torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)]),
                       torch.rand(tokens, 2, generator=g))
-            with torch.no_grad():
-                cases.append((tokens, inputs, block(*inputs).double()))  # the loop over experts, CPU kernels
+            cpu_select.force("w8a8", "intmm")  # the exact int8 sums, whatever this processor measures fastest
+            try:
+                with torch.no_grad():
+                    cases.append((tokens, inputs, block(*inputs).double()))  # the loop over experts, CPU kernels
+            finally:
+                cpu_select.force("w8a8", None)
         block.to(device)
         for tokens, inputs, ref in cases:
             with torch.no_grad():  # the grouped kernels themselves, never the forward's fallback to the loop
