@@ -109,10 +109,23 @@ def _why_not_int4pack(bits, n, gs, act_fits):
     return None
 
 
+# torch's `_weight_int8pack_mm` reads the inputs in vectors without a tail: with K not a multiple of
+# its vector it returns garbage or crashes (torch 2.13 on AVX2: K = 17, 33, 100). 32 covers the
+# vector widths of AVX2 and AVX-512.
+INT8PACK_K_MULTIPLE = 32
+
+
+def int8pack_fits(k: int) -> bool:
+    """Whether `_weight_int8pack_mm` computes with k input features."""
+    return k % INT8PACK_K_MULTIPLE == 0
+
+
 def _int8_codes(qweight, qzeros, bits, groups):
     """int8 [N, K] of q - z, or a reason why it cannot be built."""
     if bits != 8:
         return None, "needs bits 8"
+    if not int8pack_fits(qweight.shape[0] * codes_per_word(bits)):
+        return None, f"needs in_features divisible by {INT8PACK_K_MULTIPLE}"
     if groups != 1:
         return None, "needs one group per row (group_size -1), the kernel has one scale per output"
     diff = unpack_qweight(qweight, bits).short() - unpack_qzeros(qzeros, bits).short()  # [K, N]

@@ -34,7 +34,8 @@ Devices (path "auto"):
                weight-only CPU kernels. It pays at decode where `_int_mm` has
                no fast int8 dot product to call (an AVX2-only processor, where
                `_int_mm` runs 2-8x slower than fp32 and this kernel about 2x
-               faster; BENCHMARKS.md).
+               faster; BENCHMARKS.md). A layer whose width the kernel cannot
+               take (in_features not a multiple of 32) runs `fixed_cpu_kernel`.
 - CUDA: the Triton kernels of `triton_int8` (per-token quantization fused into
   the GEMM's tile loads, scales in its epilogue; a split-K path for M <= 16).
   Forcing path "splitk" or "gemm" runs them on CPU tensors under the
@@ -55,6 +56,7 @@ from typing import NamedTuple
 import torch
 
 from . import cpu_select
+from .cpu import int8pack_fits
 from .scratch import scratch
 from .triton_modules import runs_triton, triton_module
 
@@ -172,6 +174,8 @@ def _intmm(x2, w: Int8Weight, input_scale, bias, out_dtype):
 
 
 def _int8pack(x2, w: Int8Weight, input_scale, bias, out_dtype):
+    if not int8pack_fits(w.codes.shape[1]):  # the kernel cannot take this width: the fixed kernel does
+        return _CPU_KERNELS[fixed_cpu_kernel()](x2, w, input_scale, bias, out_dtype)
     q, s = _quantize_few_rows(x2, input_scale)
     # Integers in [-128, 127] have at most 8 significant bits: exact in bfloat16. (Through int8,
     # not straight from the rounded floats: a NaN gets the finite code the other kernels give it.)

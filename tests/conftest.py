@@ -297,3 +297,12 @@ def quantize_and_save(fp_model, config, folder, ids):
     llmq.save(model, folder)
     return model, logits, set(load_file(str(folder / "model.safetensors")))
 
+
+
+@pytest.fixture
+def exact_w8a8_kernel(monkeypatch):
+    """W8A8Linears on CPU pinned to the exact int8 sums ("intmm"), whatever this processor measures
+    fastest ("int8pack" rounds them to bf16): for tests that compare them with exact references."""
+    from llmq.kernels import cpu_select
+
+    monkeypatch.setattr(cpu_select, "_forced", {("w8a8", regime): "intmm" for regime in cpu_select.REGIMES})

@@ -139,6 +139,15 @@ def test_every_w8a8_candidate_matches_integer_products(path, static, m):
     assert _rel_err(y.reshape(m, 48), expected) < W8A8_TOL[path]
 
 
+@pytest.mark.parametrize("k", [4, 17, 100])
+def test_widths_torchs_int8_kernel_cannot_take_run_another_kernel(k):
+    x, w, ws, bias = _int8_problem(3, k, 48, seed=k)
+    y = int8_linear(x, w, ws, None, bias, path="int8pack")
+    assert _rel_err(y, _integer_reference(x, w, ws, bias, None)) < FP32_TOL
+    (qweight, qzeros, scales), _ = _weight_only_layer(48, 4 * 25, 8, -1, seed=1)  # K = 100
+    assert prepare_cpu(qweight, qzeros, scales, None, 8, -1, torch.float32).backend == "dense"
+
+
 @pytest.mark.parametrize("path", cpu_select.CANDIDATES["w8a8"])
 @pytest.mark.parametrize("m", [1, PREFILL_M])
 def test_every_w8a8_candidate_gives_a_nan_a_finite_code_under_a_static_scale(path, m):
@@ -238,7 +247,8 @@ def test_a_hopeless_candidate_runs_once(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, kernel", [({"avx2": True}, "dequant"), ({"avx2": True, "avx512_vnni": True}, "intmm"),
-                                           ({"avx_vnni": True}, "intmm"), ({"amx_int8": True}, "intmm"), ({}, "dequant")])
+                                           ({"avx_vnni": True}, "intmm"), ({"amx_int8": True}, "intmm"),
+                                           ({}, "dequant")])
 def test_the_fixed_w8a8_kernel_follows_the_int8_dot_product_instructions(monkeypatch, flags, kernel):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
     int8_kernels.fixed_cpu_kernel.cache_clear()

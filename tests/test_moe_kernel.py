@@ -135,7 +135,7 @@ def test_grouped_int8_kernel_matches_the_integer_reference(static, tokens, dtype
 
 @pytest.mark.parametrize("arch,act", [("mixtral", "dynamic"), ("qwen2_moe", "static"), ("gpt_oss", "static"),
                                      ("llama4_text", "dynamic")])
-def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act):
+def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act, exact_w8a8_kernel):
     import llmq
     from llmq import QuantConfig
     from llmq.modules.qexperts import QuantExperts
@@ -152,7 +152,7 @@ def test_w8a8_experts_grouped_forward_matches_the_loop(arch, act):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_w8a8_grouped_form_follows_an_expert_written_in_place_and_refuses_unequal_static_scales():
+def test_w8a8_grouped_form_follows_an_expert_written_in_place_and_refuses_unequal_static_scales(exact_w8a8_kernel):
     import llmq
     from llmq import QuantConfig
     from llmq.modules.qexperts import QuantExperts

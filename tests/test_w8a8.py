@@ -180,7 +180,7 @@ def test_casting_the_model_keeps_the_scales_in_fp32(tmp_path, calibration, cast)
     assert all(torch.equal(loaded[k], v) for k, v in scales.items())
 
 
-def test_w8a8_forward_equals_a_float64_simulation():
+def test_w8a8_forward_equals_a_float64_simulation(exact_w8a8_kernel):
     """Each layer computes round(x / s_x) . codes^T * s_x * s_w; rebuild the model's output from that."""
     fp = tiny_model("llama")
     model = llmq.quantize(tiny_model("llama"), QuantConfig(scheme="w8a8"), progress=False)
@@ -378,7 +378,8 @@ def test_smoothing_search_scores_the_w8a8_output_error(static):
 
 
 @pytest.mark.parametrize("settings", [dict(act="static"), dict(method="gptq")])
-def test_the_calibration_pass_feeds_on_what_the_quantized_layer_computes(monkeypatch, calibration, settings):
+def test_the_calibration_pass_feeds_on_what_the_quantized_layer_computes(monkeypatch, calibration, settings,
+                                                                        exact_w8a8_kernel):
     """Each layer's output in the calibration pass, the next layer's calibration input, is what the
     layer computes once quantized: every target, the first of its unit too, computes as W8A8Linear."""
     from llmq.engine import layer_output

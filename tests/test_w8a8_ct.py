@@ -115,7 +115,7 @@ def test_compressed_tensors_decompressor_gives_llmq_weights(tmp_path, act, calib
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
-def test_stock_transformers_loads_the_export_with_llmq_logits(tmp_path, act, calibration):
+def test_stock_transformers_loads_the_export_with_llmq_logits(tmp_path, act, calibration, exact_w8a8_kernel):
     model, ours = _export(tmp_path, act, calibration)
     theirs = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.float32)
     for name, layer in model.named_modules():
