@@ -13,7 +13,8 @@ Backends (chosen by `prepare_cpu`, never per call):
   stored as zero = (8 - z) * s.
 - "int8pack": torch's `_weight_int8pack_mm` (per-output-channel scale, no zero
   point). Fits bits 8 with one group per row when every q - z fits in int8
-  (symmetric checkpoints: z = 128); the codes are stored as q - z.
+  (symmetric checkpoints: z = 128) and in_features is a multiple of 32; the
+  codes are stored as q - z.
 - "dense": dequantize once to a [N, K] weight in the model dtype, then F.linear.
   Exact in that dtype; as much memory as the unquantized layer.
 
